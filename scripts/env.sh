@@ -1,0 +1,53 @@
+# Sourced by the scripts: the Python environment (torch 2.11.0 for libtorch, the export tool,
+# the reference implementations) and the variables that make tch link against it.
+#
+# The virtual environment lives in a cache folder keyed by the requirements' hash, so fresh
+# clones on the same machine (CI) reuse it; `.venv` in the checkout points at it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REQS="$ROOT/deploy/model/requirements.txt"
+PY="${CLIPQC_PYTHON:-python3}"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/clipqc"
+VENV="$CACHE/venv-$(cat "$REQS" | sha256sum | cut -c1-12)"
+
+# System packages the build needs: nasm for libjpeg-turbo's SIMD (mozjpeg-sys).
+need_apt=()
+command -v nasm >/dev/null || need_apt+=(nasm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing ${need_apt[*]} (apt)" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null 2>&1 ||
+    { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null; }
+fi
+
+if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
+  echo "==> creating Python environment $VENV (torch 2.11.0; a few minutes the first time)" >&2
+  rm -rf "$VENV"
+  mkdir -p "$CACHE"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet -r "$REQS"
+  touch "$VENV/.complete"
+fi
+ln -sfn "$VENV" "$ROOT/.venv"
+
+export PATH="$VENV/bin:$PATH"
+# torch-sys finds libtorch inside the installed torch package.
+export LIBTORCH_USE_PYTORCH=1
+export LIBTORCH_BYPASS_VERSION_CHECK="${LIBTORCH_BYPASS_VERSION_CHECK:-0}"
+TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export TORCH_LIB
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# Export a random model once per preset and export-tool version (a stamp records both).
+ensure_model() { # preset dir
+  local preset="$1" dir="$2"
+  local stamp
+  stamp="$(cat "$ROOT"/deploy/model/*.py "$REQS" | sha256sum | cut -c1-16)-$preset"
+  if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    echo "==> exporting random $preset model to $dir" >&2
+    rm -rf "$dir"
+    python "$ROOT/deploy/model/export.py" --random "$preset" --out "$dir" >&2
+    echo "$stamp" >"$dir/.stamp"
+  fi
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test suite, from a fresh clone: Python environment, the random tiny model, the reference
+# fixtures, then every Rust test. `.ci/run` calls exactly this.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+
+MODEL="$ROOT/target/models/tiny"
+FIXTURES="$ROOT/target/fixtures"
+ensure_model tiny "$MODEL"
+stamp="$(cat "$MODEL/.stamp" tests/reference/*.py deploy/samples/*.py | sha256sum | cut -c1-16)"
+if [ "$(cat "$FIXTURES/.stamp" 2>/dev/null)" != "$stamp" ]; then
+  echo "==> computing reference outputs (transformers, open_clip) into $FIXTURES" >&2
+  rm -rf "$FIXTURES"
+  python tests/reference/make_fixtures.py --model "$MODEL" --out "$FIXTURES"
+  echo "$stamp" >"$FIXTURES/.stamp"
+fi
+
+export CLIPQC_TEST_MODEL="$MODEL" CLIPQC_TEST_FIXTURES="$FIXTURES"
+# --nocapture: the fidelity tests print the measured differences.
+cargo test --workspace --all-targets "$@" -- --nocapture

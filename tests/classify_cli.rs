@@ -1,0 +1,270 @@
+//! `clipqc classify` as a user runs it: the real binary, the exported tiny model, generated
+//! part images, and the bad inputs a plant produces (corrupt, truncated, wrong format,
+//! decompression bombs, missing files, broken model directories, bad profiles).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixtures, tiny_model};
+
+fn clipqc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clipqc"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run clipqc")
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+fn fixture_images() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A PNG whose header claims `w`×`h` pixels, followed by a token of data.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.finalize().to_be_bytes());
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+#[test]
+fn classifies_every_good_image_and_reports_every_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let jpeg = std::fs::read(fixtures().join("images/part_1920x1080.jpg")).unwrap();
+    let png = std::fs::read(fixtures().join("images/part_640x480.png")).unwrap();
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated.jpg",
+            jpeg[..jpeg.len() / 3].to_vec(),
+            "truncated JPEG",
+        ),
+        (
+            "truncated.png",
+            png[..png.len() / 2].to_vec(),
+            "cannot decode",
+        ),
+        (
+            "corrupt.png",
+            b"\x89PNG\r\n\x1a\nthis is not a png body".to_vec(),
+            "cannot decode",
+        ),
+        (
+            "notes.txt",
+            b"camera 7 offline".to_vec(),
+            "not a supported image format",
+        ),
+        ("bomb.png", png_claiming(60_000, 60_000), "too large"),
+        ("empty.jpg", Vec::new(), "empty image"),
+    ];
+    let mut args: Vec<String> = vec![
+        "classify".into(),
+        "--json".into(),
+        "--model".into(),
+        tiny_model().display().to_string(),
+    ];
+    let good = fixture_images();
+    for (i, p) in good.iter().enumerate() {
+        args.push(p.display().to_string());
+        // Interleave bad inputs: one failing must not disturb its neighbours in the batch.
+        if let Some((name, bytes, _)) = bad.get(i) {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            args.push(path.display().to_string());
+        }
+    }
+    let missing = dir.path().join("missing.png");
+    args.push(missing.display().to_string());
+    let out = clipqc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code with failures; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = json_lines(&out);
+    assert_eq!(
+        rows.len(),
+        good.len() + bad.len() + 1,
+        "one row per input, in order"
+    );
+    let mut ok = 0;
+    for (row, arg) in rows.iter().zip(&args[4..]) {
+        assert_eq!(
+            row["image"].as_str(),
+            Some(arg.as_str()),
+            "rows come back in input order"
+        );
+        if let Some(err) = row["error"].as_str() {
+            assert!(
+                err.starts_with(arg.as_str()),
+                "the error names its input: {err}"
+            );
+            let name = Path::new(arg).file_name().unwrap().to_str().unwrap();
+            let expect = bad
+                .iter()
+                .find(|b| b.0 == name)
+                .map_or("cannot read", |b| b.2);
+            assert!(
+                err.contains(expect),
+                "{name}: expected {expect:?} in {err:?}"
+            );
+        } else {
+            ok += 1;
+            let outcome = row["outcome"].as_str().unwrap();
+            assert!(["PASS", "DEFECT", "REVIEW"].contains(&outcome), "{row}");
+            let scores = row["scores"].as_object().unwrap();
+            assert_eq!(scores.len(), 5, "the default profile's five classes");
+            let sum: f64 = scores.values().map(|v| v.as_f64().unwrap()).sum();
+            assert!((sum - 1.0).abs() < 1e-4, "softmax sums to one: {sum}");
+            let top = row["top_class"].as_str().unwrap();
+            assert!(
+                (scores[top].as_f64().unwrap() - row["probability"].as_f64().unwrap()).abs() < 1e-6
+            );
+        }
+    }
+    assert_eq!(ok, good.len());
+}
+
+#[test]
+fn table_output_has_one_row_per_image() {
+    let img = fixture_images()[0].display().to_string();
+    let out = clipqc(&[
+        "classify",
+        "--model",
+        &tiny_model().display().to_string(),
+        &img,
+        &img,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0], rows[1], "the same image scores the same");
+    let cols: Vec<&str> = rows[0].split('\t').collect();
+    assert_eq!(cols[0], img);
+    assert!(
+        cols[4].contains("surface_scratch=") && cols[4].contains("good_part="),
+        "{}",
+        rows[0]
+    );
+}
+
+#[test]
+fn bad_models_and_profiles_are_refused_with_the_culprit_named() {
+    let img = fixture_images()[0].display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model().display().to_string();
+
+    // A prompt longer than CLIP's 77-token context, caught at config load.
+    let long_prompt = "a very long description of a scratch ".repeat(12);
+    let config = dir.path().join("clipqc.toml");
+    std::fs::write(
+        &config,
+        format!("[[profiles.line3.classes]]\nname = \"scratch\"\nprompts = [\"{long_prompt}\"]\ndefect = true\n[[profiles.line3.classes]]\nname = \"ok\"\nprompts = [\"fine\"]\n"),
+    )
+    .unwrap();
+    let cfg = config.display().to_string();
+    let out = clipqc(&[
+        "classify",
+        "--model",
+        &model,
+        "--config",
+        &cfg,
+        "--profile",
+        "line3",
+        &img,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"line3\"")
+            && err.contains("\"scratch\"")
+            && err.contains("over the model's context of 77"),
+        "{err}"
+    );
+
+    // An empty profile.
+    std::fs::write(&config, "[profiles.empty]\nclasses = []\n").unwrap();
+    let out = clipqc(&[
+        "classify",
+        "--model",
+        &model,
+        "--config",
+        &cfg,
+        "--profile",
+        "empty",
+        &img,
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"empty\" has no classes"));
+
+    // An unknown profile.
+    let out = clipqc(&["classify", "--model", &model, "--profile", "nope", &img]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown profile \"nope\""));
+
+    // A model directory whose encoder does not match its manifest, and one missing a file.
+    let copy = dir.path().join("model");
+    std::fs::create_dir(&copy).unwrap();
+    for f in [
+        "clipqc-model.json",
+        "image_encoder.pt",
+        "text_encoder.pt",
+        "tokenizer.json",
+    ] {
+        std::fs::copy(tiny_model().join(f), copy.join(f)).unwrap();
+    }
+    let mut enc = std::fs::read(copy.join("image_encoder.pt")).unwrap();
+    let last = enc.len() - 1;
+    enc[last] ^= 0xff;
+    std::fs::write(copy.join("image_encoder.pt"), enc).unwrap();
+    let out = clipqc(&["classify", "--model", &copy.display().to_string(), &img]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("image_encoder.pt") && err.contains("does not match the manifest"),
+        "{err}"
+    );
+    std::fs::remove_file(copy.join("text_encoder.pt")).unwrap();
+    std::fs::copy(
+        tiny_model().join("image_encoder.pt"),
+        copy.join("image_encoder.pt"),
+    )
+    .unwrap();
+    let out = clipqc(&["classify", "--model", &copy.display().to_string(), &img]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read text_encoder.pt"));
+}

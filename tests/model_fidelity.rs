@@ -1,0 +1,182 @@
+//! Fidelity against the reference implementations, on the same random tiny CLIP:
+//! token ids vs transformers' CLIPTokenizer and open_clip's tokenizer, pixels vs
+//! CLIPImageProcessor, image embeddings and class probabilities vs transformers' CLIPModel.
+//! The references were computed by tests/reference/make_fixtures.py.
+
+mod common;
+
+use clipqc::model::artifact::TOKENIZER;
+use clipqc::model::tch_backend::TchBackend;
+use clipqc::model::{Artifact, Backend, DeviceSpec, ImageBatch, PromptTokenizer};
+use clipqc::preprocess::{DecodeLimits, Preprocessor};
+use clipqc::score::{ProfileConfig, Scorer};
+use common::{cosine, fixtures, read_f32, tiny_model};
+
+fn index() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("fixtures.json")).unwrap())
+        .unwrap()
+}
+
+fn artifact() -> Artifact {
+    Artifact::open(tiny_model()).expect("the tiny model exported by the test script opens")
+}
+
+#[test]
+fn token_ids_match_clip_tokenizers() {
+    let artifact = artifact();
+    let tok = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("tokens.jsonl")).unwrap();
+    let (mut cases, mut hf_equal, mut oc_checked, mut oc_equal) = (0, 0, 0, 0);
+    let mut longer_than_context = 0;
+    for line in text.lines() {
+        let case: serde_json::Value = serde_json::from_str(line).unwrap();
+        let s = case["text"].as_str().unwrap();
+        let ids = tok.encode_truncated(s).unwrap();
+        let ids_of = |k: &str| -> Vec<i64> {
+            case[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        };
+        cases += 1;
+        longer_than_context += usize::from(tok.encode(s).is_err());
+        assert_eq!(
+            ids,
+            ids_of("hf"),
+            "transformers' CLIPTokenizer disagrees on {s:?}"
+        );
+        hf_equal += 1;
+        if !case["ftfy_rewrites"].as_bool().unwrap() {
+            oc_checked += 1;
+            assert_eq!(
+                ids,
+                ids_of("open_clip"),
+                "open_clip's tokenizer disagrees on {s:?}"
+            );
+            oc_equal += 1;
+        }
+    }
+    eprintln!(
+        "tokens: {hf_equal}/{cases} identical to transformers; {oc_equal}/{oc_checked} identical to open_clip \
+         (the other {} are strings open_clip first rewrites with ftfy); {longer_than_context} longer than the context",
+        cases - oc_checked
+    );
+    assert!(cases >= 1000, "only {cases} token cases");
+    assert!(
+        longer_than_context >= 50,
+        "the long-string cases did not exceed the context"
+    );
+}
+
+#[test]
+fn pixels_and_embeddings_match_clip_image_processor_and_model() {
+    let artifact = artifact();
+    let pre = Preprocessor::new(&artifact.manifest.image, DecodeLimits::default(), None);
+    let mut backend = TchBackend::load(&artifact, DeviceSpec::Cpu).unwrap();
+    let (mut worst_pil, mut worst_tv, mut worst_cos) = (0f32, 0f32, 1f64);
+    for img in index()["images"].as_array().unwrap() {
+        let stem = img["stem"].as_str().unwrap();
+        let file = fixtures().join(img["file"].as_str().unwrap());
+        let ours = pre.run(stem, &std::fs::read(&file).unwrap(), None).unwrap();
+        let max_diff = |reference: &[f32]| {
+            assert_eq!(reference.len(), ours.len(), "{stem}: tensor sizes differ");
+            ours.iter()
+                .zip(reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        let pil_ref = read_f32(&fixtures().join(format!("ref/{stem}.pixels_pil.f32")));
+        let pil = max_diff(&pil_ref);
+        let tv = max_diff(&read_f32(
+            &fixtures().join(format!("ref/{stem}.pixels_tv.f32")),
+        ));
+        let differing = ours
+            .iter()
+            .zip(&pil_ref)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-4)
+            .count();
+        let mut batch = ImageBatch::new(pre.size());
+        batch.push(&ours);
+        let emb = backend.embed_images(&batch).unwrap();
+        let cos = cosine(
+            emb.row(0),
+            &read_f32(&fixtures().join(format!("ref/{stem}.embedding.f32"))),
+        );
+        eprintln!(
+            "{stem}: max |Δpixel| vs PIL processor {pil:.5} ({:.2}% of values differ), vs torchvision processor {tv:.5}; \
+             embedding cosine {cos:.7}",
+            100.0 * differing as f64 / ours.len() as f64
+        );
+        worst_pil = worst_pil.max(pil);
+        worst_tv = worst_tv.max(tv);
+        worst_cos = worst_cos.min(cos);
+    }
+    eprintln!("worst: Δpixel PIL {worst_pil:.5}, torchvision {worst_tv:.5}; cosine {worst_cos:.7}");
+    // One grey level after normalisation is 1/255/std ≈ 0.0150 (std ≈ 0.26): allow two.
+    assert!(
+        worst_pil <= 0.031,
+        "pixels differ from CLIPImageProcessor by {worst_pil}"
+    );
+    assert!(
+        worst_cos >= 0.9999,
+        "image embedding cosine {worst_cos} < 0.9999"
+    );
+}
+
+#[test]
+fn class_probabilities_match_clip_model() {
+    let artifact = artifact();
+    let index = index();
+    let profile: ProfileConfig = serde_json::from_value(index["profile"].clone()).unwrap();
+    let tok = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text).unwrap();
+    let mut backend = TchBackend::load(&artifact, DeviceSpec::Cpu).unwrap();
+    let scorer = Scorer::build("fixture", &profile, &artifact.manifest, &tok, |b| {
+        backend.embed_texts(&b)
+    })
+    .unwrap();
+    let pre = Preprocessor::new(&artifact.manifest.image, DecodeLimits::default(), None);
+    let mut worst = 0f32;
+    for img in index["images"].as_array().unwrap() {
+        let file = fixtures().join(img["file"].as_str().unwrap());
+        let mut batch = ImageBatch::new(pre.size());
+        batch.push(
+            &pre.run("fixture", &std::fs::read(&file).unwrap(), None)
+                .unwrap(),
+        );
+        let emb = backend.embed_images(&batch).unwrap();
+        let ours = scorer.probabilities(emb.row(0));
+        let reference: Vec<f32> = img["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let diff = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let stem = img["stem"].as_str().unwrap();
+        let mut ref_batch = ImageBatch::new(pre.size());
+        ref_batch.push(&read_f32(
+            &fixtures().join(format!("ref/{stem}.pixels_pil.f32")),
+        ));
+        let ref_px = scorer.probabilities(backend.embed_images(&ref_batch).unwrap().row(0));
+        let d2 = ref_px
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{stem}: max |Δp| {diff:.2e} end to end; {d2:.2e} from the reference's own pixels (model + scoring alone)");
+        assert!(d2 <= 1e-6, "{stem}: model and scoring alone differ by {d2}");
+        worst = worst.max(diff);
+        assert!(
+            diff <= 1e-4,
+            "{}: probabilities {ours:?} vs transformers {reference:?}",
+            img["file"]
+        );
+    }
+    eprintln!("class probabilities: worst |Δp| vs transformers' CLIPModel {worst:.2e}");
+}

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Reference outputs for the Rust fidelity tests (tests/model_fidelity.rs), computed offline
+with the reference implementations on the same artifact the Rust side loads.
+
+    python tests/reference/make_fixtures.py --model DIR --out DIR
+
+Writes:
+  tokens.jsonl     >= 1,000 strings with transformers' CLIPTokenizer ids and open_clip's ids
+  images/*         generated test images (JPEG, PNG, BMP, TIFF; RGB, RGBA, 8/16-bit grey)
+  ref/*.f32        per image: CLIPImageProcessor pixels (PIL and torchvision backends) and the
+                   transformers model's image embedding, little-endian float32
+  fixtures.json    the index: images, shapes, test profile prompts and reference probabilities
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "samples"))
+from make_samples import synthetic_part  # noqa: E402
+
+SEED_PROMPTS_ZH = ["表面划痕", "边缘缺口", "油漆斑点", "装配错误", "合格产品", "这是一张有划痕的金属零件的照片。"]
+DEFECTS = ["surface scratch", "edge chip", "paint spot", "misassembly", "good part", "dent", "crack",
+           "burr", "rust stain", "missing screw", "weld spatter", "porosity"]
+MATERIALS = ["metal part", "steel bracket", "aluminium housing", "plastic cover", "painted panel",
+             "circuit board", "glass lens", "rubber seal"]
+TEMPLATES = ["a photo of a {} on a {}.", "a close-up photo of a {} on a {}", "{} ({})",
+             "There is a {} on the {}!", "an image showing a {} on a {}, industrial inspection",
+             "a {}? on a {}...", "A {} ON A {}", "quality check: {} / {}"]
+ODD = ["it's", "don't", "we'll", "they're", "I'm", "you've", "he'd", "part #123-45", "3.5mm", "±0.01",
+       "café", "naïve", "Straße", "Ärger", "ørsted", "日本語のテキスト", "한국어 문장", "Привет мир", "مرحبا",
+       "emoji 🔧🔩⚙️", "tab\tseparated", "line\nbreak", "  leading and trailing  ", "MiXeD CaSe",
+       "hyphen-ated", "under_score", "slash/path", "quote \"double\"", "'single'", "<html>", "a&b",
+       "100%", "$5.00", "e-mail@example.com", "C++", "x=y+z", "…", "—dash—", "“curly”", "¿qué?", "¡sí!",
+       "ﬁne ligature", "１２３ fullwidth", "零件编号 A-17", "第3号产品", "good, ok; fine: yes"]
+
+
+def make_strings(rng: random.Random) -> list[str]:
+    out = list(SEED_PROMPTS_ZH)
+    for t in TEMPLATES:
+        for d in DEFECTS:
+            for m in MATERIALS:
+                out.append(t.format(d, m))
+    out += ODD
+    words = DEFECTS + MATERIALS + ODD + SEED_PROMPTS_ZH + ["the", "a", "of", "and", "with", "on", "under"]
+    for _ in range(250):
+        out.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 8))))
+    for _ in range(60):  # longer than the 77-token context
+        out.append(" ".join(rng.choice(words) for _ in range(rng.randint(40, 120))))
+    for _ in range(60):  # random punctuation and digits
+        out.append("".join(rng.choice("abc XYZ 0123456789 .,;:!?'\"()[]{}-_/\\@#$%^&*+=~`|<>") for _ in range(rng.randint(1, 40))))
+    return out
+
+
+def write_images(dir: Path, rng: random.Random) -> list[tuple[str, Image.Image]]:
+    dir.mkdir(parents=True, exist_ok=True)
+    specs = [
+        ("part_250.jpg", 250, 250, "scratch", "JPEG", "RGB"),
+        ("part_640x480.png", 640, 480, "spot", "PNG", "RGB"),
+        ("part_480x640.bmp", 480, 640, "chip", "BMP", "RGB"),
+        ("part_300x201.tiff", 300, 201, "none", "TIFF", "RGB"),
+        ("part_rgba_333x222.png", 333, 222, "spot", "PNG", "RGBA"),
+        ("part_gray_320x240.png", 320, 240, "scratch", "PNG", "L"),
+        ("part_small_150x100.jpg", 150, 100, "chip", "JPEG", "RGB"),
+        ("part_1920x1080.jpg", 1920, 1080, "scratch", "JPEG", "RGB"),
+    ]
+    written = []
+    for name, w, h, defect, fmt, mode in specs:
+        img = synthetic_part(w, h, rng, defect)
+        if mode != "RGB":
+            img = img.convert(mode)
+        path = dir / name
+        img.save(path, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+        written.append((name, Image.open(path)))
+    return written
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    out: Path = args.out
+    (out / "ref").mkdir(parents=True, exist_ok=True)
+
+    import ftfy
+    import open_clip
+    from transformers import CLIPModel, CLIPTokenizer
+    from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    hf = args.model / "hf"
+    tokenizer = CLIPTokenizer.from_pretrained(hf)
+    manifest = json.loads((args.model / "clipqc-model.json").read_text())
+    context = manifest["text"]["context_length"]
+
+    # 1. Tokens: transformers' CLIPTokenizer (from vocab.json/merges, built by transformers) and
+    #    open_clip's SimpleTokenizer (the original CLIP code: ftfy, html unescape, its own BPE).
+    strings = make_strings(rng)
+    oc = open_clip.tokenize(strings, context_length=context).tolist()
+    with (out / "tokens.jsonl").open("w") as f:
+        for s, oc_ids in zip(strings, oc):
+            hf_ids = tokenizer(s, truncation=True, max_length=context)["input_ids"]
+            eot = oc_ids.index(49407)
+            # open_clip first rewrites text with ftfy.fix_text and html.unescape (curly quotes,
+            # ligatures, fullwidth forms, entities); transformers' tokenizer does not.
+            rewritten = ftfy.fix_text(s) != s or html.unescape(html.unescape(s)) != s
+            f.write(json.dumps({"text": s, "hf": hf_ids, "open_clip": oc_ids[: eot + 1], "ftfy_rewrites": rewritten},
+                               ensure_ascii=False) + "\n")
+
+    # 2. Images through both CLIPImageProcessor backends, embedded by the transformers model.
+    pil_proc = CLIPImageProcessorPil.from_pretrained(hf)
+    tv_proc = CLIPImageProcessor.from_pretrained(hf)
+    model = CLIPModel.from_pretrained(hf).eval()
+    profile = {
+        "templates": ["{}"],
+        "review_threshold": 0.5,
+        "classes": [
+            {"name": "surface_scratch", "prompts": ["a photo of a surface scratch on a metal part"], "defect": True},
+            {"name": "edge_chip", "prompts": ["a photo of a chipped edge on a metal part"], "defect": True},
+            {"name": "paint_spot", "prompts": ["a photo of a paint spot on a metal part"], "defect": True},
+            {"name": "misassembly", "prompts": ["a photo of a misassembled part"], "defect": True},
+            {"name": "good_part", "prompts": ["a photo of a good metal part"], "defect": False},
+        ],
+    }
+    prompts = [c["prompts"][0] for c in profile["classes"]]
+    text = tokenizer(prompts, padding="max_length", max_length=context, return_tensors="pt")
+    index = {"images": [], "profile": profile, "context_length": context}
+    for name, img in write_images(out / "images", rng):
+        stem = name.rsplit(".", 1)[0]
+        px_pil = pil_proc(images=img, return_tensors="pt")["pixel_values"]
+        px_tv = tv_proc(images=img, return_tensors="pt")["pixel_values"]
+        emb = model.get_image_features(pixel_values=px_pil).pooler_output
+        logits = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=px_pil).logits_per_image
+        probs = logits.softmax(-1)[0].tolist()
+        px_pil[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_pil.f32")
+        px_tv[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_tv.f32")
+        emb[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.embedding.f32")
+        index["images"].append({"file": f"images/{name}", "stem": stem, "size": list(img.size), "mode": img.mode,
+                                "probabilities": probs})
+    (out / "fixtures.json").write_text(json.dumps(index, indent=1, ensure_ascii=False))
+    print(f"wrote {len(strings)} token cases and {len(index['images'])} images to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

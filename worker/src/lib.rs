@@ -1,0 +1,16 @@
+//! clipqc: zero-shot visual quality inspection with CLIP.
+//!
+//! One message's way through the crate, each stage in a module named for it:
+//!
+//! ```text
+//! image bytes ──preprocess──▶ pixels ──model (one OS thread)──▶ embeddings ──score──▶ verdict
+//! ```
+//!
+//! `model`, `preprocess` and `score` know nothing of Kafka, HTTP or tokio's runtime: they are
+//! plain types and functions, used alike by the offline `classify` command and by the worker.
+
+pub mod cli;
+pub mod config;
+pub mod model;
+pub mod preprocess;
+pub mod score;

@@ -1,0 +1,20 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use clipqc::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging(false);
+    let result = match cli.command {
+        Command::Classify(args) => cli::classify::run(args),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

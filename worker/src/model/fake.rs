@@ -1,0 +1,97 @@
+//! A backend without libtorch, for fast tests of everything around the model.
+//!
+//! Deterministic: equal inputs give equal embeddings, different images give different ones
+//! (each output is a mean over an interleaved slice of the pixels), and texts hash to
+//! pseudo-random directions. It can be told to fail or to take time, to test faults and
+//! back-pressure without a model.
+
+use std::time::Duration;
+
+use super::{Backend, Embeddings, ImageBatch, ModelError, TokenBatch};
+
+#[derive(Debug, Clone)]
+pub struct FakeBackend {
+    dim: usize,
+    image_size: usize,
+    /// Fail every image batch with this message.
+    pub fail_images: Option<String>,
+    /// Sleep this long per batch, as a real model would take time.
+    pub delay: Duration,
+}
+
+impl FakeBackend {
+    pub fn new(dim: usize, image_size: usize) -> Self {
+        Self {
+            dim,
+            image_size,
+            fail_images: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Backend for FakeBackend {
+    fn describe(&self) -> String {
+        format!(
+            "fake backend (dim {}, image {}px)",
+            self.dim, self.image_size
+        )
+    }
+
+    fn embed_images(&mut self, batch: &ImageBatch) -> Result<Embeddings, ModelError> {
+        std::thread::sleep(self.delay);
+        if let Some(msg) = &self.fail_images {
+            return Err(ModelError::Inference(msg.clone()));
+        }
+        if batch.size != self.image_size {
+            return Err(ModelError::Inference(format!(
+                "expected {}px images, got {}px",
+                self.image_size, batch.size
+            )));
+        }
+        let per_image = 3 * batch.size * batch.size;
+        let mut data = Vec::with_capacity(batch.n * self.dim);
+        for pixels in batch.data.chunks_exact(per_image) {
+            for k in 0..self.dim {
+                let slice = pixels.iter().skip(k).step_by(self.dim);
+                let (sum, count) =
+                    slice.fold((0.0f64, 0usize), |(s, c), &v| (s + f64::from(v), c + 1));
+                data.push((sum / count.max(1) as f64) as f32 + 0.01 * k as f32);
+            }
+        }
+        Ok(Embeddings {
+            data,
+            n: batch.n,
+            dim: self.dim,
+        })
+    }
+
+    fn embed_texts(&mut self, batch: &TokenBatch) -> Result<Embeddings, ModelError> {
+        let mut data = Vec::with_capacity(batch.n * self.dim);
+        for (ids, mask) in batch
+            .ids
+            .chunks_exact(batch.len)
+            .zip(batch.mask.chunks_exact(batch.len))
+        {
+            let mut state = ids
+                .iter()
+                .zip(mask)
+                .filter(|(_, m)| **m == 1)
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, (id, _)| {
+                    (h ^ *id as u64).wrapping_mul(0x0100_0000_01b3)
+                });
+            for _ in 0..self.dim {
+                // xorshift: cheap, deterministic, spread over [-1, 1).
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                data.push((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0);
+            }
+        }
+        Ok(Embeddings {
+            data,
+            n: batch.n,
+            dim: self.dim,
+        })
+    }
+}

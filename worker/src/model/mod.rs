@@ -1,0 +1,161 @@
+//! The model stage: an exported CLIP artifact behind the [`Backend`] trait.
+//!
+//! Guarantees: an artifact is used only after its manifest and every file's sha256 check out
+//! ([`artifact`]); prompts are tokenized exactly as CLIP's tokenizer does and never cut
+//! silently ([`tokenizer`]); the backend lives on one OS thread that alone touches libtorch
+//! ([`owner`]), fed through a bounded channel.
+
+pub mod artifact;
+pub mod fake;
+pub mod owner;
+pub mod tch_backend;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use artifact::{Artifact, Manifest};
+pub use owner::{ModelHandle, ModelOwner};
+pub use tokenizer::PromptTokenizer;
+
+/// Errors of the model stage. Each names the file or prompt it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model directory {dir}: {message}")]
+    Artifact { dir: PathBuf, message: String },
+    #[error("model file {path}: sha256 {actual} does not match the manifest's {expected}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("prompt {prompt:?} is {tokens} tokens long, over the model's context of {max}: it would be cut silently")]
+    PromptTooLong {
+        prompt: String,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("device {0:?}: {1}")]
+    Device(String, String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("the model thread has stopped")]
+    Stopped,
+}
+
+/// A batch of preprocessed images: `n` × 3 × `size` × `size` floats, row-major, CHW per image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageBatch {
+    pub data: Vec<f32>,
+    pub n: usize,
+    pub size: usize,
+}
+
+impl ImageBatch {
+    pub fn new(size: usize) -> Self {
+        Self {
+            data: Vec::new(),
+            n: 0,
+            size,
+        }
+    }
+
+    /// Append one image's CHW pixels.
+    pub fn push(&mut self, pixels: &[f32]) {
+        assert_eq!(
+            pixels.len(),
+            3 * self.size * self.size,
+            "image tensor of the wrong size. This is a bug."
+        );
+        self.data.extend_from_slice(pixels);
+        self.n += 1;
+    }
+}
+
+/// A batch of tokenized texts: `n` × `len` ids and the matching attention mask (1 = token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub n: usize,
+    pub len: usize,
+}
+
+/// `n` embeddings of `dim` floats each, as the encoders return them (not normalised).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub data: Vec<f32>,
+    pub n: usize,
+    pub dim: usize,
+}
+
+impl Embeddings {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks_exact(self.dim)
+    }
+}
+
+/// What runs the encoders. Implementations live on the model thread and are never shared.
+pub trait Backend {
+    /// One line for logs: the model and where it runs.
+    fn describe(&self) -> String;
+    fn embed_images(&mut self, batch: &ImageBatch) -> Result<Embeddings, ModelError>;
+    fn embed_texts(&mut self, batch: &TokenBatch) -> Result<Embeddings, ModelError>;
+}
+
+/// Where to run: `auto` (first CUDA device if there is one), `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| ModelError::Device(s.to_string(), why.to_string());
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map(Self::Cuda)
+                    .map_err(|_| bad("expected cuda:N with N a device index")),
+                None => Err(bad("expected auto, cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse() {
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        let err = "tpu".parse::<DeviceSpec>().unwrap_err().to_string();
+        assert!(err.contains("\"tpu\""), "{err}");
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+}

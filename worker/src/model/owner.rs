@@ -1,0 +1,170 @@
+//! The one OS thread that owns the backend.
+//!
+//! libtorch modules are not meant to be shared across threads, and a GPU is best fed from one
+//! place, so the backend is built on this thread and never leaves it. Work arrives through a
+//! bounded channel (a full channel makes callers wait: back-pressure, not a growing queue);
+//! each job carries a one-shot channel for its answer, usable from blocking and async code.
+//!
+//! Guarantees: jobs run in arrival order; the thread stops when every [`ModelHandle`] is
+//! dropped, after finishing the jobs already queued; a backend that fails to load is
+//! reported by [`ModelOwner::spawn`] and no handle is ever returned for it.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::{Backend, Embeddings, ImageBatch, ModelError, TokenBatch};
+
+type Reply = oneshot::Sender<Result<Embeddings, ModelError>>;
+
+enum Job {
+    Images(ImageBatch, Reply),
+    Texts(TokenBatch, Reply),
+}
+
+/// A cheap, cloneable way to submit work to the model thread.
+#[derive(Clone)]
+pub struct ModelHandle {
+    jobs: mpsc::SyncSender<Job>,
+    description: std::sync::Arc<str>,
+}
+
+pub struct ModelOwner {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ModelOwner {
+    /// Start the model thread; `build` runs on it and creates the backend. Returns once the
+    /// backend is loaded (or failed to load). `queue` bounds the jobs waiting for the thread.
+    pub fn spawn<B, F>(build: F, queue: usize) -> Result<(Self, ModelHandle), ModelError>
+    where
+        B: Backend,
+        F: FnOnce() -> Result<B, ModelError> + Send + 'static,
+    {
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(queue.max(1));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
+        let thread = std::thread::Builder::new()
+            .name("clipqc-model".into())
+            .spawn(move || {
+                let mut backend = match build() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(backend.describe()));
+                // Ends when every handle (every sender) is gone and the queue is drained.
+                for job in jobs_rx {
+                    match job {
+                        Job::Images(batch, reply) => {
+                            let _ = reply.send(backend.embed_images(&batch));
+                        }
+                        Job::Texts(batch, reply) => {
+                            let _ = reply.send(backend.embed_texts(&batch));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| ModelError::Inference(format!("cannot start the model thread: {e}")))?;
+        let description = match ready_rx.recv() {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ModelError::Inference(
+                    "the model thread panicked while loading".into(),
+                ));
+            }
+        };
+        Ok((
+            Self {
+                thread: Some(thread),
+            },
+            ModelHandle {
+                jobs: jobs_tx,
+                description: description.into(),
+            },
+        ))
+    }
+
+    /// Wait for the thread to finish; it finishes once every handle is dropped.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl ModelHandle {
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    fn submit(
+        &self,
+        make: impl FnOnce(Reply) -> Job,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, ModelError>>, ModelError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(make(tx)).map_err(|_| ModelError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Embed images, waiting on this thread. Not for use on an async runtime's workers.
+    pub fn embed_images_blocking(&self, batch: ImageBatch) -> Result<Embeddings, ModelError> {
+        self.submit(|r| Job::Images(batch, r))?
+            .blocking_recv()
+            .map_err(|_| ModelError::Stopped)?
+    }
+
+    /// Embed texts, waiting on this thread. Not for use on an async runtime's workers.
+    pub fn embed_texts_blocking(&self, batch: TokenBatch) -> Result<Embeddings, ModelError> {
+        self.submit(|r| Job::Texts(batch, r))?
+            .blocking_recv()
+            .map_err(|_| ModelError::Stopped)?
+    }
+
+    /// Submit images and return the receiver of the answer (for async callers: `.await` it).
+    /// Blocks only while the bounded job queue is full.
+    pub fn submit_images(
+        &self,
+        batch: ImageBatch,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, ModelError>>, ModelError> {
+        self.submit(|r| Job::Images(batch, r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fake::FakeBackend;
+
+    #[test]
+    fn answers_in_order_and_stops_with_its_handles() {
+        let (owner, handle) = ModelOwner::spawn(|| Ok(FakeBackend::new(8, 4)), 2).unwrap();
+        assert!(handle.describe().contains("fake"));
+        let mut batch = ImageBatch::new(4);
+        batch.push(&[0.5; 48]);
+        batch.push(&[-0.5; 48]);
+        let out = handle.embed_images_blocking(batch).unwrap();
+        assert_eq!((out.n, out.dim), (2, 8));
+        assert_ne!(out.row(0), out.row(1));
+        drop(handle);
+        owner.join();
+    }
+
+    #[test]
+    fn a_failed_load_is_reported_and_gives_no_handle() {
+        let err = ModelOwner::spawn(
+            || Err::<FakeBackend, _>(ModelError::Inference("boom".into())),
+            1,
+        )
+        .err()
+        .expect("the load failed");
+        assert!(err.to_string().contains("boom"));
+    }
+}

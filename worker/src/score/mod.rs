@@ -1,0 +1,222 @@
+//! The score stage: image embedding × class text embeddings → probabilities → outcome.
+//!
+//! Guarantees: class text embeddings are computed once per profile (at start) and reused;
+//! probabilities follow the model family (softmax over classes for CLIP, independent
+//! sigmoids with the learned bias for SigLIP); the outcome rules are the ones below and
+//! nothing else:
+//!
+//! 1. a defect class with a `threshold` that its probability reaches → DEFECT;
+//! 2. otherwise, a top probability under the profile's `review_threshold` → REVIEW;
+//! 3. otherwise the top class decides: a defect class → DEFECT (REVIEW if it has a
+//!    threshold it did not reach), an acceptable class → PASS.
+
+pub mod profile;
+
+use serde::Serialize;
+
+pub use profile::{ClassConfig, ProfileConfig};
+
+use crate::model::artifact::{Manifest, Scoring};
+use crate::model::{Embeddings, ModelError, PromptTokenizer, TokenBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error("profile {profile:?} {message}")]
+    InvalidProfile { profile: String, message: String },
+    #[error("profile {profile:?}, class {class:?}: {source}")]
+    Prompt {
+        profile: String,
+        class: String,
+        source: ModelError,
+    },
+    #[error("unknown profile {0:?}")]
+    UnknownProfile(String),
+    #[error("profile {profile:?}: computing the prompt embeddings failed: {source}")]
+    Model { profile: String, source: ModelError },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Outcome {
+    Pass,
+    Defect,
+    Review,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Defect => "DEFECT",
+            Self::Review => "REVIEW",
+        }
+    }
+}
+
+/// The decision for one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// Index into the profile's classes of the class that decided.
+    pub class: usize,
+    pub probability: f32,
+    /// One probability per class, in the profile's order.
+    pub probabilities: Vec<f32>,
+}
+
+/// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
+/// config load, naming the profile, the class and the prompt.
+pub fn tokenize_profile(
+    name: &str,
+    profile: &ProfileConfig,
+    tokenizer: &PromptTokenizer,
+) -> Result<Vec<Vec<Vec<i64>>>, ScoreError> {
+    profile.validate(name)?;
+    profile
+        .classes
+        .iter()
+        .map(|class| {
+            profile
+                .expanded_prompts(class)
+                .iter()
+                .map(|p| tokenizer.encode(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| ScoreError::Prompt {
+                    profile: name.into(),
+                    class: class.name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// A profile ready to score: its class embeddings computed and normalised.
+#[derive(Debug, Clone)]
+pub struct Scorer {
+    pub name: String,
+    pub profile: ProfileConfig,
+    /// One unit vector per class (the renormalised mean of its prompts' unit vectors).
+    class_embeddings: Vec<Vec<f32>>,
+    scoring: Scoring,
+    logit_scale: f32,
+    logit_bias: f32,
+}
+
+impl Scorer {
+    /// Compute the class embeddings with `embed` (the text encoder). Done once per profile.
+    pub fn build(
+        name: &str,
+        profile: &ProfileConfig,
+        manifest: &Manifest,
+        tokenizer: &PromptTokenizer,
+        mut embed: impl FnMut(TokenBatch) -> Result<Embeddings, ModelError>,
+    ) -> Result<Self, ScoreError> {
+        let tokens = tokenize_profile(name, profile, tokenizer)?;
+        let flat: Vec<Vec<i64>> = tokens.iter().flatten().cloned().collect();
+        let embeddings = embed(tokenizer.batch(&flat)).map_err(|source| ScoreError::Model {
+            profile: name.into(),
+            source,
+        })?;
+        let mut rows = embeddings.rows();
+        let class_embeddings = tokens
+            .iter()
+            .map(|prompts| {
+                let mut mean = vec![0f32; embeddings.dim];
+                for row in rows.by_ref().take(prompts.len()) {
+                    let unit = normalized(row);
+                    mean.iter_mut()
+                        .zip(&unit)
+                        .for_each(|(m, u)| *m += u / prompts.len() as f32);
+                }
+                normalized(&mean)
+            })
+            .collect();
+        Ok(Self {
+            name: name.into(),
+            profile: profile.clone(),
+            class_embeddings,
+            scoring: manifest.scoring,
+            logit_scale: manifest.logit_scale,
+            logit_bias: manifest.logit_bias.unwrap_or(0.0),
+        })
+    }
+
+    pub fn class_names(&self) -> impl Iterator<Item = &str> {
+        self.profile.classes.iter().map(|c| c.name.as_str())
+    }
+
+    /// Probabilities per class for one image embedding.
+    pub fn probabilities(&self, image_embedding: &[f32]) -> Vec<f32> {
+        let img = normalized(image_embedding);
+        let logits: Vec<f32> = self
+            .class_embeddings
+            .iter()
+            .map(|c| self.logit_scale * dot(&img, c) + self.logit_bias)
+            .collect();
+        match self.scoring {
+            Scoring::Softmax => softmax(&logits),
+            Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+        }
+    }
+
+    pub fn decide(&self, image_embedding: &[f32]) -> Decision {
+        decide(&self.profile, self.probabilities(image_embedding))
+    }
+}
+
+/// The outcome rules of this module's header, on given probabilities.
+pub fn decide(profile: &ProfileConfig, probabilities: Vec<f32>) -> Decision {
+    let top = argmax(&probabilities);
+    let fired = profile
+        .classes
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| c.defect && c.threshold.is_some_and(|t| probabilities[*i] >= t))
+        .max_by(|a, b| probabilities[a.0].total_cmp(&probabilities[b.0]))
+        .map(|(i, _)| i);
+    let (outcome, class) = if let Some(i) = fired {
+        (Outcome::Defect, i)
+    } else if probabilities[top] < profile.review_threshold {
+        (Outcome::Review, top)
+    } else {
+        let c = &profile.classes[top];
+        match (c.defect, c.threshold) {
+            (false, _) => (Outcome::Pass, top),
+            (true, Some(_)) => (Outcome::Review, top), // a threshold it reached would have fired
+            (true, None) => (Outcome::Defect, top),
+        }
+    };
+    Decision {
+        outcome,
+        class,
+        probability: probabilities[class],
+        probabilities,
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .expect("a profile has classes. This is a bug.")
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn normalized(v: &[f32]) -> Vec<f32> {
+    let norm = dot(v, v).sqrt().max(f32::MIN_POSITIVE);
+    v.iter().map(|x| x / norm).collect()
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
+
+#[cfg(test)]
+mod tests;

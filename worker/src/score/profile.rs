@@ -1,0 +1,237 @@
+//! Profiles: defect taxonomies written as sentences.
+//!
+//! A profile is a named set of classes; each class has prompts (expanded through the
+//! profile's templates), a `defect` flag and an optional threshold. A new defect type is a
+//! new class in the config file, not a training run.
+
+use serde::{Deserialize, Serialize};
+
+use super::ScoreError;
+use crate::preprocess::ClaheSettings;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Sentence frames, each with one `{}` where a class prompt goes. Every prompt is run
+    /// through every template and the embeddings are averaged (a prompt ensemble).
+    #[serde(default = "default_templates")]
+    pub templates: Vec<String>,
+    /// Under this top probability the outcome is REVIEW: the part goes to a person.
+    #[serde(default = "default_review_threshold")]
+    pub review_threshold: f32,
+    /// Contrast equalisation before the model, for uneven lighting.
+    #[serde(default)]
+    pub clahe: Option<ClaheSettings>,
+    pub classes: Vec<ClassConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    /// Identifier written into verdicts and metrics (`surface_scratch`).
+    pub name: String,
+    /// Display name for people (`表面划痕`); defaults to the name.
+    #[serde(default)]
+    pub label: Option<String>,
+    pub prompts: Vec<String>,
+    /// Whether this class is a defect (DEFECT) or an acceptable state (PASS).
+    #[serde(default)]
+    pub defect: bool,
+    /// For defect classes: at or above this probability the part is a DEFECT even when
+    /// another class scores higher; a top-ranked defect under it goes to REVIEW.
+    #[serde(default)]
+    pub threshold: Option<f32>,
+}
+
+fn default_templates() -> Vec<String> {
+    vec!["{}".to_string()]
+}
+
+fn default_review_threshold() -> f32 {
+    0.5
+}
+
+impl ProfileConfig {
+    /// The prompts of one class after template expansion, in a stable order.
+    pub fn expanded_prompts(&self, class: &ClassConfig) -> Vec<String> {
+        self.templates
+            .iter()
+            .flat_map(|t| class.prompts.iter().map(move |p| t.replace("{}", p)))
+            .collect()
+    }
+
+    /// Structural checks (no tokenizer needed): names, prompts, templates, thresholds.
+    pub fn validate(&self, profile: &str) -> Result<(), ScoreError> {
+        let bad = |message: String| ScoreError::InvalidProfile {
+            profile: profile.to_string(),
+            message,
+        };
+        if self.classes.is_empty() {
+            return Err(bad("has no classes".into()));
+        }
+        if self.templates.is_empty() {
+            return Err(bad(
+                "has an empty template list (use [\"{}\"] for prompts as written)".into(),
+            ));
+        }
+        for t in &self.templates {
+            if t.matches("{}").count() != 1 {
+                return Err(bad(format!("template {t:?} must contain exactly one {{}}")));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.review_threshold) {
+            return Err(bad(format!(
+                "review_threshold {} is not within [0, 1]",
+                self.review_threshold
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.classes {
+            if c.name.trim().is_empty() {
+                return Err(bad("has a class with an empty name".into()));
+            }
+            if !seen.insert(c.name.as_str()) {
+                return Err(bad(format!("class {:?} appears twice", c.name)));
+            }
+            if c.prompts.is_empty() || c.prompts.iter().any(|p| p.trim().is_empty()) {
+                return Err(bad(format!(
+                    "class {:?} needs at least one non-empty prompt",
+                    c.name
+                )));
+            }
+            if let Some(t) = c.threshold {
+                if !(t > 0.0 && t <= 1.0) {
+                    return Err(bad(format!(
+                        "class {:?}: threshold {t} is not within (0, 1]",
+                        c.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The seed's five classes, so `classify` works before anyone writes a config.
+    pub fn builtin_default() -> Self {
+        let class = |name: &str, label: &str, prompts: &[&str], defect: bool| ClassConfig {
+            name: name.into(),
+            label: Some(label.into()),
+            prompts: prompts.iter().map(|s| s.to_string()).collect(),
+            defect,
+            threshold: None,
+        };
+        Self {
+            templates: vec![
+                "a photo of {}.".into(),
+                "a close-up photo of {} on a manufactured part.".into(),
+            ],
+            review_threshold: 0.5,
+            clahe: None,
+            classes: vec![
+                class(
+                    "surface_scratch",
+                    "表面划痕",
+                    &["a surface scratch", "a scratched surface"],
+                    true,
+                ),
+                class(
+                    "edge_chip",
+                    "边缘缺口",
+                    &["a chipped edge", "a chip broken off the edge"],
+                    true,
+                ),
+                class(
+                    "paint_spot",
+                    "油漆斑点",
+                    &["a paint spot", "a stain of paint"],
+                    true,
+                ),
+                class(
+                    "misassembly",
+                    "装配错误",
+                    &["a misassembled part", "a wrongly assembled component"],
+                    true,
+                ),
+                class(
+                    "good_part",
+                    "合格产品",
+                    &["a good part", "a flawless clean surface"],
+                    false,
+                ),
+            ],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_default_is_valid_and_has_the_seed_classes() {
+        let p = ProfileConfig::builtin_default();
+        p.validate("default").unwrap();
+        let names: Vec<_> = p.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "surface_scratch",
+                "edge_chip",
+                "paint_spot",
+                "misassembly",
+                "good_part"
+            ]
+        );
+        assert_eq!(p.classes.iter().filter(|c| c.defect).count(), 4);
+    }
+
+    #[test]
+    fn templates_expand_every_prompt() {
+        let p = ProfileConfig::builtin_default();
+        let e = p.expanded_prompts(&p.classes[0]);
+        assert_eq!(
+            e,
+            [
+                "a photo of a surface scratch.",
+                "a photo of a scratched surface.",
+                "a close-up photo of a surface scratch on a manufactured part.",
+                "a close-up photo of a scratched surface on a manufactured part.",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_profiles_are_refused_with_the_reason() {
+        let mut p = ProfileConfig::builtin_default();
+        p.classes.clear();
+        assert!(p
+            .validate("line7")
+            .unwrap_err()
+            .to_string()
+            .contains("profile \"line7\" has no classes"));
+        let mut p = ProfileConfig::builtin_default();
+        p.classes[1].name = "surface_scratch".into();
+        assert!(p
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("appears twice"));
+        let mut p = ProfileConfig::builtin_default();
+        p.templates = vec!["no placeholder".into()];
+        assert!(p
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one {}"));
+        let mut p = ProfileConfig::builtin_default();
+        p.classes[0].threshold = Some(1.5);
+        assert!(p.validate("x").is_err());
+        let mut p = ProfileConfig::builtin_default();
+        p.classes[2].prompts = vec![" ".into()];
+        assert!(p
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("paint_spot"));
+    }
+}

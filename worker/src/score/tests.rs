@@ -1,0 +1,115 @@
+use super::*;
+
+fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
+    ProfileConfig {
+        templates: vec!["{}".into()],
+        review_threshold: 0.5,
+        clahe: None,
+        classes: classes
+            .iter()
+            .map(|(n, d, t)| ClassConfig {
+                name: n.to_string(),
+                label: None,
+                prompts: vec![n.to_string()],
+                defect: *d,
+                threshold: *t,
+            })
+            .collect(),
+    }
+}
+
+fn scorer(class_embeddings: Vec<Vec<f32>>, scoring: Scoring, scale: f32, bias: f32) -> Scorer {
+    let names: Vec<(&str, bool, Option<f32>)> =
+        vec![("scratch", true, None), ("good", false, None)];
+    Scorer {
+        name: "t".into(),
+        profile: profile(&names[..class_embeddings.len()]),
+        class_embeddings,
+        scoring,
+        logit_scale: scale,
+        logit_bias: bias,
+    }
+}
+
+#[test]
+fn softmax_of_scaled_cosines_matches_hand_computation() {
+    // image (3,4) → unit (0.6, 0.8); classes e1 and e2: cosines 0.6 and 0.8.
+    let s = scorer(
+        vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        Scoring::Softmax,
+        10.0,
+        0.0,
+    );
+    let p = s.probabilities(&[3.0, 4.0]);
+    // softmax(6, 8) = (1/(1+e^2), e^2/(1+e^2)) = (0.119203, 0.880797)
+    assert!((p[0] - 0.119_203).abs() < 1e-5, "{p:?}");
+    assert!((p[1] - 0.880_797).abs() < 1e-5, "{p:?}");
+}
+
+#[test]
+fn sigmoid_scoring_uses_the_bias_and_does_not_sum_to_one() {
+    let s = scorer(
+        vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        Scoring::Sigmoid,
+        10.0,
+        -7.0,
+    );
+    let p = s.probabilities(&[3.0, 4.0]);
+    // sigmoid(6 - 7) = 0.268941, sigmoid(8 - 7) = 0.731059
+    assert!((p[0] - 0.268_941).abs() < 1e-5, "{p:?}");
+    assert!((p[1] - 0.731_059).abs() < 1e-5, "{p:?}");
+}
+
+#[test]
+fn outcomes_follow_the_rules() {
+    let p = profile(&[
+        ("scratch", true, None),
+        ("chip", true, Some(0.3)),
+        ("good", false, None),
+    ]);
+    // Top is good and confident: PASS.
+    assert_eq!(decide(&p, vec![0.1, 0.1, 0.8]).outcome, Outcome::Pass);
+    // Top is a defect without threshold and confident: DEFECT on it.
+    let d = decide(&p, vec![0.7, 0.1, 0.2]);
+    assert_eq!((d.outcome, d.class), (Outcome::Defect, 0));
+    // Chip reaches its threshold though good is top: DEFECT on chip.
+    let d = decide(&p, vec![0.05, 0.35, 0.6]);
+    assert_eq!(
+        (d.outcome, d.class, d.probability),
+        (Outcome::Defect, 1, 0.35)
+    );
+    // Nobody confident: REVIEW on the top class.
+    let d = decide(&p, vec![0.4, 0.2, 0.4 + 1e-3]);
+    assert_eq!((d.outcome, d.class), (Outcome::Review, 2));
+}
+
+#[test]
+fn prompt_ensembles_average_unit_vectors() {
+    // Two prompts along x and y average to the diagonal.
+    let mut calls = 0;
+    let manifest_json = r#"{"format_version":1,"name":"m","family":"clip","source_checkpoint":"s","embedding_dim":2,
+        "image":{"size":224,"resize":"shortest_edge","resize_size":224,"interpolation":"bicubic","rescale_factor":0.0039,
+        "mean":[0,0,0],"std":[1,1,1]},"text":{"context_length":77,"pad_token_id":0,"inputs":["input_ids"]},
+        "scoring":"softmax","logit_scale":100.0,"logit_bias":null,"files":{}}"#;
+    let manifest: Manifest = serde_json::from_str(manifest_json).unwrap();
+    let tokenizer = crate::model::tokenizer::tests::word_tokenizer();
+    let mut p = profile(&[("a", true, None), ("b", false, None)]);
+    p.classes[0].prompts = vec!["x".into(), "y".into()];
+    p.classes[1].prompts = vec!["x".into()];
+    let s = Scorer::build("t", &p, &manifest, &tokenizer, |batch| {
+        calls += 1;
+        assert_eq!(batch.n, 3, "all prompts in one batch");
+        Ok(Embeddings {
+            data: vec![2.0, 0.0, 0.0, 5.0, 1.0, 0.0],
+            n: 3,
+            dim: 2,
+        })
+    })
+    .unwrap();
+    assert_eq!(calls, 1);
+    let h = std::f32::consts::FRAC_1_SQRT_2;
+    assert!(
+        (s.class_embeddings[0][0] - h).abs() < 1e-6 && (s.class_embeddings[0][1] - h).abs() < 1e-6
+    );
+    assert_eq!(s.class_embeddings[1], vec![1.0, 0.0]);
+}
