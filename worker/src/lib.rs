@@ -3,14 +3,20 @@
 //! One message's way through the crate, each stage in a module named for it:
 //!
 //! ```text
-//! image bytes ──preprocess──▶ pixels ──model (one OS thread)──▶ embeddings ──score──▶ verdict
+//! record ──request──▶ InspectionRequest ──preprocess──▶ pixels ──batch──▶ model (one OS thread)
+//!        ──▶ embeddings ──score──▶ verdict            offsets: what may be committed
 //! ```
 //!
 //! `model`, `preprocess` and `score` know nothing of Kafka, HTTP or tokio's runtime: they are
 //! plain types and functions, used alike by the offline `classify` command and by the worker.
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod model;
+pub mod offsets;
 pub mod preprocess;
+pub mod proto;
+pub mod request;
 pub mod score;
+pub mod verdict;

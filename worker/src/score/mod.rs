@@ -141,6 +141,22 @@ impl Scorer {
         })
     }
 
+    /// A scorer with placeholder class embeddings, for tests of what consumes decisions.
+    #[doc(hidden)]
+    pub fn for_tests(name: &str, profile: ProfileConfig) -> Self {
+        let class_embeddings = (0..profile.classes.len())
+            .map(|i| vec![i as f32, 1.0])
+            .collect();
+        Self {
+            name: name.into(),
+            profile,
+            class_embeddings,
+            scoring: Scoring::Softmax,
+            logit_scale: 100.0,
+            logit_bias: 0.0,
+        }
+    }
+
     pub fn class_names(&self) -> impl Iterator<Item = &str> {
         self.profile.classes.iter().map(|c| c.name.as_str())
     }

@@ -1,0 +1,120 @@
+//! The batch stage: the dynamic batcher in front of the model thread.
+//!
+//! Guarantee: a batch closes when it holds `max_size` items or when `max_delay` has passed
+//! since its **first** item, whichever comes first: a lone request waits at most
+//! `max_delay`, and under load the model gets full batches. The queue in front is a bounded
+//! channel, so a slow model pushes back on the producers instead of growing memory.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_size: usize,
+    pub max_delay_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        // 32 × 224² images keep a GPU busy with ViT-B/32; 5 ms is well under a camera's cycle.
+        Self {
+            max_size: 32,
+            max_delay_ms: 5,
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn max_delay(&self) -> Duration {
+        Duration::from_millis(self.max_delay_ms)
+    }
+}
+
+/// Wait for the next batch. `None` once the channel is closed and drained.
+pub async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, cfg: &BatchConfig) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let deadline = Instant::now() + cfg.max_delay();
+    let mut batch = Vec::with_capacity(cfg.max_size.max(1));
+    batch.push(first);
+    while batch.len() < cfg.max_size {
+        match timeout_at(deadline, rx.recv()).await {
+            Ok(Some(item)) => batch.push(item),
+            // Closed (drain what we have) or the first item's delay is up.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(max_size: usize, max_delay_ms: u64) -> BatchConfig {
+        BatchConfig {
+            max_size,
+            max_delay_ms,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_when_full_without_waiting() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 0..10 {
+            tx.send(i).await.unwrap();
+        }
+        let start = Instant::now();
+        assert_eq!(
+            next_batch(&mut rx, &cfg(4, 1000)).await.unwrap(),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_max_delay_after_the_first_item() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let producer = tokio::spawn(async move {
+            tx.send(1).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            tx.send(2).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await; // past the 50 ms delay
+            tx.send(3).await.unwrap();
+        });
+        let start = Instant::now();
+        assert_eq!(next_batch(&mut rx, &cfg(8, 50)).await.unwrap(), [1, 2]);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(50),
+            "counted from the first item"
+        );
+        assert_eq!(next_batch(&mut rx, &cfg(8, 50)).await.unwrap(), [3]);
+        producer.await.unwrap();
+        assert_eq!(
+            next_batch(&mut rx, &cfg(8, 50)).await,
+            None,
+            "closed and drained"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_queue_does_not_start_the_clock() {
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tx.send(7).await.unwrap();
+            tx.send(8).await.unwrap();
+        });
+        let start = Instant::now();
+        assert_eq!(next_batch(&mut rx, &cfg(8, 10)).await.unwrap(), [7, 8]);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "the channel closed right after 8"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! The request stage: a record's payload to a validated [`InspectionRequest`].
+//!
+//! Guarantees: the encoding is chosen by the record's `content-type` header
+//! (`application/x-protobuf` or `application/json`, parameters ignored) or, without one, by
+//! the configured default; JSON follows the proto3 JSON mapping; a request that cannot serve
+//! an inspection (no id, no image, an empty region) is refused with the reason, so it becomes
+//! an ERROR verdict and a dead letter instead of a guess.
+
+use serde::Deserialize;
+
+pub use crate::proto::v1::{inspection_request::Image, InspectionRequest};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    pub fn from_content_type(content_type: &str) -> Option<Self> {
+        let mime = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match mime.as_str() {
+            "application/x-protobuf"
+            | "application/protobuf"
+            | "application/vnd.google.protobuf" => Some(Self::Protobuf),
+            "application/json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Protobuf => "application/x-protobuf",
+            Self::Json => "application/json",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(
+        "unsupported content-type {0:?} (expected application/x-protobuf or application/json)"
+    )]
+    ContentType(String),
+    #[error("payload is not a valid protobuf InspectionRequest: {0}")]
+    Protobuf(String),
+    #[error("payload is not a valid JSON InspectionRequest: {0}")]
+    Json(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// Decode and validate one payload.
+pub fn decode(
+    payload: &[u8],
+    content_type: Option<&str>,
+    default: Encoding,
+) -> Result<InspectionRequest, RequestError> {
+    let encoding = match content_type {
+        Some(ct) => Encoding::from_content_type(ct)
+            .ok_or_else(|| RequestError::ContentType(ct.to_string()))?,
+        None => default,
+    };
+    let request = match encoding {
+        Encoding::Protobuf => <InspectionRequest as prost::Message>::decode(payload)
+            .map_err(|e| RequestError::Protobuf(e.to_string()))?,
+        Encoding::Json => {
+            serde_json::from_slice(payload).map_err(|e| RequestError::Json(e.to_string()))?
+        }
+    };
+    validate(&request)?;
+    Ok(request)
+}
+
+pub fn validate(r: &InspectionRequest) -> Result<(), RequestError> {
+    let invalid = |m: &str| Err(RequestError::Invalid(m.to_string()));
+    if r.request_id.trim().is_empty() {
+        return invalid("request_id is empty");
+    }
+    match &r.image {
+        None => return invalid("no image: set uri or inline_data"),
+        Some(Image::Uri(u)) if u.trim().is_empty() => return invalid("image uri is empty"),
+        Some(Image::InlineData(d)) if d.is_empty() => return invalid("inline_data is empty"),
+        Some(_) => {}
+    }
+    if let Some(region) = &r.region {
+        if region.width == 0 || region.height == 0 {
+            return invalid("region of interest has zero width or height");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn sample() -> InspectionRequest {
+        InspectionRequest {
+            request_id: "r-1".into(),
+            camera_id: "cam-7".into(),
+            line_id: "line-2".into(),
+            profile: "default".into(),
+            image: Some(Image::Uri("http://127.0.0.1:8080/a.jpg".into())),
+            attributes: [("sku".to_string(), "B-17".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn protobuf_round_trips() {
+        let r = sample();
+        let bytes = r.encode_to_vec();
+        assert_eq!(
+            decode(&bytes, Some("application/x-protobuf"), Encoding::Json).unwrap(),
+            r
+        );
+        assert_eq!(decode(&bytes, None, Encoding::Protobuf).unwrap(), r);
+    }
+
+    #[test]
+    fn json_accepts_proto_names_and_lower_camel_case() {
+        let camel =
+            br#"{"requestId":"r-1","cameraId":"cam-7","lineId":"line-2","profile":"default",
+            "uri":"http://127.0.0.1:8080/a.jpg","attributes":{"sku":"B-17"}}"#;
+        let snake =
+            br#"{"request_id":"r-1","camera_id":"cam-7","line_id":"line-2","profile":"default",
+            "uri":"http://127.0.0.1:8080/a.jpg","attributes":{"sku":"B-17"}}"#;
+        for payload in [&camel[..], &snake[..]] {
+            assert_eq!(
+                decode(
+                    payload,
+                    Some("application/json; charset=utf-8"),
+                    Encoding::Protobuf
+                )
+                .unwrap(),
+                sample()
+            );
+        }
+        // bytes are base64 in the JSON mapping; timestamps RFC 3339.
+        let inline =
+            br#"{"requestId":"r-2","inlineData":"/9j/4A==","capturedAt":"2026-11-26T08:00:00.250Z",
+            "region":{"x":1,"y":2,"width":30,"height":40}}"#;
+        let r = decode(inline, Some("application/json"), Encoding::Protobuf).unwrap();
+        assert_eq!(
+            r.image,
+            Some(Image::InlineData(vec![0xff, 0xd8, 0xff, 0xe0]))
+        );
+        let ts = r.captured_at.unwrap();
+        assert_eq!((ts.seconds, ts.nanos), (1_795_680_000, 250_000_000));
+        assert_eq!(r.region.unwrap().height, 40);
+    }
+
+    #[test]
+    fn bad_payloads_say_why() {
+        let e = decode(b"\xff\xff\xff", None, Encoding::Protobuf).unwrap_err();
+        assert!(
+            e.to_string().starts_with("payload is not a valid protobuf"),
+            "{e}"
+        );
+        let e = decode(b"{not json", Some("application/json"), Encoding::Protobuf).unwrap_err();
+        assert!(
+            e.to_string().starts_with("payload is not a valid JSON"),
+            "{e}"
+        );
+        let e = decode(b"{}", Some("text/plain"), Encoding::Protobuf).unwrap_err();
+        assert!(e.to_string().contains("\"text/plain\""), "{e}");
+        let e = decode(
+            br#"{"requestId":"x"}"#,
+            Some("application/json"),
+            Encoding::Protobuf,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid request: no image: set uri or inline_data"
+        );
+        let e = decode(
+            br#"{"uri":"http://a/b.jpg"}"#,
+            Some("application/json"),
+            Encoding::Protobuf,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "invalid request: request_id is empty");
+        let e = decode(
+            br#"{"requestId":"x","uri":"u","region":{"width":0,"height":3}}"#,
+            Some("application/json"),
+            Encoding::Protobuf,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("zero width"), "{e}");
+    }
+}
