@@ -7,10 +7,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::batch::BatchConfig;
 use crate::model::DeviceSpec;
 use crate::preprocess::DecodeLimits;
+use crate::request::Encoding;
 use crate::score::ProfileConfig;
 
 pub const DEFAULT_PROFILE: &str = "default";
@@ -24,9 +27,23 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Keys whose environment values are comma-separated lists.
+const LIST_KEYS: [&str; 4] = [
+    "kafka.input_topics",
+    "fetch.allowed_schemes",
+    "fetch.allowed_hosts",
+    "fetch.file_roots",
+];
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub fetch: FetchSettings,
+    #[serde(default)]
+    pub batch: BatchConfig,
     #[serde(default)]
     pub model: ModelSettings,
     #[serde(default)]
@@ -36,7 +53,75 @@ pub struct Settings {
     pub profiles: BTreeMap<String, ProfileConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port[,host:port]`. Unset: `clipqc run` starts an embedded
+    /// in-process broker for trying things out.
+    pub brokers: Option<String>,
+    pub group_id: String,
+    pub input_topics: Vec<String>,
+    pub verdict_topic: String,
+    pub dlq_topic: String,
+    /// Static group membership (`group.instance.id`): a restarted worker gets its partitions
+    /// back at once. On Kubernetes, the pod name.
+    pub instance_id: Option<String>,
+    /// Encoding of requests without a content-type header.
+    pub default_encoding: Encoding,
+    /// Any other librdkafka property (security.protocol, sasl.*, ssl.*, …), passed through.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            group_id: "clipqc".into(),
+            input_topics: vec!["clipqc.requests".into()],
+            verdict_topic: "clipqc.verdicts".into(),
+            dlq_topic: "clipqc.dlq".into(),
+            instance_id: None,
+            default_encoding: Encoding::Protobuf,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSettings {
+    pub allowed_schemes: Vec<String>,
+    /// Hosts image URIs may name (exact, or `*.suffix`). Empty: any host.
+    pub allowed_hosts: Vec<String>,
+    /// Directories `file://` URIs may read from; none: `file://` is refused.
+    pub file_roots: Vec<PathBuf>,
+    pub max_bytes: u64,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+    /// Retries of transient failures (timeouts, connection errors, 5xx, 429).
+    pub retries: u32,
+    /// Concurrent fetches per worker.
+    pub concurrency: usize,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self {
+            allowed_schemes: ["http", "https", "s3", "gs", "az", "file"]
+                .map(String::from)
+                .to_vec(),
+            allowed_hosts: Vec::new(),
+            file_roots: Vec::new(),
+            max_bytes: 32 << 20,
+            connect_timeout_ms: 2_000,
+            timeout_ms: 10_000,
+            retries: 3,
+            concurrency: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     /// The exported artifact directory (deploy/model/export.py).
@@ -45,7 +130,7 @@ pub struct ModelSettings {
     pub device: DeviceSpec,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreprocessSettings {
     #[serde(default)]
@@ -80,12 +165,16 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with("CLIPQC__"))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("CLIPQC")
-                .prefix_separator("__")
-                .separator("__")
-                .source(Some(env)),
-        );
+        let mut environment = config::Environment::with_prefix("CLIPQC")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(env));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        builder = builder.add_source(environment);
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
@@ -94,6 +183,12 @@ impl Settings {
             profile.validate(name).map_err(|e| invalid(e.to_string()))?;
         }
         Ok(settings)
+    }
+
+    /// The JSON Schema of the config file (checked in as `schemas/clipqc-config.schema.json`).
+    pub fn json_schema() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(Settings))
+            .expect("a schema serialises. This is a bug.")
     }
 
     /// Every profile, the built-in `default` included unless the file overrides it.
@@ -152,6 +247,62 @@ prompts = ["a clean edge"]
         assert_eq!(b.classes[0].threshold, Some(0.4));
         assert!(!b.classes[1].defect);
         assert_eq!(b.review_threshold, 0.6);
+    }
+
+    #[test]
+    fn streaming_keys_have_the_documented_defaults_and_env_overrides() {
+        let s = Settings::load_with_env(None, []).unwrap();
+        assert_eq!(s.kafka.brokers, None);
+        assert_eq!(s.kafka.group_id, "clipqc");
+        assert_eq!(s.kafka.input_topics, ["clipqc.requests"]);
+        assert_eq!(
+            (s.kafka.verdict_topic.as_str(), s.kafka.dlq_topic.as_str()),
+            ("clipqc.verdicts", "clipqc.dlq")
+        );
+        assert_eq!((s.batch.max_size, s.batch.max_delay_ms), (32, 5));
+        let env = [
+            ("CLIPQC__KAFKA__BROKERS", "10.0.0.1:9092,10.0.0.2:9092"),
+            (
+                "CLIPQC__KAFKA__INPUT_TOPICS",
+                "line1.requests,line2.requests",
+            ),
+            ("CLIPQC__KAFKA__INSTANCE_ID", "clipqc-0"),
+            ("CLIPQC__FETCH__ALLOWED_HOSTS", "images.plant.local"),
+            ("CLIPQC__FETCH__FILE_ROOTS", "/data/images"),
+            ("CLIPQC__BATCH__MAX_SIZE", "64"),
+            ("CLIPQC__BATCH__MAX_DELAY_MS", "8"),
+            ("CLIPQC__MODEL__DIR", "/models/clip"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let s = Settings::load_with_env(None, env).unwrap();
+        assert_eq!(
+            s.kafka.brokers.as_deref(),
+            Some("10.0.0.1:9092,10.0.0.2:9092")
+        );
+        assert_eq!(s.kafka.input_topics, ["line1.requests", "line2.requests"]);
+        assert_eq!(s.kafka.instance_id.as_deref(), Some("clipqc-0"));
+        assert_eq!(s.fetch.allowed_hosts, ["images.plant.local"]);
+        assert_eq!(s.fetch.file_roots, [PathBuf::from("/data/images")]);
+        assert_eq!((s.batch.max_size, s.batch.max_delay_ms), (64, 8));
+        assert_eq!(s.model.dir.as_deref(), Some(Path::new("/models/clip")));
+    }
+
+    /// The checked-in schema is the one the code defines. To refresh it after changing the
+    /// settings: `CLIPQC_UPDATE_SCHEMAS=1 cargo test --lib config`.
+    #[test]
+    fn checked_in_schema_is_current() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/clipqc-config.schema.json");
+        let generated = serde_json::to_string_pretty(&Settings::json_schema()).unwrap() + "\n";
+        if std::env::var_os("CLIPQC_UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "{} is stale: run CLIPQC_UPDATE_SCHEMAS=1 cargo test --lib config",
+            path.display()
+        );
     }
 
     #[test]

@@ -137,6 +137,20 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+impl schemars::JsonSchema for DeviceSpec {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "DeviceSpec".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "auto (first CUDA device if any), cpu, cuda or cuda:N",
+            "type": "string",
+            "pattern": "^(auto|cpu|cuda|gpu|cuda:[0-9]+)$"
+        })
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for DeviceSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

@@ -6,7 +6,7 @@
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClaheSettings {
     /// Histogram clip limit, relative (OpenCV's clipLimit; 2–4 is usual).

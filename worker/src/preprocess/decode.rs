@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::PreprocessError;
 
 /// Bounds on what a decoder may allocate: an image header is untrusted input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DecodeLimits {
     pub max_width: u32,

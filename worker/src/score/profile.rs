@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::ScoreError;
 use crate::preprocess::ClaheSettings;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
     /// Sentence frames, each with one `{}` where a class prompt goes. Every prompt is run
@@ -25,7 +25,7 @@ pub struct ProfileConfig {
     pub classes: Vec<ClassConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassConfig {
     /// Identifier written into verdicts and metrics (`surface_scratch`).
