@@ -13,6 +13,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod fetch;
 pub mod model;
 pub mod offsets;
 pub mod preprocess;
