@@ -68,6 +68,8 @@ pub struct KafkaSettings {
     pub instance_id: Option<String>,
     /// Encoding of requests without a content-type header.
     pub default_encoding: Encoding,
+    /// Encoding of the verdicts published (`protobuf` or `json`).
+    pub verdict_encoding: Encoding,
     /// Any other librdkafka property (security.protocol, sasl.*, ssl.*, …), passed through.
     pub properties: BTreeMap<String, String>,
 }
@@ -82,6 +84,7 @@ impl Default for KafkaSettings {
             dlq_topic: "clipqc.dlq".into(),
             instance_id: None,
             default_encoding: Encoding::Protobuf,
+            verdict_encoding: Encoding::Protobuf,
             properties: BTreeMap::new(),
         }
     }

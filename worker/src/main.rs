@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     cli::init_logging(false);
     let result = match cli.command {
         Command::Classify(args) => cli::classify::run(args),
+        Command::Run(args) => cli::run::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Command-line entry points. `main.rs` only parses and dispatches to these.
 
 pub mod classify;
+pub mod run;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Classify image files offline: one row (or JSON object) per image. For tuning prompts.
     Classify(classify::ClassifyArgs),
+    /// The streaming worker: requests from Kafka, verdicts to Kafka.
+    Run(run::RunArgs),
 }
 
 /// Options shared by the commands that load a config file.

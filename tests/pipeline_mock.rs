@@ -1,0 +1,251 @@
+//! The whole pipeline in-process against librdkafka's mock cluster, with the tiny model:
+//! every request gets exactly one verdict, every bad one also a dead letter, and the group's
+//! committed offsets reach the end of every partition.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use clipqc::config::Settings;
+use clipqc::fetch::Fetcher;
+use clipqc::model::tch_backend::TchBackend;
+use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
+use clipqc::pipeline::{self, Deps};
+use clipqc::proto::v1::{
+    inspection_request::Image, ErrorCode, InspectionRequest, ModelInfo, Outcome, Verdict,
+};
+use clipqc::sink::Sink;
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 3;
+
+fn reader(brokers: &str, topic: &str) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_one_verdict_and_offsets_are_committed() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut settings = Settings::load_with_env(None, []).unwrap();
+    let k = &mut settings.kafka;
+    k.group_id = "clipqc-test".into();
+    k.verdict_encoding = clipqc::request::Encoding::Protobuf;
+    for t in [&k.input_topics[0], &k.verdict_topic, &k.dlq_topic] {
+        mock.create_topic(t, PARTITIONS, 1).unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    let images = common::fixtures().join("images");
+    settings.fetch.file_roots = vec![images.clone()];
+
+    // Requests: good ones inline (protobuf) and by file:// URI (JSON), and four kinds of bad.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let jpeg = std::fs::read(images.join("part_250.jpg")).unwrap();
+    let png_uri = reqwest_url(&images.join("part_640x480.png"));
+    let mut expected: HashMap<String, Option<ErrorCode>> = HashMap::new();
+    for i in 0..40 {
+        let id = format!("req-{i}");
+        let (payload, ct, err) = match i % 8 {
+            0..=3 => {
+                let r = InspectionRequest {
+                    request_id: id.clone(),
+                    camera_id: format!("cam-{}", i % 4),
+                    line_id: "line-1".into(),
+                    image: Some(Image::InlineData(jpeg.clone())),
+                    ..Default::default()
+                };
+                (r.encode_to_vec(), "application/x-protobuf", None)
+            }
+            4 | 5 => {
+                let body =
+                    format!(r#"{{"requestId":"{id}","cameraId":"cam-9","uri":"{png_uri}"}}"#);
+                (body.into_bytes(), "application/json", None)
+            }
+            6 => {
+                let body = format!(
+                    r#"{{"requestId":"{id}","uri":"{png_uri}","profile":"no-such-profile"}}"#
+                );
+                (
+                    body.into_bytes(),
+                    "application/json",
+                    Some(ErrorCode::UnknownProfile),
+                )
+            }
+            _ => {
+                let r = InspectionRequest {
+                    request_id: id.clone(),
+                    image: Some(Image::InlineData(b"not an image".to_vec())),
+                    ..Default::default()
+                };
+                (
+                    r.encode_to_vec(),
+                    "application/x-protobuf",
+                    Some(ErrorCode::DecodeFailed),
+                )
+            }
+        };
+        expected.insert(id.clone(), err);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some(ct),
+        });
+        let record = FutureRecord::to("clipqc.requests")
+            .key(&id)
+            .payload(&payload)
+            .headers(headers);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+    // And one payload that is not a request at all.
+    let garbage = FutureRecord::<str, [u8]>::to("clipqc.requests").payload(b"\xff\xfe garbage");
+    producer
+        .send(garbage, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let total = expected.len() + 1;
+
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let for_thread = artifact.clone();
+    let (owner, model) =
+        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    let profiles = tokio::task::block_in_place(|| {
+        clipqc::cli::run::load_profiles(&settings, &artifact, &model)
+    })
+    .unwrap();
+    let deps = Deps {
+        consumer: clipqc::source::consumer(&settings.kafka, &brokers).unwrap(),
+        sink: Sink::new(&settings.kafka, &brokers).unwrap(),
+        kafka: settings.kafka.clone(),
+        batch: settings.batch,
+        profiles,
+        model_info: ModelInfo {
+            name: artifact.manifest.name.clone(),
+            hash: artifact.model_hash(),
+        },
+        model: model.clone(),
+        fetcher: Fetcher::new(settings.fetch.clone()).unwrap(),
+        max_in_flight: 16,
+        drain_timeout: Duration::from_secs(10),
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+
+    // Read every verdict back.
+    let verdicts_in = reader(&brokers, "clipqc.verdicts");
+    let mut seen = HashSet::new();
+    let mut errors = 0;
+    while seen.len() < total {
+        let msg = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
+            .await
+            .expect("verdicts keep coming")
+            .unwrap();
+        let v = Verdict::decode(msg.payload().unwrap()).unwrap();
+        let src = v.source.clone().unwrap();
+        assert!(
+            seen.insert((src.partition, src.offset)),
+            "one verdict per request: {src:?} twice"
+        );
+        let ct = msg
+            .headers()
+            .unwrap()
+            .iter()
+            .find(|h| h.key == "content-type")
+            .and_then(|h| h.value)
+            .unwrap();
+        assert_eq!(ct, b"application/x-protobuf");
+        match expected.get(&v.request_id) {
+            Some(None) => {
+                assert_ne!(v.outcome(), Outcome::Error, "{v:?}");
+                assert_eq!(v.scores.len(), 5);
+                assert_eq!(v.model.as_ref().unwrap().hash, artifact.model_hash());
+            }
+            Some(Some(code)) => {
+                assert_eq!(v.outcome(), Outcome::Error);
+                assert_eq!(v.error.as_ref().unwrap().code(), *code, "{v:?}");
+                errors += 1;
+            }
+            None => {
+                assert_eq!(v.request_id, "", "the undecodable payload");
+                assert_eq!(v.error.as_ref().unwrap().code(), ErrorCode::InvalidRequest);
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!(errors, 5 + 5 + 1);
+
+    // Each failure is also on the dead-letter topic, unchanged, with its coordinates.
+    let dlq_in = reader(&brokers, "clipqc.dlq");
+    for _ in 0..errors {
+        let msg = tokio::time::timeout(Duration::from_secs(30), dlq_in.recv())
+            .await
+            .expect("dead letters")
+            .unwrap();
+        let h: HashMap<&str, &[u8]> = msg
+            .headers()
+            .unwrap()
+            .iter()
+            .map(|h| (h.key, h.value.unwrap_or_default()))
+            .collect();
+        assert!(
+            h.contains_key("__connect.errors.offset") && h.contains_key("__connect.errors.stage"),
+            "{h:?}"
+        );
+    }
+
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    drop(model);
+    owner.join();
+
+    // The group's committed offsets reach the end of every partition: nothing left behind.
+    let check: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "clipqc-test")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("clipqc.requests", p);
+    }
+    let committed = check
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let mut sum = 0;
+    for e in committed.elements() {
+        let (_, high) = check
+            .fetch_watermarks("clipqc.requests", e.partition(), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            e.offset(),
+            if high == 0 {
+                Offset::Invalid
+            } else {
+                Offset::Offset(high)
+            },
+            "partition {}",
+            e.partition()
+        );
+        sum += high;
+    }
+    assert_eq!(sum as usize, total);
+}
+
+fn reqwest_url(p: &std::path::Path) -> String {
+    format!("file://{}", p.canonicalize().unwrap().display())
+}

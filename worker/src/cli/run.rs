@@ -1,0 +1,158 @@
+//! `clipqc run`: the streaming worker.
+//!
+//! Loads the model and every profile's prompt embeddings, then runs the pipeline until
+//! SIGTERM or Ctrl-C, and drains. With no `kafka.brokers` configured it starts an embedded,
+//! in-process broker (librdkafka's mock cluster) on 127.0.0.1 for trying things out: any
+//! Kafka client (kcat, confluent-kafka) can publish requests to the address it prints.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::mocking::MockCluster;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::fetch::Fetcher;
+use crate::model::artifact::TOKENIZER;
+use crate::model::tch_backend::TchBackend;
+use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner, PromptTokenizer};
+use crate::pipeline::{self, Deps, Profile};
+use crate::preprocess::Preprocessor;
+use crate::proto::v1::ModelInfo;
+use crate::score::Scorer;
+use crate::sink::Sink;
+use crate::source;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
+    /// Exported model directory (overrides model.dir).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (overrides model.device).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Partitions of each topic the embedded broker creates.
+    #[arg(long, default_value_t = 4)]
+    pub embedded_partitions: i32,
+}
+
+/// Build every profile's scorer (text embeddings computed once, here) and preprocessor.
+pub fn load_profiles(
+    settings: &Settings,
+    artifact: &Artifact,
+    model: &ModelHandle,
+) -> anyhow::Result<HashMap<String, Profile>> {
+    let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
+    let mut profiles = HashMap::new();
+    for (name, p) in settings.profiles() {
+        let scorer = Scorer::build(&name, &p, &artifact.manifest, &tokenizer, |b| {
+            model.embed_texts_blocking(b)
+        })?;
+        let preprocessor = Preprocessor::new(
+            &artifact.manifest.image,
+            settings.preprocess.limits,
+            p.clahe.clone(),
+        );
+        profiles.insert(
+            name,
+            Profile {
+                scorer,
+                preprocessor,
+            },
+        );
+    }
+    Ok(profiles)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let settings = Settings::load(args.config.config.as_deref())?;
+    let dir = args
+        .model
+        .clone()
+        .or(settings.model.dir.clone())
+        .context("no model: pass --model DIR or set model.dir")?;
+    let artifact = Artifact::open(&dir)?;
+    let device = args.device.unwrap_or(settings.model.device);
+    let for_thread = artifact.clone();
+    let (owner, model) = ModelOwner::spawn(move || TchBackend::load(&for_thread, device), 2)?;
+    tracing::info!(model = model.describe(), "model loaded");
+    let profiles = load_profiles(&settings, &artifact, &model)?;
+    tracing::info!(profiles = ?profiles.keys().collect::<Vec<_>>(), "profiles ready");
+
+    // The embedded broker lives as long as this function.
+    let mut embedded = None;
+    let brokers = match &settings.kafka.brokers {
+        Some(b) => b.clone(),
+        None => {
+            let mock = MockCluster::new(1).context("start the embedded broker")?;
+            let mut topics = settings.kafka.input_topics.clone();
+            topics.push(settings.kafka.verdict_topic.clone());
+            topics.push(settings.kafka.dlq_topic.clone());
+            for t in &topics {
+                mock.create_topic(t, args.embedded_partitions, 1)
+                    .with_context(|| format!("create topic {t}"))?;
+            }
+            let servers = mock.bootstrap_servers();
+            eprintln!(
+                "clipqc: no kafka.brokers configured: embedded broker for trying out at {servers} \
+                 (topics: {}); not for production",
+                topics.join(", ")
+            );
+            embedded = Some(mock);
+            servers
+        }
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            signal.cancel();
+        });
+        let deps = Deps {
+            consumer: source::consumer(&settings.kafka, &brokers)?,
+            sink: Sink::new(&settings.kafka, &brokers)?,
+            kafka: settings.kafka.clone(),
+            batch: settings.batch,
+            profiles,
+            model_info: ModelInfo {
+                name: artifact.manifest.name.clone(),
+                hash: artifact.model_hash(),
+            },
+            model: model.clone(),
+            fetcher: Fetcher::new(settings.fetch.clone())?,
+            max_in_flight: 256,
+            drain_timeout: Duration::from_secs(20),
+        };
+        tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
+        pipeline::run(deps, shutdown).await
+    })?;
+    drop(model);
+    owner.join();
+    drop(embedded);
+    Ok(true)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail. This is a bug.");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
