@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: set up, export the random tiny model (or use --model
-# DIR), generate sample part images and classify them.
+# The main job on an embedded default: set up, export the random tiny model (or use
+# --model DIR), start `clipqc run` with its embedded in-process broker, publish generated
+# sample part images as inspection requests, print the verdicts, stop the worker.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -20,6 +21,25 @@ fi
 # The dev profile optimises dependencies (Cargo.toml) and shares its build with the tests.
 cargo build --quiet --bin clipqc
 SAMPLES="$ROOT/target/samples"
-python deploy/samples/make_samples.py --out "$SAMPLES" --count 8 >&2
-echo "==> clipqc classify --model $MODEL $SAMPLES/*.jpg" >&2
-exec "$ROOT/target/debug/clipqc" classify --model "$MODEL" "$SAMPLES"/*.jpg
+python deploy/samples/make_samples.py --out "$SAMPLES" --count 12 >&2
+
+LOG="$ROOT/target/demo-worker.log"
+echo "==> starting clipqc run (log: $LOG)" >&2
+CLIPQC__KAFKA__VERDICT_ENCODING=json CLIPQC__FETCH__FILE_ROOTS="$SAMPLES" \
+  "$ROOT/target/debug/clipqc" run --model "$MODEL" 2>"$LOG" &
+WORKER=$!
+trap 'kill -TERM $WORKER 2>/dev/null || true' EXIT
+BROKERS=""
+for _ in $(seq 1 120); do
+  BROKERS="$(sed -n 's/.*embedded broker for trying out at \([^ ]*\) .*/\1/p' "$LOG" | head -1)"
+  [ -n "$BROKERS" ] && grep -q "consuming" "$LOG" && break
+  kill -0 $WORKER 2>/dev/null || { cat "$LOG" >&2; exit 1; }
+  sleep 0.5
+done
+[ -n "$BROKERS" ] || { echo "the worker did not start; see $LOG" >&2; exit 1; }
+echo "==> embedded broker at $BROKERS; publishing $(ls "$SAMPLES"/*.jpg | wc -l) requests" >&2
+python deploy/samples/demo_client.py --brokers "$BROKERS" "$SAMPLES"/*.jpg
+kill -TERM $WORKER
+wait $WORKER
+trap - EXIT
+echo "==> worker drained and stopped" >&2
