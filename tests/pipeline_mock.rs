@@ -124,25 +124,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     let for_thread = artifact.clone();
     let (owner, model) =
         ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
-    let profiles = tokio::task::block_in_place(|| {
-        clipqc::cli::run::load_profiles(&settings, &artifact, &model)
-    })
-    .unwrap();
-    let deps = Deps {
-        consumer: clipqc::source::consumer(&settings.kafka, &brokers).unwrap(),
-        sink: Sink::new(&settings.kafka, &brokers).unwrap(),
-        kafka: settings.kafka.clone(),
-        batch: settings.batch,
-        profiles,
-        model_info: ModelInfo {
-            name: artifact.manifest.name.clone(),
-            hash: artifact.model_hash(),
-        },
-        model: model.clone(),
-        fetcher: Fetcher::new(settings.fetch.clone()).unwrap(),
-        max_in_flight: 16,
-        drain_timeout: Duration::from_secs(10),
-    };
+    let deps = deps(&settings, &brokers, &artifact, &model);
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
 
@@ -248,4 +230,159 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
 
 fn reqwest_url(p: &std::path::Path) -> String {
     format!("file://{}", p.canonicalize().unwrap().display())
+}
+
+fn deps(
+    settings: &Settings,
+    brokers: &str,
+    artifact: &Artifact,
+    model: &clipqc::model::ModelHandle,
+) -> Deps {
+    let profiles =
+        tokio::task::block_in_place(|| clipqc::cli::run::load_profiles(settings, artifact, model))
+            .unwrap();
+    Deps {
+        consumer: clipqc::source::consumer(&settings.kafka, brokers).unwrap(),
+        sink: Sink::new(&settings.kafka, brokers).unwrap(),
+        kafka: settings.kafka.clone(),
+        batch: settings.batch,
+        profiles,
+        model_info: ModelInfo {
+            name: artifact.manifest.name.clone(),
+            hash: artifact.model_hash(),
+        },
+        model: model.clone(),
+        fetcher: Fetcher::new(settings.fetch.clone()).unwrap(),
+        max_in_flight: 16,
+        drain_timeout: Duration::from_secs(10),
+    }
+}
+
+/// SIGTERM while records are in flight (a slow model): the worker stops taking records but
+/// finishes those it took, and commits exactly up to them: every committed offset has its
+/// verdict, and every verdict's offset is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_records_and_commits_them() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut settings = Settings::load_with_env(None, []).unwrap();
+    settings.kafka.group_id = "clipqc-drain".into();
+    settings.batch.max_size = 4;
+    for t in ["clipqc.requests", "clipqc.verdicts", "clipqc.dlq"] {
+        mock.create_topic(t, PARTITIONS, 1).unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
+    let total = 60;
+    for i in 0..total {
+        let r = InspectionRequest {
+            request_id: format!("d-{i}"),
+            image: Some(Image::InlineData(jpeg.clone())),
+            ..Default::default()
+        };
+        let payload = r.encode_to_vec();
+        producer
+            .send(
+                FutureRecord::<(), _>::to("clipqc.requests").payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+
+    // The real tokenizer and profiles, a fake model that takes 300 ms a batch of 4.
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let (owner, model) = ModelOwner::spawn(
+        || {
+            let mut fake = clipqc::model::fake::FakeBackend::new(32, 224);
+            fake.delay = Duration::from_millis(300);
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+
+    let verdicts_in = reader(&brokers, "clipqc.verdicts");
+    let mut verdict_offsets: HashMap<i32, Vec<i64>> = HashMap::new();
+    let first = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let src = Verdict::decode(first.payload().unwrap())
+        .unwrap()
+        .source
+        .unwrap();
+    verdict_offsets
+        .entry(src.partition)
+        .or_default()
+        .push(src.offset);
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    drop(model);
+    owner.join();
+
+    // Everything published before the worker stopped.
+    while let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(3), verdicts_in.recv()).await {
+        let src = Verdict::decode(msg.payload().unwrap())
+            .unwrap()
+            .source
+            .unwrap();
+        verdict_offsets
+            .entry(src.partition)
+            .or_default()
+            .push(src.offset);
+    }
+    let verdicts: usize = verdict_offsets.values().map(Vec::len).sum();
+    eprintln!(
+        "shutdown after the first verdict: {verdicts} of {total} records finished and published"
+    );
+    assert!(
+        verdicts < total,
+        "the shutdown came early enough to leave records untaken ({verdicts} verdicts)"
+    );
+    assert!(
+        verdicts > 1,
+        "records in flight at the shutdown were finished, not dropped"
+    );
+
+    let check: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "clipqc-drain")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("clipqc.requests", p);
+    }
+    let committed = check
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let mut committed_total = 0;
+    for e in committed.elements() {
+        let mut offsets = verdict_offsets.remove(&e.partition()).unwrap_or_default();
+        offsets.sort();
+        offsets.dedup();
+        let position = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        // Offsets are consumed from 0 in order, so "verdicts for exactly 0..position" is the claim.
+        assert_eq!(
+            offsets,
+            (0..position).collect::<Vec<_>>(),
+            "partition {}",
+            e.partition()
+        );
+        committed_total += position;
+    }
+    assert_eq!(
+        committed_total as usize, verdicts,
+        "every verdict's offset is committed, nothing more"
+    );
 }

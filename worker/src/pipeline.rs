@@ -69,7 +69,9 @@ struct Shared {
     fetcher: Fetcher,
     sink: Sink,
     to_batcher: mpsc::Sender<BatchItem>,
-    shutdown: CancellationToken,
+    /// Fired when the drain time is up: publishes still retrying give up (their offsets stay
+    /// uncommitted). Not the shutdown signal itself: in-flight records must get to finish.
+    abort: CancellationToken,
 }
 
 /// Run until `shutdown` fires, then drain. Errors only for what stops every record
@@ -89,18 +91,24 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
         fetcher: deps.fetcher,
         sink: deps.sink,
         to_batcher,
-        shutdown: shutdown.clone(),
+        abort: CancellationToken::new(),
     });
     let consumer = deps.consumer;
     let permits = Arc::new(Semaphore::new(deps.max_in_flight.max(1)));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Partition, i64, bool)>();
     let mut tracker = OffsetTracker::new();
+    // Records handed to tasks and not yet reported back (acknowledged or not).
+    let mut running = 0usize;
+    let report = |tracker: &mut OffsetTracker, running: &mut usize, done| {
+        *running -= 1;
+        complete(&consumer, tracker, done);
+    };
 
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some(done) = done_rx.recv() => complete(&consumer, &mut tracker, done),
+            Some(done) = done_rx.recv() => report(&mut tracker, &mut running, done),
             permit = permits.clone().acquire_owned() => {
                 let permit = permit.expect("the semaphore is never closed. This is a bug.");
                 let msg = tokio::select! {
@@ -116,6 +124,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
                 };
                 let p = Partition::new(msg.topic(), msg.partition());
                 tracker.received(&p, msg.offset());
+                running += 1;
                 let shared = shared.clone();
                 let done_tx = done_tx.clone();
                 tokio::spawn(async move {
@@ -129,12 +138,22 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
 
     // Drain: take nothing new, let in-flight records finish (bounded), store, commit.
-    tracing::info!(in_flight = tracker.total_in_flight(), "draining");
+    tracing::info!(running, "draining");
     let deadline = tokio::time::Instant::now() + deps.drain_timeout;
-    while tracker.total_in_flight() > 0 {
+    while running > 0 {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some(done)) => complete(&consumer, &mut tracker, done),
-            _ => break,
+            Ok(Some(done)) => report(&mut tracker, &mut running, done),
+            _ => {
+                // Out of time: make the stragglers give up, then collect their reports.
+                shared.abort.cancel();
+                while running > 0 {
+                    match tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await {
+                        Ok(Some(done)) => report(&mut tracker, &mut running, done),
+                        _ => break,
+                    }
+                }
+                break;
+            }
         }
     }
     if let Err(e) = shared.sink.flush(Duration::from_secs(10)) {
@@ -362,7 +381,7 @@ async fn publish_verdict(shared: &Shared, v: &Verdict) -> bool {
         payload: &payload,
         headers,
     };
-    shared.sink.send(&record, &shared.shutdown).await
+    shared.sink.send(&record, &shared.abort).await
 }
 
 async fn publish_dead_letter(
@@ -390,7 +409,7 @@ async fn publish_dead_letter(
         payload: msg.payload().unwrap_or_default(),
         headers,
     };
-    shared.sink.send(&record, &shared.shutdown).await
+    shared.sink.send(&record, &shared.abort).await
 }
 
 /// Gather items into batches and hand them to the model thread; the next batch is formed

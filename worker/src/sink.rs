@@ -47,9 +47,9 @@ impl Sink {
     }
 
     /// Publish and wait for the broker's acknowledgement, retrying until it comes. Returns
-    /// false only if `shutdown` fired first (the record may or may not be published; the
-    /// input offset stays uncommitted, so it is processed again: at-least-once).
-    pub async fn send(&self, record: &Record<'_>, shutdown: &CancellationToken) -> bool {
+    /// false only if `abort` fired first (the record may or may not be published; the input
+    /// offset stays uncommitted, so it is processed again: at-least-once).
+    pub async fn send(&self, record: &Record<'_>, abort: &CancellationToken) -> bool {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut headers = OwnedHeaders::new();
@@ -70,7 +70,7 @@ impl Sink {
                 .send(r, Timeout::After(Duration::from_secs(5)));
             let result = tokio::select! {
                 r = attempt => r,
-                _ = shutdown.cancelled() => return false,
+                _ = abort.cancelled() => return false,
             };
             match result {
                 Ok(_) => return true,
@@ -78,7 +78,7 @@ impl Sink {
                     tracing::warn!(topic = record.topic, error = %e, retry_in = ?delay, "publish failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => return false,
+                        _ = abort.cancelled() => return false,
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
