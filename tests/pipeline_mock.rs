@@ -8,20 +8,18 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use clipqc::config::Settings;
-use clipqc::fetch::Fetcher;
 use clipqc::model::tch_backend::TchBackend;
 use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
 use clipqc::pipeline::{self, Deps};
 use clipqc::proto::v1::{
-    inspection_request::Image, ErrorCode, InspectionRequest, ModelInfo, Outcome, Verdict,
+    inspection_request::Image, ErrorCode, InspectionRequest, Outcome, Verdict,
 };
-use clipqc::sink::Sink;
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -40,15 +38,7 @@ fn reader(brokers: &str, topic: &str) -> StreamConsumer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_one_verdict_and_offsets_are_committed() {
-    let mock = MockCluster::new(1).unwrap();
-    let mut settings = Settings::load_with_env(None, []).unwrap();
-    let k = &mut settings.kafka;
-    k.group_id = "clipqc-test".into();
-    k.verdict_encoding = clipqc::request::Encoding::Protobuf;
-    for t in [&k.input_topics[0], &k.verdict_topic, &k.dlq_topic] {
-        mock.create_topic(t, PARTITIONS, 1).unwrap();
-    }
-    let brokers = mock.bootstrap_servers();
+    let (_mock, mut settings, brokers) = cluster("clipqc-test");
     let images = common::fixtures().join("images");
     settings.fetch.file_roots = vec![images.clone()];
 
@@ -58,7 +48,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
         .create()
         .unwrap();
     let jpeg = std::fs::read(images.join("part_250.jpg")).unwrap();
-    let png_uri = reqwest_url(&images.join("part_640x480.png"));
+    let png_uri = file_uri(&images.join("part_640x480.png"));
     let mut expected: HashMap<String, Option<ErrorCode>> = HashMap::new();
     for i in 0..40 {
         let id = format!("req-{i}");
@@ -196,39 +186,27 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     owner.join();
 
     // The group's committed offsets reach the end of every partition: nothing left behind.
-    let check: StreamConsumer = ClientConfig::new()
+    let watermarks: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
-        .set("group.id", "clipqc-test")
         .create()
         .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition("clipqc.requests", p);
-    }
-    let committed = check
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
     let mut sum = 0;
-    for e in committed.elements() {
-        let (_, high) = check
-            .fetch_watermarks("clipqc.requests", e.partition(), Duration::from_secs(5))
+    for (partition, offset) in committed(&brokers, "clipqc-test") {
+        let (_, high) = watermarks
+            .fetch_watermarks("clipqc.requests", partition, Duration::from_secs(5))
             .unwrap();
-        assert_eq!(
-            e.offset(),
-            if high == 0 {
-                Offset::Invalid
-            } else {
-                Offset::Offset(high)
-            },
-            "partition {}",
-            e.partition()
-        );
+        let expect = if high == 0 {
+            Offset::Invalid
+        } else {
+            Offset::Offset(high)
+        };
+        assert_eq!(offset, expect, "partition {partition}");
         sum += high;
     }
     assert_eq!(sum as usize, total);
 }
 
-fn reqwest_url(p: &std::path::Path) -> String {
+fn file_uri(p: &std::path::Path) -> String {
     format!("file://{}", p.canonicalize().unwrap().display())
 }
 
@@ -241,21 +219,81 @@ fn deps(
     let profiles =
         tokio::task::block_in_place(|| clipqc::cli::run::load_profiles(settings, artifact, model))
             .unwrap();
-    Deps {
-        consumer: clipqc::source::consumer(&settings.kafka, brokers).unwrap(),
-        sink: Sink::new(&settings.kafka, brokers).unwrap(),
-        kafka: settings.kafka.clone(),
-        batch: settings.batch,
-        profiles,
-        model_info: ModelInfo {
-            name: artifact.manifest.name.clone(),
-            hash: artifact.model_hash(),
-        },
-        model: model.clone(),
-        fetcher: Fetcher::new(settings.fetch.clone()).unwrap(),
-        max_in_flight: 16,
-        drain_timeout: Duration::from_secs(10),
+    let mut deps = clipqc::cli::run::deps(settings, brokers, artifact, model, profiles).unwrap();
+    deps.max_in_flight = 16;
+    deps.drain_timeout = Duration::from_secs(10);
+    deps
+}
+
+/// A mock cluster with the three topics, and default settings for consumer group `group`.
+fn cluster(
+    group: &str,
+) -> (
+    MockCluster<'static, DefaultProducerContext>,
+    Settings,
+    String,
+) {
+    let mock = MockCluster::new(1).unwrap();
+    let mut settings = Settings::load_with_env(None, []).unwrap();
+    settings.kafka.group_id = group.into();
+    for t in ["clipqc.requests", "clipqc.verdicts", "clipqc.dlq"] {
+        mock.create_topic(t, PARTITIONS, 1).unwrap();
     }
+    let brokers = mock.bootstrap_servers();
+    (mock, settings, brokers)
+}
+
+/// Publish `n` protobuf requests with the same inline JPEG.
+async fn publish_inline(brokers: &str, prefix: &str, n: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
+    for i in 0..n {
+        let r = InspectionRequest {
+            request_id: format!("{prefix}-{i}"),
+            image: Some(Image::InlineData(jpeg.clone())),
+            ..Default::default()
+        };
+        let payload = r.encode_to_vec();
+        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// The fake backend taking `delay` per batch, on its model thread.
+fn slow_model(delay: Duration) -> (ModelOwner, clipqc::model::ModelHandle) {
+    ModelOwner::spawn(
+        move || {
+            let mut fake = clipqc::model::fake::FakeBackend::new(32, 224);
+            fake.delay = delay;
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap()
+}
+
+/// The group's committed position of every input partition.
+fn committed(brokers: &str, group: &str) -> Vec<(i32, Offset)> {
+    let check: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("clipqc.requests", p);
+    }
+    let committed = check
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect()
 }
 
 /// SIGTERM while records are in flight (a slow model): the worker stops taking records but
@@ -263,72 +301,22 @@ fn deps(
 /// verdict, and every verdict's offset is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_records_and_commits_them() {
-    let mock = MockCluster::new(1).unwrap();
-    let mut settings = Settings::load_with_env(None, []).unwrap();
-    settings.kafka.group_id = "clipqc-drain".into();
+    let (_mock, mut settings, brokers) = cluster("clipqc-drain");
     settings.batch.max_size = 4;
-    for t in ["clipqc.requests", "clipqc.verdicts", "clipqc.dlq"] {
-        mock.create_topic(t, PARTITIONS, 1).unwrap();
-    }
-    let brokers = mock.bootstrap_servers();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
     let total = 60;
-    for i in 0..total {
-        let r = InspectionRequest {
-            request_id: format!("d-{i}"),
-            image: Some(Image::InlineData(jpeg.clone())),
-            ..Default::default()
-        };
-        let payload = r.encode_to_vec();
-        producer
-            .send(
-                FutureRecord::<(), _>::to("clipqc.requests").payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-    }
-
+    publish_inline(&brokers, "d", total).await;
     // The real tokenizer and profiles, a fake model that takes 300 ms a batch of 4.
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let (owner, model) = ModelOwner::spawn(
-        || {
-            let mut fake = clipqc::model::fake::FakeBackend::new(32, 224);
-            fake.delay = Duration::from_millis(300);
-            Ok(fake)
-        },
-        2,
-    )
-    .unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
+    let (owner, model) = slow_model(Duration::from_millis(300));
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = tokio::spawn(pipeline::run(
+        deps(&settings, &brokers, &artifact, &model),
+        shutdown.clone(),
+    ));
 
     let verdicts_in = reader(&brokers, "clipqc.verdicts");
     let mut verdict_offsets: HashMap<i32, Vec<i64>> = HashMap::new();
-    let first = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let src = Verdict::decode(first.payload().unwrap())
-        .unwrap()
-        .source
-        .unwrap();
-    verdict_offsets
-        .entry(src.partition)
-        .or_default()
-        .push(src.offset);
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
-    drop(model);
-    owner.join();
-
-    // Everything published before the worker stopped.
-    while let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(3), verdicts_in.recv()).await {
+    let mut record = |msg: &rdkafka::message::BorrowedMessage| {
         let src = Verdict::decode(msg.payload().unwrap())
             .unwrap()
             .source
@@ -337,6 +325,19 @@ async fn shutdown_drains_in_flight_records_and_commits_them() {
             .entry(src.partition)
             .or_default()
             .push(src.offset);
+    };
+    let first = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    record(&first);
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    drop(model);
+    owner.join();
+    // Everything published before the worker stopped.
+    while let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(3), verdicts_in.recv()).await {
+        record(&msg);
     }
     let verdicts: usize = verdict_offsets.values().map(Vec::len).sum();
     eprintln!(
@@ -351,24 +352,12 @@ async fn shutdown_drains_in_flight_records_and_commits_them() {
         "records in flight at the shutdown were finished, not dropped"
     );
 
-    let check: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "clipqc-drain")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition("clipqc.requests", p);
-    }
-    let committed = check
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
     let mut committed_total = 0;
-    for e in committed.elements() {
-        let mut offsets = verdict_offsets.remove(&e.partition()).unwrap_or_default();
+    for (partition, offset) in committed(&brokers, "clipqc-drain") {
+        let mut offsets = verdict_offsets.remove(&partition).unwrap_or_default();
         offsets.sort();
         offsets.dedup();
-        let position = match e.offset() {
+        let position = match offset {
             Offset::Offset(o) => o,
             _ => 0,
         };
@@ -376,8 +365,7 @@ async fn shutdown_drains_in_flight_records_and_commits_them() {
         assert_eq!(
             offsets,
             (0..position).collect::<Vec<_>>(),
-            "partition {}",
-            e.partition()
+            "partition {partition}"
         );
         committed_total += position;
     }
@@ -391,64 +379,20 @@ async fn shutdown_drains_in_flight_records_and_commits_them() {
 /// counted), and the committed offsets reach the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_no_verdict() {
-    let mock = MockCluster::new(1).unwrap();
-    let mut settings = Settings::load_with_env(None, []).unwrap();
-    settings.kafka.group_id = "clipqc-outage".into();
-    for t in ["clipqc.requests", "clipqc.verdicts", "clipqc.dlq"] {
-        mock.create_topic(t, PARTITIONS, 1).unwrap();
-    }
-    let brokers = mock.bootstrap_servers();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
+    let (mock, settings, brokers) = cluster("clipqc-outage");
     let total = 40;
-    for i in 0..total {
-        let r = InspectionRequest {
-            request_id: format!("o-{i}"),
-            image: Some(Image::InlineData(jpeg.clone())),
-            ..Default::default()
-        };
-        let payload = r.encode_to_vec();
-        producer
-            .send(
-                FutureRecord::<(), _>::to("clipqc.requests").payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-    }
+    publish_inline(&brokers, "o", total).await;
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let (owner, model) = ModelOwner::spawn(
-        || {
-            let mut fake = clipqc::model::fake::FakeBackend::new(32, 224);
-            fake.delay = Duration::from_millis(100);
-            Ok(fake)
-        },
-        2,
-    )
-    .unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
+    let (owner, model) = slow_model(Duration::from_millis(100));
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = tokio::spawn(pipeline::run(
+        deps(&settings, &brokers, &artifact, &model),
+        shutdown.clone(),
+    ));
 
     let verdicts_in = reader(&brokers, "clipqc.verdicts");
-    let mut seen = HashSet::new();
-    let mut received = 0;
-    let first = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let src = Verdict::decode(first.payload().unwrap())
-        .unwrap()
-        .source
-        .unwrap();
-    seen.insert((src.partition, src.offset));
-    received += 1;
-    mock.broker_down(1).unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    mock.broker_up(1).unwrap();
+    let (mut seen, mut received) = (HashSet::new(), 0);
+    let mut outage_done = false;
     while seen.len() < total {
         let msg = match tokio::time::timeout(Duration::from_secs(90), verdicts_in.recv())
             .await
@@ -464,10 +408,16 @@ async fn a_broker_outage_loses_no_verdict() {
             .unwrap();
         seen.insert((src.partition, src.offset));
         received += 1;
+        if !outage_done {
+            // Down right after the first verdict, while the rest are in flight.
+            mock.broker_down(1).unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            mock.broker_up(1).unwrap();
+            outage_done = true;
+        }
     }
     eprintln!(
-        "broker outage: {} requests, {} distinct verdicts, {} duplicates",
-        total,
+        "broker outage: {total} requests, {} distinct verdicts, {} duplicates",
         seen.len(),
         received - seen.len()
     );
@@ -477,25 +427,16 @@ async fn a_broker_outage_loses_no_verdict() {
     worker.await.unwrap().unwrap();
     drop(model);
     owner.join();
-
-    let check: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "clipqc-outage")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition("clipqc.requests", p);
-    }
-    let committed = check
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let mut committed_total = 0;
-    for e in committed.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            committed_total += o;
-        }
-    }
+    let committed_total: i64 = committed(&brokers, "clipqc-outage")
+        .iter()
+        .filter_map(|(_, o)| {
+            if let Offset::Offset(o) = o {
+                Some(*o)
+            } else {
+                None
+            }
+        })
+        .sum();
     assert_eq!(
         committed_total as usize, total,
         "committed to the end of every partition"

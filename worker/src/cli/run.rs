@@ -68,6 +68,31 @@ pub fn load_profiles(
     Ok(profiles)
 }
 
+/// The pipeline's dependencies for `settings`, with the profiles already loaded.
+pub fn deps(
+    settings: &Settings,
+    brokers: &str,
+    artifact: &Artifact,
+    model: &ModelHandle,
+    profiles: HashMap<String, Profile>,
+) -> anyhow::Result<Deps> {
+    Ok(Deps {
+        consumer: source::consumer(&settings.kafka, brokers)?,
+        sink: Sink::new(&settings.kafka, brokers)?,
+        kafka: settings.kafka.clone(),
+        batch: settings.batch,
+        profiles,
+        model_info: ModelInfo {
+            name: artifact.manifest.name.clone(),
+            hash: artifact.model_hash(),
+        },
+        model: model.clone(),
+        fetcher: Fetcher::new(settings.fetch.clone())?,
+        max_in_flight: 256,
+        drain_timeout: Duration::from_secs(20),
+    })
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let settings = Settings::load(args.config.config.as_deref())?;
     let dir = args
@@ -118,21 +143,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             tracing::info!("shutdown requested");
             signal.cancel();
         });
-        let deps = Deps {
-            consumer: source::consumer(&settings.kafka, &brokers)?,
-            sink: Sink::new(&settings.kafka, &brokers)?,
-            kafka: settings.kafka.clone(),
-            batch: settings.batch,
-            profiles,
-            model_info: ModelInfo {
-                name: artifact.manifest.name.clone(),
-                hash: artifact.model_hash(),
-            },
-            model: model.clone(),
-            fetcher: Fetcher::new(settings.fetch.clone())?,
-            max_in_flight: 256,
-            drain_timeout: Duration::from_secs(20),
-        };
+        let deps = deps(&settings, &brokers, &artifact, &model, profiles)?;
         tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
         pipeline::run(deps, shutdown).await
     })?;
