@@ -111,10 +111,17 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
             Some(done) = done_rx.recv() => report(&mut tracker, &mut running, done),
             permit = permits.clone().acquire_owned() => {
                 let permit = permit.expect("the semaphore is never closed. This is a bug.");
-                let msg = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    m = consumer.recv() => m,
+                // Keep storing positions while waiting for the next record: an idle topic must
+                // not hold back the commit of what is already done.
+                let msg = loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break None,
+                        Some(done) = done_rx.recv() => report(&mut tracker, &mut running, done),
+                        m = consumer.recv() => break Some(m),
+                    }
                 };
+                let Some(msg) = msg else { break };
                 let msg = match msg {
                     Ok(m) => m.detach(),
                     Err(e) => {
