@@ -142,8 +142,8 @@ impl Scorer {
     }
 
     /// A scorer with placeholder class embeddings, for tests of what consumes decisions.
-    #[doc(hidden)]
-    pub fn for_tests(name: &str, profile: ProfileConfig) -> Self {
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, profile: ProfileConfig) -> Self {
         let class_embeddings = (0..profile.classes.len())
             .map(|i| vec![i as f32, 1.0])
             .collect();
