@@ -42,7 +42,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     let images = common::fixtures().join("images");
     settings.fetch.file_roots = vec![images.clone()];
 
-    // Requests: good ones inline (protobuf) and by file:// URI (JSON), and four kinds of bad.
+    // Requests: good ones inline (protobuf) and by file:// URI (JSON), and five kinds of bad.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()
@@ -52,7 +52,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     let mut expected: HashMap<String, Option<ErrorCode>> = HashMap::new();
     for i in 0..40 {
         let id = format!("req-{i}");
-        let (payload, ct, err) = match i % 8 {
+        let (payload, ct, err) = match i % 10 {
             0..=3 => {
                 let r = InspectionRequest {
                     request_id: id.clone(),
@@ -76,6 +76,26 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
                     body.into_bytes(),
                     "application/json",
                     Some(ErrorCode::UnknownProfile),
+                )
+            }
+            7 => {
+                // Already too late: answered without fetching or GPU time.
+                let body = format!(
+                    r#"{{"requestId":"{id}","uri":"{png_uri}","deadline":"2020-01-01T00:00:00Z"}}"#
+                );
+                (
+                    body.into_bytes(),
+                    "application/json",
+                    Some(ErrorCode::DeadlineExceeded),
+                )
+            }
+            8 => {
+                // Outside fetch.file_roots.
+                let body = format!(r#"{{"requestId":"{id}","uri":"file:///etc/passwd"}}"#);
+                (
+                    body.into_bytes(),
+                    "application/json",
+                    Some(ErrorCode::FetchForbidden),
                 )
             }
             _ => {
@@ -159,7 +179,8 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
             }
         }
     }
-    assert_eq!(errors, 5 + 5 + 1);
+    // 4 each of unknown profile, deadline, forbidden path, undecodable image; 1 garbage payload.
+    assert_eq!(errors, 4 * 4 + 1);
 
     // Each failure is also on the dead-letter topic, unchanged, with its coordinates.
     let dlq_in = reader(&brokers, "clipqc.dlq");
