@@ -7,12 +7,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use serde_json::json;
 
-use crate::config::{Settings, DEFAULT_PROFILE};
-use crate::model::tch_backend::TchBackend;
-use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelOwner, PromptTokenizer};
+use crate::config::DEFAULT_PROFILE;
+use crate::model::{DeviceSpec, ImageBatch, PromptTokenizer};
 use crate::preprocess::Preprocessor;
 use crate::score::{self, Decision, Scorer};
 
@@ -41,13 +39,7 @@ pub struct ClassifyArgs {
 
 /// Returns whether every image was classified.
 pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
-    let settings = Settings::load(args.config.config.as_deref())?;
-    let dir = args
-        .model
-        .clone()
-        .or(settings.model.dir.clone())
-        .context("no model: pass --model DIR or set model.dir in the config")?;
-    let artifact = Artifact::open(&dir)?;
+    let (settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
     let tokenizer = PromptTokenizer::load(
         &artifact.path(crate::model::artifact::TOKENIZER),
         &artifact.manifest.text,
@@ -59,10 +51,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     // Catch over-long prompts before spending time on the model.
     score::tokenize_profile(&args.profile, profile, &tokenizer)?;
 
-    let device = args.device.unwrap_or(settings.model.device);
-    let for_thread = artifact.clone();
-    let (owner, model) = ModelOwner::spawn(move || TchBackend::load(&for_thread, device), 2)?;
-    tracing::info!(model = model.describe(), profile = %args.profile, "model loaded");
+    let (owner, model) = super::spawn_model(&settings, &artifact, args.device)?;
     let scorer = Scorer::build(
         &args.profile,
         profile,

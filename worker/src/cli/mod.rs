@@ -5,7 +5,12 @@ pub mod run;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::model::tch_backend::TchBackend;
+use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +37,33 @@ pub struct ConfigArgs {
     /// Config file (TOML, YAML or JSON); `CLIPQC__…` environment variables override it.
     #[arg(long, env = "CLIPQC_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// The settings and the verified model directory (`--model` overrides `model.dir`).
+pub fn settings_and_artifact(
+    config: &ConfigArgs,
+    model: Option<PathBuf>,
+) -> anyhow::Result<(Settings, Artifact)> {
+    let settings = Settings::load(config.config.as_deref())?;
+    let dir = model
+        .or(settings.model.dir.clone())
+        .context("no model: pass --model DIR or set model.dir in the config")?;
+    let artifact = Artifact::open(&dir)?;
+    Ok((settings, artifact))
+}
+
+/// Start the model thread on the artifact's TorchScript encoders (`--device` overrides
+/// `model.device`).
+pub fn spawn_model(
+    settings: &Settings,
+    artifact: &Artifact,
+    device: Option<DeviceSpec>,
+) -> anyhow::Result<(ModelOwner, ModelHandle)> {
+    let device = device.unwrap_or(settings.model.device);
+    let for_thread = artifact.clone();
+    let (owner, model) = ModelOwner::spawn(move || TchBackend::load(&for_thread, device), 2)?;
+    tracing::info!(model = model.describe(), "model loaded");
+    Ok((owner, model))
 }
 
 /// Logs go to stderr, so stdout stays the command's output.

@@ -16,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::fetch::Fetcher;
 use crate::model::artifact::TOKENIZER;
-use crate::model::tch_backend::TchBackend;
-use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner, PromptTokenizer};
+use crate::model::{Artifact, DeviceSpec, ModelHandle, PromptTokenizer};
 use crate::pipeline::{self, Deps, Profile};
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::ModelInfo;
@@ -94,17 +93,8 @@ pub fn deps(
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
-    let settings = Settings::load(args.config.config.as_deref())?;
-    let dir = args
-        .model
-        .clone()
-        .or(settings.model.dir.clone())
-        .context("no model: pass --model DIR or set model.dir")?;
-    let artifact = Artifact::open(&dir)?;
-    let device = args.device.unwrap_or(settings.model.device);
-    let for_thread = artifact.clone();
-    let (owner, model) = ModelOwner::spawn(move || TchBackend::load(&for_thread, device), 2)?;
-    tracing::info!(model = model.describe(), "model loaded");
+    let (settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
+    let (owner, model) = super::spawn_model(&settings, &artifact, args.device)?;
     let profiles = load_profiles(&settings, &artifact, &model)?;
     tracing::info!(profiles = ?profiles.keys().collect::<Vec<_>>(), "profiles ready");
 
