@@ -45,6 +45,8 @@ pub struct Settings {
     #[serde(default)]
     pub batch: BatchConfig,
     #[serde(default)]
+    pub pipeline: PipelineSettings,
+    #[serde(default)]
     pub model: ModelSettings,
     #[serde(default)]
     pub preprocess: PreprocessSettings,
@@ -119,6 +121,34 @@ impl Default for FetchSettings {
             timeout_ms: 10_000,
             retries: 3,
             concurrency: 64,
+        }
+    }
+}
+
+/// How much work a worker holds at once, and how long it may take to finish it.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSettings {
+    /// Records being worked on at once. When all are taken, the consumer pauses its
+    /// partitions (it keeps polling, so the group keeps it) until half are free again.
+    pub max_in_flight: usize,
+    /// Bytes held by records in flight (payloads, fetched images, pixel tensors). A record
+    /// larger than the whole budget still passes, alone.
+    pub max_in_flight_bytes: u64,
+    /// On shutdown or partition revocation: how long in-flight records may take to finish.
+    pub drain_timeout_ms: u64,
+    /// Consecutive failed model batches after which the model counts as broken: the worker
+    /// drains and exits non-zero instead of turning every record into an error verdict.
+    pub max_model_failures: u32,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            max_in_flight_bytes: 512 << 20,
+            drain_timeout_ms: 20_000,
+            max_model_failures: 3,
         }
     }
 }

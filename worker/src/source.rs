@@ -4,17 +4,102 @@
 //! the pipeline stores a partition's position only when every record below it is done
 //! (see `offsets`), and auto-commit commits what was stored. Cooperative-sticky assignment
 //! moves only the partitions that must move on a rebalance; `kafka.instance_id` gives static
-//! membership so a restarted worker gets its partitions back at once. Knows nothing of CLIP.
+//! membership so a restarted worker gets its partitions back at once.
+//!
+//! On revocation the rebalance callback waits (up to the drain bound) for the revoked
+//! partitions' records in flight, then commits synchronously before letting them go: their
+//! next owner starts where this worker stopped, not at the last auto-commit. Knows nothing
+//! of CLIP.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
+use crate::offsets::{Ledger, Partition};
 
-pub fn consumer(settings: &KafkaSettings, brokers: &str) -> KafkaResult<StreamConsumer> {
+/// The worker's consumer.
+pub type Source = StreamConsumer<SourceContext>;
+
+/// Connects librdkafka's rebalance callbacks to the offset ledger.
+pub struct SourceContext {
+    pub ledger: Arc<Ledger>,
+    drain_timeout: Duration,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let partitions = partitions(tpl);
+        if partitions.is_empty() {
+            return;
+        }
+        tracing::info!(?partitions, "partitions revoked: finishing their records");
+        // This runs inside `recv()` on a runtime worker: let the runtime move its other tasks
+        // (the records being waited for among them) to other threads while this one waits.
+        let wait = || self.ledger.revoke(&partitions, self.drain_timeout);
+        let (positions, left) = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        if left > 0 {
+            tracing::warn!(left, "drain bound reached on revocation: those records will be processed again by the partitions' next owner");
+        }
+        if !positions.is_empty() {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::info!(error = %e, "commit on revocation");
+            }
+        }
+        tracing::info!(?positions, "revoked partitions committed");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions = partitions(tpl);
+            if !partitions.is_empty() {
+                tracing::info!(?partitions, "partitions assigned");
+                self.ledger.assigned(&partitions);
+            }
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| Partition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+/// Pause (`true`) or resume every assigned partition. Polling goes on either way, so the
+/// group keeps this member and its rebalance callbacks run.
+pub fn set_paused(consumer: &Source, paused: bool) -> KafkaResult<()> {
+    let assignment = consumer.assignment()?;
+    if paused {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    }
+}
+
+pub fn consumer(
+    settings: &KafkaSettings,
+    brokers: &str,
+    drain_timeout: Duration,
+) -> KafkaResult<Source> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", &settings.group_id)
@@ -28,7 +113,11 @@ pub fn consumer(settings: &KafkaSettings, brokers: &str) -> KafkaResult<StreamCo
     for (k, v) in &settings.properties {
         cfg.set(k, v);
     }
-    let consumer: StreamConsumer = cfg.create()?;
+    let context = SourceContext {
+        ledger: Arc::new(Ledger::new()),
+        drain_timeout,
+    };
+    let consumer: Source = cfg.create_with_context(context)?;
     let topics: Vec<&str> = settings.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
@@ -36,7 +125,7 @@ pub fn consumer(settings: &KafkaSettings, brokers: &str) -> KafkaResult<StreamCo
 
 /// Store `position` (the next offset to consume) for a partition, for the next auto-commit.
 pub fn store_position(
-    consumer: &StreamConsumer,
+    consumer: &Source,
     topic: &str,
     partition: i32,
     position: i64,

@@ -76,10 +76,15 @@ pub fn deps(
     profiles: HashMap<String, Profile>,
 ) -> anyhow::Result<Deps> {
     Ok(Deps {
-        consumer: source::consumer(&settings.kafka, brokers)?,
+        consumer: source::consumer(
+            &settings.kafka,
+            brokers,
+            Duration::from_millis(settings.pipeline.drain_timeout_ms),
+        )?,
         sink: Sink::new(&settings.kafka, brokers)?,
         kafka: settings.kafka.clone(),
         batch: settings.batch,
+        pipeline: settings.pipeline,
         profiles,
         model_info: ModelInfo {
             name: artifact.manifest.name.clone(),
@@ -87,8 +92,6 @@ pub fn deps(
         },
         model: model.clone(),
         fetcher: Fetcher::new(settings.fetch.clone())?,
-        max_in_flight: 256,
-        drain_timeout: Duration::from_secs(20),
     })
 }
 

@@ -8,7 +8,11 @@
 //! Kafka delivers a partition's records in offset order, so "every offset seen below the
 //! lowest one still in flight is done" holds, gaps (compaction, transaction markers) included.
 
+mod ledger;
+
 use std::collections::{BTreeSet, HashMap};
+
+pub use ledger::Ledger;
 
 /// A topic-partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,120 @@
+//! Kafka helpers of the in-process pipeline tests: a mock cluster with the worker's topics,
+//! the worker's dependencies, a reader, publishing, the group's committed offsets.
+
+use std::time::Duration;
+
+use clipqc::config::Settings;
+use clipqc::model::Artifact;
+use clipqc::model::ModelOwner;
+use clipqc::pipeline::Deps;
+use clipqc::proto::v1::{inspection_request::Image, InspectionRequest};
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub const PARTITIONS: i32 = 3;
+
+/// A consumer of `topic` from the start, in a group of its own.
+pub fn reader(brokers: &str, topic: &str) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    c
+}
+
+pub fn file_uri(p: &std::path::Path) -> String {
+    format!("file://{}", p.canonicalize().unwrap().display())
+}
+
+pub fn deps(
+    settings: &Settings,
+    brokers: &str,
+    artifact: &Artifact,
+    model: &clipqc::model::ModelHandle,
+) -> Deps {
+    let profiles =
+        tokio::task::block_in_place(|| clipqc::cli::run::load_profiles(settings, artifact, model))
+            .unwrap();
+    let mut deps = clipqc::cli::run::deps(settings, brokers, artifact, model, profiles).unwrap();
+    deps.pipeline.max_in_flight = 16;
+    deps.pipeline.drain_timeout_ms = 10_000;
+    deps
+}
+
+/// A mock cluster with the three topics, and default settings for consumer group `group`.
+pub fn cluster(
+    group: &str,
+) -> (
+    MockCluster<'static, DefaultProducerContext>,
+    Settings,
+    String,
+) {
+    let mock = MockCluster::new(1).unwrap();
+    let mut settings = Settings::load_with_env(None, []).unwrap();
+    settings.kafka.group_id = group.into();
+    for t in ["clipqc.requests", "clipqc.verdicts", "clipqc.dlq"] {
+        mock.create_topic(t, PARTITIONS, 1).unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    (mock, settings, brokers)
+}
+
+/// Publish `n` protobuf requests with the same inline JPEG.
+pub async fn publish_inline(brokers: &str, prefix: &str, n: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let jpeg = std::fs::read(super::fixtures().join("images/part_250.jpg")).unwrap();
+    for i in 0..n {
+        let r = InspectionRequest {
+            request_id: format!("{prefix}-{i}"),
+            image: Some(Image::InlineData(jpeg.clone())),
+            ..Default::default()
+        };
+        let payload = r.encode_to_vec();
+        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// The fake backend taking `delay` per batch, on its model thread.
+pub fn slow_model(delay: Duration) -> (ModelOwner, clipqc::model::ModelHandle) {
+    ModelOwner::spawn(
+        move || {
+            let mut fake = clipqc::model::fake::FakeBackend::new(32, 224);
+            fake.delay = delay;
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap()
+}
+
+/// The group's committed position of every input partition.
+pub fn committed(brokers: &str, group: &str) -> Vec<(i32, Offset)> {
+    let check: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("clipqc.requests", p);
+    }
+    let committed = check
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect()
+}

@@ -1,0 +1,181 @@
+//! The ledger: the offset tracker shared by the record tasks and the consumer's rebalance
+//! callback.
+//!
+//! Guarantees: a partition's position is stored under the ledger's lock, so stores never go
+//! backwards even when records of one partition finish on different threads at once; a
+//! revocation waits (bounded) until the revoked partitions have nothing in flight, so their
+//! final positions can be committed before the partitions move; records of a partition
+//! received before it was revoked are recognised by their assignment epoch and dropped, so
+//! a partition that comes back is tracked from scratch.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{OffsetTracker, Partition};
+
+#[derive(Debug, Default)]
+struct State {
+    tracker: OffsetTracker,
+    /// Assigned partitions and the epoch of their current assignment.
+    assigned: HashMap<Partition, u64>,
+    next_epoch: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind; keep going with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Partitions were assigned to this worker.
+    pub fn assigned(&self, partitions: &[Partition]) {
+        let mut s = self.lock();
+        for p in partitions {
+            s.next_epoch += 1;
+            let epoch = s.next_epoch;
+            s.assigned.insert(p.clone(), epoch);
+        }
+    }
+
+    /// The epoch of `p`'s current assignment; `None` when it is not assigned (yet: the first
+    /// records can arrive before the assignment callback on some brokers, so callers treat
+    /// `None` as epoch 0, which [`Self::assigned`] never hands out).
+    pub fn epoch(&self, p: &Partition) -> u64 {
+        self.lock().assigned.get(p).copied().unwrap_or(0)
+    }
+
+    /// A record taken for processing. Returns false when the partition has been revoked
+    /// since the record arrived (`epoch` is out of date): drop the record, its partition's
+    /// new owner will process it.
+    pub fn received(&self, p: &Partition, offset: i64, epoch: u64) -> bool {
+        let mut s = self.lock();
+        let current = s.assigned.get(p).copied().unwrap_or(0);
+        if current != epoch {
+            return false;
+        }
+        s.tracker.received(p, offset);
+        true
+    }
+
+    /// A record is done: `acked` when its verdict (and dead letter) was acknowledged by the
+    /// broker. When the partition's position moves, `store` is called with it, under the
+    /// lock, so concurrent completions store in order.
+    pub fn finished(&self, p: &Partition, offset: i64, acked: bool, store: impl FnOnce(i64)) {
+        let mut s = self.lock();
+        if acked {
+            if let Some(position) = s.tracker.completed(p, offset) {
+                store(position);
+            }
+        }
+        // Not acknowledged (shutting down): it stays in flight, and nothing past it is stored.
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// `partitions` are being revoked: wait until none of them has a record in flight, or
+    /// `bound` passes. Then forget them and return their final positions (already stored by
+    /// [`Self::finished`]) and how many records were still in flight.
+    pub fn revoke(&self, partitions: &[Partition], bound: Duration) -> (Vec<(Partition, i64)>, usize) {
+        let deadline = Instant::now() + bound;
+        let mut s = self.lock();
+        // Records not yet taken are dropped by their epoch from now on.
+        for p in partitions {
+            s.assigned.remove(p);
+        }
+        loop {
+            let busy: usize = partitions.iter().map(|p| s.tracker.in_flight(p)).sum();
+            let now = Instant::now();
+            if busy == 0 || now >= deadline {
+                let positions = partitions
+                    .iter()
+                    .filter_map(|p| s.tracker.revoke(p).map(|pos| (p.clone(), pos)))
+                    .collect();
+                return (positions, busy);
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub fn total_in_flight(&self) -> usize {
+        self.lock().tracker.total_in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn p(n: i32) -> Partition {
+        Partition::new("t", n)
+    }
+
+    #[test]
+    fn revoke_waits_for_in_flight_records_of_the_revoked_partitions_only() {
+        let ledger = Arc::new(Ledger::new());
+        ledger.assigned(&[p(0), p(1)]);
+        let (e0, e1) = (ledger.epoch(&p(0)), ledger.epoch(&p(1)));
+        assert!(ledger.received(&p(0), 10, e0));
+        assert!(ledger.received(&p(0), 11, e0));
+        assert!(ledger.received(&p(1), 5, e1));
+        let worker = {
+            let ledger = ledger.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let mut stored = Vec::new();
+                ledger.finished(&p(0), 11, true, |pos| stored.push(pos));
+                ledger.finished(&p(0), 10, true, |pos| stored.push(pos));
+                stored
+            })
+        };
+        let (positions, busy) = ledger.revoke(&[p(0)], Duration::from_secs(10));
+        assert_eq!(worker.join().unwrap(), vec![12], "10 held 11 back, then both count");
+        assert_eq!(positions, vec![(p(0), 12)]);
+        assert_eq!(busy, 0);
+        // Partition 1 is untouched; a record of partition 0 from before is refused.
+        assert_eq!(ledger.total_in_flight(), 1);
+        assert!(!ledger.received(&p(0), 12, e0));
+    }
+
+    #[test]
+    fn revoke_gives_up_after_the_bound_and_reports_what_was_left() {
+        let ledger = Ledger::new();
+        ledger.assigned(&[p(0)]);
+        let e = ledger.epoch(&p(0));
+        assert!(ledger.received(&p(0), 3, e));
+        assert!(ledger.received(&p(0), 4, e));
+        ledger.finished(&p(0), 4, true, |_| panic!("3 is not done: nothing to store"));
+        let (positions, busy) = ledger.revoke(&[p(0)], Duration::from_millis(20));
+        assert_eq!(busy, 1);
+        assert_eq!(positions, vec![(p(0), 3)], "never past the record still in flight");
+        // A late completion of a forgotten partition stores nothing.
+        ledger.finished(&p(0), 3, true, |_| panic!("revoked"));
+    }
+
+    #[test]
+    fn a_partition_assigned_again_starts_a_new_epoch() {
+        let ledger = Ledger::new();
+        ledger.assigned(&[p(0)]);
+        let old = ledger.epoch(&p(0));
+        ledger.revoke(&[p(0)], Duration::ZERO);
+        ledger.assigned(&[p(0)]);
+        assert_ne!(ledger.epoch(&p(0)), old);
+        assert!(!ledger.received(&p(0), 1, old));
+        assert!(ledger.received(&p(0), 1, ledger.epoch(&p(0))));
+    }
+}

@@ -1,0 +1,253 @@
+//! The pipeline: the only module that knows every stage, and wires them.
+//!
+//! ```text
+//! source ─▶ request ─▶ fetch ─▶ preprocess (blocking pool) ─▶ batch ─▶ model thread
+//!    ▲                                                                     │
+//!    └── offsets ◀── sink (verdict + dead letter, acknowledged) ◀── score ◀┘
+//! ```
+//!
+//! Files: this one takes records in (intake, pause/resume, drain); [`handle`] takes one record
+//! to its verdict; [`infer`] batches for the model; [`publish`] writes verdicts and dead
+//! letters.
+//!
+//! Guarantees: each record is handled by its own task; at most `max_in_flight` records and
+//! `max_in_flight_bytes` are held at once, and when the records are all taken the consumer's
+//! partitions are paused (polling goes on) until half are free; every record ends as exactly
+//! one verdict (ERROR for failures, with a dead letter too) before its offset can be stored;
+//! a bad record never stops the worker, a broken model does (after draining); on shutdown no
+//! new record is taken, in-flight ones finish within `drain_timeout`, the producer is flushed
+//! and the stored positions committed synchronously.
+
+mod handle;
+mod infer;
+mod publish;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::BatchConfig;
+use crate::config::{KafkaSettings, PipelineSettings};
+use crate::fetch::Fetcher;
+use crate::model::ModelHandle;
+use crate::offsets::{Ledger, Partition};
+use crate::preprocess::Preprocessor;
+use crate::proto::v1::ModelInfo;
+use crate::score::Scorer;
+use crate::sink::Sink;
+use crate::source::{self, Source};
+use handle::ByteBudget;
+use infer::{BatchItem, Fatal};
+
+/// A profile ready to serve: its scorer and its preprocessing (CLAHE is per profile).
+pub struct Profile {
+    pub scorer: Scorer,
+    pub preprocessor: Preprocessor,
+}
+
+/// Everything the pipeline needs, built by the caller (`clipqc run`, tests).
+pub struct Deps {
+    pub kafka: KafkaSettings,
+    pub batch: BatchConfig,
+    pub pipeline: PipelineSettings,
+    pub profiles: HashMap<String, Profile>,
+    pub model: ModelHandle,
+    pub model_info: ModelInfo,
+    pub fetcher: Fetcher,
+    /// Made by [`source::consumer`] with the same drain timeout.
+    pub consumer: Source,
+    pub sink: Sink,
+}
+
+/// What a run did, for tests and the exit log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunStats {
+    pub records: u64,
+    /// Times the consumer's partitions were paused because every record slot was taken.
+    pub pauses: u64,
+    pub peak_in_flight_bytes: u64,
+    /// Records still unfinished when the drain time ran out (processed again after restart).
+    pub abandoned: usize,
+}
+
+struct Shared {
+    kafka: KafkaSettings,
+    profiles: HashMap<String, Profile>,
+    model_info: ModelInfo,
+    fetcher: Fetcher,
+    sink: Sink,
+    to_batcher: mpsc::Sender<BatchItem>,
+    budget: ByteBudget,
+    /// Fired when the drain time is up: publishes still retrying give up (their offsets stay
+    /// uncommitted). Not the shutdown signal itself: in-flight records must get to finish.
+    abort: CancellationToken,
+}
+
+/// Run until `shutdown` fires (or the model breaks), then drain. Errors when the model broke.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+    let size = deps
+        .profiles
+        .values()
+        .next()
+        .map_or(224, |p| p.preprocessor.size());
+    let settings = deps.pipeline;
+    let fatal = Arc::new(Fatal::default());
+    let (to_batcher, batch_rx) = mpsc::channel(deps.batch.max_size.max(1) * 4);
+    let batcher = tokio::spawn(infer::batch_loop(
+        batch_rx,
+        deps.batch,
+        deps.model.clone(),
+        size,
+        settings.max_model_failures.max(1),
+        fatal.clone(),
+    ));
+    let shared = Arc::new(Shared {
+        kafka: deps.kafka,
+        profiles: deps.profiles,
+        model_info: deps.model_info,
+        fetcher: deps.fetcher,
+        sink: deps.sink,
+        to_batcher,
+        budget: ByteBudget::new(settings.max_in_flight_bytes),
+        abort: CancellationToken::new(),
+    });
+    let consumer = Arc::new(deps.consumer);
+    let ledger = consumer.context().ledger.clone();
+    let max = settings.max_in_flight.max(1);
+    let slots = Arc::new(Semaphore::new(max));
+    let mut intake = Intake {
+        consumer: consumer.clone(),
+        ledger: ledger.clone(),
+        shared: shared.clone(),
+        tasks: tokio::task::JoinSet::new(),
+        waiting: VecDeque::new(),
+        paused: false,
+        stats: RunStats::default(),
+    };
+
+    loop {
+        // Resume once the waiting records are taken and half the slots are free again.
+        if intake.paused && intake.waiting.is_empty() && slots.available_permits() >= max.div_ceil(2)
+        {
+            intake.set_paused(false);
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = fatal.token.cancelled() => break,
+            Some(_) = intake.tasks.join_next() => {}
+            slot = slots.clone().acquire_owned(), if !intake.waiting.is_empty() => {
+                let slot = slot.expect("the slots are never closed. This is a bug.");
+                let (msg, epoch) = intake.waiting.pop_front().expect("checked non-empty. This is a bug.");
+                intake.start(msg, epoch, slot);
+            }
+            msg = consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        continue;
+                    }
+                };
+                let epoch = ledger.epoch(&Partition::new(msg.topic(), msg.partition()));
+                // Records wait in arrival order: a partition's records are taken in offset order.
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) if intake.waiting.is_empty() => intake.start(msg, epoch, slot),
+                    _ => {
+                        intake.waiting.push_back((msg, epoch));
+                        // Also when already paused: partitions assigned since are not.
+                        intake.set_paused(true);
+                    }
+                }
+            }
+        }
+    }
+
+    // Drain: take nothing new, let in-flight records finish (bounded), then flush and commit.
+    let drain_timeout = Duration::from_millis(settings.drain_timeout_ms);
+    tracing::info!(running = intake.tasks.len(), waiting = intake.waiting.len(), "draining");
+    intake.waiting.clear();
+    let drained = tokio::time::timeout(drain_timeout, async {
+        while intake.tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        // Out of time: make the stragglers give up publishing; their offsets stay uncommitted.
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while intake.tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+    let mut stats = intake.stats;
+    stats.abandoned = ledger.total_in_flight();
+    stats.peak_in_flight_bytes = shared.budget.peak();
+    if let Err(e) = shared.sink.flush(Duration::from_secs(10)) {
+        tracing::warn!(error = %e, "producer flush");
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last commit is not an error worth more than a note.
+        tracing::info!(error = %e, "final commit");
+    }
+    batcher.abort();
+    tracing::info!(?stats, "stopped");
+    let reason = fatal.reason.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match reason {
+        Some(reason) => anyhow::bail!("the model is broken: {reason}"),
+        None => Ok(stats),
+    }
+}
+
+/// Records taken from the consumer: running as tasks, or waiting for a slot.
+struct Intake {
+    consumer: Arc<Source>,
+    ledger: Arc<Ledger>,
+    shared: Arc<Shared>,
+    tasks: tokio::task::JoinSet<()>,
+    /// Records received while every slot was taken, with their partition's assignment epoch.
+    waiting: VecDeque<(OwnedMessage, u64)>,
+    paused: bool,
+    stats: RunStats,
+}
+
+impl Intake {
+    fn start(&mut self, msg: OwnedMessage, epoch: u64, slot: OwnedSemaphorePermit) {
+        let p = Partition::new(msg.topic(), msg.partition());
+        let offset = msg.offset();
+        if !self.ledger.received(&p, offset, epoch) {
+            // Revoked since it arrived: its partition's next owner processes it.
+            tracing::debug!(topic = %p.topic, partition = p.partition, offset, "dropped: revoked");
+            return;
+        }
+        self.stats.records += 1;
+        let (shared, consumer, ledger) =
+            (self.shared.clone(), self.consumer.clone(), self.ledger.clone());
+        self.tasks.spawn(async move {
+            let acked = handle::handle(&shared, msg).await;
+            ledger.finished(&p, offset, acked, |position| {
+                if let Err(e) = source::store_position(&consumer, &p.topic, p.partition, position) {
+                    // Revoked meanwhile: the new owner resumes from the last commit (a
+                    // duplicate, never a loss).
+                    tracing::debug!(topic = %p.topic, partition = p.partition, error = %e, "store offset");
+                }
+            });
+            drop(slot);
+        });
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if paused && !self.paused {
+            self.stats.pauses += 1;
+            tracing::debug!("every record slot taken: pausing the partitions");
+        }
+        if let Err(e) = source::set_paused(&self.consumer, paused) {
+            tracing::warn!(paused, error = %e, "pause/resume partitions");
+        }
+        self.paused = paused;
+    }
+}
