@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use common::kafka::*;
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     let (_mock, mut settings, brokers) = cluster("clipqc-test");

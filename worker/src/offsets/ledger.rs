@@ -86,7 +86,11 @@ impl Ledger {
     /// `partitions` are being revoked: wait until none of them has a record in flight, or
     /// `bound` passes. Then forget them and return their final positions (already stored by
     /// [`Self::finished`]) and how many records were still in flight.
-    pub fn revoke(&self, partitions: &[Partition], bound: Duration) -> (Vec<(Partition, i64)>, usize) {
+    pub fn revoke(
+        &self,
+        partitions: &[Partition],
+        bound: Duration,
+    ) -> (Vec<(Partition, i64)>, usize) {
         let deadline = Instant::now() + bound;
         let mut s = self.lock();
         // Records not yet taken are dropped by their epoch from now on.
@@ -144,7 +148,11 @@ mod tests {
             })
         };
         let (positions, busy) = ledger.revoke(&[p(0)], Duration::from_secs(10));
-        assert_eq!(worker.join().unwrap(), vec![12], "10 held 11 back, then both count");
+        assert_eq!(
+            worker.join().unwrap(),
+            vec![12],
+            "10 held 11 back, then both count"
+        );
         assert_eq!(positions, vec![(p(0), 12)]);
         assert_eq!(busy, 0);
         // Partition 1 is untouched; a record of partition 0 from before is refused.
@@ -159,10 +167,16 @@ mod tests {
         let e = ledger.epoch(&p(0));
         assert!(ledger.received(&p(0), 3, e));
         assert!(ledger.received(&p(0), 4, e));
-        ledger.finished(&p(0), 4, true, |_| panic!("3 is not done: nothing to store"));
+        ledger.finished(&p(0), 4, true, |_| {
+            panic!("3 is not done: nothing to store")
+        });
         let (positions, busy) = ledger.revoke(&[p(0)], Duration::from_millis(20));
         assert_eq!(busy, 1);
-        assert_eq!(positions, vec![(p(0), 3)], "never past the record still in flight");
+        assert_eq!(
+            positions,
+            vec![(p(0), 3)],
+            "never past the record still in flight"
+        );
         // A late completion of a forgotten partition stores nothing.
         ledger.finished(&p(0), 3, true, |_| panic!("revoked"));
     }

@@ -41,7 +41,10 @@ impl Fatal {
     fn declare(&self, reason: String) {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if r.is_none() {
-            tracing::error!(reason, "the model is broken: draining and stopping the worker");
+            tracing::error!(
+                reason,
+                "the model is broken: draining and stopping the worker"
+            );
             *r = Some(reason);
         }
         self.token.cancel();

@@ -132,7 +132,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
 
     loop {
         // Resume once the waiting records are taken and half the slots are free again.
-        if intake.paused && intake.waiting.is_empty() && slots.available_permits() >= max.div_ceil(2)
+        if intake.paused
+            && intake.waiting.is_empty()
+            && slots.available_permits() >= max.div_ceil(2)
         {
             intake.set_paused(false);
         }
@@ -170,7 +172,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
 
     // Drain: take nothing new, let in-flight records finish (bounded), then flush and commit.
     let drain_timeout = Duration::from_millis(settings.drain_timeout_ms);
-    tracing::info!(running = intake.tasks.len(), waiting = intake.waiting.len(), "draining");
+    tracing::info!(
+        running = intake.tasks.len(),
+        waiting = intake.waiting.len(),
+        "draining"
+    );
     intake.waiting.clear();
     let drained = tokio::time::timeout(drain_timeout, async {
         while intake.tasks.join_next().await.is_some() {}
@@ -190,16 +196,35 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
     if let Err(e) = shared.sink.flush(Duration::from_secs(10)) {
         tracing::warn!(error = %e, "producer flush");
     }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last commit is not an error worth more than a note.
-        tracing::info!(error = %e, "final commit");
-    }
+    final_commit(&consumer).await;
     batcher.abort();
     tracing::info!(?stats, "stopped");
-    let reason = fatal.reason.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let reason = fatal
+        .reason
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     match reason {
         Some(reason) => anyhow::bail!("the model is broken: {reason}"),
         None => Ok(stats),
+    }
+}
+
+/// Commit what was stored, retrying briefly: a rebalance in progress (another worker joining
+/// or leaving) refuses commits for a moment, and every offset not committed now is processed
+/// again by the partition's next owner.
+async fn final_commit(consumer: &Source) {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    for attempt in 1..=5 {
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => return,
+            // Nothing stored since the last commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return,
+            Err(e) => {
+                tracing::info!(error = %e, attempt, "final commit refused; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 
@@ -225,8 +250,11 @@ impl Intake {
             return;
         }
         self.stats.records += 1;
-        let (shared, consumer, ledger) =
-            (self.shared.clone(), self.consumer.clone(), self.ledger.clone());
+        let (shared, consumer, ledger) = (
+            self.shared.clone(),
+            self.consumer.clone(),
+            self.ledger.clone(),
+        );
         self.tasks.spawn(async move {
             let acked = handle::handle(&shared, msg).await;
             ledger.finished(&p, offset, acked, |position| {

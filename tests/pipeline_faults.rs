@@ -1,0 +1,228 @@
+//! The pipeline against librdkafka's mock cluster with faults: a worker that is full, the
+//! broker refusing produce and commit requests, a model that breaks. (Workers joining and
+//! leaving a group are tested against a real broker, in tests/e2e_tansu.rs: the mock
+//! coordinator holds every rebalance for a whole session timeout and sometimes loops.) The fake model (with a delay) stands in for CLIP: these tests are
+//! about records and offsets, not about scores.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clipqc::model::fake::FakeBackend;
+use clipqc::model::{Artifact, ModelOwner};
+use clipqc::pipeline::{self, RunStats};
+use clipqc::proto::v1::{ErrorCode, Outcome, Verdict};
+use prost::Message as _;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Message;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::Offset;
+use tokio_util::sync::CancellationToken;
+
+use common::kafka::*;
+
+/// Verdicts by their source record (partition, offset), and how many came in all.
+#[derive(Default)]
+struct Seen {
+    by_source: HashMap<(i32, i64), Verdict>,
+    received: usize,
+}
+
+impl Seen {
+    fn duplicates(&self) -> usize {
+        self.received - self.by_source.len()
+    }
+
+    /// Read verdicts until `n` distinct source records are seen, or `patience` passes
+    /// without one. Cancel-safe: what was read stays in `self`.
+    async fn read(&mut self, verdicts: &StreamConsumer, n: usize, patience: Duration) {
+        while self.by_source.len() < n {
+            let Ok(msg) = tokio::time::timeout(patience, verdicts.recv()).await else {
+                break;
+            };
+            let Ok(msg) = msg else { continue };
+            let v = Verdict::decode(msg.payload().unwrap()).unwrap();
+            let src = v.source.clone().unwrap();
+            self.by_source.insert((src.partition, src.offset), v);
+            self.received += 1;
+        }
+    }
+}
+
+async fn collect(verdicts: &StreamConsumer, n: usize, patience: Duration) -> Seen {
+    let mut seen = Seen::default();
+    seen.read(verdicts, n, patience).await;
+    seen
+}
+
+fn committed_total(brokers: &str, group: &str) -> i64 {
+    committed(brokers, group)
+        .iter()
+        .map(|(_, o)| match o {
+            Offset::Offset(o) => *o,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Run a worker on `settings` until `until` completes, then stop it; returns its stats.
+async fn with_worker<F: std::future::Future>(
+    settings: &clipqc::config::Settings,
+    brokers: &str,
+    model: &clipqc::model::ModelHandle,
+    tune: impl FnOnce(&mut pipeline::Deps),
+    until: F,
+) -> (anyhow::Result<RunStats>, F::Output) {
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let mut deps = deps(settings, brokers, &artifact, model);
+    tune(&mut deps);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let out = until.await;
+    shutdown.cancel();
+    (worker.await.unwrap(), out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_pauses_its_partitions_and_keeps_to_its_byte_budget() {
+    let (_mock, settings, brokers) = cluster("clipqc-full");
+    let total = 40;
+    publish_inline(&brokers, "f", total).await;
+    let (owner, model) = slow_model(Duration::from_millis(50));
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let budget = 1 << 20; // a 224×224 pixel tensor is 588 KiB: one image at a time
+    let (stats, seen) = with_worker(
+        &settings,
+        &brokers,
+        &model,
+        |d| {
+            d.pipeline.max_in_flight = 4;
+            d.pipeline.max_in_flight_bytes = budget;
+        },
+        collect(&verdicts, total, Duration::from_secs(60)),
+    )
+    .await;
+    let stats = stats.unwrap();
+    drop(model);
+    owner.join();
+    eprintln!("full worker: {stats:?}");
+    assert_eq!(seen.by_source.len(), total, "every record got its verdict");
+    assert!(
+        stats.pauses > 0,
+        "40 records, 4 slots: the partitions were paused"
+    );
+    assert!(stats.peak_in_flight_bytes <= budget, "{stats:?}");
+    assert_eq!(committed_total(&brokers, "clipqc-full"), total as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_produce_and_commit_requests_lose_nothing() {
+    let (mock, settings, brokers) = cluster("clipqc-refused");
+    let total = 30;
+    publish_inline(&brokers, "r", total).await;
+    // From now on the broker refuses the next produce and offset-commit requests with errors
+    // a real cluster returns during leader elections and coordinator moves.
+    use RDKafkaRespErr::*;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        ]
+        .repeat(4),
+    );
+    mock.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[
+            RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+            RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        ]
+        .repeat(3),
+    );
+    let (owner, model) = slow_model(Duration::from_millis(20));
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let (stats, seen) = with_worker(&settings, &brokers, &model, |_| {}, async {
+        let got = collect(&verdicts, total, Duration::from_secs(60)).await;
+        // Let auto-commit retry through the refused commits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while committed_total(&brokers, "clipqc-refused") < total as i64
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        got
+    })
+    .await;
+    stats.unwrap();
+    drop(model);
+    owner.join();
+    eprintln!(
+        "refused produce/commit: {total} requests, {} distinct verdicts, {} duplicates",
+        seen.by_source.len(),
+        seen.duplicates()
+    );
+    assert_eq!(seen.by_source.len(), total);
+    assert_eq!(committed_total(&brokers, "clipqc-refused"), total as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_model_stops_the_worker_instead_of_failing_every_record() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-broken");
+    settings.batch.max_size = 4;
+    let total = 40;
+    publish_inline(&brokers, "b", total).await;
+    let (owner, model) = ModelOwner::spawn(
+        || {
+            let mut fake = FakeBackend::new(32, 224);
+            fake.fail_images = Some("CUDA error: an illegal memory access was encountered".into());
+            fake.delay = Duration::from_millis(20);
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap();
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let mut deps = deps(&settings, &brokers, &artifact, &model);
+    deps.pipeline.max_model_failures = 3;
+    // No shutdown signal: the worker must stop by itself.
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        pipeline::run(deps, CancellationToken::new()),
+    )
+    .await
+    .expect("the worker stops by itself");
+    drop(model);
+    owner.join();
+    let err = result.expect_err("a broken model is an error of the worker");
+    assert!(err.to_string().contains("illegal memory access"), "{err}");
+
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let seen = collect(&verdicts, total, Duration::from_secs(5))
+        .await
+        .by_source;
+    eprintln!(
+        "broken model: {} of {total} records got MODEL_FAILED verdicts before the worker stopped",
+        seen.len()
+    );
+    assert!(seen.values().all(|v| v.outcome() == Outcome::Error
+        && v.error.as_ref().unwrap().code() == ErrorCode::ModelFailed));
+    // Two failed batches of at most 4 are the record's own errors; the rest are left alone.
+    assert!(seen.len() <= 2 * 4, "{} error verdicts", seen.len());
+    // Only offsets with a verdict are committed: the rest wait for a healthy worker.
+    let committed = committed(&brokers, "clipqc-broken");
+    for (partition, offset) in committed {
+        let position = match offset {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        for o in 0..position {
+            assert!(
+                seen.contains_key(&(partition, o)),
+                "committed past {partition}/{o} without a verdict"
+            );
+        }
+    }
+}
