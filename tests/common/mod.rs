@@ -50,3 +50,4 @@ pub fn logs() {
         )
         .try_init();
 }
+pub mod e2e;

@@ -77,6 +77,9 @@ pub struct RunStats {
 
 struct Shared {
     kafka: KafkaSettings,
+    /// Names this worker in each verdict's `clipqc-worker` header: the static member id, or
+    /// host name and process id (the pod's name on Kubernetes).
+    worker_id: String,
     profiles: HashMap<String, Profile>,
     model_info: ModelInfo,
     fetcher: Fetcher,
@@ -106,7 +109,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         settings.max_model_failures.max(1),
         fatal.clone(),
     ));
+    let worker_id = deps.kafka.instance_id.clone().unwrap_or_else(|| {
+        let host = gethostname::gethostname();
+        format!("{}/{}", host.to_string_lossy(), std::process::id())
+    });
     let shared = Arc::new(Shared {
+        worker_id,
         kafka: deps.kafka,
         profiles: deps.profiles,
         model_info: deps.model_info,

@@ -39,6 +39,10 @@ pub async fn verdict(shared: &Shared, v: &Verdict) -> bool {
             "clipqc-source-offset".to_string(),
             source.offset.to_string().into_bytes(),
         ),
+        (
+            "clipqc-worker".to_string(),
+            shared.worker_id.as_bytes().to_vec(),
+        ),
     ];
     let key = (!v.camera_id.is_empty()).then_some(v.camera_id.as_bytes());
     let record = Record {

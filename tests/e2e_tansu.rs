@@ -1,0 +1,280 @@
+//! End to end against a real broker process (tansu 0.6.0): the worker binary as a process,
+//! images from an HTTP server, requests published and verdicts read back by confluent-kafka
+//! (an independent client with its own librdkafka). Each test has its own topics and group.
+//!
+//! Crash tests use static membership: tansu 0.6.0 never expires a member that died without
+//! leaving, while a restarted static member takes its partitions back at once.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use common::e2e::*;
+
+/// The group's committed position per partition, read with rdkafka.
+fn committed(broker: &Broker, topics: &Topics, partitions: i32) -> HashMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", &topics.group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(&topics.requests, p);
+    }
+    c.committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            (e.partition(), o)
+        })
+        .collect()
+}
+
+/// The end of each partition, from what the client published.
+fn ends(published: &[Published]) -> HashMap<i32, i64> {
+    let mut ends = HashMap::new();
+    for p in published {
+        let e = ends.entry(p.partition).or_insert(0);
+        *e = (*e).max(p.offset + 1);
+    }
+    ends
+}
+
+struct Tally {
+    distinct: HashSet<(i32, i64)>,
+    received: usize,
+    by_worker: HashMap<String, usize>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            distinct: HashSet::new(),
+            received: 0,
+            by_worker: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, r: &ReadBack) {
+        self.distinct.insert(r.source());
+        self.received += 1;
+        let w = r.header("clipqc-worker").unwrap_or("?").to_string();
+        *self.by_worker.entry(w).or_default() += 1;
+    }
+
+    fn duplicates(&self) -> usize {
+        self.received - self.distinct.len()
+    }
+}
+
+fn images_server() -> ImageServer {
+    ImageServer::start(&common::fixtures().join("images"))
+}
+
+#[test]
+fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
+    let _serial = serial();
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, "flow", 3);
+    let images = images_server();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(&broker, &topics, "flow-1", true, dir.path());
+    let published = produce(
+        &broker,
+        &topics.requests,
+        300,
+        &images.url("part_250.jpg"),
+        10,
+    );
+    assert_eq!(published.len(), 300);
+    let bad: HashSet<(i32, i64)> = published
+        .iter()
+        .filter(|p| p.bad)
+        .map(|p| (p.partition, p.offset))
+        .collect();
+
+    let verdicts = read_all(&broker, &topics.verdicts, 300, Duration::from_secs(60));
+    let mut tally = Tally::new();
+    for v in &verdicts {
+        tally.add(v);
+        let verdict = v.verdict.as_ref().expect("JSON verdicts");
+        let outcome = verdict["outcome"].as_str().unwrap();
+        if bad.contains(&v.source()) {
+            assert_eq!(outcome, "OUTCOME_ERROR", "{verdict}");
+            assert_eq!(
+                verdict["error"]["code"], "ERROR_CODE_FETCH_FAILED",
+                "{verdict}"
+            );
+        } else {
+            assert_ne!(outcome, "OUTCOME_ERROR", "{verdict}");
+            assert_eq!(verdict["scores"].as_array().unwrap().len(), 5);
+        }
+    }
+    assert_eq!(tally.distinct.len(), 300, "{}", worker.log_tail());
+    let dead = read_all(&broker, &topics.dlq, bad.len(), Duration::from_secs(20));
+    let dead_sources: HashSet<_> = dead.iter().map(ReadBack::source).collect();
+    assert_eq!(
+        dead_sources, bad,
+        "each bad request also on the dead-letter topic"
+    );
+    for d in &dead {
+        assert_eq!(d.header("__connect.errors.stage"), Some("fetch"));
+        assert_eq!(
+            d.header("__connect.errors.topic"),
+            Some(topics.requests.as_str())
+        );
+    }
+
+    assert!(
+        worker.terminate(Duration::from_secs(30)),
+        "clean exit on SIGTERM"
+    );
+    assert_eq!(committed(&broker, &topics, 3), ends(&published));
+    eprintln!(
+        "tansu flow: 300 requests, {} verdicts ({} duplicates), {} dead letters",
+        tally.received,
+        tally.duplicates(),
+        dead.len()
+    );
+}
+
+/// The worker SIGKILLed three times mid-stream and restarted: every request still gets its
+/// verdict (the bad ones their dead letter too); duplicates are counted and reported.
+#[test]
+fn a_worker_killed_mid_batch_loses_nothing() {
+    const TOTAL: usize = 2000;
+    let _serial = serial();
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, "crash", 4);
+    let images = images_server();
+    let dir = tempfile::tempdir().unwrap();
+    let published = produce(
+        &broker,
+        &topics.requests,
+        TOTAL,
+        &images.url("part_250.jpg"),
+        50,
+    );
+    let bad = published.iter().filter(|p| p.bad).count();
+    let started = Instant::now();
+    let mut worker = Some(Worker::start(&broker, &topics, "crash-1", true, dir.path()));
+    let verdicts = follow(&broker, &topics.verdicts, TOTAL, Duration::from_secs(90));
+    let mut tally = Tally::new();
+    let mut kills = Vec::new();
+    let kill_at = [TOTAL * 15 / 100, TOTAL * 45 / 100, TOTAL * 75 / 100];
+    for r in verdicts.iter() {
+        tally.add(&r);
+        if kills.len() < kill_at.len() && tally.distinct.len() >= kill_at[kills.len()] {
+            // Mid-batch: verdicts are flowing, so records are in flight.
+            worker.take().unwrap().kill();
+            kills.push(tally.distinct.len());
+            worker = Some(Worker::start(&broker, &topics, "crash-1", true, dir.path()));
+        }
+    }
+    let worker = worker.unwrap();
+    let lost: Vec<_> = published
+        .iter()
+        .filter(|p| !tally.distinct.contains(&(p.partition, p.offset)))
+        .collect();
+    eprintln!(
+        "crash test: {TOTAL} requests ({bad} bad), {} SIGKILLs (after {:?} verdicts), {} lost, {} duplicates, {} verdicts in all, {:.0} s",
+        kills.len(),
+        kills,
+        lost.len(),
+        tally.duplicates(),
+        tally.received,
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(kills.len(), 3, "{}", worker.log_tail());
+    assert!(
+        lost.is_empty(),
+        "lost: {:?}\n{}",
+        &lost[..lost.len().min(10)],
+        worker.log_tail()
+    );
+    let dead: HashSet<_> = read_all(&broker, &topics.dlq, bad, Duration::from_secs(20))
+        .iter()
+        .map(ReadBack::source)
+        .collect();
+    assert_eq!(dead.len(), bad, "every bad request has its dead letter");
+    assert!(worker.terminate(Duration::from_secs(30)));
+    assert_eq!(committed(&broker, &topics, 4), ends(&published));
+}
+
+/// Two workers in one group share the partitions; the second leaves with SIGTERM and its
+/// partitions go back to the first with nothing lost.
+#[test]
+fn two_workers_share_the_partitions_and_hand_them_over() {
+    const TOTAL: usize = 900;
+    let _serial = serial();
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, "pair", 4);
+    let images = images_server();
+    let dir = tempfile::tempdir().unwrap();
+    // Dynamic membership: a leaving member says so and tansu rebalances at once.
+    let a = Worker::start(&broker, &topics, "pair-a", false, dir.path());
+    // 30 requests a second for 30 s, as cameras would: work keeps coming while the group changes.
+    let producer = produce_at(
+        &broker,
+        &topics.requests,
+        TOTAL,
+        &images.url("part_250.jpg"),
+        0,
+        30.0,
+    );
+    let verdicts = follow(&broker, &topics.verdicts, TOTAL, Duration::from_secs(60));
+    let mut tally = Tally::new();
+    let mut b = None;
+    let mut b_name = String::new();
+    let mut b_stopped = false;
+    let mut by_b = 0;
+    for r in verdicts.iter() {
+        tally.add(&r);
+        let worker = r.header("clipqc-worker").unwrap_or_default();
+        if !b_name.is_empty() && worker.ends_with(&b_name) {
+            by_b += 1;
+        }
+        if b.is_none() && tally.distinct.len() >= 50 {
+            let w = Worker::start(&broker, &topics, "pair-b", false, dir.path());
+            b_name = format!("/{}", w.pid());
+            b = Some(w);
+        } else if !b_stopped && by_b >= 30 {
+            // The second worker has partitions and is producing verdicts: stop it mid-stream.
+            let w = b.take().unwrap();
+            assert!(
+                w.terminate(Duration::from_secs(30)),
+                "B drains and exits cleanly"
+            );
+            b_stopped = true;
+        }
+    }
+    let published = producer.join().unwrap();
+    let lost = published
+        .iter()
+        .filter(|p| !tally.distinct.contains(&(p.partition, p.offset)))
+        .count();
+    eprintln!(
+        "two workers: {TOTAL} requests, {} lost, {} duplicates, verdicts by worker {:?}",
+        lost,
+        tally.duplicates(),
+        tally.by_worker
+    );
+    assert!(
+        b_stopped,
+        "the second worker got partitions\n{}",
+        a.log_tail()
+    );
+    assert_eq!(lost, 0, "{}", a.log_tail());
+    assert!(a.terminate(Duration::from_secs(30)));
+    assert_eq!(committed(&broker, &topics, 4), ends(&published));
+}
