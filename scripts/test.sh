@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh clone: Python environment, the random tiny model, the reference
-# fixtures, then every Rust test. `.ci/run` calls exactly this.
+# fixtures, the tansu broker for the end-to-end tests, then every Rust test. `.ci/run` calls exactly this.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -16,6 +16,14 @@ if [ "$(cat "$FIXTURES/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" >"$FIXTURES/.stamp"
 fi
 
+ensure_tansu
+# Test-only Python packages (moto's S3 server), once per requirements version.
+test_reqs_stamp="$VENV/.tests-$(sha256sum tests/requirements.txt | cut -c1-12)"
+if [ ! -f "$test_reqs_stamp" ]; then
+  echo "==> installing tests/requirements.txt" >&2
+  pip install --quiet -r tests/requirements.txt
+  touch "$test_reqs_stamp"
+fi
 export CLIPQC_TEST_MODEL="$MODEL" CLIPQC_TEST_FIXTURES="$FIXTURES"
 # --nocapture: the fidelity tests print the measured differences.
 cargo test --workspace --all-targets "$@" -- --nocapture

@@ -107,13 +107,18 @@ pub struct FetchSettings {
     pub retries: u32,
     /// Concurrent fetches per worker.
     pub concurrency: usize,
+    /// Options of the `s3://`, `gs://` and `az://` clients, over the `AWS_*`, `GOOGLE_*` and
+    /// `AZURE_*` environment: object_store's keys, e.g. `aws_endpoint`, `aws_region`,
+    /// `aws_allow_http` (S3-compatible stores such as MinIO or Ceph).
+    pub object_store: BTreeMap<String, String>,
 }
 
 impl Default for FetchSettings {
     fn default() -> Self {
         Self {
-            // s3://, gs:// and az:// (object_store) are not built yet.
-            allowed_schemes: ["http", "https", "file"].map(String::from).to_vec(),
+            allowed_schemes: ["http", "https", "file", "s3", "gs", "az"]
+                .map(String::from)
+                .to_vec(),
             allowed_hosts: Vec::new(),
             file_roots: Vec::new(),
             max_bytes: 32 << 20,
@@ -121,6 +126,7 @@ impl Default for FetchSettings {
             timeout_ms: 10_000,
             retries: 3,
             concurrency: 64,
+            object_store: BTreeMap::new(),
         }
     }
 }

@@ -7,6 +7,8 @@
 //! (connection errors, timeouts, 5xx, 429) are retried with exponential backoff, permanent
 //! ones (4xx, forbidden, too large) are not; every error names the URI.
 
+mod object;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +63,7 @@ pub struct Fetcher {
     /// Canonical forms of the configured file roots (resolved once).
     roots: Arc<Vec<PathBuf>>,
     permits: Arc<Semaphore>,
+    objects: Arc<object::ObjectStores>,
 }
 
 impl Fetcher {
@@ -83,6 +86,7 @@ impl Fetcher {
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         Ok(Self {
             http,
+            objects: Arc::new(object::ObjectStores::new(&settings)),
             settings: Arc::new(settings),
             roots: Arc::new(roots),
             permits,
@@ -125,15 +129,21 @@ impl Fetcher {
                 "scheme {scheme:?} is not in fetch.allowed_schemes"
             )));
         }
+        if scheme != "file" {
+            // For object stores the "host" is the bucket (or account).
+            let host = url.host_str().unwrap_or_default();
+            if !host_allowed(&self.settings.allowed_hosts, host) {
+                return Err(forbidden(format!(
+                    "host {host:?} is not in fetch.allowed_hosts"
+                )));
+            }
+        }
         match scheme {
             "file" => self.read_file(uri, &url).await,
+            s if object::SCHEMES.contains(&s) => {
+                self.objects.get(uri, &url, self.settings.max_bytes).await
+            }
             "http" | "https" => {
-                let host = url.host_str().unwrap_or_default();
-                if !host_allowed(&self.settings.allowed_hosts, host) {
-                    return Err(forbidden(format!(
-                        "host {host:?} is not in fetch.allowed_hosts"
-                    )));
-                }
                 let backoff = ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
                     .with_max_delay(Duration::from_secs(2))

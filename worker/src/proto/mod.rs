@@ -8,3 +8,8 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/clipqc.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/clipqc.v1.serde.rs"));
 }
+
+pub mod schema;
+
+/// The compiled `.proto` files (a `FileDescriptorSet`), for the JSON Schemas.
+pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/clipqc_descriptor.bin"));
