@@ -135,6 +135,39 @@ fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
         );
     }
 
+    // The worker's own account, from its /metrics endpoint (the flow is done: counts are final).
+    let base = format!("http://{}", worker.http_addr());
+    let get = |path: &str| {
+        let r = reqwest::blocking::get(format!("{base}{path}")).unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(
+        get("/readyz").0,
+        200,
+        "ready: model warmed up, in its group"
+    );
+    let (_, text) = get("/metrics");
+    let sum = |name: &str, label: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        sum("clipqc_verdicts_total{", "outcome=\"error\""),
+        30.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum("clipqc_verdicts_total{", ""),
+        300.0 + tally.duplicates() as f64
+    );
+    assert_eq!(sum("clipqc_dead_letters_total{", "stage=\"fetch\""), 30.0);
+    assert_eq!(sum("clipqc_fetch_errors_total{", "kind=\"failed\""), 30.0);
+    assert!(sum("clipqc_batch_size_count", "") > 0.0);
+    assert!(sum("clipqc_stage_duration_seconds_count", "stage=\"inference\"") > 0.0);
+    assert!(text.contains("clipqc_build_info{version="), "{text}");
+
     assert!(
         worker.terminate(Duration::from_secs(30)),
         "clean exit on SIGTERM"

@@ -224,6 +224,9 @@ retries = 1
 
 [pipeline]
 drain_timeout_ms = 15000
+
+[http]
+listen = "127.0.0.1:0"
 "#,
                 brokers = broker.brokers(),
                 group = topics.group,
@@ -278,6 +281,29 @@ drain_timeout_ms = 15000
                 return false;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The address of the worker's `/metrics` endpoint, from its log (`http.listen` port 0).
+    pub fn http_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let found = text
+                .lines()
+                .filter(|l| l.contains("serving /metrics"))
+                .filter_map(|l| l.split("addr=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .next_back();
+            if let Some(addr) = found {
+                return addr.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no http address in the log\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

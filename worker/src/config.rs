@@ -47,6 +47,8 @@ pub struct Settings {
     #[serde(default)]
     pub pipeline: PipelineSettings,
     #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
     pub model: ModelSettings,
     #[serde(default)]
     pub preprocess: PreprocessSettings,
@@ -127,6 +129,23 @@ impl Default for FetchSettings {
             retries: 3,
             concurrency: 64,
             object_store: BTreeMap::new(),
+        }
+    }
+}
+
+/// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free one (logged).
+    #[schemars(with = "String")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 9400).into(),
         }
     }
 }

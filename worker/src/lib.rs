@@ -14,6 +14,8 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod offsets;
 pub mod pipeline;

@@ -23,6 +23,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
+use crate::http::Readiness;
+use crate::metrics;
 use crate::offsets::{Ledger, Partition};
 
 /// The worker's consumer.
@@ -31,10 +33,24 @@ pub type Source = StreamConsumer<SourceContext>;
 /// Connects librdkafka's rebalance callbacks to the offset ledger.
 pub struct SourceContext {
     pub ledger: Arc<Ledger>,
+    pub readiness: Arc<Readiness>,
     drain_timeout: Duration,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the lag of each partition
+    /// this worker consumes.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                // -1 (unknown) and the internal partition -1 are not lags.
+                if *id >= 0 && p.consumer_lag >= 0 {
+                    metrics::consumer_lag(topic, *id, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -68,6 +84,8 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // Even an empty assignment means the group has taken this member in.
+            self.readiness.set_in_group();
             let partitions = partitions(tpl);
             if !partitions.is_empty() {
                 tracing::info!(?partitions, "partitions assigned");
@@ -99,6 +117,7 @@ pub fn consumer(
     settings: &KafkaSettings,
     brokers: &str,
     drain_timeout: Duration,
+    readiness: Arc<Readiness>,
 ) -> KafkaResult<Source> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
@@ -109,7 +128,9 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Consumer lag per partition for the metrics.
+        .set("statistics.interval.ms", "5000");
     if let Some(id) = &settings.instance_id {
         cfg.set("group.instance.id", id);
     }
@@ -118,6 +139,7 @@ pub fn consumer(
     }
     let context = SourceContext {
         ledger: Arc::new(Ledger::new()),
+        readiness,
         drain_timeout,
     };
     let consumer: Source = cfg.create_with_context(context)?;

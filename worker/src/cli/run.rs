@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::mocking::MockCluster;
@@ -15,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::fetch::Fetcher;
+use crate::http::{self, Readiness};
+use crate::metrics;
 use crate::model::artifact::TOKENIZER;
-use crate::model::{Artifact, DeviceSpec, ModelHandle, PromptTokenizer};
+use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelHandle, PromptTokenizer};
 use crate::pipeline::{self, Deps, Profile};
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::ModelInfo;
@@ -74,12 +77,14 @@ pub fn deps(
     artifact: &Artifact,
     model: &ModelHandle,
     profiles: HashMap<String, Profile>,
+    readiness: Arc<Readiness>,
 ) -> anyhow::Result<Deps> {
     Ok(Deps {
         consumer: source::consumer(
             &settings.kafka,
             brokers,
             Duration::from_millis(settings.pipeline.drain_timeout_ms),
+            readiness,
         )?,
         sink: Sink::new(&settings.kafka, brokers)?,
         kafka: settings.kafka.clone(),
@@ -97,8 +102,15 @@ pub fn deps(
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let (settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
+    let metrics_handle = metrics::install();
+    let readiness = Arc::new(Readiness::default());
+    let loading = Instant::now();
     let (owner, model) = super::spawn_model(&settings, &artifact, args.device)?;
+    let load = loading.elapsed();
     let profiles = load_profiles(&settings, &artifact, &model)?;
+    let warmup = warm_up(&model, &profiles, settings.batch.max_size)?;
+    metrics::model_loaded(load, warmup);
+    readiness.set_model_ready();
     tracing::info!(profiles = ?profiles.keys().collect::<Vec<_>>(), "profiles ready");
 
     // The embedded broker lives as long as this function.
@@ -130,13 +142,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         .build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
+        let app = http::router(metrics_handle, readiness.clone());
+        let http_stop = CancellationToken::new();
+        let addr = http::serve(settings.http.listen, app, http_stop.clone())
+            .await
+            .with_context(|| format!("listen on {} (http.listen)", settings.http.listen))?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        // The endpoint outlives the drain: probes and the last scrape still get answers.
+        let _http = http_stop.drop_guard();
         let signal = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
             signal.cancel();
         });
-        let deps = deps(&settings, &brokers, &artifact, &model, profiles)?;
+        let deps = deps(&settings, &brokers, &artifact, &model, profiles, readiness)?;
         tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
         pipeline::run(deps, shutdown).await
     })?;
@@ -144,6 +164,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     owner.join();
     drop(embedded);
     Ok(true)
+}
+
+/// Full batches through the model before the worker reports ready: the first passes
+/// allocate and (on CUDA) pick kernels, which must not land on the first parts' latency.
+fn warm_up(
+    model: &ModelHandle,
+    profiles: &HashMap<String, Profile>,
+    max_size: usize,
+) -> anyhow::Result<Duration> {
+    let size = profiles
+        .values()
+        .next()
+        .map_or(224, |p| p.preprocessor.size());
+    let started = Instant::now();
+    for _ in 0..2 {
+        let mut batch = ImageBatch::new(size);
+        let zeros = vec![0.0f32; 3 * size * size];
+        for _ in 0..max_size.max(1) {
+            batch.push(&zeros);
+        }
+        model.embed_images_blocking(batch).context("warm-up pass")?;
+    }
+    let took = started.elapsed();
+    tracing::info!(?took, batch = max_size, "model warmed up");
+    Ok(took)
 }
 
 async fn wait_for_signal() {

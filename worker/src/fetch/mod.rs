@@ -45,6 +45,15 @@ impl FetchError {
         }
     }
 
+    /// The metrics label of this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Forbidden { .. } => "forbidden",
+            Self::TooLarge { .. } => "too_large",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
     fn is_transient(&self) -> bool {
         matches!(
             self,

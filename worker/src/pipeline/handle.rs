@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use super::infer::{BatchItem, Embedded};
 use super::{publish, Profile, Shared};
 use crate::config::DEFAULT_PROFILE;
+use crate::metrics;
 use crate::preprocess::Region;
 use crate::proto::v1::{ErrorCode, InspectionRequest, SourceRecord, StageLatencies};
 use crate::request;
@@ -65,10 +66,45 @@ pub async fn handle(shared: &Shared, msg: OwnedMessage) -> bool {
         }
     };
     let mut acked = publish::verdict(shared, &verdict).await;
+    if acked {
+        count(&verdict, now);
+    }
     if let Some(failure) = failure {
-        acked &= publish::dead_letter(shared, &msg, &source, &failure).await;
+        let dead = publish::dead_letter(shared, &msg, &source, &failure).await;
+        if dead {
+            metrics::dead_letter(failure.stage);
+        }
+        acked &= dead;
     }
     acked
+}
+
+/// A published verdict in the metrics.
+fn count(v: &crate::proto::v1::Verdict, now: SystemTime) {
+    let outcome = v
+        .outcome()
+        .as_str_name()
+        .trim_start_matches("OUTCOME_")
+        .to_ascii_lowercase();
+    metrics::verdict(&outcome, &v.top_class, &v.profile, &v.line_id);
+    if let Some(l) = &v.latencies {
+        for (stage, seconds) in [
+            ("fetch", l.fetch_seconds),
+            ("decode", l.decode_seconds),
+            ("total", l.total_seconds),
+        ] {
+            if seconds > 0.0 {
+                metrics::stage(stage, seconds);
+            }
+        }
+    }
+    if let Some(t) = v.captured_at.as_ref().filter(|t| t.seconds > 0) {
+        let captured =
+            SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32);
+        if let Ok(age) = now.duration_since(captured) {
+            metrics::capture_to_verdict(age.as_secs_f64());
+        }
+    }
 }
 
 type Decided<'a> = (InspectionRequest, &'a Profile, Decision);
@@ -124,11 +160,10 @@ async fn decide<'a>(
         .clone()
         .expect("validated requests have an image. This is a bug.");
     let t = Instant::now();
-    let bytes = shared
-        .fetcher
-        .fetch(&image)
-        .await
-        .map_err(|e| failed(e.code(), "fetch", e.to_string()))?;
+    let bytes = shared.fetcher.fetch(&image).await.map_err(|e| {
+        metrics::fetch_error(e.kind());
+        failed(e.code(), "fetch", e.to_string())
+    })?;
     lat.fetch_seconds = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
@@ -160,7 +195,11 @@ async fn decide<'a>(
     let (reply, answer) = oneshot::channel();
     if shared
         .to_batcher
-        .send(BatchItem { pixels, reply })
+        .send(BatchItem {
+            pixels,
+            queued: Instant::now(),
+            reply,
+        })
         .await
         .is_err()
     {
@@ -229,6 +268,7 @@ impl ByteBudget {
         let reserved = u64::from(kib) * 1024;
         let held = self.held.fetch_add(reserved, Ordering::Relaxed) + reserved;
         self.peak.fetch_max(held, Ordering::Relaxed);
+        metrics::in_flight_bytes(held);
         Reserved {
             budget: self,
             bytes: reserved,
@@ -244,7 +284,8 @@ impl ByteBudget {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        let held = self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;
+        metrics::in_flight_bytes(held);
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{next_batch, BatchConfig};
+use crate::metrics;
 use crate::model::{ImageBatch, ModelError, ModelHandle};
 
 /// What an image gets back from the model.
@@ -27,6 +28,8 @@ pub enum Embedded {
 
 pub struct BatchItem {
     pub pixels: Vec<f32>,
+    /// When it was handed to the batcher (for the queue-wait metric).
+    pub queued: std::time::Instant,
     pub reply: oneshot::Sender<Embedded>,
 }
 
@@ -63,7 +66,9 @@ pub async fn batch_loop(
     while let Some(items) = next_batch(&mut rx, &cfg).await {
         let mut batch = ImageBatch::new(size);
         let mut replies = Vec::with_capacity(items.len());
+        metrics::batch(items.len(), cfg.max_size);
         for item in items {
+            metrics::stage("queue_wait", item.queued.elapsed().as_secs_f64());
             batch.push(&item.pixels);
             replies.push(item.reply);
         }
@@ -76,6 +81,7 @@ pub async fn batch_loop(
         // Blocks only while the model thread's bounded queue is full: that is the back-pressure.
         let submitted = tokio::task::block_in_place(|| model.submit_images(batch));
         let (failures, fatal) = (failures.clone(), fatal.clone());
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let result = match submitted {
                 Ok(rx) => rx.await.unwrap_or(Err(ModelError::Stopped)),
@@ -83,12 +89,14 @@ pub async fn batch_loop(
             };
             match result {
                 Ok(embeddings) => {
+                    metrics::stage("inference", started.elapsed().as_secs_f64());
                     failures.store(0, Ordering::Relaxed);
                     for (i, reply) in replies.into_iter().enumerate() {
                         let _ = reply.send(Embedded::Ok(embeddings.row(i).to_vec()));
                     }
                 }
                 Err(e) => {
+                    metrics::model_batch_failed();
                     let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let broken = matches!(e, ModelError::Stopped) || n >= max_failures;
                     if broken {

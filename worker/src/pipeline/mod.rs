@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::BatchConfig;
 use crate::config::{KafkaSettings, PipelineSettings};
 use crate::fetch::Fetcher;
+use crate::metrics;
 use crate::model::ModelHandle;
 use crate::offsets::{Ledger, Partition};
 use crate::preprocess::Preprocessor;
@@ -150,10 +151,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
             biased;
             _ = shutdown.cancelled() => break,
             _ = fatal.token.cancelled() => break,
-            Some(_) = intake.tasks.join_next() => {}
+            Some(_) = intake.tasks.join_next() => {
+                metrics::records_in_flight(intake.tasks.len());
+            }
             slot = slots.clone().acquire_owned(), if !intake.waiting.is_empty() => {
                 let slot = slot.expect("the slots are never closed. This is a bug.");
                 let (msg, epoch) = intake.waiting.pop_front().expect("checked non-empty. This is a bug.");
+                metrics::records_waiting(intake.waiting.len());
                 intake.start(msg, epoch, slot);
             }
             msg = consumer.recv() => {
@@ -170,6 +174,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
                     Ok(slot) if intake.waiting.is_empty() => intake.start(msg, epoch, slot),
                     _ => {
                         intake.waiting.push_back((msg, epoch));
+                        metrics::records_waiting(intake.waiting.len());
                         // Also when already paused: partitions assigned since are not.
                         intake.set_paused(true);
                     }
@@ -179,6 +184,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
     }
 
     // Drain: take nothing new, let in-flight records finish (bounded), then flush and commit.
+    consumer.context().readiness.set_draining();
     let drain_timeout = Duration::from_millis(settings.drain_timeout_ms);
     tracing::info!(
         running = intake.tasks.len(),
@@ -258,6 +264,7 @@ impl Intake {
             return;
         }
         self.stats.records += 1;
+        metrics::record_consumed(&p.topic);
         let (shared, consumer, ledger) = (
             self.shared.clone(),
             self.consumer.clone(),
@@ -274,11 +281,13 @@ impl Intake {
             });
             drop(slot);
         });
+        metrics::records_in_flight(self.tasks.len());
     }
 
     fn set_paused(&mut self, paused: bool) {
         if paused && !self.paused {
             self.stats.pauses += 1;
+            metrics::paused();
             tracing::debug!("every record slot taken: pausing the partitions");
         }
         if let Err(e) = source::set_paused(&self.consumer, paused) {

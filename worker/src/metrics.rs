@@ -1,0 +1,174 @@
+//! Metrics: every series the worker exports, named and described in one place.
+//!
+//! Conventions (Prometheus'): prefix `clipqc_`, base units in the name (`_seconds`,
+//! `_bytes`), counters end in `_total`, label sets are small and fixed (outcome, class,
+//! profile, line, stage, kind, topic/partition): never request ids, URLs or offsets. Each
+//! event below is one function, so call sites cannot misspell a name or a label.
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, 1 ms to 60 s.
+const SECONDS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+const BATCH: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const RATIO: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// Install the global recorder (once per process) and describe every series. Returns the
+/// handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("clipqc_batch_size".into()), &BATCH))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full("clipqc_batch_fill_ratio".into()), &RATIO)
+        })
+        .expect("bucket lists are non-empty. This is a bug.")
+        .build_recorder();
+    let handle = recorder.handle();
+    // A second install (tests running several workers in one process) keeps the first.
+    let _ = metrics::set_global_recorder(recorder);
+    describe();
+    gauge!("clipqc_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    handle
+}
+
+fn describe() {
+    describe_counter!(
+        "clipqc_records_consumed_total",
+        "Input records taken for processing."
+    );
+    describe_counter!(
+        "clipqc_verdicts_total",
+        "Verdicts acknowledged by the broker, by outcome, top class, profile and line."
+    );
+    describe_counter!(
+        "clipqc_dead_letters_total",
+        "Records sent to the dead-letter topic, by failing stage."
+    );
+    describe_counter!(
+        "clipqc_fetch_errors_total",
+        "Failed image fetches, by kind (forbidden, too_large, failed)."
+    );
+    describe_histogram!(
+        "clipqc_stage_duration_seconds",
+        Unit::Seconds,
+        "Time per pipeline stage (fetch, decode, queue_wait, inference, total)."
+    );
+    describe_histogram!(
+        "clipqc_capture_to_verdict_seconds",
+        Unit::Seconds,
+        "From the request's captured_at to its verdict."
+    );
+    describe_histogram!("clipqc_batch_size", Unit::Count, "Images per model batch.");
+    describe_histogram!("clipqc_batch_fill_ratio", "Batch size over batch.max_size.");
+    describe_gauge!(
+        "clipqc_records_in_flight",
+        Unit::Count,
+        "Records being processed."
+    );
+    describe_gauge!(
+        "clipqc_records_waiting",
+        Unit::Count,
+        "Records received while every slot was taken."
+    );
+    describe_gauge!(
+        "clipqc_in_flight_bytes",
+        Unit::Bytes,
+        "Bytes held by records in flight (payloads, images, pixels)."
+    );
+    describe_counter!(
+        "clipqc_consumer_pauses_total",
+        "Times the partitions were paused because the worker was full."
+    );
+    describe_gauge!(
+        "clipqc_consumer_lag",
+        Unit::Count,
+        "Records behind the partition's end, per assigned partition (librdkafka statistics)."
+    );
+    describe_counter!(
+        "clipqc_model_batch_failures_total",
+        "Model batches that failed."
+    );
+    describe_gauge!(
+        "clipqc_model_load_seconds",
+        Unit::Seconds,
+        "Time to load the model."
+    );
+    describe_gauge!(
+        "clipqc_model_warmup_seconds",
+        Unit::Seconds,
+        "Time of the warm-up passes before readiness."
+    );
+    describe_gauge!(
+        "clipqc_build_info",
+        "Always 1; the version label says which build runs."
+    );
+}
+
+pub fn record_consumed(topic: &str) {
+    counter!("clipqc_records_consumed_total", "topic" => topic.to_string()).increment(1);
+}
+
+pub fn verdict(outcome: &str, class: &str, profile: &str, line: &str) {
+    counter!("clipqc_verdicts_total",
+        "outcome" => outcome.to_string(), "class" => class.to_string(),
+        "profile" => profile.to_string(), "line" => line.to_string())
+    .increment(1);
+}
+
+pub fn dead_letter(stage: &'static str) {
+    counter!("clipqc_dead_letters_total", "stage" => stage).increment(1);
+}
+
+pub fn fetch_error(kind: &'static str) {
+    counter!("clipqc_fetch_errors_total", "kind" => kind).increment(1);
+}
+
+pub fn stage(stage: &'static str, seconds: f64) {
+    histogram!("clipqc_stage_duration_seconds", "stage" => stage).record(seconds);
+}
+
+pub fn capture_to_verdict(seconds: f64) {
+    histogram!("clipqc_capture_to_verdict_seconds").record(seconds);
+}
+
+pub fn batch(size: usize, max_size: usize) {
+    histogram!("clipqc_batch_size").record(size as f64);
+    histogram!("clipqc_batch_fill_ratio").record(size as f64 / max_size.max(1) as f64);
+}
+
+pub fn records_in_flight(n: usize) {
+    gauge!("clipqc_records_in_flight").set(n as f64);
+}
+
+pub fn records_waiting(n: usize) {
+    gauge!("clipqc_records_waiting").set(n as f64);
+}
+
+pub fn in_flight_bytes(n: u64) {
+    gauge!("clipqc_in_flight_bytes").set(n as f64);
+}
+
+pub fn paused() {
+    counter!("clipqc_consumer_pauses_total").increment(1);
+}
+
+pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
+    gauge!("clipqc_consumer_lag", "topic" => topic.to_string(), "partition" => partition.to_string())
+        .set(lag as f64);
+}
+
+pub fn model_batch_failed() {
+    counter!("clipqc_model_batch_failures_total").increment(1);
+}
+
+pub fn model_loaded(load: Duration, warmup: Duration) {
+    gauge!("clipqc_model_load_seconds").set(load.as_secs_f64());
+    gauge!("clipqc_model_warmup_seconds").set(warmup.as_secs_f64());
+}
