@@ -194,19 +194,10 @@ impl Fetcher {
                 limit,
             });
         }
-        let mut body = BytesMut::new();
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| failed(describe(&e), true))?;
-            if body.len() as u64 + chunk.len() as u64 > limit {
-                return Err(FetchError::TooLarge {
-                    uri: uri.to_string(),
-                    limit,
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
+        read_limited(uri, limit, response.bytes_stream(), |e| {
+            failed(describe(&e), true)
+        })
+        .await
     }
 
     async fn read_file(&self, uri: &str, url: &reqwest::Url) -> Result<Bytes, FetchError> {
@@ -247,6 +238,28 @@ impl Fetcher {
                 transient: false,
             })
     }
+}
+
+/// Collect a body stream, refusing it as soon as it grows past `limit` bytes (a server's or
+/// store's stated size is checked before; this holds when it lied or did not say).
+async fn read_limited<E>(
+    uri: &str,
+    limit: u64,
+    mut stream: impl futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+    failed: impl Fn(E) -> FetchError,
+) -> Result<Bytes, FetchError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(&failed)?;
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(FetchError::TooLarge {
+                uri: uri.to_string(),
+                limit,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// Exact host names, or `*.suffix` for a domain and its subdomains; an empty list allows all.

@@ -11,8 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
@@ -70,40 +69,24 @@ impl ObjectStores {
         };
         // Client options first: the configured ones (`aws_allow_http`…) go on top of them.
         // Options a builder does not know belong to another cloud: skip them.
+        // The three builders have the same methods but no common trait.
+        macro_rules! build {
+            ($builder:ty) => {{
+                let mut b = <$builder>::new()
+                    .with_url(bucket.clone())
+                    .with_client_options(self.client.clone());
+                for (k, v) in &self.options {
+                    if let Ok(key) = k.parse() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                Arc::new(b.with_retry(self.retry.clone()).build().map_err(failed)?)
+            }};
+        }
         let store: Arc<dyn ObjectStore> = match url.scheme() {
-            "s3" => {
-                let mut b = AmazonS3Builder::new()
-                    .with_url(bucket.clone())
-                    .with_client_options(self.client.clone());
-                for (k, v) in &self.options {
-                    if let Ok(key) = k.parse() {
-                        b = b.with_config(key, v);
-                    }
-                }
-                Arc::new(b.with_retry(self.retry.clone()).build().map_err(failed)?)
-            }
-            "gs" => {
-                let mut b = GoogleCloudStorageBuilder::new()
-                    .with_url(bucket.clone())
-                    .with_client_options(self.client.clone());
-                for (k, v) in &self.options {
-                    if let Ok(key) = k.parse() {
-                        b = b.with_config(key, v);
-                    }
-                }
-                Arc::new(b.with_retry(self.retry.clone()).build().map_err(failed)?)
-            }
-            "az" => {
-                let mut b = MicrosoftAzureBuilder::new()
-                    .with_url(bucket.clone())
-                    .with_client_options(self.client.clone());
-                for (k, v) in &self.options {
-                    if let Ok(key) = k.parse() {
-                        b = b.with_config(key, v);
-                    }
-                }
-                Arc::new(b.with_retry(self.retry.clone()).build().map_err(failed)?)
-            }
+            "s3" => build!(AmazonS3Builder),
+            "gs" => build!(GoogleCloudStorageBuilder),
+            "az" => build!(MicrosoftAzureBuilder),
             other => unreachable!("scheme {other} is checked by the caller. This is a bug."),
         };
         stores.insert(bucket, store.clone());
@@ -134,18 +117,6 @@ impl ObjectStores {
                 limit,
             });
         }
-        let mut body = BytesMut::with_capacity(result.meta.size as usize);
-        let mut stream = result.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(failed)?;
-            if body.len() as u64 + chunk.len() as u64 > limit {
-                return Err(FetchError::TooLarge {
-                    uri: uri.to_string(),
-                    limit,
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
+        super::read_limited(uri, limit, result.into_stream(), failed).await
     }
 }
