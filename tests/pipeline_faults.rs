@@ -247,3 +247,67 @@ async fn a_broken_model_stops_the_worker_instead_of_failing_every_record() {
         }
     }
 }
+
+/// A webhook that takes a request and never answers: the worker's notifications to it pile
+/// up in their own bounded queue while every verdict is published and committed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_costs_the_verdicts_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let entered = Arc::new(AtomicUsize::new(0));
+    let counter = entered.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<axum::http::StatusCode>()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let (_mock, mut settings, brokers) = cluster("clipqc-hook");
+    // One class, a defect: every part is a DEFECT, and each one is a notification.
+    let profile = serde_json::json!({
+        "classes": [{"name": "surface_scratch", "prompts": ["a surface scratch"], "defect": true}]
+    });
+    settings
+        .profiles
+        .insert("default".into(), serde_json::from_value(profile).unwrap());
+    let hook: clipqc::notify::WebhookConfig = serde_json::from_value(serde_json::json!({
+        "name": "hangs", "url": url, "format": "generic", "timeout_ms": 600_000, "queue": 8,
+        "max_per_minute": 100_000
+    }))
+    .unwrap();
+    let total = 200;
+    publish_inline(&brokers, "h", total).await;
+    let (owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(32, 224)), 2).unwrap();
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let started = std::time::Instant::now();
+    let (stats, seen) = with_worker(
+        &settings,
+        &brokers,
+        &model,
+        |d| d.notifier = clipqc::notify::Notifier::start(&[hook], "test").unwrap(),
+        collect(&verdicts, total, Duration::from_secs(60)),
+    )
+    .await;
+    eprintln!(
+        "hanging webhook: {total} verdicts in {:?}; requests the hook got: {}",
+        started.elapsed(),
+        entered.load(Ordering::SeqCst)
+    );
+    stats.unwrap();
+    drop(model);
+    owner.join();
+    assert_eq!(seen.by_source.len(), total, "every record got its verdict");
+    assert!(seen
+        .by_source
+        .values()
+        .all(|v| v.outcome() == Outcome::Defect));
+    // The one delivery the hook took is still hanging; nothing else got through to it.
+    assert_eq!(entered.load(Ordering::SeqCst), 1);
+    assert_eq!(committed_total(&brokers, "clipqc-hook"), total as i64);
+}

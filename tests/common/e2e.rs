@@ -18,7 +18,7 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos:x}", std::process::id())
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -26,7 +26,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(port: u16, within: Duration, what: &str) {
+pub fn wait_for_port(port: u16, within: Duration, what: &str) {
     let deadline = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -193,6 +193,18 @@ impl Worker {
         static_member: bool,
         dir: &Path,
     ) -> Self {
+        Self::start_with(broker, topics, name, static_member, dir, "")
+    }
+
+    /// As [`Worker::start`], with `extra` TOML (whole sections) appended to the config.
+    pub fn start_with(
+        broker: &Broker,
+        topics: &Topics,
+        name: &str,
+        static_member: bool,
+        dir: &Path,
+        extra: &str,
+    ) -> Self {
         let instance_id = name;
         let membership = if static_member {
             format!("instance_id = \"{name}\"")
@@ -227,6 +239,8 @@ drain_timeout_ms = 15000
 
 [http]
 listen = "127.0.0.1:0"
+
+{extra}
 "#,
                 brokers = broker.brokers(),
                 group = topics.group,
@@ -336,6 +350,8 @@ pub struct Published {
     pub offset: i64,
     pub request_id: String,
     pub bad: bool,
+    /// The W3C trace context the request carried.
+    pub traceparent: String,
 }
 
 /// Publish `count` requests for the image at `url` (every `bad_every`-th names a missing one).

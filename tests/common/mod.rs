@@ -51,3 +51,4 @@ pub fn logs() {
         .try_init();
 }
 pub mod e2e;
+pub mod ops;

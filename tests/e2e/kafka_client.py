@@ -4,8 +4,9 @@
     kafka_client.py produce --brokers B --topic T --count N --image-url URL [--bad-every K] [--rate R]
         Publishes N JSON inspection requests (content-type application/json) whose image is a
         URL, R per second if given; every K-th request names an image the server does not have
-        (HTTP 404). Prints one
-        JSON line per acknowledged record: {"partition", "offset", "requestId", "bad"}.
+        (HTTP 404). Each carries a W3C `traceparent` header, as from a traced camera gateway.
+        Prints one JSON line per acknowledged record: {"partition", "offset", "requestId", "bad",
+        "traceparent"}.
 
     kafka_client.py consume --brokers B --topic T [--expect N] [--idle S]
         Reads the topic from the beginning in a group of its own and prints one JSON line per
@@ -27,6 +28,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 def produce(args: argparse.Namespace) -> int:
     producer = Producer({"bootstrap.servers": args.brokers, "enable.idempotence": True, "linger.ms": 5})
     failures = []
+    traces = {}
 
     def report(err, msg):
         if err is not None:
@@ -34,7 +36,7 @@ def produce(args: argparse.Namespace) -> int:
             return
         rid = msg.key().decode()
         print(json.dumps({"partition": msg.partition(), "offset": msg.offset(), "requestId": rid,
-                          "bad": rid.endswith("-bad")}), flush=True)
+                          "bad": rid.endswith("-bad"), "traceparent": traces.pop(rid)}), flush=True)
 
     start = time.time()
     for i in range(args.count):
@@ -50,10 +52,12 @@ def produce(args: argparse.Namespace) -> int:
                "profile": "default", "uri": url,
                "capturedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "attributes": {"sku": "bracket-7", "lot": str(i // 100)}}
+        traces[rid] = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
         while True:
             try:
                 producer.produce(args.topic, json.dumps(req).encode(), key=rid.encode(),
-                                 headers={"content-type": "application/json"}, on_delivery=report)
+                                 headers={"content-type": "application/json", "traceparent": traces[rid]},
+                                 on_delivery=report)
                 break
             except BufferError:
                 producer.poll(0.1)

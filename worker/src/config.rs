@@ -49,6 +49,8 @@ pub struct Settings {
     #[serde(default)]
     pub http: HttpSettings,
     #[serde(default)]
+    pub notify: NotifySettings,
+    #[serde(default)]
     pub model: ModelSettings,
     #[serde(default)]
     pub preprocess: PreprocessSettings,
@@ -131,6 +133,13 @@ impl Default for FetchSettings {
             object_store: BTreeMap::new(),
         }
     }
+}
+
+/// Alerting hooks: webhooks told of DEFECT verdicts and of lines' defect rates.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifySettings {
+    pub webhooks: Vec<crate::notify::WebhookConfig>,
 }
 
 /// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).

@@ -5,7 +5,7 @@ use clipqc::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_logging(false);
+    cli::init_logging(cli.log_format == cli::LogFormat::Json);
     let result = match cli.command {
         Command::Classify(args) => cli::classify::run(args),
         Command::Run(args) => cli::run::run(args),

@@ -32,9 +32,30 @@ pub fn install() -> PrometheusHandle {
         .build_recorder();
     let handle = recorder.handle();
     // A second install (tests running several workers in one process) keeps the first.
-    let _ = metrics::set_global_recorder(recorder);
+    let first = metrics::set_global_recorder(recorder).is_ok();
     describe();
     gauge!("clipqc_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Counters of rare events start at 0, so the first one is an increase (rate() and
+    // increase() cannot see a series appear at 1) and dashboards show 0, not "no data".
+    if !first {
+        return handle;
+    }
+    counter!("clipqc_model_batch_failures_total").absolute(0);
+    counter!("clipqc_consumer_pauses_total").absolute(0);
+    // Queue gauges change only when records come and go; an idle worker holds none.
+    for name in [
+        "clipqc_records_in_flight",
+        "clipqc_records_waiting",
+        "clipqc_in_flight_bytes",
+    ] {
+        gauge!(name).set(0.0);
+    }
+    for stage in ["decode_request", "fetch", "decode", "deadline", "model"] {
+        counter!("clipqc_dead_letters_total", "stage" => stage).absolute(0);
+    }
+    for kind in ["forbidden", "too_large", "failed"] {
+        counter!("clipqc_fetch_errors_total", "kind" => kind).absolute(0);
+    }
     handle
 }
 
@@ -105,6 +126,15 @@ fn describe() {
         Unit::Seconds,
         "Time of the warm-up passes before readiness."
     );
+    describe_counter!(
+        "clipqc_webhook_notifications_total",
+        "Webhook notifications by webhook and result (sent, failed, dropped, rate_limited)."
+    );
+    describe_gauge!(
+        "clipqc_gpu_memory_bytes",
+        Unit::Bytes,
+        "Memory of the CUDA device the model runs on (kind: used, total; all processes, from NVML)."
+    );
     describe_gauge!(
         "clipqc_build_info",
         "Always 1; the version label says which build runs."
@@ -171,4 +201,16 @@ pub fn model_batch_failed() {
 pub fn model_loaded(load: Duration, warmup: Duration) {
     gauge!("clipqc_model_load_seconds").set(load.as_secs_f64());
     gauge!("clipqc_model_warmup_seconds").set(warmup.as_secs_f64());
+}
+
+pub fn webhook(name: &str, result: &'static str) {
+    counter!("clipqc_webhook_notifications_total", "webhook" => name.to_string(), "result" => result)
+        .increment(1);
+}
+
+pub fn gpu_memory(device: u32, used: u64, total: u64) {
+    let device = device.to_string();
+    gauge!("clipqc_gpu_memory_bytes", "device" => device.clone(), "kind" => "used")
+        .set(used as f64);
+    gauge!("clipqc_gpu_memory_bytes", "device" => device, "kind" => "total").set(total as f64);
 }

@@ -21,6 +21,15 @@ use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text or as JSON objects (for log collectors), on stderr.
+    #[arg(long, global = true, env = "CLIPQC_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

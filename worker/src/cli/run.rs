@@ -20,6 +20,7 @@ use crate::http::{self, Readiness};
 use crate::metrics;
 use crate::model::artifact::TOKENIZER;
 use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelHandle, PromptTokenizer};
+use crate::notify::Notifier;
 use crate::pipeline::{self, Deps, Profile};
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::ModelInfo;
@@ -97,6 +98,10 @@ pub fn deps(
         },
         model: model.clone(),
         fetcher: Fetcher::new(settings.fetch.clone())?,
+        notifier: Notifier::start(
+            &settings.notify.webhooks,
+            &pipeline::worker_id(&settings.kafka),
+        )?,
     })
 }
 
@@ -110,6 +115,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let profiles = load_profiles(&settings, &artifact, &model)?;
     let warmup = warm_up(&model, &profiles, settings.batch.max_size)?;
     metrics::model_loaded(load, warmup);
+    let device = args.device.unwrap_or(settings.model.device);
+    if let Ok(tch::Device::Cuda(i)) = crate::model::tch_backend::resolve_device(device) {
+        crate::gpu::spawn_monitor(i, Duration::from_secs(5));
+    }
     readiness.set_model_ready();
     tracing::info!(profiles = ?profiles.keys().collect::<Vec<_>>(), "profiles ready");
 

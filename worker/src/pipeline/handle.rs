@@ -22,6 +22,7 @@ use crate::proto::v1::{ErrorCode, InspectionRequest, SourceRecord, StageLatencie
 use crate::request;
 use crate::score::Decision;
 use crate::source;
+use crate::trace_context;
 use crate::verdict::{self, Failure};
 
 /// One record to its verdict (and dead letter), published. Returns whether every record was
@@ -33,6 +34,7 @@ pub async fn handle(shared: &Shared, msg: OwnedMessage) -> bool {
         partition: msg.partition(),
         offset: msg.offset(),
     };
+    let trace = trace_context::continue_from(&msg);
     let mut latencies = StageLatencies::default();
     let outcome = decide(shared, &msg, &mut latencies).await;
     latencies.total_seconds = started.elapsed().as_secs_f64();
@@ -52,8 +54,9 @@ pub async fn handle(shared: &Shared, msg: OwnedMessage) -> bool {
         }
         Err(Stop::Abandon) => return false,
         Err(Stop::Failed(request, failure)) => {
+            let trace_id = trace.as_ref().map(|t| t.trace_id.to_string());
             tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset,
-                code = failure.code_name(), stage = failure.stage, error = %failure.message, "request failed");
+                trace_id, code = failure.code_name(), stage = failure.stage, error = %failure.message, "request failed");
             let v = verdict::failed(
                 request.as_deref(),
                 &failure,
@@ -65,9 +68,11 @@ pub async fn handle(shared: &Shared, msg: OwnedMessage) -> bool {
             (v, Some(failure))
         }
     };
-    let mut acked = publish::verdict(shared, &verdict).await;
+    let trace_headers = trace.map(|t| t.headers).unwrap_or_default();
+    let mut acked = publish::verdict(shared, &verdict, trace_headers).await;
     if acked {
         count(&verdict, now);
+        shared.notifier.observe(&verdict);
     }
     if let Some(failure) = failure {
         let dead = publish::dead_letter(shared, &msg, &source, &failure).await;

@@ -36,6 +36,7 @@ use crate::config::{KafkaSettings, PipelineSettings};
 use crate::fetch::Fetcher;
 use crate::metrics;
 use crate::model::ModelHandle;
+use crate::notify::Notifier;
 use crate::offsets::{Ledger, Partition};
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::ModelInfo;
@@ -63,6 +64,8 @@ pub struct Deps {
     /// Made by [`source::consumer`] with the same drain timeout.
     pub consumer: Source,
     pub sink: Sink,
+    /// Webhooks told of published verdicts ([`Notifier::disabled`] for none).
+    pub notifier: Notifier,
 }
 
 /// What a run did, for tests and the exit log.
@@ -85,11 +88,21 @@ struct Shared {
     model_info: ModelInfo,
     fetcher: Fetcher,
     sink: Sink,
+    notifier: Notifier,
     to_batcher: mpsc::Sender<BatchItem>,
     budget: ByteBudget,
     /// Fired when the drain time is up: publishes still retrying give up (their offsets stay
     /// uncommitted). Not the shutdown signal itself: in-flight records must get to finish.
     abort: CancellationToken,
+}
+
+/// Names this worker in verdict headers and notifications: the static member id, or host
+/// name and process id (the pod's name on Kubernetes).
+pub fn worker_id(kafka: &KafkaSettings) -> String {
+    kafka.instance_id.clone().unwrap_or_else(|| {
+        let host = gethostname::gethostname();
+        format!("{}/{}", host.to_string_lossy(), std::process::id())
+    })
 }
 
 /// Run until `shutdown` fires (or the model breaks), then drain. Errors when the model broke.
@@ -110,10 +123,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         settings.max_model_failures.max(1),
         fatal.clone(),
     ));
-    let worker_id = deps.kafka.instance_id.clone().unwrap_or_else(|| {
-        let host = gethostname::gethostname();
-        format!("{}/{}", host.to_string_lossy(), std::process::id())
-    });
+    let worker_id = worker_id(&deps.kafka);
     let shared = Arc::new(Shared {
         worker_id,
         kafka: deps.kafka,
@@ -121,6 +131,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         model_info: deps.model_info,
         fetcher: deps.fetcher,
         sink: deps.sink,
+        notifier: deps.notifier,
         to_batcher,
         budget: ByteBudget::new(settings.max_in_flight_bytes),
         abort: CancellationToken::new(),

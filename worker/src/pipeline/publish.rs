@@ -14,14 +14,15 @@ use crate::request::Encoding;
 use crate::sink::Record;
 use crate::verdict::{self, Failure};
 
-pub async fn verdict(shared: &Shared, v: &Verdict) -> bool {
+/// `trace` continues the request's trace context (see [`crate::trace_context`]).
+pub async fn verdict(shared: &Shared, v: &Verdict, trace: Vec<(String, Vec<u8>)>) -> bool {
     let encoding = shared.kafka.verdict_encoding;
     let payload = match encoding {
         Encoding::Protobuf => v.encode_to_vec(),
         Encoding::Json => serde_json::to_vec(v).expect("a verdict serialises. This is a bug."),
     };
     let source = v.source.clone().unwrap_or_default();
-    let headers = vec![
+    let mut headers = vec![
         (
             "content-type".to_string(),
             encoding.content_type().as_bytes().to_vec(),
@@ -44,6 +45,7 @@ pub async fn verdict(shared: &Shared, v: &Verdict) -> bool {
             shared.worker_id.as_bytes().to_vec(),
         ),
     ];
+    headers.extend(trace);
     let key = (!v.camera_id.is_empty()).then_some(v.camera_id.as_bytes());
     let record = Record {
         topic: &shared.kafka.verdict_topic,

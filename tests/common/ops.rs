@@ -1,0 +1,267 @@
+//! The monitoring side of end-to-end tests: Prometheus and Alertmanager from Debian's packages
+//! as processes, and a webhook receiver (axum) that records what it is sent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::e2e::{free_port, wait_for_port};
+
+/// A binary from PATH (`scripts/check-monitoring.sh` installs Debian's packages).
+fn binary(names: &[&str]) -> PathBuf {
+    for name in names {
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!("none of {names:?} on PATH: install Debian's prometheus and prometheus-alertmanager (scripts/check-monitoring.sh does)")
+}
+
+/// A child process killed on drop, its output in a log file.
+pub struct Process {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Process {
+    fn spawn(cmd: &mut Command, port: u16, log: PathBuf, what: &str) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        wait_for_port(port, Duration::from_secs(30), what);
+        Self { child, port, log }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Alertmanager sending every alert, at once, to `webhook`.
+pub fn alertmanager(dir: &Path, webhook: &str) -> Process {
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"route:
+  receiver: test
+  group_by: [alertname, line]
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: test
+    webhook_configs:
+      - url: "{webhook}"
+"#
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let storage = dir.join("alertmanager-data");
+    Process::spawn(
+        Command::new(binary(&["prometheus-alertmanager", "alertmanager"]))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", storage.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            // A single instance: no gossip port.
+            .arg("--cluster.listen-address="),
+        port,
+        dir.join("alertmanager.log"),
+        "alertmanager",
+    )
+}
+
+/// Prometheus scraping `target` (job `clipqc`) every second, evaluating `rule_files` every
+/// second and alerting to `alertmanager`.
+pub fn prometheus(dir: &Path, target: &str, rule_files: &[PathBuf], alertmanager: u16) -> Process {
+    let config = dir.join("prometheus.yml");
+    let rules: Vec<String> = rule_files
+        .iter()
+        .map(|p| format!("  - \"{}\"", p.display()))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            r#"global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+{rules}
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ["127.0.0.1:{alertmanager}"]
+scrape_configs:
+  - job_name: clipqc
+    static_configs:
+      - targets: ["{target}"]
+"#,
+            rules = rules.join("\n"),
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    Process::spawn(
+        Command::new(binary(&["prometheus"]))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("prometheus-data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}")),
+        port,
+        dir.join("prometheus.log"),
+        "prometheus",
+    )
+}
+
+/// One instant query through Prometheus's HTTP API: the result vector.
+pub fn query(prometheus: &Process, promql: &str) -> Vec<Value> {
+    let url = reqwest::Url::parse_with_params(
+        &format!("{}/api/v1/query", prometheus.base()),
+        &[("query", promql)],
+    )
+    .unwrap();
+    let body: Value = reqwest::blocking::get(url)
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.text())
+        .map(|t| serde_json::from_str::<Value>(&t).expect("Prometheus answers JSON"))
+        .unwrap_or_else(|e| panic!("query {promql}: {e}"));
+    assert_eq!(body["status"], "success", "query {promql}: {body}");
+    body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The single value of `promql`, polled until it equals `want` (or `within` ends).
+pub fn wait_for_value(prometheus: &Process, promql: &str, want: f64, within: Duration) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = query(prometheus, promql)
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// An HTTP server recording every JSON body POSTed to it, by path.
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    pub bodies: Arc<Mutex<Vec<(String, Value)>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Receiver {
+    pub fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let sink = bodies.clone();
+        let addr = runtime.block_on(async move {
+            let app = axum::Router::new().route(
+                "/{*path}",
+                axum::routing::post(
+                    move |axum::extract::Path(path): axum::extract::Path<String>,
+                          axum::Json(body): axum::Json<Value>| {
+                        let sink = sink.clone();
+                        async move {
+                            sink.lock().unwrap().push((path, body));
+                            axum::http::StatusCode::OK
+                        }
+                    },
+                ),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            addr
+        });
+        Self {
+            addr,
+            bodies,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{path}", self.addr)
+    }
+
+    /// Waits until a body POSTed to `path` satisfies `pred`; returns it.
+    pub fn wait_for(
+        &self,
+        path: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self
+                .bodies
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(p, b)| p == path && pred(b))
+                .map(|(_, b)| b.clone());
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The metric names a dashboard or rules file queries (scripts/dashboard_metrics.py).
+pub fn queried_metrics(args: &[&str]) -> Vec<String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("python3")
+        .arg(repo.join("scripts/dashboard_metrics.py"))
+        .args(args)
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dashboard_metrics.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
