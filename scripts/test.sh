@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh clone: Python environment, the random tiny model, the reference
-# fixtures, the tansu broker for the end-to-end tests, then every Rust test. `.ci/run` calls exactly this.
+# fixtures, the tansu broker for the end-to-end tests, the deployment checks, then every Rust test. `.ci/run` calls exactly this.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -24,6 +24,11 @@ if [ ! -f "$test_reqs_stamp" ]; then
   pip install --quiet -r tests/requirements.txt
   touch "$test_reqs_stamp"
 fi
+# Deployment and monitoring files: promtool (rules + unit tests), amtool, the dashboard; the
+# Helm chart linted and rendered with its values schema (helm-sdkpy); the compose file. The
+# first also installs Debian's Prometheus and Alertmanager, which tests/ops_stack.rs runs.
+scripts/check-monitoring.sh
+scripts/check-helm.sh
 export CLIPQC_TEST_MODEL="$MODEL" CLIPQC_TEST_FIXTURES="$FIXTURES"
 # --nocapture: the fidelity tests print the measured differences.
 cargo test --workspace --all-targets "$@" -- --nocapture

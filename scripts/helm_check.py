@@ -1,0 +1,559 @@
+"""Checks of the Helm chart helm/clipqc, with Helm's own engine (PyPI helm-sdkpy, Helm 4 as a
+shared library). Run by scripts/check-helm.sh; `--write-schema` refreshes the generated part of
+values.schema.json after the worker's config schema changed.
+
+helm-sdkpy has lint but no `helm template`: manifests are rendered by a real `Install` (schema
+validation included) against a minimal in-memory Kubernetes API on 127.0.0.1 that answers
+discovery and stores what it is sent; nothing leaves the machine.
+
+What it checks:
+  1. helm/clipqc/files/clipqc.rules.yml is a byte copy of deploy/prometheus/rules/clipqc.rules.yml;
+  2. values.schema.json's `config` is the worker's config schema (schemas/clipqc-config.schema.json);
+  3. `helm lint` of the chart passes, and fails for a copy with invalid values.yaml;
+  4. value sets render, and the manifests say what they must (GPU limit, config checksum, grace
+     period above the drain, KEDA capped at the partitions, HPA only without KEDA, rules equal
+     to deploy/'s, the rendered worker config valid against the worker's schema...);
+  5. invalid values are refused (schema) and inconsistent ones fail the render (template).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import helm_sdkpy as helm
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "clipqc"
+RULES = ROOT / "deploy" / "prometheus" / "rules" / "clipqc.rules.yml"
+RULES_COPY = CHART / "files" / "clipqc.rules.yml"
+WORKER_SCHEMA = ROOT / "schemas" / "clipqc-config.schema.json"
+VALUES_SCHEMA = CHART / "values.schema.json"
+
+failures: list[str] = []
+passes = 0
+
+
+def check(cond: bool, what: str) -> bool:
+    global passes
+    if cond:
+        passes += 1
+        print(f"  ok   {what}")
+    else:
+        failures.append(what)
+        print(f"  FAIL {what}")
+    return cond
+
+
+# ----------------------------------------------------------------- the config schema part
+
+
+def config_schema_for_values() -> tuple[dict, dict]:
+    """The worker's draft 2020-12 config schema as draft-07: (config property, definitions)."""
+    worker = json.loads(WORKER_SCHEMA.read_text())
+    nonstandard_formats = {"uint", "uint32", "uint64", "int32", "int64", "float", "double", "uint8", "uint16"}
+
+    def convert(o):
+        if isinstance(o, dict):
+            out = {}
+            for k, v in o.items():
+                if k == "format" and isinstance(v, str) and v in nonstandard_formats:
+                    continue  # schemars' numeric formats; draft-07 validators do not know them
+                if k == "$ref" and isinstance(v, str):
+                    out[k] = v.replace("#/$defs/", "#/definitions/")
+                    continue
+                out[k] = convert(v)
+            return out
+        if isinstance(o, list):
+            return [convert(x) for x in o]
+        return o
+
+    defs = convert(worker.get("$defs", {}))
+    root = convert({k: v for k, v in worker.items() if k not in ("$defs", "$schema", "title")})
+    root = {"$comment": "generated from schemas/clipqc-config.schema.json by scripts/helm_check.py --write-schema", **root}
+    return root, defs
+
+
+def schema_with_config(schema: dict) -> dict:
+    config, defs = config_schema_for_values()
+    out = copy.deepcopy(schema)
+    out["properties"]["config"] = config
+    out["definitions"] = defs
+    return out
+
+
+# ------------------------------------------------------------ a minimal Kubernetes API
+
+KINDS = {
+    # group/version: [(plural, kind, namespaced)]
+    "v1": [
+        ("configmaps", "ConfigMap", True),
+        ("secrets", "Secret", True),
+        ("services", "Service", True),
+        ("serviceaccounts", "ServiceAccount", True),
+        ("pods", "Pod", True),
+        ("persistentvolumeclaims", "PersistentVolumeClaim", True),
+        ("namespaces", "Namespace", False),
+    ],
+    "apps/v1": [("deployments", "Deployment", True), ("statefulsets", "StatefulSet", True)],
+    "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
+    "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
+    "keda.sh/v1alpha1": [
+        ("scaledobjects", "ScaledObject", True),
+        ("triggerauthentications", "TriggerAuthentication", True),
+    ],
+    "monitoring.coreos.com/v1": [
+        ("servicemonitors", "ServiceMonitor", True),
+        ("prometheusrules", "PrometheusRule", True),
+    ],
+}
+
+
+class FakeKube:
+    """Answers discovery and stores objects in memory (create, get, list, update, delete)."""
+
+    def __init__(self):
+        self.objects: dict[str, dict] = {}  # collection path + "/" + name -> object
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def body(self) -> dict:
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) or b"{}"
+                if "protobuf" in (self.headers.get("Content-Type") or ""):
+                    # Helm's release storage (a typed client) writes Secrets as protobuf; keep
+                    # a stub with the name, which is all that is read back here.
+                    m = re.search(rb"sh\.helm\.release\.v1\.[A-Za-z0-9.-]+", raw)
+                    return {"kind": "Secret", "apiVersion": "v1",
+                            "metadata": {"name": m.group().decode() if m else "unknown"}}
+                return json.loads(raw)
+
+            def do_GET(self):
+                fake.handle(self, "GET")
+
+            def do_POST(self):
+                fake.handle(self, "POST")
+
+            def do_PUT(self):
+                fake.handle(self, "PUT")
+
+            def do_PATCH(self):
+                fake.handle(self, "PATCH")
+
+            def do_DELETE(self):
+                fake.handle(self, "DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reset(self):
+        with self.lock:
+            self.objects.clear()
+
+    @staticmethod
+    def status(code: int, reason: str, message: str) -> dict:
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code}
+
+    @staticmethod
+    def resource_list(gv: str) -> dict:
+        return {
+            "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+            "resources": [
+                {"name": plural, "singularName": kind.lower(), "namespaced": ns, "kind": kind,
+                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                for plural, kind, ns in KINDS[gv]
+            ],
+        }
+
+    def handle(self, h, method: str):
+        url = urllib.parse.urlsplit(h.path)
+        path = url.path.rstrip("/")
+        query = urllib.parse.parse_qs(url.query)
+        parts = path.strip("/").split("/")
+        if method == "GET" and path == "/version":
+            return h.reply(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0",
+                                 "platform": "linux/amd64", "goVersion": "go1.22.0"})
+        if method == "GET" and path == "/api":
+            return h.reply(200, {"kind": "APIVersions", "versions": ["v1"],
+                                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+        if method == "GET" and path == "/apis":
+            groups = {}
+            for gv in KINDS:
+                if "/" in gv:
+                    g, v = gv.split("/")
+                    groups.setdefault(g, []).append({"groupVersion": gv, "version": v})
+            return h.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": g, "versions": vs, "preferredVersion": vs[0]} for g, vs in groups.items()]})
+        # /api/v1[/namespaces/NS]/PLURAL[/NAME] or /apis/G/V[/namespaces/NS]/PLURAL[/NAME]
+        if parts[0] == "api":
+            gv, rest = parts[1], parts[2:]
+        elif parts[0] == "apis" and len(parts) >= 3:
+            gv, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+        else:
+            return h.reply(404, self.status(404, "NotFound", f"no route {path}"))
+        if gv not in KINDS:
+            return h.reply(404, self.status(404, "NotFound", f"no group version {gv}"))
+        if not rest:
+            return h.reply(200, self.resource_list(gv))
+        ns = None
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            ns, rest = rest[1], rest[2:]
+        plural, name = rest[0], (rest[1] if len(rest) > 1 else None)
+        collection = f"{gv}/{ns or ''}/{plural}"
+        with self.lock:
+            if name is None and method == "GET":
+                items = [o for k, o in self.objects.items() if k.rsplit("/", 1)[0] == collection]
+                selector = query.get("labelSelector", [""])[0]
+                for term in filter(None, selector.split(",")):
+                    if "=" in term:
+                        k, v = term.split("=", 1)
+                        items = [o for o in items if o.get("metadata", {}).get("labels", {}).get(k.rstrip("=!")) == v]
+                kind = next(k for p, k, _ in KINDS[gv] if p == plural)
+                return h.reply(200, {"kind": f"{kind}List", "apiVersion": gv, "metadata": {"resourceVersion": "1"},
+                                     "items": items})
+            if name is None and method == "POST":
+                obj = h.body()
+                name = obj.get("metadata", {}).get("name")
+                key = f"{collection}/{name}"
+                if key in self.objects:
+                    return h.reply(409, self.status(409, "AlreadyExists", f"{plural} {name} exists"))
+                meta = obj.setdefault("metadata", {})
+                meta.setdefault("namespace", ns) if ns else None
+                meta.update({"uid": f"uid-{len(self.objects)}", "resourceVersion": "1",
+                             "creationTimestamp": "2026-01-01T00:00:00Z"})
+                self.objects[key] = obj
+                return h.reply(201, obj)
+            key = f"{collection}/{name}"
+            if method == "GET":
+                if key in self.objects:
+                    return h.reply(200, self.objects[key])
+                return h.reply(404, self.status(404, "NotFound", f"{plural} {name} not found"))
+            if method in ("PUT", "PATCH"):
+                obj = h.body()
+                if method == "PATCH" and key in self.objects:
+                    return h.reply(200, self.objects[key])
+                self.objects[key] = obj
+                return h.reply(200, obj)
+            if method == "DELETE":
+                self.objects.pop(key, None)
+                return h.reply(200, self.status(200, "", "deleted") | {"status": "Success"})
+        return h.reply(405, self.status(405, "MethodNotAllowed", method))
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class Renderer:
+    def __init__(self):
+        self.kube = FakeKube()
+        kubeconfig = yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.kube.url}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "clipqc"}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}],
+        })
+        self.config = helm.Configuration(namespace="clipqc", kubeconfig=kubeconfig)
+        self.n = 0
+
+    def render(self, values: dict, chart: Path = CHART) -> tuple[list[dict] | None, str | None]:
+        """(manifests, None) or (None, error message)."""
+        self.kube.reset()
+        self.n += 1
+        try:
+            asyncio.run(helm.Install(self.config).run(
+                f"r{self.n}", str(chart), values=values, wait=False, timeout=60))
+        except helm.HelmError as e:
+            return None, str(e)
+        with self.kube.lock:
+            objs = [o for k, o in self.kube.objects.items() if not k.startswith("v1/clipqc/secrets/sh.helm.release")]
+        return objs, None
+
+    def close(self):
+        self.kube.close()
+
+
+def find(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o.get("kind") == kind]
+
+
+def one(objs: list[dict], kind: str) -> dict:
+    found = find(objs, kind)
+    if len(found) != 1:
+        raise AssertionError(f"expected one {kind}, got {len(found)}: {[o.get('kind') for o in objs]}")
+    return found[0]
+
+
+def container(deploy: dict) -> dict:
+    return next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "clipqc")
+
+
+def env_of(c: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_rules_copy():
+    print("== rules copy")
+    if not RULES.exists():
+        check(False, f"{RULES.relative_to(ROOT)} exists")
+        return
+    check(RULES_COPY.exists() and RULES_COPY.read_bytes() == RULES.read_bytes(),
+          f"{RULES_COPY.relative_to(ROOT)} equals {RULES.relative_to(ROOT)} "
+          f"(fix: cp {RULES.relative_to(ROOT)} {RULES_COPY.relative_to(ROOT)})")
+
+
+def check_schema_current():
+    print("== values.schema.json")
+    schema = json.loads(VALUES_SCHEMA.read_text())
+    check(schema.get("$schema") == "http://json-schema.org/draft-07/schema#", "draft-07")
+    check(schema.get("additionalProperties") is False, "unknown top-level keys refused")
+    check(schema == schema_with_config(schema),
+          "its `config` part matches schemas/clipqc-config.schema.json "
+          "(fix: scripts/check-helm.sh --write-schema)")
+    try:
+        jsonschema.Draft7Validator.check_schema(schema)
+        check(True, "a valid draft-07 schema")
+    except jsonschema.SchemaError as e:
+        check(False, f"a valid draft-07 schema: {e.message}")
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(defaults)]
+    check(not errors, "values.yaml valid against it" + (f": {errors[:3]}" if errors else ""))
+
+
+def lint_ok(chart: Path) -> tuple[bool, list]:
+    res = asyncio.run(helm.Lint(helm.Configuration(namespace="clipqc")).run(str(chart)))
+    # Severity: 1 info, 2 warning, 3 error (helm's support.Severity).
+    bad = [m for m in res.get("Messages") or [] if m.get("Severity", 0) >= 2]
+    return not bad and not res.get("Errors"), bad
+
+
+def check_lint():
+    print("== helm lint")
+    ok, bad = lint_ok(CHART)
+    check(ok, "lint passes (no warning or error)" + (f": {bad}" if bad else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        broken = Path(tmp) / "clipqc"
+        shutil.copytree(CHART, broken)
+        values = yaml.safe_load((broken / "values.yaml").read_text())
+        values["replicaCount"] = "two"
+        values["replicas"] = 2
+        (broken / "values.yaml").write_text(yaml.safe_dump(values))
+        ok, bad = lint_ok(broken)
+        check(not ok and any(m.get("Path") == "values.yaml" for m in bad),
+              "lint fails for values.yaml with replicaCount: \"two\" and an unknown key")
+
+
+def check_renders(r: Renderer):
+    worker_schema = json.loads(WORKER_SCHEMA.read_text())
+    print("== default values")
+    objs, err = r.render({})
+    if not check(err is None, "renders" + (f": {err}" if err else "")):
+        return
+    kinds = sorted(o["kind"] for o in objs)
+    check(kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"],
+          f"objects: {kinds}")
+    d = one(objs, "Deployment")
+    pod = d["spec"]["template"]["spec"]
+    c = container(d)
+    check(c["resources"]["limits"].get("nvidia.com/gpu") in (1, "1"), "GPU limit nvidia.com/gpu: 1")
+    ann = d["spec"]["template"]["metadata"].get("annotations", {})
+    default_checksum = ann.get("checksum/config", "")
+    check(len(default_checksum) == 64, "checksum/config annotation (sha256)")
+    grace = pod.get("terminationGracePeriodSeconds")
+    check(grace == 35, f"terminationGracePeriodSeconds {grace} = drain 20 s + 15 s margin")
+    check(d["spec"].get("replicas") == 1, "replicas: 1 without an autoscaler")
+    env = env_of(c)
+    check(env.get("CLIPQC_CONFIG") == "/etc/clipqc/clipqc.yaml", "CLIPQC_CONFIG")
+    check(env.get("CLIPQC_LOG_FORMAT") == "json", "CLIPQC_LOG_FORMAT=json")
+    check("CLIPQC__KAFKA__INSTANCE_ID" not in env, "no static membership by default")
+    check(c["livenessProbe"]["httpGet"]["path"] == "/healthz", "liveness /healthz")
+    check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness /readyz")
+    sp = c["startupProbe"]
+    check(sp["failureThreshold"] * sp["periodSeconds"] >= 300, "startup probe allows >= 5 min for model load + warm-up")
+    check(pod["securityContext"].get("runAsNonRoot") is True and pod["securityContext"].get("runAsUser") == 10001,
+          "pod runs as non-root uid 10001")
+    check(c["securityContext"].get("allowPrivilegeEscalation") is False, "no privilege escalation")
+    vols = {v["name"]: v for v in pod["volumes"]}
+    check(vols["model"].get("persistentVolumeClaim", {}).get("readOnly") is True, "model from the PVC, read-only")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "model")
+    check(mount["mountPath"] == "/models/current" and mount.get("readOnly") is True, "model mounted read-only at /models/current")
+    check("initContainers" not in pod, "no init container with a PVC")
+    cm = one(objs, "ConfigMap")
+    cfg = yaml.safe_load(cm["data"]["clipqc.yaml"])
+    check(cfg["model"]["dir"] == "/models/current" and cfg["http"]["listen"] == "0.0.0.0:9400",
+          "config: model.dir = the mount, http.listen on the container port")
+    errors = [e.message for e in jsonschema.Draft202012Validator(worker_schema).iter_errors(cfg)]
+    check(not errors, "rendered clipqc.yaml valid against schemas/clipqc-config.schema.json" + (f": {errors[:3]}" if errors else ""))
+    svc = one(objs, "Service")
+    check([(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("http-metrics", 9400)], "Service port 9400 http-metrics")
+    check(one(objs, "PodDisruptionBudget")["spec"].get("maxUnavailable") == 1, "PDB maxUnavailable 1")
+
+    print("== KEDA (maxReplicas 20, 6 partitions)")
+    objs, err = r.render({"keda": {"enabled": True}, "autoscaling": {"enabled": True, "maxReplicas": 20, "partitions": 6}})
+    if check(err is None, "renders" + (f": {err}" if err else "")):
+        so = one(objs, "ScaledObject")
+        check(so["spec"]["maxReplicaCount"] == 6, f"maxReplicaCount {so['spec']['maxReplicaCount']} = min(20, 6)")
+        trig = so["spec"]["triggers"][0]
+        md = trig["metadata"]
+        check(trig["type"] == "kafka" and md.get("allowIdleConsumers") == "false", "kafka trigger, allowIdleConsumers: \"false\"")
+        check(md.get("consumerGroup") == "clipqc" and md.get("topic") == "clipqc.requests"
+              and md.get("bootstrapServers") == "kafka:9092", "trigger on group clipqc, topic clipqc.requests, brokers from config")
+        check(not find(objs, "HorizontalPodAutoscaler"), "no HPA of the chart's own with KEDA on")
+        check("replicas" not in one(objs, "Deployment")["spec"], "Deployment leaves replicas to the autoscaler")
+    objs, err = r.render({"keda": {"enabled": True}, "autoscaling": {"maxReplicas": 3, "partitions": 12}})
+    if check(err is None, "renders with maxReplicas 3, 12 partitions" + (f": {err}" if err else "")):
+        check(one(objs, "ScaledObject")["spec"]["maxReplicaCount"] == 3, "maxReplicaCount = min(3, 12) = 3")
+
+    print("== HPA (KEDA off, maxReplicas 4, 6 partitions)")
+    objs, err = r.render({"autoscaling": {"enabled": True, "maxReplicas": 4, "partitions": 6,
+                                          "targetCPUUtilizationPercentage": 70}})
+    if check(err is None, "renders" + (f": {err}" if err else "")):
+        hpa = one(objs, "HorizontalPodAutoscaler")
+        check(hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["maxReplicas"] == 4, "autoscaling/v2, maxReplicas 4")
+        types = sorted(m["type"] for m in hpa["spec"]["metrics"])
+        check(types == ["Pods", "Resource"], f"lag (Pods) and CPU (Resource) metrics: {types}")
+        check(not find(objs, "ScaledObject"), "no ScaledObject")
+    objs, err = r.render({"autoscaling": {"enabled": True, "maxReplicas": 10, "partitions": 6}})
+    if check(err is None, "renders with maxReplicas 10" + (f": {err}" if err else "")):
+        check(one(objs, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 6, "HPA maxReplicas = min(10, 6) = 6")
+
+    print("== ServiceMonitor + PrometheusRule")
+    objs, err = r.render({"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}})
+    if check(err is None, "renders" + (f": {err}" if err else "")):
+        sm = one(objs, "ServiceMonitor")
+        ep = sm["spec"]["endpoints"][0]
+        check(ep["port"] == "http-metrics" and ep["path"] == "/metrics", "ServiceMonitor scrapes http-metrics /metrics")
+        check(any(rl.get("targetLabel") == "job" and rl.get("replacement") == "clipqc" for rl in ep.get("relabelings", [])),
+              "scraped as job=\"clipqc\" (what the rules select)")
+        pr = one(objs, "PrometheusRule")
+        expected = yaml.safe_load(RULES.read_text())["groups"] if RULES.exists() else None
+        check(pr["spec"]["groups"] == expected, "PrometheusRule groups == deploy/prometheus/rules/clipqc.rules.yml groups")
+        alerts = [rule["alert"] for g in pr["spec"]["groups"] for rule in g["rules"] if "alert" in rule]
+        check(len(alerts) > 0, f"alerts: {', '.join(alerts)}")
+
+    print("== model from an init container; static membership; longer drain; no GPU")
+    values = {
+        "model": {"pvc": {"claimName": ""},
+                  "init": {"image": "busybox:1.36", "command": ["sh", "-c", "cp -a /artifact/. \"$MODEL_DIR\"/"]}},
+        "staticMembership": {"enabled": True},
+        "config": {"pipeline": {"drain_timeout_ms": 60500}, "model": {"device": "cpu"}},
+        "gpu": {"enabled": False},
+    }
+    objs, err = r.render(values)
+    if check(err is None, "renders" + (f": {err}" if err else "")):
+        d = one(objs, "Deployment")
+        pod = d["spec"]["template"]["spec"]
+        init = pod.get("initContainers", [])
+        check(len(init) == 1 and init[0]["image"] == "busybox:1.36", "init container fetch-model")
+        init_mount = next(m for m in init[0]["volumeMounts"] if m["name"] == "model")
+        check(not init_mount.get("readOnly"), "init container writes the model volume")
+        vols = {v["name"]: v for v in pod["volumes"]}
+        check("emptyDir" in vols["model"], "model volume is an emptyDir")
+        c = container(d)
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "model")
+        check(mount.get("readOnly") is True, "worker mounts it read-only")
+        env = env_of(c)
+        check(env.get("CLIPQC__KAFKA__INSTANCE_ID") == {"fieldRef": {"fieldPath": "metadata.name"}},
+              "CLIPQC__KAFKA__INSTANCE_ID from the pod name")
+        check(pod["terminationGracePeriodSeconds"] == 61 + 15, f"grace {pod['terminationGracePeriodSeconds']} = ceil(60.5) + 15")
+        check(d["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != default_checksum,
+              "checksum/config changes with the config")
+        check("nvidia.com/gpu" not in (c["resources"].get("limits") or {}), "no GPU requested with gpu.enabled=false")
+        cfg = yaml.safe_load(one(objs, "ConfigMap")["data"]["clipqc.yaml"])
+        check(cfg["model"]["device"] == "cpu" and cfg["pipeline"]["drain_timeout_ms"] == 60500, "config carries the overrides")
+    objs, err = r.render({"terminationGracePeriodSeconds": 90})
+    if check(err is None, "renders with terminationGracePeriodSeconds 90" + (f": {err}" if err else "")):
+        check(one(objs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90, "explicit grace kept")
+
+
+def check_refusals(r: Renderer):
+    print("== refused")
+    cases = [
+        ("replicaCount: \"two\" (schema)", {"replicaCount": "two"}, ["replicaCount"]),
+        ("unknown top-level key (schema)", {"replicas": 2}, ["replicas"]),
+        ("typo in a worker config key (schema from the worker)", {"config": {"pipeline": {"drain_timout_ms": 1000}}},
+         ["drain_timout_ms"]),
+        ("bad model.device (schema from the worker)", {"config": {"model": {"device": "tpu"}}}, ["device"]),
+        ("unknown key under gpu (schema)", {"gpu": {"count": 1, "type": "a100"}}, ["type"]),
+        ("terminationGracePeriodSeconds 20 with a 20 s drain (template)", {"terminationGracePeriodSeconds": 20},
+         ["terminationGracePeriodSeconds (20) must be greater"]),
+        ("no model source (template)", {"model": {"pvc": {"claimName": ""}}}, ["model artifact needs a source"]),
+        ("minReplicas above the partitions (template)",
+         {"keda": {"enabled": True}, "autoscaling": {"minReplicas": 8, "partitions": 6}}, ["autoscaling.minReplicas (8)"]),
+    ]
+    for what, values, needles in cases:
+        objs, err = r.render(values)
+        ok = err is not None and all(n in err for n in needles)
+        check(ok, f"{what}: {(err or 'RENDERED').splitlines()[0][:160]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--write-schema", action="store_true",
+                    help="refresh values.schema.json's config part from schemas/clipqc-config.schema.json")
+    args = ap.parse_args()
+    if args.write_schema:
+        schema = json.loads(VALUES_SCHEMA.read_text())
+        VALUES_SCHEMA.write_text(json.dumps(schema_with_config(schema), indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {VALUES_SCHEMA.relative_to(ROOT)}")
+        return 0
+    print(f"helm-sdkpy {helm.__version__} ({helm.get_version()})")
+    check_rules_copy()
+    check_schema_current()
+    check_lint()
+    r = Renderer()
+    try:
+        check_renders(r)
+        check_refusals(r)
+    finally:
+        r.close()
+    print(f"{passes} passed, {len(failures)} failed")
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
