@@ -30,5 +30,9 @@ fi
 scripts/check-monitoring.sh
 scripts/check-helm.sh
 export CLIPQC_TEST_MODEL="$MODEL" CLIPQC_TEST_FIXTURES="$FIXTURES"
+# `cargo test --all-targets` runs each criterion benchmark once, as a smoke test: on the tiny
+# model and the bench images (scripts/bench.sh runs them for figures, on ViT-B/32).
+python benches/make_images.py --out "$ROOT/target/bench-images" >&2
+export CLIPQC_BENCH_MODEL="$MODEL" CLIPQC_BENCH_IMAGES="$ROOT/target/bench-images"
 # --nocapture: the fidelity tests print the measured differences.
 cargo test --workspace --all-targets "$@" -- --nocapture

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify(args) => cli::classify::run(args),
         Command::Run(args) => cli::run::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

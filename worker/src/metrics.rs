@@ -50,7 +50,13 @@ pub fn install() -> PrometheusHandle {
     ] {
         gauge!(name).set(0.0);
     }
-    for stage in ["decode_request", "fetch", "decode", "deadline", "model"] {
+    for stage in [
+        "decode_request",
+        "fetch",
+        "decode_image",
+        "deadline",
+        "model",
+    ] {
         counter!("clipqc_dead_letters_total", "stage" => stage).absolute(0);
     }
     for kind in ["forbidden", "too_large", "failed"] {

@@ -63,7 +63,8 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
         &artifact.manifest.image,
         settings.preprocess.limits,
         profile.clahe.clone(),
-    );
+    )
+    .with_jpeg_dct_headroom(settings.preprocess.jpeg_dct_headroom);
 
     let mut out = std::io::stdout().lock();
     let mut failures = 0usize;

@@ -1,5 +1,6 @@
 //! Command-line entry points. `main.rs` only parses and dispatches to these.
 
+pub mod bench;
 pub mod classify;
 pub mod run;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// The streaming worker: requests from Kafka, verdicts to Kafka.
     Run(run::RunArgs),
+    /// Requests through a broker into verdicts, measured against the model-only ceiling.
+    Bench(bench::BenchArgs),
 }
 
 /// Options shared by the commands that load a config file.

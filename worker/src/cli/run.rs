@@ -59,7 +59,8 @@ pub fn load_profiles(
             &artifact.manifest.image,
             settings.preprocess.limits,
             p.clahe.clone(),
-        );
+        )
+        .with_jpeg_dct_headroom(settings.preprocess.jpeg_dct_headroom);
         profiles.insert(
             name,
             Profile {
@@ -177,7 +178,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
 
 /// Full batches through the model before the worker reports ready: the first passes
 /// allocate and (on CUDA) pick kernels, which must not land on the first parts' latency.
-fn warm_up(
+pub(crate) fn warm_up(
     model: &ModelHandle,
     profiles: &HashMap<String, Profile>,
     max_size: usize,

@@ -34,6 +34,17 @@ pub fn decode(
     bytes: &[u8],
     limits: &DecodeLimits,
 ) -> Result<DynamicImage, PreprocessError> {
+    decode_scaled(input, bytes, limits, None)
+}
+
+/// As [`decode`]; a JPEG may come out smaller, scaled by 1/2, 1/4 or 1/8 in libjpeg's DCT
+/// domain (a fraction of the work), but never with its shorter side under `min_short_edge`.
+pub fn decode_scaled(
+    input: &str,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    min_short_edge: Option<u32>,
+) -> Result<DynamicImage, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Invalid {
             input: input.into(),
@@ -76,7 +87,7 @@ pub fn decode(
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = match is_jpeg
-        .then(|| decode_jpeg_libjpeg(input, bytes, limits))
+        .then(|| decode_jpeg_libjpeg(input, bytes, limits, min_short_edge))
         .flatten()
     {
         Some(decoded) => decoded?,
@@ -95,10 +106,11 @@ fn decode_jpeg_libjpeg(
     input: &str,
     bytes: &[u8],
     limits: &DecodeLimits,
+    min_short_edge: Option<u32>,
 ) -> Option<Result<DynamicImage, PreprocessError>> {
     let decoded = std::panic::catch_unwind(
         || -> std::io::Result<Option<Result<DynamicImage, PreprocessError>>> {
-            let d = mozjpeg::Decompress::new_mem(bytes)?;
+            let mut d = mozjpeg::Decompress::new_mem(bytes)?;
             let (w, h) = d.size();
             if let Err(e) = check_dims(input, w as u64, h as u64, 3, limits) {
                 return Ok(Some(Err(e)));
@@ -109,7 +121,11 @@ fn decode_jpeg_libjpeg(
             ) {
                 return Ok(None);
             }
+            if let Some(min) = min_short_edge {
+                d.scale(dct_numerator(w.min(h), min as usize));
+            }
             let mut started = d.rgb()?;
+            let (w, h) = (started.width(), started.height());
             let data: Vec<u8> = started.read_scanlines()?;
             started.finish()?;
             let rgb = image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| {
@@ -129,6 +145,15 @@ fn decode_jpeg_libjpeg(
             message: "libjpeg failed on this data".into(),
         })),
     }
+}
+
+/// The smallest libjpeg scale (numerator over 8) that keeps the shorter side at `min` or
+/// more (libjpeg rounds the scaled size up).
+fn dct_numerator(short: usize, min: usize) -> u8 {
+    [1u8, 2, 4]
+        .into_iter()
+        .find(|&n| (short * usize::from(n)).div_ceil(8) >= min)
+        .unwrap_or(8)
 }
 
 fn check_dims(
@@ -185,6 +210,35 @@ fn map_error(input: &str, e: ImageError) -> PreprocessError {
             input,
             message: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod dct_tests {
+    use super::*;
+
+    #[test]
+    fn dct_scaling_keeps_the_shorter_side_above_the_minimum() {
+        assert_eq!(dct_numerator(1080, 448), 4); // 540
+        assert_eq!(dct_numerator(1080, 224), 2); // 270
+        assert_eq!(dct_numerator(2048, 224), 1); // 256
+        assert_eq!(dct_numerator(250, 224), 8); // no room
+        assert_eq!(dct_numerator(448, 224), 4); // exactly 224
+    }
+
+    #[test]
+    fn a_scaled_jpeg_decodes_smaller_and_whole() {
+        let img = image::RgbImage::from_fn(1920, 1080, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+        });
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut bytes), ImageFormat::Jpeg)
+            .unwrap();
+        let full = decode("f.jpg", &bytes, &DecodeLimits::default()).unwrap();
+        assert_eq!((full.width(), full.height()), (1920, 1080));
+        let scaled = decode_scaled("f.jpg", &bytes, &DecodeLimits::default(), Some(448)).unwrap();
+        assert_eq!((scaled.width(), scaled.height()), (960, 540));
     }
 }
 

@@ -17,8 +17,8 @@ mod transform;
 use serde::{Deserialize, Serialize};
 
 pub use clahe::ClaheSettings;
-pub use decode::{decode, DecodeLimits};
-pub use transform::{to_rgb8, Transform};
+pub use decode::{decode, decode_scaled, DecodeLimits};
+pub use transform::{as_gray8, to_rgb8, Transform};
 
 use crate::model::artifact::ImageSettings;
 
@@ -61,6 +61,10 @@ pub struct Preprocessor {
     pub limits: DecodeLimits,
     pub transform: Transform,
     pub clahe: Option<ClaheSettings>,
+    /// JPEGs are decoded scaled down in the DCT domain while their shorter side stays at
+    /// least this many times the resize target (`None`: always full size, the reference
+    /// pixels). See `preprocess.jpeg_dct_headroom`.
+    pub jpeg_dct_headroom: Option<f32>,
 }
 
 impl Preprocessor {
@@ -69,7 +73,13 @@ impl Preprocessor {
             limits,
             transform: Transform::new(image),
             clahe,
+            jpeg_dct_headroom: None,
         }
+    }
+
+    pub fn with_jpeg_dct_headroom(mut self, headroom: Option<f32>) -> Self {
+        self.jpeg_dct_headroom = headroom.filter(|h| *h >= 1.0);
+        self
     }
 
     /// Side of the square tensor produced.
@@ -84,7 +94,18 @@ impl Preprocessor {
         bytes: &[u8],
         region: Option<Region>,
     ) -> Result<Vec<f32>, PreprocessError> {
-        let image = decode(input, bytes, &self.limits)?;
+        // A region is given in the full image's pixels: decode it whole.
+        let min_short = self
+            .jpeg_dct_headroom
+            .filter(|_| region.is_none())
+            .map(|h| (h * self.transform.min_source_side() as f32).ceil() as u32);
+        let image = decode_scaled(input, bytes, &self.limits, min_short)?;
+        // Grey images stay one channel through the resize (CLAHE works on RGB).
+        if region.is_none() && self.clahe.is_none() {
+            if let Some(gray) = as_gray8(&image) {
+                return self.transform.apply_gray(input, &gray);
+            }
+        }
         let mut rgb = to_rgb8(image);
         if let Some(r) = region {
             rgb = transform::crop_region(input, &rgb, r)?;

@@ -1,7 +1,7 @@
 //! Resize, crop and normalise, as the checkpoint's processor does.
 
 use fast_image_resize as fr;
-use image::{DynamicImage, RgbImage};
+use image::{DynamicImage, GrayImage, RgbImage};
 
 use super::{PreprocessError, Region};
 use crate::model::artifact::{ImageSettings, Interpolation, ResizeMode};
@@ -23,6 +23,26 @@ pub fn to_rgb8(image: DynamicImage) -> RgbImage {
     match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
+    }
+}
+
+/// Single-channel images as 8-bit grey (16-bit samples rounded to 8 bits, as [`to_rgb8`]
+/// does); `None` for colour ones. Borrowed when already 8-bit grey.
+pub fn as_gray8(image: &DynamicImage) -> Option<std::borrow::Cow<'_, GrayImage>> {
+    match image {
+        DynamicImage::ImageLuma8(g) => Some(std::borrow::Cow::Borrowed(g)),
+        DynamicImage::ImageLuma16(g) => {
+            let (w, h) = g.dimensions();
+            let data = g
+                .as_raw()
+                .iter()
+                .map(|&v| ((u32::from(v) * 255 + 32767) / 65535) as u8)
+                .collect();
+            Some(std::borrow::Cow::Owned(
+                GrayImage::from_raw(w, h, data).expect("same dimensions. This is a bug."),
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -64,6 +84,11 @@ impl Transform {
         }
     }
 
+    /// The shorter side the resize needs from its source (larger helps nothing).
+    pub fn min_source_side(&self) -> u32 {
+        self.resize_size.max(self.size)
+    }
+
     /// The size the whole image is resized to before cropping.
     pub fn resized_dims(&self, width: u32, height: u32) -> (u32, u32) {
         match self.mode {
@@ -88,6 +113,23 @@ impl Transform {
 
     pub fn apply(&self, input: &str, rgb: &RgbImage) -> Result<Vec<f32>, PreprocessError> {
         let (w, h) = rgb.dimensions();
+        self.resize_crop_normalize::<3>(input, rgb.as_raw(), w, h)
+    }
+
+    /// For single-channel images: resized as one channel (a third of the work), then
+    /// replicated into the three planes, as `convert("RGB")` would have before resizing.
+    pub fn apply_gray(&self, input: &str, gray: &GrayImage) -> Result<Vec<f32>, PreprocessError> {
+        let (w, h) = gray.dimensions();
+        self.resize_crop_normalize::<1>(input, gray.as_raw(), w, h)
+    }
+
+    fn resize_crop_normalize<const C: usize>(
+        &self,
+        input: &str,
+        raw: &[u8],
+        w: u32,
+        h: u32,
+    ) -> Result<Vec<f32>, PreprocessError> {
         if w == 0 || h == 0 {
             return Err(PreprocessError::Invalid {
                 input: input.into(),
@@ -95,48 +137,53 @@ impl Transform {
             });
         }
         let (rw, rh) = self.resized_dims(w, h);
-        let resized = if (rw, rh) == (w, h) {
-            rgb.clone()
+        if (rw, rh) == (w, h) {
+            return Ok(self.crop_normalize::<C>(raw, w as usize, h as usize));
+        }
+        let pixel = if C == 1 {
+            fr::PixelType::U8
         } else {
-            let src = fr::images::ImageRef::new(w, h, rgb.as_raw(), fr::PixelType::U8x3)
-                .expect("an RgbImage buffer holds width × height × 3 bytes. This is a bug.");
-            let mut dst = fr::images::Image::new(rw, rh, fr::PixelType::U8x3);
-            let options =
-                fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(self.filter));
-            fr::Resizer::new()
-                .resize(&src, &mut dst, &options)
-                .map_err(|e| PreprocessError::Invalid {
-                    input: input.into(),
-                    message: format!("resize failed: {e}"),
-                })?;
-            RgbImage::from_raw(rw, rh, dst.into_vec())
-                .expect("resized buffer has rw × rh × 3 bytes. This is a bug.")
+            fr::PixelType::U8x3
         };
-        Ok(self.crop_normalize(&resized))
+        let src = fr::images::ImageRef::new(w, h, raw, pixel)
+            .expect("an image buffer holds width × height × channels bytes. This is a bug.");
+        let mut dst = fr::images::Image::new(rw, rh, pixel);
+        let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(self.filter));
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| PreprocessError::Invalid {
+                input: input.into(),
+                message: format!("resize failed: {e}"),
+            })?;
+        Ok(self.crop_normalize::<C>(dst.buffer(), rw as usize, rh as usize))
     }
 
     /// Center crop (zero-padded where the image is smaller, as transformers does) and
-    /// normalise into CHW.
-    fn crop_normalize(&self, img: &RgbImage) -> Vec<f32> {
+    /// normalise into CHW. `C` channels per source pixel: 3 (RGB) or 1 (grey, replicated).
+    fn crop_normalize<const C: usize>(&self, raw: &[u8], w: usize, h: usize) -> Vec<f32> {
         let s = self.size as usize;
-        let (w, h) = (img.width() as i64, img.height() as i64);
         // transformers' center_crop: top = (h - crop) // 2 with floor division.
-        let top = (h - s as i64).div_euclid(2);
-        let left = (w - s as i64).div_euclid(2);
+        let top = (h as i64 - s as i64).div_euclid(2);
+        let left = (w as i64 - s as i64).div_euclid(2);
+        // The crop's columns that fall inside the image; the rest is padding (a zero pixel).
+        let x0 = (-left).clamp(0, s as i64) as usize;
+        let x1 = (w as i64 - left).clamp(x0 as i64, s as i64) as usize;
         let mut out = vec![0f32; 3 * s * s];
-        let raw = img.as_raw();
-        for y in 0..s {
-            let sy = top + y as i64;
-            for x in 0..s {
-                let sx = left + x as i64;
-                let inside = (0..h).contains(&sy) && (0..w).contains(&sx);
-                for c in 0..3 {
-                    let v = if inside {
-                        f32::from(raw[((sy * w + sx) * 3) as usize + c])
-                    } else {
-                        0.0
-                    };
-                    out[c * s * s + y * s + x] = v * self.scale[c] + self.offset[c];
+        for (c, plane) in out.chunks_exact_mut(s * s).enumerate() {
+            let (scale, offset) = (self.scale[c], self.offset[c]);
+            let channel = if C == 1 { 0 } else { c };
+            for (y, row) in plane.chunks_exact_mut(s).enumerate() {
+                let sy = top + y as i64;
+                if !(0..h as i64).contains(&sy) {
+                    row.fill(offset);
+                    continue;
+                }
+                row[..x0].fill(offset);
+                row[x1..].fill(offset);
+                let start = (sy as usize * w) + (left + x0 as i64) as usize;
+                let src = &raw[start * C..(start + (x1 - x0)) * C];
+                for (d, px) in row[x0..x1].iter_mut().zip(src.chunks_exact(C)) {
+                    *d = f32::from(px[channel]) * scale + offset;
                 }
             }
         }

@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# clipqc against the usual Python script on a GPU machine (issue 5), from a bundle made by
+# benches/gpu-bundle.sh. The machine needs Python with torch (2.11.0, CUDA build) and, as the
+# GPU image has them, numpy, Pillow and torchvision; it needs no Rust and no network.
+#
+#   gpu.sh [--device cuda|cpu] [--quick] [--python PY] [--image NAME] [--work DIR]
+#
+#   --device   cuda (default) or cpu (a smoke run anywhere)
+#   --quick    the tiny model and a handful of requests: checks the plumbing in a minute
+#   --python   the interpreter holding torch (default: searched, see find_python)
+#   --image    bench image: part_250.jpg (default: the target is on 250×250 JPEGs), part_1920x1080.jpg
+#   --work     scratch folder for the installed wheels, the exported model and the images
+#              (default /tmp/clipqc-gpu; reused by a later run on the same machine)
+#
+# Steps, each time-boxed so the whole run stays under 8 minutes: install the carried wheels
+# into WORK/pylib (PYTHONPATH; torch stays the machine's), export the random ViT-B/32
+# (export.py --random vit-b-32), make the bench images, run the baseline (preprocess on one
+# core, then e2e: one image per forward pass), run `clipqc bench` at the maximum rate (it
+# measures the model-only ceiling in the same run), run it again at half the rate it reached,
+# print the table. Results (JSON, and gpu.log) go to $OUT when set, else ./gpu-results.
+#
+# With the device tool: bundle under an ignored path, carry it, e.g.
+#   benches/gpu-bundle.sh target/gpu-bundle
+#   run(command="bash target/gpu-bundle/gpu.sh", carry=["target/gpu-bundle"], timeout_s=540)
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEVICE=cuda
+QUICK=0
+PY="${PYTHON:-}"
+IMAGE_NAME=part_250.jpg
+WORK="${CLIPQC_GPU_WORK:-/tmp/clipqc-gpu}"
+RES="${OUT:-$PWD/gpu-results}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift ;;
+    --quick) QUICK=1 ;;
+    --python) PY="$2"; shift ;;
+    --image) IMAGE_NAME="$2"; shift ;;
+    --work) WORK="$2"; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$RES" "$WORK"
+RES="$(cd "$RES" && pwd)"
+WORK="$(cd "$WORK" && pwd)"
+
+if [ "$QUICK" = 1 ]; then
+  PRESET=tiny; BASE_N=10; CLIPQC_N=40; PRE_REPEAT=2
+  T_INSTALL=60; T_EXPORT=120; T_IMAGES=60; T_PRE=60; T_BASE=120; T_MAX=120; T_HALF=120
+else
+  # Caps add up to 450 s; a normal run takes far less (the export and the two benches dominate).
+  PRESET=vit-b-32; BASE_N=500; CLIPQC_N=4000; PRE_REPEAT=10
+  T_INSTALL=40; T_EXPORT=110; T_IMAGES=30; T_PRE=30; T_BASE=90; T_MAX=90; T_HALF=60
+fi
+BASE_MAX_S=$((T_BASE * 2 / 3))  # the baseline stops timing here and reports what it did
+
+note() { printf '==> [%3ss] %s\n' "$SECONDS" "$*"; }
+warn() { printf '!!! %s\n' "$*"; }
+
+# The interpreter that holds torch: --python/$PYTHON, else the first that imports torch among
+# python3 on PATH and the usual places (the GPU image's is /opt/torch/.venv/bin/python3),
+# preferring torch 2.11.0 that sees a GPU when --device cuda.
+find_python() {
+  local c info best="" best_score=-1 score
+  local -a cands=()
+  [ -n "$PY" ] && cands+=("$PY")
+  cands+=("$(command -v python3 2>/dev/null)" "$(command -v python 2>/dev/null)" /opt/torch/.venv/bin/python3
+          /opt/conda/bin/python3 /opt/*/.venv/bin/python3 /opt/*/bin/python3 /root/.venv/bin/python3
+          /venv/bin/python3 /workspace/.venv/bin/python3 /usr/local/bin/python3 /usr/bin/python3)
+  note "looking for a Python with torch"
+  local seen=" "
+  for c in "${cands[@]}"; do
+    [ -n "$c" ] && [ -x "$c" ] || continue
+    # (no readlink -f: a venv's python is a link to the system one and would lose the venv)
+    case "$seen" in *" $c "*) continue ;; esac
+    seen="$seen$c "
+    info="$("$c" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())' 2>/dev/null)" ||
+      { echo "    $c: no torch"; continue; }
+    echo "    $c: python/torch/cuda = $info"
+    score=1
+    case "$info" in *" 2.11.0"*) score=$((score + 2)) ;; esac
+    case "$info" in *True) [ "$DEVICE" = cpu ] || score=$((score + 4)) ;; esac
+    [ -n "$PY" ] && [ "$c" = "$PY" ] && score=100
+    if [ "$score" -gt "$best_score" ]; then best="$c"; best_score="$score"; fi
+    [ "$score" -ge 7 ] && break  # torch 2.11.0 that sees the GPU (or asked for by name): done
+  done
+  PY="$best"
+}
+
+# The carried wheels into WORK/pylib-X.Y, with pip (no index, no dependencies: each one is
+# named in requirements.txt) or, where that Python has no pip, by unpacking the wheels.
+install_wheels() {
+  local pyv stamp lib
+  pyv="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+  lib="$WORK/pylib-$pyv"
+  stamp="$(cat "$HERE/wheels/requirements.txt" | sha256sum | cut -c1-16)-$PY"
+  if [ "$(cat "$lib/.stamp" 2>/dev/null)" = "$stamp" ]; then
+    note "wheels already installed in $lib"
+  else
+    rm -rf "$lib"
+    note "installing the carried wheels into $lib (Python $pyv)"
+    local pipargs=(install --quiet --disable-pip-version-check --no-index --no-deps --no-compile
+                   --find-links "$HERE/wheels" --target "$lib")
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+      if ! timeout "$T_INSTALL" "$PY" -m pip "${pipargs[@]}" -r "$HERE/wheels/requirements.txt"; then
+        warn "pip could not install them all at once; one by one:"
+        while read -r line; do
+          [ -n "$line" ] || continue
+          timeout "$T_INSTALL" "$PY" -m pip "${pipargs[@]}" "$line" >/dev/null 2>&1 ||
+            warn "  no carried wheel fits for '$line': the machine's own package is used, if any"
+        done <"$HERE/wheels/requirements.txt"
+      fi
+    else
+      warn "$PY has no pip: unpacking the wheels"
+      "$PY" - "$HERE/wheels" "$lib" <<'EOF' || warn "unpacking failed"
+import re, sys, zipfile
+from pathlib import Path
+wheels, lib = Path(sys.argv[1]), Path(sys.argv[2])
+v = sys.version_info
+def fits(tags):
+    py, abi, plat = tags
+    if plat != "any" and "x86_64" not in plat: return False
+    for t in py.split("."):
+        if t in ("py3", f"py3{v[1]}", f"cp3{v[1]}"): return abi in ("none", "abi3", f"cp3{v[1]}")
+        m = re.fullmatch(r"cp3(\d+)", t)
+        if m and abi == "abi3" and int(m.group(1)) <= v[1]: return True
+    return False
+for line in (wheels / "requirements.txt").read_text().splitlines():
+    spec, _, marker = line.partition(";")
+    if "python_version < \"3.11\"" in marker and v >= (3, 11): continue
+    name, ver = spec.strip().split("==")
+    norm = re.sub(r"[-_.]+", "_", name).lower()
+    for w in sorted(wheels.glob("*.whl")):
+        parts = w.name[:-4].split("-")
+        if re.sub(r"[-_.]+", "_", parts[0]).lower() == norm and parts[1] == ver and fits(parts[-3:]):
+            zipfile.ZipFile(w).extractall(lib); break
+    else:
+        print(f"!!! no carried wheel fits for {spec}", file=sys.stderr)
+EOF
+    fi
+    echo "$stamp" >"$lib/.stamp"
+  fi
+  export PYTHONPATH="$lib" PYTHONNOUSERSITE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+  note "modules and where they come from (bundle = $lib):"
+  "$PY" - "$lib" <<'EOF'
+import importlib, importlib.metadata as md, importlib.util, sys
+lib = sys.argv[1]
+bad = []
+for mod, dist, need_bundle in [("transformers", "transformers", True), ("huggingface_hub", "huggingface-hub", True),
+                               ("tokenizers", "tokenizers", False), ("safetensors", "safetensors", False),
+                               ("regex", "regex", False), ("yaml", "pyyaml", False), ("numpy", "numpy", False),
+                               ("PIL", "pillow", False), ("torch", "torch", False), ("torchvision", "torchvision", False),
+                               ("open_clip", "open_clip_torch", True)]:
+    spec = importlib.util.find_spec(mod)  # finds, does not import (open_clip would pull in timm)
+    if spec is None:
+        print(f"    {mod:<16} MISSING"); bad.append(mod); continue
+    where = spec.origin or (list(spec.submodule_search_locations or []) or ["?"])[0]
+    src = "bundle" if where.startswith(lib) else "machine"
+    try:
+        ver = md.version(dist)
+    except md.PackageNotFoundError:
+        ver = "?"
+    print(f"    {mod:<16} {ver:<14} {src:<8} {where}")
+    if need_bundle and src != "bundle":
+        bad.append(f"{mod} (not from the bundle)")
+if bad:
+    print(f"!!! {', '.join(bad)}")
+    sys.exit(1)
+EOF
+}
+
+# Results of a step: JSON on stdout into a file, the table and logs on stderr into the log.
+run_step() { # name timeout outfile cmd...
+  local name="$1" t="$2" out="$3"; shift 3
+  note "$name (time box ${t}s)"
+  local rc=0
+  timeout --kill-after=10 "$t" "$@" >"$out.tmp" || rc=$?
+  if [ "$rc" -eq 0 ] && [ -s "$out.tmp" ]; then mv "$out.tmp" "$out"; return 0; fi
+  [ "$rc" -eq 124 ] && warn "$name: ran past its ${t}s time box" || warn "$name: failed (exit $rc)"
+  rm -f "$out.tmp"
+  return 1
+}
+
+main() {
+  note "clipqc GPU bench: device $DEVICE, $( [ "$QUICK" = 1 ] && echo quick || echo full ) run, work $WORK, results $RES"
+  [ -f "$HERE/MANIFEST.txt" ] && head -3 "$HERE/MANIFEST.txt" | sed 's/^/    /'
+  command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | sed 's/^/    /'
+  echo "    $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) memory, $(ldd --version 2>/dev/null | head -1)"
+  find_python
+  [ -n "$PY" ] || { warn "no Python with torch found (give --python)"; return 1; }
+  note "using $PY"
+  install_wheels || { warn "the Python side is incomplete: see above"; return 1; }
+
+  local model="$WORK/model-$PRESET" images="$WORK/images" stamp
+  stamp="$(cat "$HERE/model/export.py" "$HERE/model/clip_bpe.py" "$HERE/wheels/requirements.txt" | sha256sum | cut -c1-16)-$PRESET"
+  if [ "$(cat "$model/.stamp" 2>/dev/null)" = "$stamp" ]; then
+    note "model $model is current"
+  else
+    rm -rf "$model"
+    note "exporting the random $PRESET model to $model (time box ${T_EXPORT}s)"
+    timeout "$T_EXPORT" "$PY" "$HERE/model/export.py" --random "$PRESET" --out "$model" ||
+      { warn "export failed"; return 1; }
+    echo "$stamp" >"$model/.stamp"
+  fi
+  timeout "$T_IMAGES" "$PY" "$HERE/make_images.py" --out "$images" || { warn "make_images failed"; return 1; }
+  local image="$images/$IMAGE_NAME"
+  [ -f "$image" ] || { warn "no image $image"; return 1; }
+
+  run_step "baseline preprocess, one core" "$T_PRE" "$RES/baseline-preprocess.json" \
+    "$PY" "$HERE/baseline.py" preprocess --model "$model" --images "$images" --repeat "$PRE_REPEAT" --json
+  run_step "baseline e2e on $DEVICE, $BASE_N images of $IMAGE_NAME" "$T_BASE" "$RES/baseline-e2e.json" \
+    "$PY" "$HERE/baseline.py" e2e --model "$model" --image "$image" --n "$BASE_N" --device "$DEVICE" \
+    --max-seconds "$BASE_MAX_S" --json
+
+  # clipqc: the carried binary against this machine's libtorch.
+  local bin="$WORK/bin/clipqc"
+  if [ -f "$HERE/bin/clipqc.gz" ]; then
+    mkdir -p "$WORK/bin"
+    gzip -dc "$HERE/bin/clipqc.gz" >"$bin" && chmod +x "$bin"
+    TORCH_LIB="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    note "clipqc with LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    if ldd "$bin" | grep -q 'not found'; then warn "unresolved libraries:"; ldd "$bin" | grep 'not found'; fi
+    if ! "$bin" bench --help >/dev/null 2>&1; then
+      warn "this clipqc binary has no 'bench' subcommand (or does not start): clipqc runs skipped"
+      "$bin" --version 2>&1 | head -3
+    else
+      run_step "clipqc bench on $DEVICE at the maximum rate, $CLIPQC_N requests" "$T_MAX" "$RES/clipqc-max.json" \
+        "$bin" bench --model "$model" --device "$DEVICE" --requests "$CLIPQC_N" --image "$image" --json
+      if [ -s "$RES/clipqc-max.json" ]; then
+        # Half the rate reached, for long enough to settle (~15 s) but no more requests than above.
+        read -r rate n2 < <("$PY" -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+# Half of what it reached, never above half the model-only ceiling (a short run can report a
+# throughput the model cannot have delivered).
+r = min(d["images_per_s"], (d.get("ceiling") or {}).get("images_per_s") or float("inf")) / 2
+print(f"{r:.1f}", max(20, min(int(sys.argv[2]), int(r * 15))))' "$RES/clipqc-max.json" "$CLIPQC_N")
+        run_step "clipqc bench on $DEVICE at half that rate ($rate/s), $n2 requests" "$T_HALF" "$RES/clipqc-half.json" \
+          "$bin" bench --model "$model" --device "$DEVICE" --requests "$n2" --rate "$rate" --image "$image" --json
+      fi
+    fi
+  else
+    warn "the bundle has no bin/clipqc.gz: clipqc runs skipped"
+  fi
+
+  "$PY" - "$RES" "$DEVICE" "$IMAGE_NAME" "$PRESET" <<'EOF'
+import json, sys
+from pathlib import Path
+res, device, image, preset = Path(sys.argv[1]), *sys.argv[2:]
+def load(name):
+    try:
+        return json.loads((res / name).read_text())
+    except (OSError, ValueError):
+        return None
+pre, base, cmax, chalf = (load(f) for f in ("baseline-preprocess.json", "baseline-e2e.json", "clipqc-max.json", "clipqc-half.json"))
+g = lambda d, *ks: (None if d is None else (d.get(ks[0]) if len(ks) == 1 else g(d.get(ks[0]), *ks[1:])))
+f = lambda x, fmt="{:.1f}": "n/a" if x is None else fmt.format(x)
+ceiling = g(cmax, "ceiling", "images_per_s")
+ratio = g(cmax, "ratio_to_ceiling") or (g(cmax, "images_per_s") / ceiling if cmax and ceiling else None)
+speedup = g(cmax, "images_per_s") / g(base, "images_per_s") if cmax and base else None
+summary = {
+    "device": device, "device_name": g(base, "device_name"), "image": image, "model": preset,
+    "torch": g(base, "torch"), "transformers": g(base, "transformers"),
+    "baseline_images_per_s": g(base, "images_per_s"), "baseline_p99_ms": g(base, "latency_ms", "p99"),
+    "clipqc_images_per_s": g(cmax, "images_per_s"), "ceiling_images_per_s": ceiling,
+    "ceiling_batch": g(cmax, "ceiling", "batch"), "ratio_clipqc_to_ceiling": ratio,
+    "speedup_clipqc_over_baseline": speedup,
+    "clipqc_p99_ms_at_max_rate": g(cmax, "latency_ms", "p99"),
+    "clipqc_half_rate": g(chalf, "images_per_s"), "clipqc_p99_ms_at_half_rate": g(chalf, "latency_ms", "p99"),
+    "clipqc_mean_batch": g(cmax, "batch", "mean_size"),
+    "clipqc_peak_rss_bytes": g(cmax, "peak_rss_bytes") or g(cmax, "memory", "peak_rss_bytes"),
+    "baseline_peak_rss_bytes": g(base, "peak_rss_bytes"),
+    "baseline_preprocess_ms_per_core": {r["image"]: r["ms_per_image"] for r in (pre or {}).get("images", [])} or None,
+}
+(res / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+if pre:
+    print(f"\npreprocess, usual script, one core ({pre['image_processor']}):")
+    for r in pre["images"]:
+        print(f"  {r['image']:<28} {r['ms_per_image']:8.2f} ms  {r['images_per_s_per_core']:7.1f} images/s/core")
+print(f"\n== clipqc vs the usual script: {summary['device_name'] or device}, {preset} model, {image}")
+rows = [
+    ("baseline images/s (1 image/pass)", f(summary["baseline_images_per_s"])),
+    ("clipqc images/s (max rate)", f(summary["clipqc_images_per_s"])),
+    (f"model-only ceiling images/s (batch {f(summary['ceiling_batch'], '{}')})", f(ceiling)),
+    ("ratio clipqc / ceiling", f(ratio, "{:.2f}")),
+    ("speedup clipqc / baseline", f(speedup, "{:.1f}x")),
+    ("clipqc p99 ms at max rate", f(summary["clipqc_p99_ms_at_max_rate"])),
+    (f"clipqc p99 ms at half rate ({f(g(chalf, 'images_per_s'))}/s)", f(summary["clipqc_p99_ms_at_half_rate"])),
+    ("baseline p99 ms", f(summary["baseline_p99_ms"])),
+    ("peak RSS MiB, baseline / clipqc", " / ".join(f(x and x / 2**20, "{:.0f}") for x in
+                                                  (summary["baseline_peak_rss_bytes"], summary["clipqc_peak_rss_bytes"]))),
+]
+for k, v in rows:
+    print(f"  {k:<48} {v:>10}")
+print(f"(JSON in {res})")
+EOF
+}
+
+main 2>&1 | tee "$RES/gpu.log"
+rc=${PIPESTATUS[0]}
+exit "$rc"

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The benchmarks (issue 5), one command each. Figures go to target/bench-results/ and the table
+# to the terminal. Ratios are measured within one run on one machine; never compare figures
+# from different machines.
+#
+#   scripts/bench.sh micro       criterion micro-benchmarks (preprocessing of the three bench
+#                                images, tokenization, scoring), one core, next to CLIPProcessor
+#                                on the same files and one core (benches/baseline.py preprocess)
+#   scripts/bench.sh e2e [N]     `clipqc bench`: N requests (default 600) through the embedded
+#                                broker into verdicts on the random ViT-B/32, CPU, next to the
+#                                model-only ceiling (same run) and the Python per-image loop
+#   scripts/bench.sh sustained [SECONDS] [RATE]
+#                                a sustained run (default 600 s at 80 % of the CPU ceiling):
+#                                RSS at the first minute and at the end
+#   benches/gpu.sh               the GPU machine's script (see its header; no Rust there)
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+
+MODEL="$ROOT/target/models/vit-b-32"
+IMAGES="$ROOT/target/bench-images"
+OUT="$ROOT/target/bench-results"
+mkdir -p "$OUT"
+ensure_model vit-b-32 "$MODEL"
+python benches/make_images.py --out "$IMAGES" >&2
+
+clipqc_release() {
+  cargo build --release --bin clipqc >&2
+  echo "$ROOT/target/release/clipqc"
+}
+
+case "${1:-}" in
+  micro)
+    export CLIPQC_BENCH_MODEL="$MODEL" CLIPQC_BENCH_IMAGES="$IMAGES"
+    cargo bench --bench stages
+    python benches/baseline.py preprocess --model "$MODEL" --images "$IMAGES" --json \
+      >"$OUT/baseline-preprocess.json"
+    python benches/summary.py micro "$ROOT/target/criterion" "$OUT/baseline-preprocess.json" \
+      | tee "$OUT/micro.txt"
+    ;;
+  e2e)
+    n="${2:-600}"
+    bin="$(clipqc_release)"
+    "$bin" bench --model "$MODEL" --device cpu --image "$IMAGES/part_250.jpg" \
+      --requests "$n" --json >"$OUT/clipqc-e2e-cpu.json"
+    python benches/baseline.py e2e --model "$MODEL" --image "$IMAGES/part_250.jpg" --n 100 \
+      --device cpu --json >"$OUT/baseline-e2e-cpu.json"
+    python benches/summary.py e2e "$OUT/clipqc-e2e-cpu.json" "$OUT/baseline-e2e-cpu.json" \
+      | tee "$OUT/e2e.txt"
+    ;;
+  sustained)
+    seconds="${2:-600}"
+    bin="$(clipqc_release)"
+    rate="${3:-}"
+    if [ -z "$rate" ]; then
+      # 80 % of what this machine's model alone does: a load it can keep up with.
+      "$bin" bench --model "$MODEL" --device cpu --image "$IMAGES/part_250.jpg" \
+        --requests 64 --json >"$OUT/ceiling-probe.json"
+      rate="$(python -c 'import json,sys; print(round(0.8*json.load(open(sys.argv[1]))["ceiling"]["images_per_s"],1))' "$OUT/ceiling-probe.json")"
+    fi
+    "$bin" bench --model "$MODEL" --device cpu --image "$IMAGES/part_250.jpg" \
+      --rate "$rate" --duration "$seconds" --json >"$OUT/sustained-cpu.json"
+    python - "$OUT/sustained-cpu.json" <<'PY' | tee "$OUT/sustained.txt"
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r["memory"]
+mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "-"
+change = m["rss_change_pct"]
+print(f"sustained {r['seconds']:.0f} s at {r['rate']}/s: {r['received']}/{r['requests']} verdicts; "
+      f"RSS at 60 s {mib(m['rss_at_60s_bytes'])}, at end {mib(m['rss_end_bytes'])}, "
+      f"change {change:+.1f} % (target within ±5 %: {'met' if change is not None and abs(change) <= 5 else 'MISSED'}); "
+      f"p99 {r['latency_ms']['p99']:.0f} ms")
+PY
+    ;;
+  *)
+    sed -n '2,16p' "$0" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,58 @@
+//! `clipqc bench` as a user runs it: the binary, the tiny model, the embedded broker.
+//! Checks that the figures are there and consistent, not how fast they are (that is
+//! scripts/bench.sh's job, on a quiet machine).
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn bench_reports_every_request_with_the_ceiling_and_latencies() {
+    let image = common::fixtures().join("images/part_250.jpg");
+    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
+        .args(["bench", "--device", "cpu", "--requests", "60", "--json"])
+        .args(["--ceiling-batches", "4", "--batch-max", "8"])
+        .arg("--model")
+        .arg(common::tiny_model())
+        .arg("--image")
+        .arg(&image)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "clipqc bench failed:\n{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(r["requests"], 60);
+    assert_eq!(r["received"], 60);
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["ceiling"]["batch"], 8);
+    assert!(r["ceiling"]["images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["images_per_s"].as_f64().unwrap() > 0.0);
+    let lat = &r["latency_ms"];
+    let (p50, p99) = (lat["p50"].as_f64().unwrap(), lat["p99"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99, "{lat}");
+    let size = r["batch"]["mean_size"].as_f64().unwrap();
+    assert!((1.0..=8.0).contains(&size), "mean batch size {size}");
+    assert!(r["memory"]["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    // The human table goes to stderr.
+    assert!(stderr.contains("model-only ceiling"), "{stderr}");
+}
+
+#[test]
+fn bench_names_a_missing_image() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--image",
+            "/nonexistent/part.jpg",
+        ])
+        .arg("--model")
+        .arg(common::tiny_model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/part.jpg"), "{stderr}");
+}

@@ -1,0 +1,355 @@
+//! `clipqc bench`: requests through a broker into verdicts, measured, next to the model-only
+//! ceiling on the same model and device.
+//!
+//! What it measures: the model-only ceiling first (full batches back to back through the
+//! model thread, no Kafka, no decoding), then N requests carrying the same image inline,
+//! published at `--rate` (or as fast as the producer goes) into a real pipeline (the
+//! embedded broker unless `--brokers`), each one's latency from its publish call to its
+//! verdict arriving at a consumer. Throughput is the steady state: verdicts between the 10th
+//! and the 90th percentile of arrival, over the time between them (start-up and tail
+//! excluded). Peak RSS is the process's (VmHWM), model included.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio_util::sync::CancellationToken;
+
+use super::run::{deps, load_profiles, warm_up};
+use super::ConfigArgs;
+use crate::http::Readiness;
+use crate::metrics;
+use crate::model::{DeviceSpec, ImageBatch, ModelHandle};
+use crate::pipeline;
+use crate::proto::v1::{inspection_request::Image, InspectionRequest, Outcome, Verdict};
+
+mod report;
+
+use report::{Ceiling, Report};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Exported model directory (overrides model.dir).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (overrides model.device).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// The image every request carries inline.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Requests to publish.
+    #[arg(long, default_value_t = 1000)]
+    pub requests: usize,
+    /// Requests per second (0: as fast as the producer goes).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Publish for this many seconds at --rate instead of --requests (a sustained run; RSS is
+    /// sampled at the first minute and at the end).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Overrides batch.max_size.
+    #[arg(long)]
+    pub batch_max: Option<usize>,
+    /// Full batches for the model-only ceiling.
+    #[arg(long, default_value_t = 20)]
+    pub ceiling_batches: usize,
+    /// A running Kafka cluster (topics bench-*.requests/verdicts/dlq must exist, or be
+    /// auto-created); default: the embedded broker.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Partitions of the embedded broker's topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// One JSON object on stdout (the table still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
+    let (mut settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
+    if let Some(b) = args.batch_max {
+        settings.batch.max_size = b;
+    }
+    let image = std::fs::read(&args.image)
+        .with_context(|| format!("read --image {}", args.image.display()))?;
+    let metrics_handle = metrics::install();
+    let (owner, model) = super::spawn_model(&settings, &artifact, args.device)?;
+    let profiles = load_profiles(&settings, &artifact, &model)?;
+    warm_up(&model, &profiles, settings.batch.max_size)?;
+    let profile = profiles
+        .get(crate::config::DEFAULT_PROFILE)
+        .context("no default profile")?;
+    // The ceiling's batches hold the bench image's own pixels.
+    let pixels = profile
+        .preprocessor
+        .run(&args.image.display().to_string(), &image, None)
+        .with_context(|| format!("preprocess --image {}", args.image.display()))?;
+    let ceiling = ceiling(
+        &model,
+        &pixels,
+        profile.preprocessor.size(),
+        settings.batch.max_size,
+        args.ceiling_batches,
+    )?;
+    eprintln!(
+        "model-only ceiling: {:.1} images/s (batches of {})",
+        ceiling.images_per_s, ceiling.batch
+    );
+
+    let n = match args.duration {
+        Some(d) if args.rate > 0.0 => (d * args.rate).round() as usize,
+        Some(_) => anyhow::bail!("--duration needs --rate"),
+        None => args.requests,
+    };
+    let run_id = format!("bench-{}", std::process::id());
+    settings.kafka.input_topics = vec![format!("{run_id}.requests")];
+    settings.kafka.verdict_topic = format!("{run_id}.verdicts");
+    settings.kafka.dlq_topic = format!("{run_id}.dlq");
+    settings.kafka.group_id = run_id.clone();
+    let mut embedded = None;
+    let brokers = match &args.brokers {
+        Some(b) => b.clone(),
+        None => {
+            let mock = MockCluster::new(1).context("start the embedded broker")?;
+            for t in [
+                &settings.kafka.input_topics[0],
+                &settings.kafka.verdict_topic,
+                &settings.kafka.dlq_topic,
+            ] {
+                mock.create_topic(t, args.partitions, 1)?;
+            }
+            let servers = mock.bootstrap_servers();
+            embedded = Some(mock);
+            servers
+        }
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let measured = runtime.block_on(async {
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_model_ready();
+        let deps = deps(
+            &settings,
+            &brokers,
+            &artifact,
+            &model,
+            profiles,
+            readiness.clone(),
+        )?;
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+        let verdicts = verdict_consumer(&brokers, &settings.kafka.verdict_topic, &run_id)?;
+        // Publishing before the worker is in its group would count the join as latency.
+        while !readiness.not_ready().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sent = Arc::new(Mutex::new(vec![None; n]));
+        let producer = tokio::spawn(publish(
+            brokers.clone(),
+            settings.kafka.input_topics[0].clone(),
+            image,
+            n,
+            args.rate,
+            sent.clone(),
+        ));
+        let rss = tokio::spawn(sample_rss());
+        let arrivals = receive(&verdicts, n, &sent).await;
+        producer.await.context("producer task")??;
+        rss.abort();
+        shutdown.cancel();
+        let stats = worker.await.context("worker task")??;
+        anyhow::Ok((arrivals, stats))
+    })?;
+    let (arrivals, _stats) = measured;
+    drop(model);
+    owner.join();
+    drop(embedded);
+
+    let report = Report::new(&args, n, arrivals, ceiling, &metrics_handle.render());
+    eprintln!("{}", report.table());
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(report.errors == 0 && report.received == n)
+}
+
+/// Full batches back to back through the model thread: what the model alone can do.
+fn ceiling(
+    model: &ModelHandle,
+    pixels: &[f32],
+    size: usize,
+    batch: usize,
+    batches: usize,
+) -> anyhow::Result<Ceiling> {
+    let make = || {
+        let mut b = ImageBatch::new(size);
+        for _ in 0..batch.max(1) {
+            b.push(pixels);
+        }
+        b
+    };
+    let started = Instant::now();
+    // Two in the model thread's queue at a time, as the pipeline keeps it.
+    let mut pending = std::collections::VecDeque::new();
+    for _ in 0..batches.max(1) {
+        pending.push_back(model.submit_images(make())?);
+        if pending.len() >= 2 {
+            pending.pop_front().unwrap().blocking_recv()??;
+        }
+    }
+    for rx in pending {
+        rx.blocking_recv()??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Ceiling {
+        batch: batch.max(1),
+        images_per_s: (batches.max(1) * batch.max(1)) as f64 / seconds,
+    })
+}
+
+/// Reads the verdicts by assignment, not in a group: a group join would take seconds and
+/// every verdict published meanwhile would count that wait as latency.
+fn verdict_consumer(brokers: &str, topic: &str, run_id: &str) -> anyhow::Result<StreamConsumer> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{run_id}-reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let metadata = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata of {topic}"))?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len())
+        .filter(|&n| n > 0)
+        .with_context(|| format!("topic {topic} has no partitions"))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    Ok(c)
+}
+
+type Sent = Arc<Mutex<Vec<Option<Instant>>>>;
+
+/// Publish `n` requests, `rate` per second (0: at once), noting when each was handed over.
+async fn publish(
+    brokers: String,
+    topic: String,
+    image: Vec<u8>,
+    n: usize,
+    rate: f64,
+    sent: Sent,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let started = tokio::time::Instant::now();
+    let mut deliveries = Vec::with_capacity(n);
+    for i in 0..n {
+        if rate > 0.0 {
+            tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+        }
+        let request = InspectionRequest {
+            request_id: i.to_string(),
+            camera_id: "bench".into(),
+            line_id: "bench".into(),
+            image: Some(Image::InlineData(image.clone())),
+            ..Default::default()
+        };
+        let payload = request.encode_to_vec();
+        let key = i.to_string();
+        sent.lock().unwrap()[i] = Some(Instant::now());
+        match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => anyhow::bail!("publish request {i}: {e}"),
+        }
+    }
+    for (i, d) in deliveries.into_iter().enumerate() {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("request {i} not delivered: {e}"),
+            Err(_) => anyhow::bail!("request {i}: delivery cancelled"),
+        }
+    }
+    producer.flush(Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// One verdict's arrival.
+pub struct Arrival {
+    pub at: Instant,
+    pub latency: Duration,
+    pub error: bool,
+}
+
+/// Verdicts until `n` distinct requests are answered, or 60 s pass without one.
+async fn receive(verdicts: &StreamConsumer, n: usize, sent: &Sent) -> Vec<Arrival> {
+    let bar = indicatif::ProgressBar::new(n as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} verdicts {per_sec} eta {eta}",
+        )
+        .expect("a valid template. This is a bug."),
+    );
+    let mut seen = vec![false; n];
+    let mut arrivals = Vec::with_capacity(n);
+    while arrivals.len() < n {
+        let Ok(msg) = tokio::time::timeout(Duration::from_secs(60), verdicts.recv()).await else {
+            bar.abandon_with_message("no verdict for 60 s");
+            break;
+        };
+        let Ok(msg) = msg else { continue };
+        let at = Instant::now();
+        let Ok(v) = Verdict::decode(msg.payload().unwrap_or_default()) else {
+            continue;
+        };
+        let Some(i) = v.request_id.parse::<usize>().ok().filter(|&i| i < n) else {
+            continue;
+        };
+        if std::mem::replace(&mut seen[i], true) {
+            continue; // a duplicate after a retry: counted once
+        }
+        let published = sent.lock().unwrap()[i].unwrap_or(at);
+        arrivals.push(Arrival {
+            at,
+            latency: at.saturating_duration_since(published),
+            error: v.outcome() == Outcome::Error,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    arrivals
+}
+
+/// RSS samples (seconds since start, bytes), for the memory-flatness figure.
+pub static RSS: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
+
+async fn sample_rss() {
+    let started = Instant::now();
+    loop {
+        if let Some(rss) = report::proc_status_bytes("VmRSS:") {
+            RSS.lock()
+                .unwrap()
+                .push((started.elapsed().as_secs_f64(), rss));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
