@@ -110,6 +110,7 @@ def peak_rss_bytes() -> int:
 
 def cmd_preprocess(args) -> dict:
     torch.set_num_threads(1)  # one core: CLIPImageProcessor's torchvision ops run on torch's CPU pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # and the fast tokenizer's batch on one thread
     processor = load_processor(args.model)
     files = [args.images / n for n in BENCH_IMAGES if (args.images / n).exists()]
     if not files:
@@ -142,9 +143,37 @@ def cmd_preprocess(args) -> dict:
                      "processor_ms": statistics.median(proc), "images_per_s_per_core": 1e3 / ms,
                      "pixel_values_shape": list(px.shape),
                      "pixel_mean_0_255": float(np.asarray(img.convert("RGB"), dtype=np.float32).mean())})
+    # Tokenization and scoring as the usual script does them, next to the Rust micro-benchmarks
+    # of the same work: the processor's tokenizer on one prompt and on the default profile's 20
+    # (prompt x template) sentences; softmax(100 * cos) of one 512-d embedding against 5 classes.
+    def median_us(fn, n: int) -> float:
+        for _ in range(max(3, n // 10)):
+            fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+    tok = processor.tokenizer
+    one = "a photo of a surface scratch on a steel bracket."
+    # The same 20 sentences as the Rust bench: every prompt through every template.
+    sentences = [t.format(p) for _, ps in DEFAULT_CLASSES for p in ps for t in DEFAULT_TEMPLATES]
+    img_emb = torch.randn(1, 512)
+    cls_emb = torch.nn.functional.normalize(torch.randn(5, 512), dim=-1)
+    def score():
+        e = torch.nn.functional.normalize(img_emb, dim=-1)
+        return (100.0 * e @ cls_emb.T).softmax(dim=-1).argmax()
+    micro = {
+        "tokenize_one_us": median_us(lambda: tok(one, padding="max_length", max_length=77, truncation=True), 200),
+        "tokenize_20_us": median_us(lambda: tok(sentences, padding="max_length", max_length=77, truncation=True), 100),
+        "tokenizer": type(tok).__name__,
+        "score_us": median_us(score, 2000),
+    }
     result = {"kind": "preprocess", "model": str(args.model), "threads": torch.get_num_threads(),
               "repeat": args.repeat, "warmup": args.warmup,
-              "image_processor": type(processor.image_processor).__name__, **versions(), "images": rows}
+              "image_processor": type(processor.image_processor).__name__, **versions(), "images": rows,
+              "micro": micro}
     print(f"preprocess on one core ({result['image_processor']}, torch {result['torch']}, "
           f"transformers {result['transformers']}, Pillow {result['pillow']}; median of {args.repeat}):",
           file=sys.stderr)

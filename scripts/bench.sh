@@ -24,8 +24,11 @@ mkdir -p "$OUT"
 ensure_model vit-b-32 "$MODEL"
 python benches/make_images.py --out "$IMAGES" >&2
 
+# `cargo bench` builds the binary too (into target/release, bench profile = release): one
+# build for every command here. (`cargo build --release` would resolve the dev-dependencies'
+# features differently and compile everything a second time.)
 clipqc_release() {
-  cargo build --release --bin clipqc >&2
+  cargo bench --bench stages --no-run >&2
   echo "$ROOT/target/release/clipqc"
 }
 
