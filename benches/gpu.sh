@@ -265,6 +265,7 @@ summary = {
     "device": device, "device_name": g(base, "device_name"), "image": image, "model": preset,
     "torch": g(base, "torch"), "transformers": g(base, "transformers"),
     "baseline_images_per_s": g(base, "images_per_s"), "baseline_p99_ms": g(base, "latency_ms", "p99"),
+    "clipqc_model": g(cmax, "model"),
     "clipqc_images_per_s": g(cmax, "images_per_s"), "ceiling_images_per_s": ceiling,
     "ceiling_batch": g(cmax, "ceiling", "batch"), "ratio_clipqc_to_ceiling": ratio,
     "speedup_clipqc_over_baseline": speedup,

@@ -262,7 +262,7 @@ defect_rate = {{ threshold = 0.5, window_seconds = 600, min_verdicts = 5 }}
     assert!(
         worker.terminate(Duration::from_secs(30)),
         "the worker drains and exits 0 on SIGTERM\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
+        tail(&log, 40)
     );
 }
 

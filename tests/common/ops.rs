@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::e2e::{free_port, wait_for_port};
+use super::e2e::{free_port, tail, wait_for_port};
 
 /// A binary from PATH (`scripts/check-monitoring.sh` installs Debian's packages).
 fn binary(names: &[&str]) -> PathBuf {
@@ -48,9 +48,7 @@ impl Process {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        tail(&self.log, 30)
     }
 }
 

@@ -173,11 +173,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         anyhow::Ok((arrivals, stats))
     })?;
     let (arrivals, _stats) = measured;
+    let described = model.describe().to_string();
     drop(model);
     owner.join();
     drop(embedded);
 
-    let report = Report::new(&args, n, arrivals, ceiling, &metrics_handle.render());
+    let report = Report::new(
+        &args,
+        described,
+        n,
+        arrivals,
+        ceiling,
+        &metrics_handle.render(),
+    );
     eprintln!("{}", report.table());
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -295,7 +303,7 @@ async fn publish(
 }
 
 /// One verdict's arrival.
-pub struct Arrival {
+struct Arrival {
     pub at: Instant,
     pub latency: Duration,
     pub error: bool,
@@ -340,7 +348,7 @@ async fn receive(verdicts: &StreamConsumer, n: usize, sent: &Sent) -> Vec<Arriva
 }
 
 /// RSS samples (seconds since start, bytes), for the memory-flatness figure.
-pub static RSS: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
+static RSS: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
 
 async fn sample_rss() {
     let started = Instant::now();

@@ -36,7 +36,8 @@ pub struct Memory {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub device: String,
+    /// The model and where it ran, e.g. `clip-vit-b-32@… on Cuda(0) (Half)`.
+    pub model: String,
     pub image: String,
     pub requests: usize,
     pub received: usize,
@@ -57,6 +58,7 @@ pub struct Report {
 impl Report {
     pub fn new(
         args: &BenchArgs,
+        model: String,
         requests: usize,
         mut arrivals: Vec<Arrival>,
         ceiling: Ceiling,
@@ -80,9 +82,7 @@ impl Report {
         let at_60 = rss.iter().find(|(t, _)| *t >= 60.0).map(|(_, b)| *b);
         let end = rss.last().map(|(_, b)| *b);
         Self {
-            device: args
-                .device
-                .map_or_else(|| "config".to_string(), |d| format!("{d:?}")),
+            model,
             image: args.image.display().to_string(),
             requests,
             received: arrivals.len(),
@@ -129,6 +129,7 @@ impl Report {
         let mb =
             |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0));
         let rows = [
+            ("model", self.model.clone()),
             ("image", self.image.clone()),
             (
                 "requests",
