@@ -152,7 +152,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
         let verdicts = verdict_consumer(&brokers, &settings.kafka.verdict_topic, &run_id)?;
         // Publishing before the worker is in its group would count the join as latency.
+        let joining = Instant::now();
         while !readiness.not_ready().is_empty() {
+            if worker.is_finished() {
+                worker.await.context("worker task")??;
+                anyhow::bail!("the worker stopped before joining its consumer group");
+            }
+            if joining.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!(
+                    "the worker is not ready after 120 s: {}",
+                    readiness.not_ready().join(", ")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let sent = Arc::new(Mutex::new(vec![None; n]));
