@@ -63,11 +63,11 @@ pub struct BenchArgs {
     /// Full batches for the model-only ceiling.
     #[arg(long, default_value_t = 20)]
     pub ceiling_batches: usize,
-    /// A running Kafka cluster (topics bench-*.requests/verdicts/dlq must exist, or be
-    /// auto-created); default: the embedded broker.
+    /// A running Kafka cluster: the run creates its own topics there (bench-PID.requests,
+    /// .verdicts, .dlq; replication factor 1) and leaves them. Default: the embedded broker.
     #[arg(long)]
     pub brokers: Option<String>,
-    /// Partitions of the embedded broker's topics.
+    /// Partitions of the run's topics.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
     /// One JSON object on stdout (the table still goes to stderr).
@@ -116,9 +116,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     settings.kafka.verdict_topic = format!("{run_id}.verdicts");
     settings.kafka.dlq_topic = format!("{run_id}.dlq");
     settings.kafka.group_id = run_id.clone();
+    let topics = [
+        settings.kafka.input_topics[0].clone(),
+        settings.kafka.verdict_topic.clone(),
+        settings.kafka.dlq_topic.clone(),
+    ];
     let mut embedded = None;
     let brokers = match &args.brokers {
-        Some(b) => b.clone(),
+        Some(b) => {
+            create_topics(b, &topics, args.partitions)?;
+            b.clone()
+        }
         None => {
             let mock = MockCluster::new(1).context("start the embedded broker")?;
             for t in [
@@ -202,6 +210,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(report.errors == 0 && report.received == n)
+}
+
+/// The run's topics on a real cluster, through the admin API.
+fn create_topics(brokers: &str, topics: &[String], partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .with_context(|| format!("admin client for {brokers}"))?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    // Called before the bench's runtime exists: a small one of its own for this call.
+    let results = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(admin.create_topics(&new, &options))
+        .with_context(|| format!("create topics on {brokers}"))?;
+    for r in results {
+        if let Err((topic, e)) = r {
+            anyhow::bail!("create topic {topic} on {brokers}: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Full batches back to back through the model thread: what the model alone can do.
