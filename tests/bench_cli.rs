@@ -65,7 +65,8 @@ fn bench_runs_against_a_given_broker() {
     let image = common::fixtures().join("images/part_250.jpg");
     let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
         .args(["bench", "--device", "cpu", "--requests", "30", "--json"])
-        .args(["--ceiling-batches", "2", "--batch-max", "8", "--partitions", "2"])
+        .args(["--ceiling-batches", "2", "--batch-max", "8"])
+        .args(["--partitions", "2"])
         .args(["--brokers", &broker.brokers()])
         .arg("--model")
         .arg(common::tiny_model())
@@ -75,7 +76,10 @@ fn bench_runs_against_a_given_broker() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "clipqc bench --brokers failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "clipqc bench --brokers failed:\n{stderr}"
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(r["received"], 30, "{stderr}");
     assert_eq!(r["errors"], 0);

@@ -8,6 +8,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use serde_json::Value;
+
 use super::*;
 use crate::proto::v1::SourceRecord;
 

@@ -1,0 +1,102 @@
+//! The JSON a webhook is sent: Alertmanager's `POST /api/v2/alerts` body (an array of alerts;
+//! a resolved one carries an `endsAt` in the past) or one generic object per event.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+
+use super::Event;
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn timestamp(t: Option<&pbjson_types::Timestamp>) -> Option<SystemTime> {
+    let t = t.filter(|t| t.seconds > 0)?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32))
+}
+
+pub(super) fn alertmanager(event: &Event, worker: &str) -> Value {
+    let alert = match event {
+        Event::Defect(v) => {
+            let at = timestamp(v.decided_at.as_ref()).unwrap_or_else(SystemTime::now);
+            json!({
+                "labels": {
+                    "alertname": "ClipqcDefect",
+                    "severity": "warning",
+                    "line": v.line_id,
+                    "camera": v.camera_id,
+                    "class": v.top_class,
+                    "profile": v.profile,
+                },
+                "annotations": {
+                    "summary": format!("{} on line {} (camera {})", v.top_class, v.line_id, v.camera_id),
+                    "description": format!("DEFECT {} with probability {:.3}; request {}", v.top_class, v.probability, v.request_id),
+                    "request_id": v.request_id,
+                    "probability": format!("{:.4}", v.probability),
+                    "worker": worker,
+                },
+                "startsAt": rfc3339(at),
+            })
+        }
+        Event::Rate {
+            line,
+            firing,
+            rate,
+            verdicts,
+            window_seconds,
+            since,
+        } => {
+            let mut alert = json!({
+                "labels": {
+                    "alertname": "ClipqcLineDefectRate",
+                    "severity": "critical",
+                    "line": line,
+                },
+                "annotations": {
+                    "summary": format!("line {line}: {:.0}% defects over {window_seconds} s", rate * 100.0),
+                    "description": format!("{verdicts} verdicts in the window; defect rate {rate:.3}"),
+                    "worker": worker,
+                },
+            });
+            // A resolved alert is one whose end lies in the past.
+            let key = if *firing { "startsAt" } else { "endsAt" };
+            alert[key] = Value::String(rfc3339(*since));
+            alert
+        }
+    };
+    Value::Array(vec![alert])
+}
+
+pub(super) fn generic(event: &Event, worker: &str) -> Value {
+    match event {
+        Event::Defect(v) => json!({
+            "event": "defect",
+            "request_id": v.request_id,
+            "camera_id": v.camera_id,
+            "line_id": v.line_id,
+            "profile": v.profile,
+            "class": v.top_class,
+            "probability": v.probability,
+            "decided_at": timestamp(v.decided_at.as_ref()).map(rfc3339),
+            "source": v.source.as_ref().map(|s| json!({"topic": s.topic, "partition": s.partition, "offset": s.offset})),
+            "worker": worker,
+        }),
+        Event::Rate {
+            line,
+            firing,
+            rate,
+            verdicts,
+            window_seconds,
+            since,
+        } => json!({
+            "event": if *firing { "defect_rate_firing" } else { "defect_rate_resolved" },
+            "line_id": line,
+            "defect_rate": rate,
+            "verdicts": verdicts,
+            "window_seconds": window_seconds,
+            "at": rfc3339(*since),
+            "worker": worker,
+        }),
+    }
+}
