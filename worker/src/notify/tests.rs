@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use tokio::sync::mpsc::UnboundedReceiver;
-
 use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
 use crate::proto::v1::SourceRecord;
