@@ -56,6 +56,12 @@ impl From<&PreprocessError> for Failure {
     }
 }
 
+/// A protobuf timestamp as a `SystemTime` (negative parts clamp to the epoch).
+pub fn system_time(t: &pbjson_types::Timestamp) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+}
+
 fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     pbjson_types::Timestamp {

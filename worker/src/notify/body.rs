@@ -1,7 +1,7 @@
 //! The JSON a webhook is sent: Alertmanager's `POST /api/v2/alerts` body (an array of alerts;
 //! a resolved one carries an `endsAt` in the past) or one generic object per event.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
@@ -12,8 +12,7 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn timestamp(t: Option<&pbjson_types::Timestamp>) -> Option<SystemTime> {
-    let t = t.filter(|t| t.seconds > 0)?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32))
+    t.filter(|t| t.seconds > 0).map(crate::verdict::system_time)
 }
 
 pub(super) fn alertmanager(event: &Event, worker: &str) -> Value {

@@ -8,7 +8,7 @@
 //! while it holds them.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -104,9 +104,7 @@ fn count(v: &crate::proto::v1::Verdict, now: SystemTime) {
         }
     }
     if let Some(t) = v.captured_at.as_ref().filter(|t| t.seconds > 0) {
-        let captured =
-            SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32);
-        if let Ok(age) = now.duration_since(captured) {
+        if let Ok(age) = now.duration_since(verdict::system_time(t)) {
             metrics::capture_to_verdict(age.as_secs_f64());
         }
     }
@@ -223,11 +221,9 @@ async fn decide<'a>(
 }
 
 fn past_deadline(r: &InspectionRequest) -> bool {
-    r.deadline.as_ref().is_some_and(|d| {
-        let deadline =
-            SystemTime::UNIX_EPOCH + Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
-        SystemTime::now() > deadline
-    })
+    r.deadline
+        .as_ref()
+        .is_some_and(|d| SystemTime::now() > verdict::system_time(d))
 }
 
 /// Bytes held by records in flight, capped.
@@ -296,6 +292,8 @@ impl Drop for Reserved<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
