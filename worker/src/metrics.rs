@@ -50,16 +50,10 @@ pub fn install() -> PrometheusHandle {
     ] {
         gauge!(name).set(0.0);
     }
-    for stage in [
-        "decode_request",
-        "fetch",
-        "decode_image",
-        "deadline",
-        "model",
-    ] {
+    for stage in crate::verdict::stage::ALL {
         counter!("clipqc_dead_letters_total", "stage" => stage).absolute(0);
     }
-    for kind in ["forbidden", "too_large", "failed"] {
+    for kind in crate::fetch::FetchError::KINDS {
         counter!("clipqc_fetch_errors_total", "kind" => kind).absolute(0);
     }
     handle

@@ -42,7 +42,11 @@ impl Failure {
 
 impl From<&RequestError> for Failure {
     fn from(e: &RequestError) -> Self {
-        Self::new(ErrorCode::InvalidRequest, "decode_request", e.to_string())
+        Self::new(
+            ErrorCode::InvalidRequest,
+            stage::DECODE_REQUEST,
+            e.to_string(),
+        )
     }
 }
 
@@ -52,8 +56,19 @@ impl From<&PreprocessError> for Failure {
             PreprocessError::TooLarge { .. } => ErrorCode::TooLarge,
             _ => ErrorCode::DecodeFailed,
         };
-        Self::new(code, "decode_image", e.to_string())
+        Self::new(code, stage::DECODE_IMAGE, e.to_string())
     }
+}
+
+/// The stages a record can fail at: a failed verdict's `error.stage`, its dead letter's
+/// `__connect.errors.stage` header and the `stage` label of `clipqc_dead_letters_total`.
+pub mod stage {
+    pub const DECODE_REQUEST: &str = "decode_request";
+    pub const FETCH: &str = "fetch";
+    pub const DECODE_IMAGE: &str = "decode_image";
+    pub const DEADLINE: &str = "deadline";
+    pub const MODEL: &str = "model";
+    pub const ALL: [&str; 5] = [DECODE_REQUEST, FETCH, DECODE_IMAGE, DEADLINE, MODEL];
 }
 
 /// A protobuf timestamp as a `SystemTime` (negative parts clamp to the epoch).

@@ -45,7 +45,10 @@ impl FetchError {
         }
     }
 
-    /// The metrics label of this error.
+    /// Every [`FetchError::kind`], for the metrics to start each at 0.
+    pub const KINDS: [&'static str; 3] = ["forbidden", "too_large", "failed"];
+
+    /// The metrics label of this error (one of [`FetchError::KINDS`]).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Forbidden { .. } => "forbidden",

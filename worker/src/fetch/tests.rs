@@ -237,3 +237,24 @@ async fn inline_images_respect_the_size_limit() {
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::TooLarge);
 }
+
+#[test]
+fn every_error_kind_is_listed_for_the_metrics() {
+    let errors = [
+        FetchError::Forbidden {
+            uri: "u".into(),
+            reason: "r".into(),
+        },
+        FetchError::TooLarge {
+            uri: "u".into(),
+            limit: 1,
+        },
+        FetchError::Failed {
+            uri: "u".into(),
+            message: "m".into(),
+            transient: false,
+        },
+    ];
+    let kinds: Vec<&str> = errors.iter().map(FetchError::kind).collect();
+    assert_eq!(kinds, FetchError::KINDS);
+}

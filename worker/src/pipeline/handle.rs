@@ -23,7 +23,7 @@ use crate::request;
 use crate::score::Decision;
 use crate::source;
 use crate::trace_context;
-use crate::verdict::{self, Failure};
+use crate::verdict::{self, stage, Failure};
 
 /// One record to its verdict (and dead letter), published. Returns whether every record was
 /// acknowledged by the broker.
@@ -147,14 +147,14 @@ async fn decide<'a>(
     let Some(profile) = shared.profiles.get(name) else {
         return Err(failed(
             ErrorCode::UnknownProfile,
-            "decode_request",
+            stage::DECODE_REQUEST,
             format!("unknown profile {name:?}"),
         ));
     };
     if past_deadline(&request) {
         return Err(failed(
             ErrorCode::DeadlineExceeded,
-            "deadline",
+            stage::DEADLINE,
             "deadline passed before fetching".into(),
         ));
     }
@@ -165,7 +165,7 @@ async fn decide<'a>(
     let t = Instant::now();
     let bytes = shared.fetcher.fetch(&image).await.map_err(|e| {
         metrics::fetch_error(e.kind());
-        failed(e.code(), "fetch", e.to_string())
+        failed(e.code(), stage::FETCH, e.to_string())
     })?;
     lat.fetch_seconds = t.elapsed().as_secs_f64();
 
@@ -189,7 +189,7 @@ async fn decide<'a>(
     if past_deadline(&request) {
         return Err(failed(
             ErrorCode::DeadlineExceeded,
-            "deadline",
+            stage::DEADLINE,
             "deadline passed before inference".into(),
         ));
     }
@@ -211,7 +211,7 @@ async fn decide<'a>(
     let embedding = match answer.await {
         Ok(Embedded::Ok(e)) => e,
         Ok(Embedded::Failed(message)) => {
-            return Err(failed(ErrorCode::ModelFailed, "model", message))
+            return Err(failed(ErrorCode::ModelFailed, stage::MODEL, message))
         }
         Ok(Embedded::Broken) | Err(_) => return Err(Stop::Abandon),
     };
