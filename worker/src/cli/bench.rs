@@ -246,13 +246,7 @@ fn ceiling(
     batch: usize,
     batches: usize,
 ) -> anyhow::Result<Ceiling> {
-    let make = || {
-        let mut b = ImageBatch::new(size);
-        for _ in 0..batch.max(1) {
-            b.push(pixels);
-        }
-        b
-    };
+    let make = || ImageBatch::repeated(size, pixels, batch.max(1));
     let started = Instant::now();
     // Two in the model thread's queue at a time, as the pipeline keeps it.
     let mut pending = std::collections::VecDeque::new();

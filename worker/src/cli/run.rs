@@ -187,13 +187,10 @@ pub(crate) fn warm_up(
         .values()
         .next()
         .map_or(224, |p| p.preprocessor.size());
+    let zeros = vec![0.0f32; 3 * size * size];
     let started = Instant::now();
     for _ in 0..2 {
-        let mut batch = ImageBatch::new(size);
-        let zeros = vec![0.0f32; 3 * size * size];
-        for _ in 0..max_size.max(1) {
-            batch.push(&zeros);
-        }
+        let batch = ImageBatch::repeated(size, &zeros, max_size.max(1));
         model.embed_images_blocking(batch).context("warm-up pass")?;
     }
     let took = started.elapsed();

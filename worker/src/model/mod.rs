@@ -71,6 +71,15 @@ impl ImageBatch {
         self.data.extend_from_slice(pixels);
         self.n += 1;
     }
+
+    /// `n` copies of one image: a full batch for warm-up and for measuring the model alone.
+    pub fn repeated(size: usize, pixels: &[f32], n: usize) -> Self {
+        let mut batch = Self::new(size);
+        for _ in 0..n {
+            batch.push(pixels);
+        }
+        batch
+    }
 }
 
 /// A batch of tokenized texts: `n` × `len` ids and the matching attention mask (1 = token).
