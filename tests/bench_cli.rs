@@ -6,22 +6,38 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn bench_reports_every_request_with_the_ceiling_and_latencies() {
-    let image = common::fixtures().join("images/part_250.jpg");
+/// `clipqc bench --json` on the tiny model, CPU, the fixtures' 250×250 JPEG, plus `args`;
+/// asserts it succeeded and returns its JSON report and its stderr.
+fn bench(args: &[&str]) -> (serde_json::Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["bench", "--device", "cpu", "--requests", "60", "--json"])
-        .args(["--ceiling-batches", "4", "--batch-max", "8"])
+        .args(["bench", "--device", "cpu", "--json"])
+        .args(args)
         .arg("--model")
         .arg(common::tiny_model())
         .arg("--image")
-        .arg(&image)
+        .arg(common::fixtures().join("images/part_250.jpg"))
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "clipqc bench failed:\n{stderr}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "clipqc bench {args:?} failed:\n{stderr}"
+    );
+    let report = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    (report, stderr)
+}
+
+#[test]
+fn bench_reports_every_request_with_the_ceiling_and_latencies() {
+    let (r, stderr) = bench(&[
+        "--requests",
+        "60",
+        "--ceiling-batches",
+        "4",
+        "--batch-max",
+        "8",
+    ]);
     assert_eq!(r["requests"], 60);
     assert_eq!(r["received"], 60);
     assert_eq!(r["errors"], 0);
@@ -62,25 +78,18 @@ fn bench_names_a_missing_image() {
 fn bench_runs_against_a_given_broker() {
     let _serial = common::e2e::serial();
     let broker = common::e2e::Broker::start();
-    let image = common::fixtures().join("images/part_250.jpg");
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["bench", "--device", "cpu", "--requests", "30", "--json"])
-        .args(["--ceiling-batches", "2", "--batch-max", "8"])
-        .args(["--partitions", "2"])
-        .args(["--brokers", &broker.brokers()])
-        .arg("--model")
-        .arg(common::tiny_model())
-        .arg("--image")
-        .arg(&image)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "clipqc bench --brokers failed:\n{stderr}"
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let (r, stderr) = bench(&[
+        "--requests",
+        "30",
+        "--ceiling-batches",
+        "2",
+        "--batch-max",
+        "8",
+        "--partitions",
+        "2",
+        "--brokers",
+        &broker.brokers(),
+    ]);
     assert_eq!(r["received"], 30, "{stderr}");
     assert_eq!(r["errors"], 0);
 }
