@@ -117,32 +117,22 @@ pub struct ImageServer {
 
 impl ImageServer {
     pub fn start(dir: &Path) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let dir = dir.to_path_buf();
-        let addr = runtime.block_on(async move {
-            let app = axum::Router::new().route(
-                "/{name}",
-                axum::routing::get(
-                    move |axum::extract::Path(name): axum::extract::Path<String>| {
-                        let path = dir.join(&name);
-                        async move {
-                            match tokio::fs::read(&path).await {
-                                Ok(bytes) => Ok(bytes),
-                                Err(_) => Err(axum::http::StatusCode::NOT_FOUND),
-                            }
+        let app = axum::Router::new().route(
+            "/{name}",
+            axum::routing::get(
+                move |axum::extract::Path(name): axum::extract::Path<String>| {
+                    let path = dir.join(&name);
+                    async move {
+                        match tokio::fs::read(&path).await {
+                            Ok(bytes) => Ok(bytes),
+                            Err(_) => Err(axum::http::StatusCode::NOT_FOUND),
                         }
-                    },
-                ),
-            );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-            addr
-        });
+                    }
+                },
+            ),
+        );
+        let (addr, runtime) = serve_in_background(app);
         Self {
             addr,
             _runtime: runtime,
@@ -152,6 +142,23 @@ impl ImageServer {
     pub fn url(&self, name: &str) -> String {
         format!("http://{}/{name}", self.addr)
     }
+}
+
+/// Serve `app` on a loopback port from a runtime of its own (tests here are synchronous);
+/// the server lives as long as the returned runtime.
+pub fn serve_in_background(app: axum::Router) -> (SocketAddr, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    });
+    (addr, runtime)
 }
 
 /// The worker's topics and group for one test.

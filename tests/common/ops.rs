@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::e2e::{free_port, tail, wait_for_port};
+use super::e2e::{free_port, serve_in_background, tail, wait_for_port};
 
 /// A binary from PATH (`scripts/check-monitoring.sh` installs Debian's packages).
 fn binary(names: &[&str]) -> PathBuf {
@@ -181,32 +181,22 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let sink = bodies.clone();
-        let addr = runtime.block_on(async move {
-            let app = axum::Router::new().route(
-                "/{*path}",
-                axum::routing::post(
-                    move |axum::extract::Path(path): axum::extract::Path<String>,
-                          axum::Json(body): axum::Json<Value>| {
-                        let sink = sink.clone();
-                        async move {
-                            sink.lock().unwrap().push((path, body));
-                            axum::http::StatusCode::OK
-                        }
-                    },
-                ),
-            );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-            addr
-        });
+        let app = axum::Router::new().route(
+            "/{*path}",
+            axum::routing::post(
+                move |axum::extract::Path(path): axum::extract::Path<String>,
+                      axum::Json(body): axum::Json<Value>| {
+                    let sink = sink.clone();
+                    async move {
+                        sink.lock().unwrap().push((path, body));
+                        axum::http::StatusCode::OK
+                    }
+                },
+            ),
+        );
+        let (addr, runtime) = serve_in_background(app);
         Self {
             addr,
             bodies,
