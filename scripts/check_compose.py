@@ -17,6 +17,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from checks import check, summary
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -24,19 +26,6 @@ CPU = DEPLOY / "compose.cpu.yaml"
 # Host paths that are inputs of the person running the stack, not files of the repository.
 USER_INPUTS = {ROOT / "models"}
 
-failures: list[str] = []
-passes = 0
-
-
-def check(cond: bool, what: str) -> bool:
-    global passes
-    if cond:
-        passes += 1
-        print(f"  ok   {what}")
-    else:
-        failures.append(what)
-        print(f"  FAIL {what}")
-    return cond
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -159,10 +148,7 @@ def main() -> int:
     if home:
         check((DEPLOY / "grafana" / "dashboards" / Path(home).name).is_file(), f"Grafana home dashboard {home} exists")
 
-    print(f"{passes} passed, {len(failures)} failed")
-    for f in failures:
-        print(f"FAILED: {f}", file=sys.stderr)
-    return 1 if failures else 0
+    return summary()
 
 
 if __name__ == "__main__":
