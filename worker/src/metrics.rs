@@ -110,7 +110,7 @@ fn describe() {
     describe_gauge!(
         "clipqc_consumer_lag",
         Unit::Count,
-        "Records behind the partition's end, per assigned partition (librdkafka statistics)."
+        "Records behind the partition's end, per partition this worker owns (librdkafka statistics); 0 once it moved away."
     );
     describe_counter!(
         "clipqc_model_batch_failures_total",

@@ -41,13 +41,34 @@ impl ClientContext for SourceContext {
     /// librdkafka's statistics (every `statistics.interval.ms`): the lag of each partition
     /// this worker consumes.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (id, p) in &t.partitions {
-                // -1 (unknown) and the internal partition -1 are not lags.
-                if *id >= 0 && p.consumer_lag >= 0 {
-                    metrics::consumer_lag(topic, *id, p.consumer_lag);
-                }
+        self.report_lag(statistics.topics.iter().flat_map(|(topic, t)| {
+            t.partitions
+                .iter()
+                .map(move |(id, p)| (topic.as_str(), *id, p.consumer_lag))
+        }));
+    }
+}
+
+impl SourceContext {
+    /// Lag gauges for the partitions this worker owns. librdkafka keeps reporting a lag for a
+    /// partition after it moved to another worker (frozen at its last value), which would
+    /// count that partition twice in a sum over workers: only owned partitions are reported.
+    fn report_lag<'a>(&self, lags: impl Iterator<Item = (&'a str, i32, i64)>) {
+        for (topic, partition, lag) in lags {
+            // -1 (unknown) and the internal partition -1 are not lags.
+            if partition >= 0
+                && lag >= 0
+                && self.ledger.is_assigned(&Partition::new(topic, partition))
+            {
+                metrics::consumer_lag(topic, partition, lag);
             }
+        }
+    }
+
+    /// Revoked partitions' lag goes to 0 here: their next owner reports it from now on.
+    fn released(&self, partitions: &[Partition]) {
+        for p in partitions {
+            metrics::consumer_lag(&p.topic, p.partition, 0);
         }
     }
 }
@@ -71,6 +92,7 @@ impl ConsumerContext for SourceContext {
             }
             _ => wait(),
         };
+        self.released(&partitions);
         if left > 0 {
             tracing::warn!(left, "drain bound reached on revocation: those records will be processed again by the partitions' next owner");
         }
@@ -168,4 +190,69 @@ pub fn header<'a>(msg: &'a impl Message, name: &str) -> Option<&'a str> {
         .find(|h| h.key.eq_ignore_ascii_case(name))
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> SourceContext {
+        SourceContext {
+            ledger: Arc::new(Ledger::new()),
+            readiness: Arc::new(Readiness::default()),
+            drain_timeout: Duration::from_millis(10),
+        }
+    }
+
+    fn lag_series(rendered: &str) -> Vec<&str> {
+        rendered
+            .lines()
+            .filter(|l| l.starts_with("clipqc_consumer_lag{"))
+            .collect()
+    }
+
+    #[test]
+    fn lag_is_reported_for_owned_partitions_only_and_zeroed_when_they_move() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let ctx = context();
+        let (p0, p1) = (Partition::new("req", 0), Partition::new("req", 1));
+        ctx.ledger.assigned(&[p0.clone(), p1.clone()]);
+        ::metrics::with_local_recorder(&recorder, || {
+            ctx.report_lag(
+                [("req", 0, 7), ("req", 1, 3), ("req", 2, 9), ("req", -1, 4)].into_iter(),
+            );
+            ctx.report_lag([("req", 0, -1)].into_iter()); // unknown: the last value stays
+        });
+        let mut series = lag_series(&handle.render())
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        series.sort();
+        assert_eq!(
+            series,
+            [
+                r#"clipqc_consumer_lag{topic="req",partition="0"} 7"#,
+                r#"clipqc_consumer_lag{topic="req",partition="1"} 3"#,
+            ]
+        );
+
+        // Partition 1 moves to another worker; librdkafka still reports its frozen lag.
+        ctx.ledger
+            .revoke(std::slice::from_ref(&p1), Duration::from_millis(10));
+        ::metrics::with_local_recorder(&recorder, || {
+            ctx.released(std::slice::from_ref(&p1));
+            ctx.report_lag([("req", 0, 2), ("req", 1, 3)].into_iter());
+        });
+        let rendered = handle.render();
+        let series = lag_series(&rendered);
+        assert!(
+            series.contains(&r#"clipqc_consumer_lag{topic="req",partition="0"} 2"#),
+            "{series:?}"
+        );
+        assert!(
+            series.contains(&r#"clipqc_consumer_lag{topic="req",partition="1"} 0"#),
+            "{series:?}"
+        );
+    }
 }

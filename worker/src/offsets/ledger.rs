@@ -55,6 +55,11 @@ impl Ledger {
         self.lock().assigned.get(p).copied().unwrap_or(0)
     }
 
+    /// Whether `p` is assigned to this worker now.
+    pub fn is_assigned(&self, p: &Partition) -> bool {
+        self.lock().assigned.contains_key(p)
+    }
+
     /// A record taken for processing. Returns false when the partition has been revoked
     /// since the record arrived (`epoch` is out of date): drop the record, its partition's
     /// new owner will process it.
