@@ -10,34 +10,18 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
 use common::e2e::*;
 
 /// The group's committed position per partition, read with rdkafka.
 fn committed(broker: &Broker, topics: &Topics, partitions: i32) -> HashMap<i32, i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .set("group.id", &topics.group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(&topics.requests, p);
-    }
-    c.committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .map(|e| {
-            let o = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            (e.partition(), o)
-        })
-        .collect()
+    common::committed_positions(
+        &broker.brokers(),
+        &topics.group,
+        &topics.requests,
+        partitions,
+    )
+    .into_iter()
+    .collect()
 }
 
 /// The end of each partition, from what the client published.

@@ -17,7 +17,6 @@ use prost::Message as _;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::Offset;
 use tokio_util::sync::CancellationToken;
 
 use common::kafka::*;
@@ -54,16 +53,6 @@ async fn collect(verdicts: &StreamConsumer, n: usize, patience: Duration) -> See
     let mut seen = Seen::default();
     seen.read(verdicts, n, patience).await;
     seen
-}
-
-fn committed_total(brokers: &str, group: &str) -> i64 {
-    committed(brokers, group)
-        .iter()
-        .map(|(_, o)| match o {
-            Offset::Offset(o) => *o,
-            _ => 0,
-        })
-        .sum()
 }
 
 /// Run a worker on `settings` until `until` completes, then stop it; returns its stats.
@@ -154,14 +143,12 @@ async fn refused_produce_and_commit_requests_lose_nothing() {
     let first = seen.by_source.len();
     stats.unwrap();
     let committed_by_first = committed(&brokers, "clipqc-refused");
-    for (partition, offset) in &committed_by_first {
-        if let Offset::Offset(o) = offset {
-            for o in 0..*o {
-                assert!(
-                    seen.by_source.contains_key(&(*partition, o)),
-                    "committed past {partition}/{o} without its verdict"
-                );
-            }
+    for (partition, position) in committed_by_first {
+        for o in 0..position {
+            assert!(
+                seen.by_source.contains_key(&(partition, o)),
+                "committed past {partition}/{o} without its verdict"
+            );
         }
     }
     mock.clear_request_errors(RDKafkaApiKey::Produce);
@@ -234,11 +221,7 @@ async fn a_broken_model_stops_the_worker_instead_of_failing_every_record() {
     assert!(seen.len() <= 2 * 4, "{} error verdicts", seen.len());
     // Only offsets with a verdict are committed: the rest wait for a healthy worker.
     let committed = committed(&brokers, "clipqc-broken");
-    for (partition, offset) in committed {
-        let position = match offset {
-            Offset::Offset(o) => o,
-            _ => 0,
-        };
+    for (partition, position) in committed {
         for o in 0..position {
             assert!(
                 seen.contains_key(&(partition, o)),

@@ -13,7 +13,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 
 pub const PARTITIONS: i32 = 3;
 
@@ -100,23 +99,12 @@ pub fn slow_model(delay: Duration) -> (ModelOwner, clipqc::model::ModelHandle) {
     .unwrap()
 }
 
-/// The group's committed position of every input partition.
-pub fn committed(brokers: &str, group: &str) -> Vec<(i32, Offset)> {
-    let check: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition("clipqc.requests", p);
-    }
-    let committed = check
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    committed
-        .elements()
-        .iter()
-        .map(|e| (e.partition(), e.offset()))
-        .collect()
+/// The group's committed position on every input partition (0 where nothing is committed).
+pub fn committed(brokers: &str, group: &str) -> std::collections::BTreeMap<i32, i64> {
+    super::committed_positions(brokers, group, "clipqc.requests", PARTITIONS)
+}
+
+/// The sum of the group's committed positions: the number of records it has finished.
+pub fn committed_total(brokers: &str, group: &str) -> i64 {
+    committed(brokers, group).values().sum()
 }

@@ -52,3 +52,32 @@ pub fn logs() {
 }
 pub mod e2e;
 pub mod ops;
+
+/// A consumer group's committed position on each of `partitions` partitions of `topic`, read
+/// back from the broker (0 where the group has committed nothing).
+pub fn committed_positions(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> std::collections::BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    c.committed_offsets(tpl, std::time::Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => (e.partition(), o),
+            _ => (e.partition(), 0),
+        })
+        .collect()
+}

@@ -12,13 +12,8 @@ use super::e2e::{free_port, serve_in_background, tail, wait_for_port};
 
 /// A binary from PATH (`scripts/check-monitoring.sh` installs Debian's packages).
 fn binary(names: &[&str]) -> PathBuf {
-    for name in names {
-        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
+    if let Some(p) = names.iter().find_map(|n| which::which(n).ok()) {
+        return p;
     }
     panic!("none of {names:?} on PATH: install Debian's prometheus and prometheus-alertmanager (scripts/check-monitoring.sh does)")
 }
