@@ -73,7 +73,15 @@ impl Sink {
                 _ = abort.cancelled() => return false,
             };
             match result {
-                Ok(_) => return true,
+                Ok(d) => {
+                    tracing::debug!(
+                        topic = record.topic,
+                        partition = d.partition,
+                        offset = d.offset,
+                        "delivered"
+                    );
+                    return true;
+                }
                 Err((e, _)) => {
                     tracing::warn!(topic = record.topic, error = %e, retry_in = ?delay, "publish failed; retrying");
                     tokio::select! {
