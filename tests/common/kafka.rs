@@ -108,3 +108,61 @@ pub fn committed(brokers: &str, group: &str) -> std::collections::BTreeMap<i32, 
 pub fn committed_total(brokers: &str, group: &str) -> i64 {
     committed(brokers, group).values().sum()
 }
+
+/// Every record of `topic` from the beginning to the high watermark, read by assignment (no
+/// group), payloads decoded with `decode`: what the broker holds, independent of any reader.
+pub fn read_all<T>(brokers: &str, topic: &str, decode: impl Fn(&[u8]) -> T) -> Vec<(i32, i64, T)> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::message::Message as _;
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "read-all")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for p in 0..PARTITIONS {
+        let (_, high) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(5))
+            .unwrap();
+        ends.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let done = |out: &Vec<(i32, i64, T)>| {
+        ends.iter()
+            .all(|(&p, &end)| end == 0 || out.iter().any(|(q, o, _)| *q == p && *o == end - 1))
+    };
+    while !done(&out) && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push((
+                m.partition(),
+                m.offset(),
+                decode(m.payload().unwrap_or_default()),
+            ));
+        }
+    }
+    out
+}
+
+/// The high watermark of each partition of `topic`.
+pub fn ends(brokers: &str, topic: &str) -> std::collections::BTreeMap<i32, i64> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    (0..PARTITIONS)
+        .map(|p| {
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .unwrap();
+            (p, high)
+        })
+        .collect()
+}
