@@ -46,7 +46,6 @@ RUN python3 -m venv /opt/venv \
 # nothing references its symbols, so --as-needed would drop it and tch would never see a GPU.
 ENV PATH=/opt/venv/bin:$PATH \
     LIBTORCH_USE_PYTORCH=1 \
-    LIBTORCH_BYPASS_VERSION_CHECK=0 \
     RUSTFLAGS="-C link-args=-Wl,--no-as-needed" \
     CARGO_TERM_COLOR=never
 

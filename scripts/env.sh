@@ -32,9 +32,12 @@ fi
 ln -sfn "$VENV" "$ROOT/.venv"
 
 export PATH="$VENV/bin:$PATH"
-# torch-sys finds libtorch inside the installed torch package.
-export LIBTORCH_USE_PYTORCH=1
-export LIBTORCH_BYPASS_VERSION_CHECK="${LIBTORCH_BYPASS_VERSION_CHECK:-0}"
+# torch-sys finds libtorch inside the installed torch package (and checks its version). Any
+# value turns this on; the environment's path is used because torch-sys re-runs its build
+# script when this variable changes, but not when another Python comes first on PATH: with
+# `=1`, a new environment (requirements changed, old one removed) left existing builds linking
+# against the removed one ("unable to find library -ltorch_cuda").
+export LIBTORCH_USE_PYTORCH="$VENV"
 TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export TORCH_LIB
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
