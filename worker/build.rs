@@ -19,7 +19,12 @@ fn main() {
 }
 
 fn compile_protos() {
-    let proto_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not with env!(): cargo reuses a compiled build script when the checkout
+    // moves (its hash does not include the path), and a path baked in at compile time then
+    // points at the old place.
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let proto_root = Path::new(&manifest_dir).join("../proto");
     let file = proto_root.join("clipqc/v1/inspection.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&proto_root])
