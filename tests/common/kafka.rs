@@ -122,13 +122,9 @@ pub fn read_all<T>(brokers: &str, topic: &str, decode: impl Fn(&[u8]) -> T) -> V
         .set("isolation.level", "read_uncommitted")
         .create()
         .unwrap();
+    let ends = ends(brokers, topic);
     let mut tpl = TopicPartitionList::new();
-    let mut ends = std::collections::HashMap::new();
     for p in 0..PARTITIONS {
-        let (_, high) = c
-            .fetch_watermarks(topic, p, Duration::from_secs(5))
-            .unwrap();
-        ends.insert(p, high);
         tpl.add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
