@@ -18,7 +18,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -96,12 +96,22 @@ impl ConsumerContext for SourceContext {
         if left > 0 {
             tracing::warn!(left, "drain bound reached on revocation: those records will be processed again by the partitions' next owner");
         }
-        if !positions.is_empty() {
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::info!(error = %e, "commit on revocation");
-            }
+        if positions.is_empty() {
+            return;
         }
-        tracing::info!(?positions, "revoked partitions committed");
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!(?positions, "revoked partitions committed"),
+            // Nothing stored since the last commit (auto-commit or the drain's final commit
+            // got there first): the positions are already the group's.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                tracing::info!(?positions, "revoked partitions already committed")
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                ?positions,
+                "commit on revocation failed: the partitions' next owner starts from the last commit and repeats the records after it"
+            ),
+        }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
