@@ -91,7 +91,7 @@ def e2e(ours_json: Path, baseline_json: Path) -> int:
           f"{'max rate' if not ours['rate'] else str(ours['rate']) + '/s'}; mean batch "
           f"{ours['batch']['mean_size']:.1f} (fill {ours['batch']['mean_fill']:.2f}); peak RSS "
           f"{(ours['memory']['peak_rss_bytes'] or 0) / 2**20:.0f} MiB")
-    return 0
+    return 0 if ratio >= TARGET_CPU_CEILING else 1
 
 
 def main() -> int:

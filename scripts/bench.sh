@@ -13,6 +13,8 @@
 #                                a sustained run (default 600 s at 80 % of the CPU ceiling):
 #                                RSS at the first minute and at the end
 #   benches/gpu.sh               the GPU machine's script (see its header; no Rust there)
+#
+# Exit status 1 when a target the command checks is missed (everything is printed first).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -73,6 +75,7 @@ print(f"sustained {r['seconds']:.0f} s at {r['rate']}/s: {r['received']}/{r['req
       f"RSS at 60 s {mib(m['rss_at_60s_bytes'])}, at end {mib(m['rss_end_bytes'])}, "
       f"change {change:+.1f} % (target within ±5 %: {'met' if change is not None and abs(change) <= 5 else 'MISSED'}); "
       f"p99 {r['latency_ms']['p99']:.0f} ms")
+sys.exit(0 if change is not None and abs(change) <= 5 else 1)
 PY
     ;;
   *)
