@@ -8,8 +8,16 @@
 //! verdict arriving at a consumer. Throughput is the steady state: verdicts between the 10th
 //! and the 90th percentile of arrival, over the time between them (start-up and tail
 //! excluded). Peak RSS is the process's (VmHWM), model included.
+//!
+//! On the embedded broker the publisher spreads requests evenly over the partitions and keeps
+//! at most `max_outstanding` of each partition's requests unanswered: librdkafka's mock broker
+//! keeps only the newest 5 MiB (or 100,000 records) of each partition and silently drops
+//! older records, so a deeper backlog loses requests (measured: 4,000 inline 250×250 JPEGs on
+//! 4 partitions gave 1,195 verdicts; with one window over all partitions, 3,419, because the
+//! worker drained one partition more slowly than the others).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,7 +75,8 @@ pub struct BenchArgs {
     /// .verdicts, .dlq; replication factor 1) and leaves them. Default: the embedded broker.
     #[arg(long)]
     pub brokers: Option<String>,
-    /// Partitions of the run's topics.
+    /// Partitions of the run's topics (the embedded broker gets more when it would otherwise
+    /// hold fewer than four full batches of the image).
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
     /// One JSON object on stdout (the table still goes to stderr).
@@ -121,10 +130,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         settings.kafka.verdict_topic.clone(),
         settings.kafka.dlq_topic.clone(),
     ];
+    // The embedded broker's window, and enough partitions that it holds four full batches.
+    let max_outstanding = match args.brokers {
+        Some(_) => None,
+        None => Some(embedded_window(image.len() + 64)),
+    };
+    let mut partitions = args.partitions.max(1) as usize;
+    if let Some(w) = max_outstanding {
+        partitions = partitions.max((4 * settings.batch.max_size).div_ceil(w));
+        eprintln!(
+            "embedded broker: {partitions} partitions, at most {w} requests unanswered on each \
+             (it keeps {} MiB per partition)",
+            MOCK_PARTITION_BYTES / 1048576
+        );
+    }
     let mut embedded = None;
     let brokers = match &args.brokers {
         Some(b) => {
-            create_topics(b, &topics, args.partitions)?;
+            create_topics(b, &topics, partitions as i32)?;
             b.clone()
         }
         None => {
@@ -134,7 +157,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
                 &settings.kafka.verdict_topic,
                 &settings.kafka.dlq_topic,
             ] {
-                mock.create_topic(t, args.partitions, 1)?;
+                mock.create_topic(t, partitions as i32, 1)?;
             }
             let servers = mock.bootstrap_servers();
             embedded = Some(mock);
@@ -175,17 +198,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let sent = Arc::new(Mutex::new(vec![None; n]));
+        let answered: Answered = Arc::new((0..partitions).map(|_| AtomicUsize::new(0)).collect());
         let producer = tokio::spawn(publish(
             brokers.clone(),
             settings.kafka.input_topics[0].clone(),
             image,
             n,
-            args.rate,
+            Pace {
+                rate: args.rate,
+                max_outstanding,
+                answered: answered.clone(),
+            },
             sent.clone(),
         ));
         let rss = tokio::spawn(sample_rss());
-        let arrivals = receive(&verdicts, n, &sent).await;
-        producer.await.context("producer task")??;
+        let arrivals = receive(&verdicts, n, &sent, &answered).await;
+        if arrivals.len() < n && !producer.is_finished() {
+            // The receiver gave up; a publisher waiting for answers would wait forever.
+            producer.abort();
+        } else {
+            producer.await.context("producer task")??;
+        }
         rss.abort();
         shutdown.cancel();
         let stats = worker.await.context("worker task")??;
@@ -197,7 +230,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     owner.join();
     drop(embedded);
 
-    let report = Report::new(
+    let mut report = Report::new(
         &args,
         described,
         n,
@@ -205,6 +238,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         ceiling,
         &metrics_handle.render(),
     );
+    report.max_outstanding = max_outstanding;
     eprintln!("{}", report.table());
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -295,15 +329,40 @@ fn verdict_consumer(brokers: &str, topic: &str, run_id: &str) -> anyhow::Result<
 
 type Sent = Arc<Mutex<Vec<Option<Instant>>>>;
 
-/// Publish `n` requests, `rate` per second (0: at once), noting when each was handed over.
+/// How fast the publisher goes.
+struct Pace {
+    /// Requests per second (0: as fast as the producer goes).
+    rate: f64,
+    /// With a limit (the embedded broker's), request `i` goes to partition `i % partitions`
+    /// and waits until fewer than this many of that partition's requests are unanswered.
+    max_outstanding: Option<usize>,
+    /// Distinct requests answered so far per partition, counted by the receiver.
+    answered: Answered,
+}
+
+/// Requests answered, per partition of the requests topic (request `i` on `i % len`).
+type Answered = Arc<Vec<AtomicUsize>>;
+
+/// Requests of `record_bytes` one partition of the embedded broker holds without dropping
+/// any: 4 of the mock's 5 MiB (headroom for record overhead), and fewer than its 100,000
+/// records.
+fn embedded_window(record_bytes: usize) -> usize {
+    (4 * 1048576 / record_bytes.max(1)).min(90_000)
+}
+
+/// The mock broker's per-partition log size (librdkafka's `rdkafka_mock.c`).
+const MOCK_PARTITION_BYTES: usize = 5 * 1048576;
+
+/// Publish `n` requests at the pace given, noting when each was handed over.
 async fn publish(
     brokers: String,
     topic: String,
     image: Vec<u8>,
     n: usize,
-    rate: f64,
+    pace: Pace,
     sent: Sent,
 ) -> anyhow::Result<()> {
+    let rate = pace.rate;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("linger.ms", "1")
@@ -315,6 +374,15 @@ async fn publish(
         if rate > 0.0 {
             tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
         }
+        // With a window: round robin over the partitions; `i / partitions` of this request's
+        // partition were published before it.
+        let partitions = pace.answered.len();
+        let partition = pace.max_outstanding.map(|window| (i % partitions, window));
+        if let Some((p, window)) = partition {
+            while i / partitions >= pace.answered[p].load(Ordering::Relaxed) + window {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
         let request = InspectionRequest {
             request_id: i.to_string(),
             camera_id: "bench".into(),
@@ -325,7 +393,11 @@ async fn publish(
         let payload = request.encode_to_vec();
         let key = i.to_string();
         sent.lock().unwrap()[i] = Some(Instant::now());
-        match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
+        let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
+        if let Some((p, _)) = partition {
+            record = record.partition(p as i32);
+        }
+        match producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((e, _)) => anyhow::bail!("publish request {i}: {e}"),
         }
@@ -349,7 +421,12 @@ struct Arrival {
 }
 
 /// Verdicts until `n` distinct requests are answered, or 60 s pass without one.
-async fn receive(verdicts: &StreamConsumer, n: usize, sent: &Sent) -> Vec<Arrival> {
+async fn receive(
+    verdicts: &StreamConsumer,
+    n: usize,
+    sent: &Sent,
+    answered: &[AtomicUsize],
+) -> Vec<Arrival> {
     let bar = indicatif::ProgressBar::new(n as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{elapsed_precise} [{bar:40}] {pos}/{len} verdicts {per_sec} eta {eta}",
@@ -380,6 +457,7 @@ async fn receive(verdicts: &StreamConsumer, n: usize, sent: &Sent) -> Vec<Arriva
             latency: at.saturating_duration_since(published),
             error: v.outcome() == Outcome::Error,
         });
+        answered[i % answered.len()].fetch_add(1, Ordering::Relaxed);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -398,5 +476,22 @@ async fn sample_rss() {
                 .push((started.elapsed().as_secs_f64(), rss));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_window_fits_the_mock_brokers_partitions() {
+        // A 250×250 JPEG request: 214 per partition, about 4.0 of the mock's 5 MiB.
+        let w = embedded_window(19_531);
+        assert_eq!(w, 214);
+        assert!(w * 19_531 < MOCK_PARTITION_BYTES);
+        // Small records: the mock's 100,000-record limit binds instead.
+        assert_eq!(embedded_window(10), 90_000);
+        // A 1080p JPEG: 10 per partition (`clipqc bench` then raises the partitions).
+        assert_eq!(embedded_window(409_324), 10);
     }
 }

@@ -139,7 +139,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             let servers = mock.bootstrap_servers();
             eprintln!(
                 "clipqc: no kafka.brokers configured: embedded broker for trying out at {servers} \
-                 (topics: {}); not for production",
+                 (topics: {}); not for production: it keeps only the newest 5 MiB of each \
+                 partition and drops older records, read or not",
                 topics.join(", ")
             );
             embedded = Some(mock);

@@ -44,6 +44,9 @@ pub struct Report {
     pub errors: usize,
     /// Requested publish rate (0: as fast as possible).
     pub rate: f64,
+    /// Published requests without a verdict at most (the embedded broker's limit; none on a
+    /// given cluster).
+    pub max_outstanding: Option<usize>,
     /// First publish to last verdict.
     pub seconds: f64,
     /// Steady state: verdicts between the 10th and 90th percentile of arrival.
@@ -88,6 +91,7 @@ impl Report {
             received: arrivals.len(),
             errors: arrivals.iter().filter(|a| a.error).count(),
             rate: args.rate,
+            max_outstanding: None,
             seconds,
             images_per_s,
             latency_ms: Latency {
@@ -140,10 +144,13 @@ impl Report {
             ),
             (
                 "publish rate",
-                if self.rate > 0.0 {
-                    format!("{:.1}/s", self.rate)
-                } else {
-                    "max".into()
+                match (self.rate > 0.0, self.max_outstanding) {
+                    (true, None) => format!("{:.1}/s", self.rate),
+                    (true, Some(w)) => {
+                        format!("{:.1}/s, at most {w} unanswered per partition", self.rate)
+                    }
+                    (false, None) => "max".into(),
+                    (false, Some(w)) => format!("max, at most {w} unanswered per partition"),
                 },
             ),
             (
