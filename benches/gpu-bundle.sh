@@ -5,7 +5,8 @@
 #   benches/gpu-bundle.sh OUT_DIR [--with-numpy-pillow] [--pythons "3.11 3.12 3.13"]
 #
 #   OUT_DIR/gpu.sh, baseline.py, make_images.py   the scripts
-#   OUT_DIR/bin/clipqc.gz                          target/release/clipqc, debug info stripped, gzipped
+#   OUT_DIR/bin/clipqc.gz                          target/release/clipqc (built first; CLIPQC_BIN=FILE
+#                                                  bundles another), debug info stripped, gzipped
 #   OUT_DIR/model/export.py, clip_bpe.py           the export tool (gpu.sh exports the random model there)
 #   OUT_DIR/wheels/*.whl + requirements.txt        transformers and its dependencies, at the exact
 #                                                  versions of the project venv (torch excluded: the
@@ -40,14 +41,10 @@ LIMIT_MIB=60
 
 loud() { printf '\n!!!!!!!! %s\n\n' "$*" >&2; }
 
-# The project venv: the versions to carry, and pip to download them.
-if [ -x "$ROOT/.venv/bin/python" ]; then
-  VPY="$ROOT/.venv/bin/python"
-else
-  # shellcheck source=/dev/null
-  source "$ROOT/scripts/env.sh"
-  VPY="$(command -v python)"
-fi
+# The project venv (the versions to carry, and pip to download them) and the build's variables.
+# shellcheck source=/dev/null
+source "$ROOT/scripts/env.sh"
+VPY="$(command -v python)"
 TORCH_LIB="$("$VPY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 
 rm -rf "$OUT_DIR"
@@ -55,6 +52,12 @@ mkdir -p "$OUT_DIR/bin" "$OUT_DIR/model" "$OUT_DIR/wheels"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 
 # --- the binary -----------------------------------------------------------------------------
+# Built here unless CLIPQC_BIN names one, so the bundle never carries a stale binary. The
+# same build as scripts/bench.sh (`cargo bench --no-run` also builds target/release/clipqc).
+if [ -z "${CLIPQC_BIN:-}" ]; then
+  echo "==> building target/release/clipqc (cargo bench --bench stages --no-run)" >&2
+  (cd "$ROOT" && cargo bench --bench stages --no-run >&2)
+fi
 BIN="${CLIPQC_BIN:-$ROOT/target/release/clipqc}"
 DRY_RUN=0
 if [ ! -x "$BIN" ]; then
