@@ -137,6 +137,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     };
     let mut partitions = args.partitions.max(1) as usize;
     if let Some(w) = max_outstanding {
+        if w == 0 {
+            anyhow::bail!(
+                "--image {} is {} bytes: the embedded broker keeps only {} MiB per partition; \
+                 use a smaller image or --brokers",
+                args.image.display(),
+                image.len(),
+                MOCK_PARTITION_BYTES / 1048576
+            );
+        }
         partitions = partitions.max((4 * settings.batch.max_size).div_ceil(w));
         eprintln!(
             "embedded broker: {partitions} partitions, at most {w} requests unanswered on each \
@@ -493,5 +502,7 @@ mod tests {
         assert_eq!(embedded_window(10), 90_000);
         // A 1080p JPEG: 10 per partition (`clipqc bench` then raises the partitions).
         assert_eq!(embedded_window(409_324), 10);
+        // Larger than the share kept: none fits (`clipqc bench` refuses the image).
+        assert_eq!(embedded_window(8_702_833), 0);
     }
 }
