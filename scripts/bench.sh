@@ -71,11 +71,12 @@ r = json.load(open(sys.argv[1]))
 m = r["memory"]
 mib = lambda b: f"{b / 2**20:.0f} MiB" if b else "-"
 change = m["rss_change_pct"]
+met = change is not None and abs(change) <= 5
 print(f"sustained {r['seconds']:.0f} s at {r['rate']}/s: {r['received']}/{r['requests']} verdicts; "
       f"RSS at 60 s {mib(m['rss_at_60s_bytes'])}, at end {mib(m['rss_end_bytes'])}, "
-      f"change {change:+.1f} % (target within ±5 %: {'met' if change is not None and abs(change) <= 5 else 'MISSED'}); "
+      f"change {change:+.1f} % (target within ±5 %: {'met' if met else 'MISSED'}); "
       f"p99 {r['latency_ms']['p99']:.0f} ms")
-sys.exit(0 if change is not None and abs(change) <= 5 else 1)
+sys.exit(0 if met else 1)
 PY
     ;;
   *)

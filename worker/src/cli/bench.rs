@@ -239,15 +239,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     owner.join();
     drop(embedded);
 
-    let mut report = Report::new(
+    let report = Report::new(
         &args,
         described,
         n,
+        max_outstanding,
         arrivals,
         ceiling,
         &metrics_handle.render(),
     );
-    report.max_outstanding = max_outstanding;
     eprintln!("{}", report.table());
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -356,11 +356,13 @@ type Answered = Arc<Vec<AtomicUsize>>;
 /// any: 4 of the mock's 5 MiB (headroom for record overhead), and fewer than its 100,000
 /// records.
 fn embedded_window(record_bytes: usize) -> usize {
-    (4 * 1048576 / record_bytes.max(1)).min(90_000)
+    (MOCK_PARTITION_BYTES * 4 / 5 / record_bytes.max(1)).min(MOCK_PARTITION_RECORDS * 9 / 10)
 }
 
-/// The mock broker's per-partition log size (librdkafka's `rdkafka_mock.c`).
+/// What the mock broker keeps of each partition (librdkafka's `rdkafka_mock.c`): bytes and
+/// records.
 const MOCK_PARTITION_BYTES: usize = 5 * 1048576;
+const MOCK_PARTITION_RECORDS: usize = 100_000;
 
 /// Publish `n` requests at the pace given, noting when each was handed over.
 async fn publish(

@@ -63,6 +63,7 @@ impl Report {
         args: &BenchArgs,
         model: String,
         requests: usize,
+        max_outstanding: Option<usize>,
         mut arrivals: Vec<Arrival>,
         ceiling: Ceiling,
         metrics: &str,
@@ -91,7 +92,7 @@ impl Report {
             received: arrivals.len(),
             errors: arrivals.iter().filter(|a| a.error).count(),
             rate: args.rate,
-            max_outstanding: None,
+            max_outstanding,
             seconds,
             images_per_s,
             latency_ms: Latency {
