@@ -75,8 +75,18 @@ impl SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
+        let tpl = match rebalance {
+            Rebalance::Revoke(tpl) => tpl,
+            Rebalance::Assign(_) => return,
+            Rebalance::Error(e) => {
+                // rdkafka answers a rebalance error by dropping the whole assignment, with no
+                // revocation: forget every partition now, so a later assignment starts from
+                // the committed positions instead of tripping over records seen before.
+                let lost = self.ledger.lost_all();
+                self.released(&lost);
+                tracing::error!(error = %e, ?lost, "rebalance error: every partition dropped; their records in flight will be processed again by their next owner");
+                return;
+            }
         };
         let partitions = partitions(tpl);
         if partitions.is_empty() {

@@ -6,7 +6,11 @@
 //! revocation waits (bounded) until the revoked partitions have nothing in flight, so their
 //! final positions can be committed before the partitions move; records of a partition
 //! received before it was revoked are recognised by their assignment epoch and dropped, so
-//! a partition that comes back is tracked from scratch.
+//! a partition that comes back is tracked from scratch; completions are counted only for the
+//! epoch the tracker holds, so a straggler of an earlier assignment can never resolve the
+//! same offset of the current one. A partition assigned again without a revocation (its
+//! assignment lost in a rebalance error) is tracked from scratch too: the consumer starts it
+//! over from the committed position.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -19,7 +23,17 @@ struct State {
     tracker: OffsetTracker,
     /// Assigned partitions and the epoch of their current assignment.
     assigned: HashMap<Partition, u64>,
+    /// The epoch whose records the tracker holds for each partition.
+    tracking: HashMap<Partition, u64>,
     next_epoch: u64,
+}
+
+impl State {
+    /// Forget what the tracker holds for `p`; its final position, if any.
+    fn forget(&mut self, p: &Partition) -> Option<i64> {
+        self.tracking.remove(p);
+        self.tracker.revoke(p)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -38,14 +52,33 @@ impl Ledger {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Partitions were assigned to this worker.
+    /// Partitions were assigned to this worker. One already assigned (no revocation came
+    /// between: its assignment was lost) starts afresh: the consumer re-reads it from the
+    /// committed position, and records still running from before no longer count.
     pub fn assigned(&self, partitions: &[Partition]) {
         let mut s = self.lock();
         for p in partitions {
             s.next_epoch += 1;
             let epoch = s.next_epoch;
-            s.assigned.insert(p.clone(), epoch);
+            if s.assigned.insert(p.clone(), epoch).is_some() {
+                tracing::warn!(topic = %p.topic, partition = p.partition, "partition assigned again without a revocation: tracking it afresh");
+                s.forget(p);
+            }
         }
+    }
+
+    /// Every partition is gone at once, without the chance to finish their records (a
+    /// rebalance error: librdkafka drops the whole assignment). Returns those partitions.
+    pub fn lost_all(&self) -> Vec<Partition> {
+        let mut s = self.lock();
+        let lost: Vec<Partition> = s.assigned.drain().map(|(p, _)| p).collect();
+        let tracked: Vec<Partition> = s.tracking.keys().cloned().collect();
+        for p in &tracked {
+            s.forget(p);
+        }
+        drop(s);
+        self.changed.notify_all();
+        lost
     }
 
     /// The epoch of `p`'s current assignment; `None` when it is not assigned (yet: the first
@@ -69,16 +102,30 @@ impl Ledger {
         if current != epoch {
             return false;
         }
-        s.tracker.received(p, offset);
+        if s.tracking.get(p).is_some_and(|&e| e != epoch) {
+            // Records of an earlier assignment are still tracked: that assignment is over.
+            s.forget(p);
+        }
+        s.tracking.insert(p.clone(), epoch);
+        if !s.tracker.received(p, offset) {
+            tracing::info!(topic = %p.topic, partition = p.partition, offset, "record delivered again (the consumer rewound): the position waits for it");
+        }
         true
     }
 
-    /// A record is done: `acked` when its verdict (and dead letter) was acknowledged by the
-    /// broker. When the partition's position moves, `store` is called with it, under the
-    /// lock, so concurrent completions store in order.
-    pub fn finished(&self, p: &Partition, offset: i64, acked: bool, store: impl FnOnce(i64)) {
+    /// A record of assignment `epoch` is done: `acked` when its verdict (and dead letter)
+    /// was acknowledged by the broker. When the partition's position moves, `store` is
+    /// called with it, under the lock, so concurrent completions store in order.
+    pub fn finished(
+        &self,
+        p: &Partition,
+        offset: i64,
+        epoch: u64,
+        acked: bool,
+        store: impl FnOnce(i64),
+    ) {
         let mut s = self.lock();
-        if acked {
+        if acked && s.tracking.get(p) == Some(&epoch) {
             if let Some(position) = s.tracker.completed(p, offset) {
                 store(position);
             }
@@ -108,7 +155,7 @@ impl Ledger {
             if busy == 0 || now >= deadline {
                 let positions = partitions
                     .iter()
-                    .filter_map(|p| s.tracker.revoke(p).map(|pos| (p.clone(), pos)))
+                    .filter_map(|p| s.forget(p).map(|pos| (p.clone(), pos)))
                     .collect();
                 return (positions, busy);
             }
@@ -147,8 +194,8 @@ mod tests {
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));
                 let mut stored = Vec::new();
-                ledger.finished(&p(0), 11, true, |pos| stored.push(pos));
-                ledger.finished(&p(0), 10, true, |pos| stored.push(pos));
+                ledger.finished(&p(0), 11, e0, true, |pos| stored.push(pos));
+                ledger.finished(&p(0), 10, e0, true, |pos| stored.push(pos));
                 stored
             })
         };
@@ -172,7 +219,7 @@ mod tests {
         let e = ledger.epoch(&p(0));
         assert!(ledger.received(&p(0), 3, e));
         assert!(ledger.received(&p(0), 4, e));
-        ledger.finished(&p(0), 4, true, |_| {
+        ledger.finished(&p(0), 4, e, true, |_| {
             panic!("3 is not done: nothing to store")
         });
         let (positions, busy) = ledger.revoke(&[p(0)], Duration::from_millis(20));
@@ -183,7 +230,69 @@ mod tests {
             "never past the record still in flight"
         );
         // A late completion of a forgotten partition stores nothing.
-        ledger.finished(&p(0), 3, true, |_| panic!("revoked"));
+        ledger.finished(&p(0), 3, e, true, |_| panic!("revoked"));
+    }
+
+    #[test]
+    fn a_straggler_of_an_earlier_assignment_does_not_resolve_the_same_offset_now() {
+        // The drain bound ran out with 7 in flight; the partition came back and 7 is being
+        // processed again when the first copy finally finishes.
+        let ledger = Ledger::new();
+        ledger.assigned(&[p(0)]);
+        let old = ledger.epoch(&p(0));
+        assert!(ledger.received(&p(0), 7, old));
+        ledger.revoke(&[p(0)], Duration::ZERO);
+        ledger.assigned(&[p(0)]);
+        let new = ledger.epoch(&p(0));
+        assert!(ledger.received(&p(0), 7, new));
+        assert!(ledger.received(&p(0), 8, new));
+        ledger.finished(&p(0), 7, old, true, |pos| {
+            panic!("the old copy stored {pos} past the running new one")
+        });
+        assert_eq!(ledger.total_in_flight(), 2);
+        let mut stored = None;
+        ledger.finished(&p(0), 8, new, true, |_| panic!("7 is still running"));
+        ledger.finished(&p(0), 7, new, true, |pos| stored = Some(pos));
+        assert_eq!(stored, Some(9));
+    }
+
+    #[test]
+    fn an_assignment_given_again_without_a_revocation_is_tracked_afresh() {
+        // A rebalance error drops the assignment without our revocation callback; the
+        // partition comes back and the consumer starts over from the last commit (5), below
+        // offsets already seen (up to 9): no assertion, no position from the old records.
+        let ledger = Ledger::new();
+        ledger.assigned(&[p(0)]);
+        let old = ledger.epoch(&p(0));
+        for o in 5..10 {
+            assert!(ledger.received(&p(0), o, old));
+        }
+        ledger.assigned(&[p(0)]);
+        let new = ledger.epoch(&p(0));
+        assert_eq!(
+            ledger.total_in_flight(),
+            0,
+            "the old records no longer count"
+        );
+        let mut stored = Vec::new();
+        for o in 5..7 {
+            assert!(ledger.received(&p(0), o, new));
+        }
+        ledger.finished(&p(0), 9, old, true, |pos| stored.push(pos));
+        ledger.finished(&p(0), 5, new, true, |pos| stored.push(pos));
+        assert_eq!(stored, vec![6]);
+    }
+
+    #[test]
+    fn losing_every_partition_forgets_them_and_wakes_a_waiting_revocation() {
+        let ledger = Ledger::new();
+        ledger.assigned(&[p(0), p(1)]);
+        assert!(ledger.received(&p(1), 3, ledger.epoch(&p(1))));
+        let mut lost = ledger.lost_all();
+        lost.sort();
+        assert_eq!(lost, vec![p(0), p(1)]);
+        assert_eq!(ledger.total_in_flight(), 0);
+        assert!(!ledger.is_assigned(&p(0)));
     }
 
     #[test]

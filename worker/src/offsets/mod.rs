@@ -7,10 +7,16 @@
 //!
 //! Kafka delivers a partition's records in offset order, so "every offset seen below the
 //! lowest one still in flight is done" holds, gaps (compaction, transaction markers) included.
+//! Except when it does not: a consumer that rewinds (a seek, a fetch restarted from an older
+//! position, a partition handed back after its assignment was lost) delivers offsets it
+//! delivered before, some possibly still in flight. The tracker takes that as it comes, in
+//! release builds as in debug ones: a re-delivered offset is in flight again (twice, if its
+//! first copy has not finished), so the position never passes it, and never moves back
+//! either (a stored position was true when it was stored).
 
 mod ledger;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 pub use ledger::Ledger;
 
@@ -32,7 +38,9 @@ impl Partition {
 
 #[derive(Debug, Default)]
 struct PartitionState {
-    in_flight: BTreeSet<i64>,
+    /// Offsets in flight, with how many copies of each (a re-delivered record can run
+    /// beside its first copy).
+    in_flight: BTreeMap<i64, u32>,
     /// Highest offset received; the position is one past it when nothing is in flight.
     highest: Option<i64>,
     /// Last position reported, so callers store only changes.
@@ -41,8 +49,8 @@ struct PartitionState {
 
 impl PartitionState {
     fn position(&self) -> Option<i64> {
-        match self.in_flight.first() {
-            Some(&lowest) => Some(lowest),
+        match self.in_flight.first_key_value() {
+            Some((&lowest, _)) => Some(lowest),
             None => self.highest.map(|h| h + 1),
         }
     }
@@ -59,17 +67,17 @@ impl OffsetTracker {
         Self::default()
     }
 
-    /// A record was taken from `p` for processing.
-    pub fn received(&mut self, p: &Partition, offset: i64) {
+    /// A record was taken from `p` for processing. Offsets normally arrive in order; one at
+    /// or below the highest seen is a re-delivery (the consumer rewound) and is tracked all
+    /// the same: see the module docs. Returns false for a re-delivery, for the caller to log.
+    pub fn received(&mut self, p: &Partition, offset: i64) -> bool {
         let state = self.partitions.entry(p.clone()).or_default();
-        debug_assert!(
-            state.highest.is_none_or(|h| offset > h),
-            "offsets of a partition arrive in order"
-        );
+        let in_order = state.highest.is_none_or(|h| offset > h);
         // The consumer started at or before this offset: as a position it is no news.
         state.reported.get_or_insert(offset);
-        state.in_flight.insert(offset);
+        *state.in_flight.entry(offset).or_insert(0) += 1;
         state.highest = Some(state.highest.map_or(offset, |h| h.max(offset)));
+        in_order
     }
 
     /// The record's outcome was acknowledged downstream. Returns the partition's new commit
@@ -77,8 +85,16 @@ impl OffsetTracker {
     pub fn completed(&mut self, p: &Partition, offset: i64) -> Option<i64> {
         // A partition revoked meanwhile: its new owner re-processes from the last commit.
         let state = self.partitions.get_mut(p)?;
-        if !state.in_flight.remove(&offset) {
-            return None;
+        match state.in_flight.get_mut(&offset) {
+            None => return None,
+            Some(copies) if *copies > 1 => {
+                // Another copy of this record is still running: nothing moves yet.
+                *copies -= 1;
+                return None;
+            }
+            Some(_) => {
+                state.in_flight.remove(&offset);
+            }
         }
         let position = state.position()?;
         if state.reported.is_some_and(|r| r >= position) {
@@ -94,11 +110,17 @@ impl OffsetTracker {
     }
 
     pub fn in_flight(&self, p: &Partition) -> usize {
-        self.partitions.get(p).map_or(0, |s| s.in_flight.len())
+        self.partitions
+            .get(p)
+            .map_or(0, |s| s.in_flight.values().map(|&n| n as usize).sum())
     }
 
     pub fn total_in_flight(&self) -> usize {
-        self.partitions.values().map(|s| s.in_flight.len()).sum()
+        self.partitions
+            .values()
+            .flat_map(|s| s.in_flight.values())
+            .map(|&n| n as usize)
+            .sum()
     }
 
     /// Forget a partition (revoked): late completions for it are ignored.
@@ -140,7 +162,66 @@ mod tests {
         assert_eq!(t.total_in_flight(), 0);
     }
 
+    #[test]
+    fn a_rewound_consumer_never_moves_the_position_past_a_redelivered_record() {
+        // Offsets 10..=14 taken; 10..=12 done (position 13 stored). The consumer rewinds to
+        // 11 (a seek, a restarted fetch): 11 and 12 come again, 13 and 14 twice while their
+        // first copies still run.
+        let p = Partition::new("requests", 0);
+        let mut t = OffsetTracker::new();
+        for o in 10..15 {
+            assert!(t.received(&p, o));
+        }
+        for o in 10..13 {
+            t.completed(&p, o);
+        }
+        assert_eq!(t.position(&p), Some(13));
+        for o in 11..15 {
+            assert!(!t.received(&p, o), "{o} is a re-delivery");
+        }
+        assert_eq!(t.position(&p), Some(11), "11 runs again");
+        // The first copies of 13 and 14 finish: the second copies still hold them.
+        assert_eq!(t.completed(&p, 13), None);
+        assert_eq!(t.completed(&p, 14), None);
+        assert_eq!(t.completed(&p, 11), None, "never back below the stored 13");
+        assert_eq!(t.completed(&p, 12), None, "13 and 14 are still running");
+        assert_eq!(t.position(&p), Some(13));
+        assert_eq!(t.completed(&p, 13), Some(14));
+        assert_eq!(t.completed(&p, 14), Some(15));
+        assert_eq!(t.total_in_flight(), 0);
+    }
+
     proptest! {
+        /// Whatever the order records come in (re-deliveries of earlier offsets included)
+        /// and finish in: the stored position never passes an offset with a copy still in
+        /// flight and never moves back.
+        #[test]
+        fn redeliveries_in_any_order_never_let_the_position_pass_a_running_record(
+            steps in prop::collection::vec((0i64..20, any::<bool>()), 1..120),
+        ) {
+            let p = Partition::new("t", 0);
+            let mut t = OffsetTracker::new();
+            let mut running: Vec<i64> = Vec::new();
+            let mut last: Option<i64> = None;
+            for (offset, receive) in steps {
+                if receive || running.is_empty() {
+                    t.received(&p, offset);
+                    running.push(offset);
+                } else {
+                    let i = (offset as usize) % running.len();
+                    let done = running.swap_remove(i);
+                    if let Some(pos) = t.completed(&p, done) {
+                        prop_assert!(last.is_none_or(|l| pos > l), "position moved back");
+                        prop_assert!(
+                            running.iter().all(|&o| o >= pos),
+                            "stored {pos} passed a running record: {running:?}"
+                        );
+                        last = Some(pos);
+                    }
+                }
+            }
+        }
+
         /// Whatever the completion order: the position never passes an offset not yet done,
         /// never moves back, and ends one past the last offset.
         #[test]
