@@ -3,7 +3,7 @@
 //! not draining). Kubernetes probes and Prometheus scrape these; nothing here touches records.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -19,6 +19,8 @@ pub struct Readiness {
     pub model_ready: AtomicBool,
     pub in_group: AtomicBool,
     pub draining: AtomicBool,
+    /// Records the broker has refused to take for longer than the sink's stall bound.
+    pub publish_stalled: AtomicUsize,
 }
 
 impl Readiness {
@@ -43,6 +45,9 @@ impl Readiness {
         }
         if self.draining.load(Ordering::Relaxed) {
             why.push("draining");
+        }
+        if self.publish_stalled.load(Ordering::Relaxed) > 0 {
+            why.push("publishing stalled: the broker has not acknowledged a record for a while");
         }
         why
     }

@@ -42,6 +42,8 @@ pub fn install() -> PrometheusHandle {
     }
     counter!("clipqc_model_batch_failures_total").absolute(0);
     counter!("clipqc_consumer_pauses_total").absolute(0);
+    counter!("clipqc_record_panics_total").absolute(0);
+    gauge!("clipqc_publish_stalled_records").set(0.0);
     // Queue gauges change only when records come and go; an idle worker holds none.
     for name in [
         "clipqc_records_in_flight",
@@ -135,6 +137,19 @@ fn describe() {
         Unit::Bytes,
         "Memory of the CUDA device the model runs on (kind: used, total; all processes, from NVML)."
     );
+    describe_counter!(
+        "clipqc_record_panics_total",
+        "Records whose handling panicked (each became an ERROR verdict and a dead letter)."
+    );
+    describe_counter!(
+        "clipqc_publish_refused_total",
+        "Records the broker refused for good (too large, unknown topic, not authorised), by topic."
+    );
+    describe_gauge!(
+        "clipqc_publish_stalled_records",
+        Unit::Count,
+        "Records whose publishing has been retried for longer than the stall bound (30 s)."
+    );
     describe_gauge!(
         "clipqc_build_info",
         "Always 1; the version label says which build runs."
@@ -150,6 +165,18 @@ pub fn verdict(outcome: &str, class: &str, profile: &str, line: &str) {
         "outcome" => outcome.to_string(), "class" => class.to_string(),
         "profile" => profile.to_string(), "line" => line.to_string())
     .increment(1);
+}
+
+pub fn record_panicked() {
+    counter!("clipqc_record_panics_total").increment(1);
+}
+
+pub fn publish_refused(topic: &str) {
+    counter!("clipqc_publish_refused_total", "topic" => topic.to_string()).increment(1);
+}
+
+pub fn publish_stalled(records: usize) {
+    gauge!("clipqc_publish_stalled_records").set(records as f64);
 }
 
 pub fn dead_letter(stage: &'static str) {

@@ -63,6 +63,17 @@ pub fn decode(
     content_type: Option<&str>,
     default: Encoding,
 ) -> Result<InspectionRequest, RequestError> {
+    let request = parse(payload, content_type, default)?;
+    validate(&request)?;
+    Ok(request)
+}
+
+/// Decode one payload without validating it (see [`validate`]).
+pub fn parse(
+    payload: &[u8],
+    content_type: Option<&str>,
+    default: Encoding,
+) -> Result<InspectionRequest, RequestError> {
     let encoding = match content_type {
         Some(ct) => Encoding::from_content_type(ct)
             .ok_or_else(|| RequestError::ContentType(ct.to_string()))?,
@@ -75,8 +86,18 @@ pub fn decode(
             serde_json::from_slice(payload).map_err(|e| RequestError::Json(e.to_string()))?
         }
     };
-    validate(&request)?;
     Ok(request)
+}
+
+/// What of an invalid request a verdict may echo: everything but timestamps outside the
+/// range a verdict can carry.
+pub fn echoable(mut r: InspectionRequest) -> InspectionRequest {
+    for t in [&mut r.captured_at, &mut r.deadline] {
+        if t.as_ref().is_some_and(|t| check_timestamp("", t).is_err()) {
+            *t = None;
+        }
+    }
+    r
 }
 
 pub fn validate(r: &InspectionRequest) -> Result<(), RequestError> {
@@ -94,6 +115,26 @@ pub fn validate(r: &InspectionRequest) -> Result<(), RequestError> {
         if region.width == 0 || region.height == 0 {
             return invalid("region of interest has zero width or height");
         }
+    }
+    for (name, t) in [("captured_at", &r.captured_at), ("deadline", &r.deadline)] {
+        if let Some(t) = t {
+            check_timestamp(name, t)?;
+        }
+    }
+    Ok(())
+}
+
+/// The range protobuf's Timestamp allows (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z, nanos
+/// 0..1e9): the JSON mapping cannot write a time outside it, and time arithmetic on one
+/// could overflow.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+fn check_timestamp(name: &str, t: &pbjson_types::Timestamp) -> Result<(), RequestError> {
+    if !TIMESTAMP_SECONDS.contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(RequestError::Invalid(format!(
+            "{name} is not a valid time (seconds {}, nanos {}): it must lie between years 1 and 9999, nanos 0 to 999999999",
+            t.seconds, t.nanos
+        )));
     }
     Ok(())
 }
@@ -197,5 +238,43 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("zero width"), "{e}");
+    }
+
+    #[test]
+    fn timestamps_outside_the_protobuf_range_are_refused() {
+        use pbjson_types::Timestamp;
+        for (seconds, nanos) in [
+            (i64::MAX, 0),
+            (i64::MIN, 0),
+            (253_402_300_800, 0),
+            (0, -1),
+            (0, 1_000_000_000),
+        ] {
+            for field in ["captured_at", "deadline"] {
+                let mut r = sample();
+                let t = Some(Timestamp { seconds, nanos });
+                if field == "deadline" {
+                    r.deadline = t;
+                } else {
+                    r.captured_at = t;
+                }
+                let e = decode(&r.encode_to_vec(), None, Encoding::Protobuf).unwrap_err();
+                assert!(
+                    e.to_string()
+                        .starts_with(&format!("invalid request: {field} is not a valid time")),
+                    "{e}"
+                );
+            }
+        }
+        let mut r = sample();
+        r.deadline = Some(Timestamp {
+            seconds: 253_402_300_799,
+            nanos: 999_999_999,
+        });
+        r.captured_at = Some(Timestamp {
+            seconds: -62_135_596_800,
+            nanos: 0,
+        });
+        assert!(decode(&r.encode_to_vec(), None, Encoding::Protobuf).is_ok());
     }
 }

@@ -1,25 +1,106 @@
 //! The sink stage: verdicts and dead letters to Kafka.
 //!
 //! Guarantees: the producer is idempotent (`enable.idempotence=true`: no duplicates from
-//! its own retries, order kept per partition); [`Sink::send`] returns only once the broker
-//! has acknowledged the record, and retries until it does or the worker shuts down, because
-//! the input offset must not be committed before. Verdicts are keyed by camera id (one
-//! camera's verdicts stay in order) and carry their source coordinates in headers.
+//! its own retries, order kept per partition); [`Sink::send`] returns Ok only once the broker
+//! has acknowledged the record, and retries transient failures until it does or the worker
+//! shuts down, because the input offset must not be committed before. A permanent refusal
+//! (the record is too large, the topic does not exist, the worker is not authorised) is not
+//! retried: it comes back as [`SendError::Refused`] for the caller to act on, instead of
+//! holding the record's slot and its partition forever. A send retrying for longer than
+//! [`Sink::STALL_AFTER`] shows on `/readyz` and in `clipqc_publish_stalled_records`.
+//! Verdicts are keyed by camera id (one camera's verdicts stay in order) and carry their
+//! source coordinates in headers.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaSettings;
+use crate::http::Readiness;
+use crate::metrics;
 
 #[derive(Clone)]
 pub struct Sink {
     producer: FutureProducer,
+    /// Told of sends stalled past [`Sink::STALL_AFTER`] (a fresh one where nobody asks).
+    readiness: Arc<Readiness>,
+    stall_after: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("gave up: the worker is stopping and the broker had not acknowledged the record")]
+    Aborted,
+    #[error("{topic}: the record is refused for good: {error}")]
+    Refused { topic: String, error: KafkaError },
+}
+
+impl SendError {
+    /// Refused for its size: a smaller record would go through.
+    pub fn too_large(&self) -> bool {
+        matches!(self, Self::Refused { error, .. } if error.rdkafka_error_code().is_some_and(is_size_error))
+    }
+}
+
+fn is_size_error(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge
+    )
+}
+
+/// Errors that the same record meets again however often it is sent: its size, a topic
+/// that does not exist or is invalid, missing authorisation, a broker policy. Everything
+/// else (leader elections, timeouts, a broker down, queue full) passes.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    let Some(code) = e.rdkafka_error_code() else {
+        return false;
+    };
+    is_size_error(code)
+        || matches!(
+            code,
+            UnknownTopic
+                | UnknownTopicOrPartition
+                | UnknownPartition
+                | InvalidTopic
+                | TopicAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | PolicyViolation
+                | InvalidRecord
+                | InvalidMessage
+                | UnsupportedForMessageFormat
+                | InvalidRequiredAcks
+                | Authentication
+                | SaslAuthenticationFailed
+                | Fatal
+        )
+}
+
+/// Counts one stalled send while it lives.
+struct Stalled<'a>(&'a Readiness);
+
+impl<'a> Stalled<'a> {
+    fn new(readiness: &'a Readiness) -> Self {
+        let n = readiness.publish_stalled.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::publish_stalled(n);
+        Self(readiness)
+    }
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        let n = self.0.publish_stalled.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::publish_stalled(n);
+    }
 }
 
 /// One record to publish.
@@ -43,13 +124,57 @@ impl Sink {
         }
         Ok(Self {
             producer: cfg.create()?,
+            readiness: Arc::default(),
+            stall_after: Self::STALL_AFTER,
         })
     }
 
-    /// Publish and wait for the broker's acknowledgement, retrying until it comes. Returns
-    /// false only if `abort` fired first (the record may or may not be published; the input
-    /// offset stays uncommitted, so it is processed again: at-least-once).
-    pub async fn send(&self, record: &Record<'_>, abort: &CancellationToken) -> bool {
+    /// How long a send may keep failing before the worker reports publishing as stalled.
+    pub const STALL_AFTER: Duration = Duration::from_secs(30);
+
+    /// Report stalled sends to `readiness` (and after `stall_after`).
+    pub fn reporting_to(mut self, readiness: Arc<Readiness>, stall_after: Duration) -> Self {
+        self.readiness = readiness;
+        self.stall_after = stall_after;
+        self
+    }
+
+    /// Publish and wait for the broker's acknowledgement, retrying transient failures until
+    /// it comes. [`SendError::Aborted`] when `abort` fired first (the record may or may not
+    /// be published; the input offset stays uncommitted, so it is processed again:
+    /// at-least-once); [`SendError::Refused`] at once for a permanent refusal. A send not
+    /// done after the stall bound counts as stalled (readiness, metric) until it is.
+    pub async fn send(
+        &self,
+        record: &Record<'_>,
+        abort: &CancellationToken,
+    ) -> Result<(), SendError> {
+        let send = self.send_until_acknowledged(record, abort);
+        tokio::pin!(send);
+        tokio::select! {
+            done = &mut send => return done,
+            _ = tokio::time::sleep(self.stall_after) => {}
+        }
+        tracing::error!(
+            topic = record.topic,
+            waited = ?self.stall_after,
+            "publishing stalled: the broker has not acknowledged this record yet"
+        );
+        let _stalled = Stalled::new(&self.readiness);
+        let done = send.await;
+        tracing::info!(
+            topic = record.topic,
+            ok = done.is_ok(),
+            "stalled publish ended"
+        );
+        done
+    }
+
+    async fn send_until_acknowledged(
+        &self,
+        record: &Record<'_>,
+        abort: &CancellationToken,
+    ) -> Result<(), SendError> {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut headers = OwnedHeaders::new();
@@ -70,7 +195,7 @@ impl Sink {
                 .send(r, Timeout::After(Duration::from_secs(5)));
             let result = tokio::select! {
                 r = attempt => r,
-                _ = abort.cancelled() => return false,
+                _ = abort.cancelled() => return Err(SendError::Aborted),
             };
             match result {
                 Ok(d) => {
@@ -80,13 +205,20 @@ impl Sink {
                         offset = d.offset,
                         "delivered"
                     );
-                    return true;
+                    return Ok(());
+                }
+                Err((e, _)) if is_permanent(&e) => {
+                    metrics::publish_refused(record.topic);
+                    return Err(SendError::Refused {
+                        topic: record.topic.to_string(),
+                        error: e,
+                    });
                 }
                 Err((e, _)) => {
                     tracing::warn!(topic = record.topic, error = %e, retry_in = ?delay, "publish failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = abort.cancelled() => return false,
+                        _ = abort.cancelled() => return Err(SendError::Aborted),
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -96,5 +228,97 @@ impl Sink {
 
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
         self.producer.flush(Timeout::After(timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker refusing every produce request with a transient error: the send keeps
+    /// retrying, shows as stalled once past the bound, and stops showing once delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_retrying_past_the_bound_shows_as_stalled_until_delivered() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+        mock.create_topic("verdicts", 1, 1).unwrap();
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 10_000],
+        );
+        let readiness = Arc::new(Readiness::default());
+        let sink = Sink::new(&KafkaSettings::default(), &mock.bootstrap_servers())
+            .unwrap()
+            .reporting_to(readiness.clone(), Duration::from_millis(200));
+        let abort = CancellationToken::new();
+        let send = tokio::spawn({
+            let sink = sink.clone();
+            let abort = abort.clone();
+            async move {
+                let record = Record {
+                    topic: "verdicts",
+                    key: None,
+                    payload: b"v",
+                    headers: Vec::new(),
+                };
+                sink.send(&record, &abort).await
+            }
+        });
+        // Generous bound: the stall shows after 200 ms of a machine that may be busy.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while readiness.publish_stalled.load(Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reported stalled"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(readiness
+            .not_ready()
+            .iter()
+            .any(|why| why.starts_with("publishing stalled")));
+        mock.clear_request_errors(RDKafkaApiKey::Produce);
+        let sent = tokio::time::timeout(Duration::from_secs(60), send)
+            .await
+            .expect("delivered once the broker takes records again")
+            .unwrap();
+        assert!(sent.is_ok(), "{sent:?}");
+        assert_eq!(readiness.publish_stalled.load(Ordering::Relaxed), 0);
+        assert!(readiness
+            .not_ready()
+            .iter()
+            .all(|why| !why.starts_with("publishing")));
+    }
+
+    #[test]
+    fn size_topic_and_authorisation_errors_are_permanent_and_broker_moves_are_not() {
+        use RDKafkaErrorCode::*;
+        let produce = KafkaError::MessageProduction;
+        for code in [
+            MessageSizeTooLarge,
+            UnknownTopicOrPartition,
+            UnknownTopic,
+            TopicAuthorizationFailed,
+            InvalidRecord,
+        ] {
+            assert!(is_permanent(&produce(code)), "{code:?}");
+        }
+        for code in [
+            NotLeaderForPartition,
+            NotEnoughReplicas,
+            RequestTimedOut,
+            MessageTimedOut,
+            QueueFull,
+            AllBrokersDown,
+        ] {
+            assert!(!is_permanent(&produce(code)), "{code:?}");
+        }
+        let refused = |code| SendError::Refused {
+            topic: "t".into(),
+            error: produce(code),
+        };
+        assert!(refused(MessageSizeTooLarge).too_large());
+        assert!(!refused(TopicAuthorizationFailed).too_large());
+        assert!(!SendError::Aborted.too_large());
     }
 }

@@ -68,13 +68,32 @@ pub mod stage {
     pub const DECODE_IMAGE: &str = "decode_image";
     pub const DEADLINE: &str = "deadline";
     pub const MODEL: &str = "model";
-    pub const ALL: [&str; 5] = [DECODE_REQUEST, FETCH, DECODE_IMAGE, DEADLINE, MODEL];
+    /// A panic caught while handling the record.
+    pub const INTERNAL: &str = "internal";
+    /// The broker refused the record's verdict for good.
+    pub const PUBLISH: &str = "publish";
+    pub const ALL: [&str; 7] = [
+        DECODE_REQUEST,
+        FETCH,
+        DECODE_IMAGE,
+        DEADLINE,
+        MODEL,
+        INTERNAL,
+        PUBLISH,
+    ];
 }
 
-/// A protobuf timestamp as a `SystemTime` (negative parts clamp to the epoch).
+/// A protobuf timestamp as a `SystemTime`: negative parts clamp to the epoch, and one past
+/// what the platform holds to the latest time it holds (requests' timestamps are validated;
+/// this never panics either way).
 pub fn system_time(t: &pbjson_types::Timestamp) -> SystemTime {
+    let since_epoch = std::time::Duration::new(t.seconds.max(0) as u64, 0)
+        .saturating_add(std::time::Duration::from_nanos(t.nanos.max(0) as u64));
     SystemTime::UNIX_EPOCH
-        + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+        .checked_add(since_epoch)
+        .unwrap_or_else(|| {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(i64::MAX as u64 / 2)
+        })
 }
 
 fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
@@ -161,6 +180,46 @@ pub fn failed(
     v
 }
 
+/// The longest text a [`shrunk`] verdict echoes from its request, in bytes.
+pub const SHRUNK_FIELD_BYTES: usize = 256;
+
+/// A small ERROR verdict standing in for `v`, which the broker refused for good (too large:
+/// mostly echoed request attributes): the same identity, source and model, its text fields
+/// cut to [`SHRUNK_FIELD_BYTES`], without attributes and scores, and `failure` as the error.
+pub fn shrunk(v: &Verdict, failure: &Failure) -> Verdict {
+    let cut = |s: &str| truncate(s, SHRUNK_FIELD_BYTES).to_string();
+    Verdict {
+        request_id: cut(&v.request_id),
+        camera_id: cut(&v.camera_id),
+        line_id: cut(&v.line_id),
+        profile: cut(&v.profile),
+        captured_at: v.captured_at,
+        model: v.model.clone(),
+        decided_at: v.decided_at,
+        latencies: v.latencies,
+        source: v.source.clone(),
+        outcome: ProtoOutcome::Error as i32,
+        error: Some(VerdictError {
+            code: failure.code as i32,
+            message: truncate(&failure.message, 4 * SHRUNK_FIELD_BYTES).to_string(),
+            stage: failure.stage.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let end = (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    &s[..end]
+}
+
 /// Headers of the dead letter (the original record, unchanged, on the DLQ topic).
 pub fn dlq_headers(source: &SourceRecord, failure: &Failure) -> Vec<(&'static str, String)> {
     vec![
@@ -183,6 +242,7 @@ pub fn dlq_headers(source: &SourceRecord, failure: &Failure) -> Vec<(&'static st
 mod tests {
     use super::*;
     use crate::score::{decide, ProfileConfig};
+    use prost::Message as _;
 
     fn source() -> SourceRecord {
         SourceRecord {
@@ -237,6 +297,44 @@ mod tests {
             json["source"]["offset"], "1234",
             "int64 is a string in the proto3 JSON mapping"
         );
+    }
+
+    #[test]
+    fn extreme_timestamps_convert_without_panicking() {
+        use pbjson_types::Timestamp;
+        for (seconds, nanos) in [
+            (i64::MAX, i32::MAX),
+            (i64::MIN, i32::MIN),
+            (253402300799, 999_999_999),
+        ] {
+            let t = system_time(&Timestamp { seconds, nanos });
+            assert!(t >= SystemTime::UNIX_EPOCH);
+        }
+    }
+
+    #[test]
+    fn a_shrunk_verdict_keeps_identity_and_source_and_drops_the_bulk() {
+        let big = Verdict {
+            request_id: "é".repeat(1000),
+            camera_id: "cam-1".into(),
+            attributes: [("blob".to_string(), "x".repeat(2 << 20))].into(),
+            scores: vec![ClassScore::default(); 100],
+            source: Some(source()),
+            ..Default::default()
+        };
+        let failure = Failure::new(ErrorCode::PublishFailed, stage::PUBLISH, "too large");
+        let small = shrunk(&big, &failure);
+        assert!(small.encoded_len() < 4096, "{} bytes", small.encoded_len());
+        assert_eq!(
+            small.request_id.len(),
+            SHRUNK_FIELD_BYTES,
+            "cut on a char boundary"
+        );
+        assert_eq!(small.camera_id, "cam-1");
+        assert_eq!(small.source, Some(source()));
+        assert!(small.attributes.is_empty() && small.scores.is_empty());
+        assert_eq!(small.outcome(), ProtoOutcome::Error);
+        assert_eq!(small.error.unwrap().code(), ErrorCode::PublishFailed);
     }
 
     #[test]

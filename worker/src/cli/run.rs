@@ -82,13 +82,14 @@ pub fn deps(
     readiness: Arc<Readiness>,
 ) -> anyhow::Result<Deps> {
     Ok(Deps {
+        sink: Sink::new(&settings.kafka, brokers)?
+            .reporting_to(readiness.clone(), Sink::STALL_AFTER),
         consumer: source::consumer(
             &settings.kafka,
             brokers,
             Duration::from_millis(settings.pipeline.drain_timeout_ms),
             readiness,
         )?,
-        sink: Sink::new(&settings.kafka, brokers)?,
         kafka: settings.kafka.clone(),
         batch: settings.batch,
         pipeline: settings.pipeline,
@@ -151,7 +152,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let app = http::router(metrics_handle, readiness.clone());
         let http_stop = CancellationToken::new();
@@ -169,12 +170,37 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         });
         let deps = deps(&settings, &brokers, &artifact, &model, profiles, readiness)?;
         tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
-        pipeline::run(deps, shutdown).await
-    })?;
+        essential(
+            "the intake loop",
+            tokio::spawn(pipeline::run(deps, shutdown)),
+        )
+        .await
+    });
+    // Tasks still running after a failure (a webhook delivery, a fetch) must not keep a
+    // worker that has stopped working alive: give them a moment, then exit regardless.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result?;
     drop(model);
     owner.join();
     drop(embedded);
     Ok(true)
+}
+
+/// Await a task the worker cannot live without: its panic becomes an error naming it, so
+/// the process exits non-zero (and is restarted) instead of living on without it.
+pub async fn essential<T>(
+    what: &str,
+    task: tokio::task::JoinHandle<anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match task.await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => {
+            let message = pipeline::panic_message(e.into_panic().as_ref());
+            tracing::error!(what, panic = %message, "an essential task panicked: stopping");
+            anyhow::bail!("{what} panicked: {message}")
+        }
+        Err(e) => anyhow::bail!("{what} ended: {e}"),
+    }
 }
 
 /// Full batches through the model before the worker reports ready: the first passes
@@ -212,4 +238,26 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::essential;
+
+    #[tokio::test]
+    async fn an_essential_task_that_panics_is_an_error_naming_it() {
+        let task = tokio::spawn(async {
+            if std::hint::black_box(true) {
+                panic!("offsets of a partition arrive in order");
+            }
+            Ok(())
+        });
+        let err = essential("the intake loop", task).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the intake loop panicked: offsets of a partition arrive in order"
+        );
+        let fine = essential("x", tokio::spawn(async { Ok(7) })).await.unwrap();
+        assert_eq!(fine, 7);
+    }
 }

@@ -7,11 +7,10 @@
 //! The bytes a record holds (payload, image, pixels) are reserved from the worker's budget
 //! while it holds them.
 
-use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 
 use super::infer::{BatchItem, Embedded};
 use super::{publish, Profile, Shared};
@@ -21,22 +20,19 @@ use crate::preprocess::Region;
 use crate::proto::v1::{ErrorCode, InspectionRequest, SourceRecord, StageLatencies};
 use crate::request;
 use crate::score::Decision;
+use crate::sink::SendError;
 use crate::source;
 use crate::trace_context;
 use crate::verdict::{self, stage, Failure};
 
 /// One record to its verdict (and dead letter), published. Returns whether every record was
 /// acknowledged by the broker.
-pub async fn handle(shared: &Shared, msg: OwnedMessage) -> bool {
+pub async fn handle(shared: &Shared, msg: &OwnedMessage) -> bool {
     let started = Instant::now();
-    let source = SourceRecord {
-        topic: msg.topic().to_string(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-    };
-    let trace = trace_context::continue_from(&msg);
+    let source = source_record(msg);
+    let trace = trace_context::continue_from(msg);
     let mut latencies = StageLatencies::default();
-    let outcome = decide(shared, &msg, &mut latencies).await;
+    let outcome = decide(shared, msg, &mut latencies).await;
     latencies.total_seconds = started.elapsed().as_secs_f64();
     let now = SystemTime::now();
     let (verdict, failure) = match outcome {
@@ -69,17 +65,105 @@ pub async fn handle(shared: &Shared, msg: OwnedMessage) -> bool {
         }
     };
     let trace_headers = trace.map(|t| t.headers).unwrap_or_default();
-    let mut acked = publish::verdict(shared, &verdict, trace_headers).await;
-    if acked {
-        count(&verdict, now);
-        shared.notifier.observe(&verdict);
+    deliver(shared, msg, &source, verdict, failure, trace_headers).await
+}
+
+/// The record's handling panicked: its ERROR verdict (echoing the request when it decodes)
+/// and dead letter, as for any other failure of the record.
+pub async fn panicked(shared: &Shared, msg: &OwnedMessage, panic: String) -> bool {
+    metrics::record_panicked();
+    let source = source_record(msg);
+    tracing::error!(topic = %source.topic, partition = source.partition, offset = source.offset,
+        panic, "handling the record panicked: it gets an ERROR verdict and a dead letter");
+    let failure = Failure::new(
+        ErrorCode::Internal,
+        stage::INTERNAL,
+        format!("the worker failed on this record (a bug, please report it): {panic}"),
+    );
+    let request = request::decode(
+        msg.payload().unwrap_or_default(),
+        crate::source::header(msg, "content-type"),
+        shared.kafka.default_encoding,
+    )
+    .ok();
+    let v = verdict::failed(
+        request.as_ref(),
+        &failure,
+        &shared.model_info,
+        source.clone(),
+        StageLatencies::default(),
+        SystemTime::now(),
+    );
+    deliver(shared, msg, &source, v, Some(failure), Vec::new()).await
+}
+
+fn source_record(msg: &OwnedMessage) -> SourceRecord {
+    SourceRecord {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
     }
-    if let Some(failure) = failure {
-        let dead = publish::dead_letter(shared, &msg, &source, &failure).await;
-        if dead {
-            metrics::dead_letter(failure.stage);
+}
+
+/// Publish the verdict and, for a failure, the dead letter. A verdict the broker refuses for
+/// good is replaced by a small ERROR verdict (and the record dead-lettered); a verdict or
+/// dead-letter topic that refuses even that stops the worker: every record would fail alike.
+async fn deliver(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    source: &SourceRecord,
+    verdict: crate::proto::v1::Verdict,
+    mut failure: Option<Failure>,
+    trace: Vec<(String, Vec<u8>)>,
+) -> bool {
+    let published = match publish::verdict(shared, &verdict, trace.clone()).await {
+        Ok(()) => Some(verdict),
+        Err(e) if e.is_refusal() => {
+            let refusal = Failure::new(
+                ErrorCode::PublishFailed,
+                stage::PUBLISH,
+                format!("the verdict could not be published: {e}"),
+            );
+            tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset,
+                error = %e, "verdict refused: publishing a small ERROR verdict instead");
+            let small = verdict::shrunk(&verdict, &refusal);
+            failure = Some(refusal);
+            match publish::verdict(shared, &small, trace).await {
+                Ok(()) => Some(small),
+                Err(e) => {
+                    if e.is_refusal() {
+                        shared.fatal.declare(format!(
+                            "the verdict topic {:?} refuses records: {e}",
+                            shared.kafka.verdict_topic
+                        ));
+                    }
+                    None
+                }
+            }
         }
-        acked &= dead;
+        Err(_) => None,
+    };
+    let mut acked = match published {
+        Some(v) => {
+            count(&v, SystemTime::now());
+            shared.notifier.observe(&v);
+            true
+        }
+        None => false,
+    };
+    if let Some(failure) = failure {
+        match publish::dead_letter(shared, msg, source, &failure).await {
+            Ok(()) => metrics::dead_letter(failure.stage),
+            Err(e) => {
+                if matches!(e, SendError::Refused { .. }) {
+                    shared.fatal.declare(format!(
+                        "the dead-letter topic {:?} refuses records: {e}",
+                        shared.kafka.dlq_topic
+                    ));
+                }
+                acked = false;
+            }
+        }
     }
     acked
 }
@@ -126,13 +210,18 @@ async fn decide<'a>(
     lat: &mut StageLatencies,
 ) -> Result<Decided<'a>, Stop> {
     let payload = msg.payload().unwrap_or_default();
-    let _payload_bytes = shared.budget.reserve(payload.len()).await;
-    let request = request::decode(
+    let reserved = shared.budget.reserve(payload.len()).await;
+    let request = request::parse(
         payload,
         source::header(msg, "content-type"),
         shared.kafka.default_encoding,
     )
     .map_err(|e| Stop::Failed(None, Failure::from(&e)))?;
+    if let Err(e) = request::validate(&request) {
+        // Decoded but unusable: the verdict still says which request it answers.
+        let echo = request::echoable(request);
+        return Err(Stop::Failed(Some(Box::new(echo)), Failure::from(&e)));
+    }
     let failed = |code, stage, message: String| {
         Stop::Failed(
             Some(Box::new(request.clone())),
@@ -172,7 +261,10 @@ async fn decide<'a>(
     let t = Instant::now();
     let pre = profile.preprocessor.clone();
     let pixel_bytes = 3 * pre.size() * pre.size() * std::mem::size_of::<f32>();
-    let _image_bytes = shared.budget.reserve(bytes.len() + pixel_bytes).await;
+    // Payload, image and pixels in one reservation, never waited for while holding a part.
+    let _reserved = reserved
+        .grow_to(payload.len() + bytes.len() + pixel_bytes)
+        .await;
     let input = format!("request {}", request.request_id);
     let region = request.region.map(|r| Region {
         x: r.x,
@@ -180,11 +272,28 @@ async fn decide<'a>(
         width: r.width,
         height: r.height,
     });
-    // Decoding and resizing are CPU work: off the async workers.
-    let pixels = tokio::task::spawn_blocking(move || pre.run(&input, &bytes, region))
-        .await
-        .expect("preprocessing does not panic. This is a bug.")
-        .map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?;
+    // Decoding and resizing are CPU work: off the async workers. A decoder that panics on
+    // this image fails this image.
+    let pixels = match tokio::task::spawn_blocking(move || pre.run(&input, &bytes, region)).await {
+        Ok(result) => {
+            result.map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?
+        }
+        Err(e) => {
+            metrics::record_panicked();
+            let why = match e.try_into_panic() {
+                Ok(panic) => super::panic_message(panic.as_ref()),
+                Err(e) => e.to_string(),
+            };
+            return Err(failed(
+                ErrorCode::DecodeFailed,
+                stage::DECODE_IMAGE,
+                format!(
+                    "request {}: the image decoder failed on this image: {why}",
+                    request.request_id
+                ),
+            ));
+        }
+    };
     lat.decode_seconds = t.elapsed().as_secs_f64();
     if past_deadline(&request) {
         return Err(failed(
@@ -224,92 +333,4 @@ fn past_deadline(r: &InspectionRequest) -> bool {
     r.deadline
         .as_ref()
         .is_some_and(|d| SystemTime::now() > verdict::system_time(d))
-}
-
-/// Bytes held by records in flight, capped.
-pub struct ByteBudget {
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
-    total_kib: u32,
-    held: std::sync::atomic::AtomicU64,
-    peak: std::sync::atomic::AtomicU64,
-}
-
-/// Bytes reserved until dropped.
-pub struct Reserved<'a> {
-    budget: &'a ByteBudget,
-    bytes: u64,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl ByteBudget {
-    pub fn new(max_bytes: u64) -> Self {
-        let total_kib = (max_bytes / 1024).clamp(1, u32::MAX as u64 >> 4) as u32;
-        Self {
-            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
-            total_kib,
-            held: 0.into(),
-            peak: 0.into(),
-        }
-    }
-
-    /// Wait until `bytes` fit. A reservation larger than the whole budget waits for all of
-    /// it, so one huge image passes alone instead of never.
-    pub async fn reserve(&self, bytes: usize) -> Reserved<'_> {
-        let kib = (bytes as u64).div_ceil(1024).min(self.total_kib as u64) as u32;
-        let permit = match kib {
-            0 => None,
-            n => Some(
-                self.permits
-                    .clone()
-                    .acquire_many_owned(n)
-                    .await
-                    .expect("the byte budget is never closed. This is a bug."),
-            ),
-        };
-        let reserved = u64::from(kib) * 1024;
-        let held = self.held.fetch_add(reserved, Ordering::Relaxed) + reserved;
-        self.peak.fetch_max(held, Ordering::Relaxed);
-        metrics::in_flight_bytes(held);
-        Reserved {
-            budget: self,
-            bytes: reserved,
-            _permit: permit,
-        }
-    }
-
-    /// Most bytes held at once so far (in whole KiB per reservation).
-    pub fn peak(&self) -> u64 {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Reserved<'_> {
-    fn drop(&mut self) {
-        let held = self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;
-        metrics::in_flight_bytes(held);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn reservations_wait_for_room_and_an_oversized_one_passes_alone() {
-        let budget = std::sync::Arc::new(ByteBudget::new(10 * 1024));
-        let a = budget.reserve(6 * 1024).await;
-        // 6 + 6 > 10: the second waits until the first is dropped.
-        let b = tokio::time::timeout(Duration::from_millis(50), budget.reserve(6 * 1024)).await;
-        assert!(b.is_err(), "over budget: must wait");
-        drop(a);
-        let b = budget.reserve(6 * 1024).await;
-        drop(b);
-        // Larger than everything: takes the whole budget, no deadlock.
-        let huge = budget.reserve(1 << 30).await;
-        assert_eq!(budget.peak(), 10 * 1024);
-        drop(huge);
-        assert_eq!(budget.held.load(Ordering::Relaxed), 0);
-    }
 }

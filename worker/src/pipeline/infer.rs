@@ -33,7 +33,8 @@ pub struct BatchItem {
     pub reply: oneshot::Sender<Embedded>,
 }
 
-/// Why the model was declared broken, for the worker's exit.
+/// Why the worker cannot go on (the model broke, the batcher died, the dead-letter topic
+/// refuses records), for its exit.
 #[derive(Default)]
 pub struct Fatal {
     pub token: CancellationToken,
@@ -41,13 +42,11 @@ pub struct Fatal {
 }
 
 impl Fatal {
-    fn declare(&self, reason: String) {
+    /// The first reason wins; `reason` is a whole sentence for the exit message.
+    pub fn declare(&self, reason: String) {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if r.is_none() {
-            tracing::error!(
-                reason,
-                "the model is broken: draining and stopping the worker"
-            );
+            tracing::error!(reason, "draining and stopping the worker");
             *r = Some(reason);
         }
         self.token.cancel();
@@ -100,7 +99,9 @@ pub async fn batch_loop(
                     let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let broken = matches!(e, ModelError::Stopped) || n >= max_failures;
                     if broken {
-                        fatal.declare(format!("{e} ({n} failed batches in a row)"));
+                        fatal.declare(format!(
+                            "the model is broken: {e} ({n} failed batches in a row)"
+                        ));
                     } else {
                         tracing::warn!(error = %e, failed_in_a_row = n, "model batch failed");
                     }

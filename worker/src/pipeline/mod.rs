@@ -10,22 +10,29 @@
 //! to its verdict; [`infer`] batches for the model; [`publish`] writes verdicts and dead
 //! letters.
 //!
-//! Guarantees: each record is handled by its own task; at most `max_in_flight` records and
+//! Guarantees: each record is handled by its own task, and a panic in it becomes the
+//! record's ERROR verdict and dead letter (its [`ack::Acknowledgement`] resolves whatever
+//! happens, so no partition's position freezes); at most `max_in_flight` records and
 //! `max_in_flight_bytes` are held at once, and when the records are all taken the consumer's
 //! partitions are paused (polling goes on) until half are free; every record ends as exactly
 //! one verdict (ERROR for failures, with a dead letter too) before its offset can be stored;
-//! a bad record never stops the worker, a broken model does (after draining); on shutdown no
+//! a bad record never stops the worker; a broken model, a batcher that died, or a dead-letter
+//! topic that refuses records do (after draining: `run` returns the reason); on shutdown no
 //! new record is taken, in-flight ones finish within `drain_timeout`, the producer is flushed
 //! and the stored positions committed synchronously.
 
+mod ack;
+mod budget;
 mod handle;
 mod infer;
 mod publish;
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -43,7 +50,7 @@ use crate::proto::v1::ModelInfo;
 use crate::score::Scorer;
 use crate::sink::Sink;
 use crate::source::{self, Source};
-use handle::ByteBudget;
+use budget::ByteBudget;
 use infer::{BatchItem, Fatal};
 
 /// A profile ready to serve: its scorer and its preprocessing (CLAHE is per profile).
@@ -94,6 +101,9 @@ struct Shared {
     /// Fired when the drain time is up: publishes still retrying give up (their offsets stay
     /// uncommitted). Not the shutdown signal itself: in-flight records must get to finish.
     abort: CancellationToken,
+    /// Declared when the worker cannot go on (the model broke, the dead-letter topic refuses
+    /// records): it drains and `run` returns the reason.
+    fatal: Arc<Fatal>,
 }
 
 /// Names this worker in verdict headers and notifications: the static member id, or host
@@ -115,7 +125,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
     let settings = deps.pipeline;
     let fatal = Arc::new(Fatal::default());
     let (to_batcher, batch_rx) = mpsc::channel(deps.batch.max_size.max(1) * 4);
-    let batcher = tokio::spawn(infer::batch_loop(
+    let mut batcher = tokio::spawn(infer::batch_loop(
         batch_rx,
         deps.batch,
         deps.model.clone(),
@@ -135,6 +145,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         to_batcher,
         budget: ByteBudget::new(settings.max_in_flight_bytes),
         abort: CancellationToken::new(),
+        fatal: fatal.clone(),
     });
     let consumer = Arc::new(deps.consumer);
     let ledger = consumer.context().ledger.clone();
@@ -162,7 +173,21 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
             biased;
             _ = shutdown.cancelled() => break,
             _ = fatal.token.cancelled() => break,
-            Some(_) = intake.tasks.join_next() => {
+            // The batcher ends only when the pipeline does: records would wait for it forever.
+            ended = &mut batcher => {
+                let why = match ended {
+                    Err(e) if e.is_panic() => format!("the batcher panicked: {}", panic_message(e.into_panic().as_ref())),
+                    _ => "the batcher stopped".to_string(),
+                };
+                fatal.declare(why);
+                break;
+            }
+            Some(joined) = intake.tasks.join_next() => {
+                if let Err(e) = joined {
+                    // Panics inside a record's handling are caught in the task; this is one in
+                    // the catching itself. Its acknowledgement resolved (not acknowledged).
+                    tracing::error!(error = %e, "a record task failed");
+                }
                 metrics::records_in_flight(intake.tasks.len());
             }
             slot = slots.clone().acquire_owned(), if !intake.waiting.is_empty() => {
@@ -230,9 +255,18 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         .unwrap_or_else(|e| e.into_inner())
         .take();
     match reason {
-        Some(reason) => anyhow::bail!("the model is broken: {reason}"),
+        Some(reason) => anyhow::bail!("{reason}"),
         None => Ok(stats),
     }
+}
+
+/// The text of a caught panic (`panic!` with a literal or a formatted message).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Commit what was stored, retrying briefly: a rebalance in progress (another worker joining
@@ -276,20 +310,21 @@ impl Intake {
         }
         self.stats.records += 1;
         metrics::record_consumed(&p.topic);
-        let (shared, consumer, ledger) = (
-            self.shared.clone(),
-            self.consumer.clone(),
-            self.ledger.clone(),
-        );
+        let ack =
+            ack::Acknowledgement::new(self.ledger.clone(), self.consumer.clone(), p, offset, epoch);
+        let shared = self.shared.clone();
         self.tasks.spawn(async move {
-            let acked = handle::handle(&shared, msg).await;
-            ledger.finished(&p, offset, acked, |position| {
-                if let Err(e) = source::store_position(&consumer, &p.topic, p.partition, position) {
-                    // Revoked meanwhile: the new owner resumes from the last commit (a
-                    // duplicate, never a loss).
-                    tracing::debug!(topic = %p.topic, partition = p.partition, error = %e, "store offset");
-                }
-            });
+            // A panic anywhere in the record's handling (time arithmetic, a decoder, a
+            // serialiser) is the record's failure: an ERROR verdict and a dead letter, never a
+            // frozen partition. The state it leaves behind is the record's own.
+            let acked = match AssertUnwindSafe(handle::handle(&shared, &msg))
+                .catch_unwind()
+                .await
+            {
+                Ok(acked) => acked,
+                Err(panic) => handle::panicked(&shared, &msg, panic_message(panic.as_ref())).await,
+            };
+            ack.resolve(acked);
             drop(slot);
         });
         metrics::records_in_flight(self.tasks.len());

@@ -1,9 +1,12 @@
 //! The sink hop: a verdict, or a dead letter, as Kafka records.
 //!
-//! Guarantees: each returns only once the broker acknowledged the record (true), or when the
-//! drain time is up (false: the input offset then stays uncommitted). Verdicts are keyed by
-//! camera id and carry their source coordinates in headers; a dead letter is the original
-//! record, key, payload and headers unchanged, plus Kafka Connect style error headers.
+//! Guarantees: each returns Ok only once the broker acknowledged the record; an error when
+//! the drain time is up (the input offset then stays uncommitted) or when the broker refuses
+//! the record for good. Verdicts are keyed by camera id and carry their source coordinates
+//! in headers; a dead letter is the original record, key, payload and headers unchanged,
+//! plus Kafka Connect style error headers, except that a payload too large for the
+//! dead-letter topic is left out (header `clipqc-payload-dropped`: its size; the original
+//! stays on the input topic at the coordinates the headers give).
 
 use prost::Message as _;
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -11,15 +14,34 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use super::Shared;
 use crate::proto::v1::{SourceRecord, Verdict};
 use crate::request::Encoding;
-use crate::sink::Record;
+use crate::sink::{Record, SendError};
 use crate::verdict::{self, Failure};
 
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("the verdict cannot be encoded as JSON: {0}")]
+    Encode(String),
+}
+
+impl PublishError {
+    /// The record will never be taken as it is (as opposed to: the worker stopped waiting).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, Self::Send(SendError::Aborted))
+    }
+}
+
 /// `trace` continues the request's trace context (see [`crate::trace_context`]).
-pub async fn verdict(shared: &Shared, v: &Verdict, trace: Vec<(String, Vec<u8>)>) -> bool {
+pub async fn verdict(
+    shared: &Shared,
+    v: &Verdict,
+    trace: Vec<(String, Vec<u8>)>,
+) -> Result<(), PublishError> {
     let encoding = shared.kafka.verdict_encoding;
     let payload = match encoding {
         Encoding::Protobuf => v.encode_to_vec(),
-        Encoding::Json => serde_json::to_vec(v).expect("a verdict serialises. This is a bug."),
+        Encoding::Json => serde_json::to_vec(v).map_err(|e| PublishError::Encode(e.to_string()))?,
     };
     let source = v.source.clone().unwrap_or_default();
     let mut headers = vec![
@@ -53,7 +75,7 @@ pub async fn verdict(shared: &Shared, v: &Verdict, trace: Vec<(String, Vec<u8>)>
         payload: &payload,
         headers,
     };
-    shared.sink.send(&record, &shared.abort).await
+    Ok(shared.sink.send(&record, &shared.abort).await?)
 }
 
 pub async fn dead_letter(
@@ -61,7 +83,7 @@ pub async fn dead_letter(
     msg: &OwnedMessage,
     source: &SourceRecord,
     failure: &Failure,
-) -> bool {
+) -> Result<(), SendError> {
     let mut headers: Vec<(String, Vec<u8>)> = msg
         .headers()
         .map(|h| {
@@ -75,11 +97,23 @@ pub async fn dead_letter(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.into_bytes())),
     );
-    let record = Record {
+    let payload = msg.payload().unwrap_or_default();
+    let mut record = Record {
         topic: &shared.kafka.dlq_topic,
         key: msg.key(),
-        payload: msg.payload().unwrap_or_default(),
+        payload,
         headers,
     };
-    shared.sink.send(&record, &shared.abort).await
+    match shared.sink.send(&record, &shared.abort).await {
+        Err(e) if e.too_large() && !payload.is_empty() => {
+            tracing::warn!(topic = %record.topic, bytes = payload.len(), "dead letter too large for its topic: sending it without the payload");
+            record.payload = &[];
+            record.headers.push((
+                "clipqc-payload-dropped".into(),
+                payload.len().to_string().into_bytes(),
+            ));
+            shared.sink.send(&record, &shared.abort).await
+        }
+        other => other,
+    }
 }
