@@ -239,6 +239,7 @@ device = "cpu"
 
 [fetch]
 allowed_hosts = ["127.0.0.1"]
+allowed_networks = ["127.0.0.0/8"]
 retries = 1
 
 [pipeline]

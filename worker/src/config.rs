@@ -28,10 +28,11 @@ pub enum ConfigError {
 }
 
 /// Keys whose environment values are comma-separated lists.
-const LIST_KEYS: [&str; 4] = [
+const LIST_KEYS: [&str; 5] = [
     "kafka.input_topics",
     "fetch.allowed_schemes",
     "fetch.allowed_hosts",
+    "fetch.allowed_networks",
     "fetch.file_roots",
 ];
 
@@ -100,12 +101,25 @@ impl Default for KafkaSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct FetchSettings {
     pub allowed_schemes: Vec<String>,
-    /// Hosts image URIs may name (exact, or `*.suffix`). Empty: any host.
+    /// Hosts image URIs (and their redirects) may name: exact names or IP literals, `*.suffix`
+    /// for a domain and its subdomains, `*` for any host; for object stores, bucket names.
+    /// Empty (the default): no remote host at all, only inline images and `file://`.
     pub allowed_hosts: Vec<String>,
+    /// Networks (CIDR such as `10.20.0.0/16`, or single addresses) that http(s) image hosts
+    /// may be at although they are loopback, private, link-local, CGNAT, multicast,
+    /// unspecified or reserved (all refused otherwise, IPv6 forms included). Checked on the
+    /// addresses actually connected to, after DNS.
+    #[serde(deserialize_with = "networks")]
+    #[schemars(with = "Vec<String>")]
+    pub allowed_networks: Vec<ipnet::IpNet>,
+    /// Redirects followed per fetch, each one checked as the first request; 0: none.
+    pub max_redirects: u32,
     /// Directories `file://` URIs may read from; none: `file://` is refused.
     pub file_roots: Vec<PathBuf>,
+    /// The largest image, in bytes (http(s), object stores, files and inline).
     pub max_bytes: u64,
     pub connect_timeout_ms: u64,
+    /// The whole fetch of one image, `file://` reads included.
     pub timeout_ms: u64,
     /// Retries of transient failures (timeouts, connection errors, 5xx, 429).
     pub retries: u32,
@@ -124,6 +138,8 @@ impl Default for FetchSettings {
                 .map(String::from)
                 .to_vec(),
             allowed_hosts: Vec::new(),
+            allowed_networks: Vec::new(),
+            max_redirects: 3,
             file_roots: Vec::new(),
             max_bytes: 32 << 20,
             connect_timeout_ms: 2_000,
@@ -133,6 +149,24 @@ impl Default for FetchSettings {
             object_store: BTreeMap::new(),
         }
     }
+}
+
+/// `fetch.allowed_networks`: CIDRs, or single addresses (a /32 or /128).
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "fetch.allowed_networks: {s:?} is not a network (CIDR such as \
+                         10.20.0.0/16) or an IP address"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// Alerting hooks: webhooks told of DEFECT verdicts and of lines' defect rates.
@@ -341,6 +375,7 @@ prompts = ["a clean edge"]
             ),
             ("CLIPQC__KAFKA__INSTANCE_ID", "clipqc-0"),
             ("CLIPQC__FETCH__ALLOWED_HOSTS", "images.plant.local"),
+            ("CLIPQC__FETCH__ALLOWED_NETWORKS", "10.20.0.0/16,127.0.0.1"),
             ("CLIPQC__FETCH__FILE_ROOTS", "/data/images"),
             ("CLIPQC__BATCH__MAX_SIZE", "64"),
             ("CLIPQC__BATCH__MAX_DELAY_MS", "8"),
@@ -355,6 +390,13 @@ prompts = ["a clean edge"]
         assert_eq!(s.kafka.input_topics, ["line1.requests", "line2.requests"]);
         assert_eq!(s.kafka.instance_id.as_deref(), Some("clipqc-0"));
         assert_eq!(s.fetch.allowed_hosts, ["images.plant.local"]);
+        assert_eq!(
+            s.fetch.allowed_networks,
+            [
+                "10.20.0.0/16".parse().unwrap(),
+                "127.0.0.1/32".parse().unwrap()
+            ]
+        );
         assert_eq!(s.fetch.file_roots, [PathBuf::from("/data/images")]);
         assert_eq!((s.batch.max_size, s.batch.max_delay_ms), (64, 8));
         assert_eq!(s.model.dir.as_deref(), Some(Path::new("/models/clip")));
@@ -399,6 +441,14 @@ prompts = ["a clean edge"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"empty\" has no classes"), "{err}");
+        let (_d, path) = write("[fetch]\nallowed_networks = [\"10.0.0.0/33\"]\n");
+        let err = Settings::load_with_env(Some(&path), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fetch.allowed_networks: \"10.0.0.0/33\" is not a network"),
+            "{err}"
+        );
         let err = Settings::load_with_env(Some(Path::new("/nonexistent.toml")), [])
             .unwrap_err()
             .to_string();

@@ -1,21 +1,30 @@
 //! The fetch stage: an image reference to its bytes.
 //!
-//! Guarantees: only allowed schemes and hosts are contacted, and `file://` only reads under
-//! the configured roots (after resolving `..` and symlinks), so a request cannot make a
-//! worker read its own secrets or probe the plant network; a body never exceeds `max_bytes`
-//! in memory (checked against Content-Length and again while streaming); transient failures
-//! (connection errors, timeouts, 5xx, 429) are retried with exponential backoff, permanent
-//! ones (4xx, forbidden, too large) are not; every error names the URI.
+//! Guarantees: only allowed schemes and hosts are contacted (`fetch.allowed_hosts` empty: no
+//! remote host at all); http(s) never reaches a loopback, private, link-local, CGNAT,
+//! multicast or otherwise special address (IPv6 and IPv4-in-IPv6 forms included) unless
+//! `fetch.allowed_networks` lists it, checked on the addresses actually connected to (a DNS
+//! resolver of our own), and every redirect hop is checked as the first request (at most
+//! `fetch.max_redirects`); `file://` only reads regular files under the configured roots
+//! (checked on the path as written before touching the file system, and again after resolving
+//! symlinks), so a request cannot make a worker read its own secrets, probe the plant network
+//! or its cloud's metadata service; a body never exceeds `max_bytes` in memory (checked
+//! against the stated size and again while reading) and a fetch, `file://` included, never
+//! takes longer than `timeout_ms`; transient failures (connection errors, timeouts, 5xx, 429)
+//! are retried with exponential backoff, permanent ones (4xx, forbidden, too large) are not;
+//! every error names the URI, without its credentials or query string.
 
+mod guard;
 mod object;
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 
 use crate::config::FetchSettings;
@@ -72,35 +81,66 @@ impl FetchError {
 pub struct Fetcher {
     http: reqwest::Client,
     settings: Arc<FetchSettings>,
+    policy: Arc<guard::Policy>,
     /// Canonical forms of the configured file roots (resolved once).
     roots: Arc<Vec<PathBuf>>,
+    /// The configured file roots as written (made absolute, `.` and `..` resolved).
+    lexical_roots: Arc<Vec<PathBuf>>,
     permits: Arc<Semaphore>,
     objects: Arc<object::ObjectStores>,
 }
 
 impl Fetcher {
     pub fn new(settings: FetchSettings) -> Result<Self, FetchError> {
+        let policy = Arc::new(guard::Policy::new(&settings));
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
             .timeout(Duration::from_millis(settings.timeout_ms))
+            .dns_resolver(guard::GuardedResolver {
+                policy: policy.clone(),
+            })
+            .redirect(policy.redirects(settings.max_redirects))
+            // A presigned URL's query must not travel to a redirect's target.
+            .referer(false)
             .build()
             .map_err(|e| FetchError::Failed {
                 uri: "(client)".into(),
-                message: e.to_string(),
+                message: describe(e),
                 transient: false,
             })?;
+        let remote: Vec<&str> = ["http", "https"]
+            .iter()
+            .chain(object::SCHEMES.iter())
+            .copied()
+            .filter(|s| policy.scheme_allowed(s))
+            .collect();
+        if settings.allowed_hosts.is_empty() && !remote.is_empty() {
+            tracing::warn!(
+                schemes = ?remote,
+                "fetch.allowed_hosts is empty: no image will be fetched from a remote host \
+                 (only inline images, and file:// under fetch.file_roots); list the image \
+                 hosts and buckets in fetch.allowed_hosts, or \"*\" for any host"
+            );
+        }
         // A root that does not exist yet is kept as written: it cannot match anything anyway.
         let roots = settings
             .file_roots
             .iter()
             .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
             .collect();
+        let lexical_roots = settings
+            .file_roots
+            .iter()
+            .map(|r| lexical(&std::path::absolute(r).unwrap_or_else(|_| r.clone())))
+            .collect();
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         Ok(Self {
             http,
+            policy,
             objects: Arc::new(object::ObjectStores::new(&settings)),
             settings: Arc::new(settings),
             roots: Arc::new(roots),
+            lexical_roots: Arc::new(lexical_roots),
             permits,
         })
     }
@@ -129,39 +169,43 @@ impl Fetcher {
     }
 
     async fn fetch_uri(&self, uri: &str) -> Result<Bytes, FetchError> {
+        // Errors name the URI without its credentials or query string.
+        let shown = guard::redact(uri);
         let forbidden = |reason: String| FetchError::Forbidden {
-            uri: uri.to_string(),
+            uri: shown.clone(),
             reason,
         };
         let url =
             reqwest::Url::parse(uri).map_err(|e| forbidden(format!("not a valid URI: {e}")))?;
         let scheme = url.scheme();
-        if !self.settings.allowed_schemes.iter().any(|s| s == scheme) {
+        if !self.policy.scheme_allowed(scheme) {
             return Err(forbidden(format!(
                 "scheme {scheme:?} is not in fetch.allowed_schemes"
             )));
         }
-        if scheme != "file" {
-            // For object stores the "host" is the bucket (or account).
-            let host = url.host_str().unwrap_or_default();
-            if !host_allowed(&self.settings.allowed_hosts, host) {
-                return Err(forbidden(format!(
-                    "host {host:?} is not in fetch.allowed_hosts"
-                )));
-            }
-        }
         match scheme {
-            "file" => self.read_file(uri, &url).await,
+            "file" => self.read_file(&shown, &url).await,
             s if object::SCHEMES.contains(&s) => {
-                self.objects.get(uri, &url, self.settings.max_bytes).await
+                // For object stores the "host" is the bucket (or account); the store's own
+                // endpoint is configuration, not the request's to choose.
+                let bucket = url.host_str().unwrap_or_default();
+                if let Some(reason) = self.policy.host_refusal(bucket) {
+                    return Err(forbidden(reason));
+                }
+                self.objects
+                    .get(&shown, &url, self.settings.max_bytes)
+                    .await
             }
             "http" | "https" => {
+                if let Some(reason) = self.policy.http_refusal(&url) {
+                    return Err(forbidden(reason));
+                }
                 let backoff = ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
                     .with_max_delay(Duration::from_secs(2))
                     .with_max_times(self.settings.retries as usize)
                     .with_jitter();
-                (|| self.get_once(uri, url.clone()))
+                (|| self.get_once(&shown, url.clone()))
                     .retry(backoff)
                     .when(FetchError::is_transient)
                     .await
@@ -172,24 +216,33 @@ impl Fetcher {
         }
     }
 
+    /// One GET; `uri` is the redacted form, for errors.
     async fn get_once(&self, uri: &str, url: reqwest::Url) -> Result<Bytes, FetchError> {
         let failed = |message: String, transient: bool| FetchError::Failed {
             uri: uri.to_string(),
             message,
             transient,
         };
+        // A refusal of the resolver or the redirect policy is final: forbidden, not failed.
+        let send_error = |e: reqwest::Error| match guard::Refused::find(&e) {
+            Some(refused) => FetchError::Forbidden {
+                uri: uri.to_string(),
+                reason: refused.0.clone(),
+            },
+            None => failed(describe(e), true),
+        };
         let limit = self.settings.max_bytes;
-        let response = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| failed(describe(&e), true))?;
+        let response = self.http.get(url).send().await.map_err(send_error)?;
         let status = response.status();
         if !status.is_success() {
             let transient =
                 status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
-            return Err(failed(format!("HTTP {status}"), transient));
+            let hint = if status.is_redirection() && self.settings.max_redirects == 0 {
+                " (redirects are not followed: fetch.max_redirects is 0)"
+            } else {
+                ""
+            };
+            return Err(failed(format!("HTTP {status}{hint}"), transient));
         }
         if response.content_length().is_some_and(|n| n > limit) {
             return Err(FetchError::TooLarge {
@@ -198,49 +251,143 @@ impl Fetcher {
             });
         }
         read_limited(uri, limit, response.bytes_stream(), |e| {
-            failed(describe(&e), true)
+            failed(describe(e), true)
         })
         .await
     }
 
+    /// A `file://` image; `uri` is the redacted form, for errors.
     async fn read_file(&self, uri: &str, url: &reqwest::Url) -> Result<Bytes, FetchError> {
         let forbidden = |reason: String| FetchError::Forbidden {
             uri: uri.to_string(),
             reason,
         };
+        // Refused before the file system is touched: neither the existence nor the kind of a
+        // path outside the roots can be learnt from the answer.
+        if self.roots.is_empty() {
+            return Err(forbidden(
+                "file:// is off: fetch.file_roots is empty".into(),
+            ));
+        }
         let path = url
             .to_file_path()
             .map_err(|_| forbidden("not a local file path".into()))?;
-        // Resolve `..` and symlinks before the check: the real location must be under a root.
-        let real = tokio::fs::canonicalize(&path)
-            .await
-            .map_err(|e| FetchError::Failed {
-                uri: uri.to_string(),
-                message: e.to_string(),
-                transient: false,
-            })?;
-        if !self.roots.iter().any(|root| real.starts_with(root)) {
+        let written = lexical(&path);
+        let under = |p: &Path, roots: &[PathBuf]| roots.iter().any(|root| p.starts_with(root));
+        if !under(&written, &self.lexical_roots) && !under(&written, &self.roots) {
             return Err(forbidden("outside fetch.file_roots".into()));
         }
-        let len = tokio::fs::metadata(&real)
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        tokio::time::timeout(timeout, self.read_under_roots(uri, &path))
             .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        if len > self.settings.max_bytes {
-            return Err(FetchError::TooLarge {
-                uri: uri.to_string(),
-                limit: self.settings.max_bytes,
-            });
-        }
-        tokio::fs::read(&real)
-            .await
-            .map(Bytes::from)
-            .map_err(|e| FetchError::Failed {
-                uri: uri.to_string(),
-                message: e.to_string(),
-                transient: false,
+            .unwrap_or_else(|_| {
+                Err(FetchError::Failed {
+                    uri: uri.to_string(),
+                    message: format!(
+                        "reading took longer than {} ms (fetch.timeout_ms)",
+                        self.settings.timeout_ms
+                    ),
+                    transient: true,
+                })
             })
     }
+
+    async fn read_under_roots(&self, uri: &str, path: &Path) -> Result<Bytes, FetchError> {
+        let forbidden = |reason: String| FetchError::Forbidden {
+            uri: uri.to_string(),
+            reason,
+        };
+        let failed = |e: std::io::Error| FetchError::Failed {
+            uri: uri.to_string(),
+            message: e.to_string(),
+            transient: false,
+        };
+        let limit = self.settings.max_bytes;
+        // Resolve `..` and symlinks: the real location must be under a root too.
+        let real = tokio::fs::canonicalize(path).await.map_err(failed)?;
+        if !self.roots.iter().any(|root| real.starts_with(root)) {
+            return Err(forbidden(
+                "outside fetch.file_roots (through a symlink)".into(),
+            ));
+        }
+        // Only regular files: a FIFO would block the read, a device never end.
+        let meta = tokio::fs::metadata(&real).await.map_err(failed)?;
+        if let Some(kind) = not_regular(&meta) {
+            return Err(forbidden(format!("not a regular file: {kind}")));
+        }
+        if meta.len() > limit {
+            return Err(FetchError::TooLarge {
+                uri: uri.to_string(),
+                limit,
+            });
+        }
+        let mut options = tokio::fs::OpenOptions::new();
+        options.read(true);
+        // Opening does not wait for a writer even if the path became a FIFO since, and does
+        // not follow a symlink put in its place.
+        #[cfg(unix)]
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
+        let file = options.open(&real).await.map_err(failed)?;
+        let meta = file.metadata().await.map_err(failed)?;
+        if let Some(kind) = not_regular(&meta) {
+            return Err(forbidden(format!("not a regular file: {kind}")));
+        }
+        // The stated size is not trusted (it is 0 for /proc files and can change): at most
+        // one byte over the limit is read.
+        let mut body = Vec::with_capacity(meta.len().min(limit) as usize);
+        file.take(limit.saturating_add(1))
+            .read_to_end(&mut body)
+            .await
+            .map_err(failed)?;
+        if body.len() as u64 > limit {
+            return Err(FetchError::TooLarge {
+                uri: uri.to_string(),
+                limit,
+            });
+        }
+        Ok(Bytes::from(body))
+    }
+}
+
+/// What a file is when it is not a regular file.
+fn not_regular(meta: &std::fs::Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return Some("a FIFO");
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return Some("a device");
+        }
+        if t.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some(if t.is_dir() {
+        "a directory"
+    } else {
+        "not a plain file"
+    })
+}
+
+/// `path` with `.` and `..` resolved as written (no file system access).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Collect a body stream, refusing it as soon as it grows past `limit` bytes (a server's or
@@ -265,17 +412,11 @@ async fn read_limited<E>(
     Ok(body.freeze())
 }
 
-/// Exact host names, or `*.suffix` for a domain and its subdomains; an empty list allows all.
-fn host_allowed(allowed: &[String], host: &str) -> bool {
-    allowed.is_empty()
-        || allowed.iter().any(|a| match a.strip_prefix("*.") {
-            Some(suffix) => host == suffix || host.ends_with(&format!(".{suffix}")),
-            None => a.eq_ignore_ascii_case(host),
-        })
-}
-
-fn describe(e: &reqwest::Error) -> String {
+fn describe(e: reqwest::Error) -> String {
     use std::error::Error;
+    // Without the URL: it can carry credentials and a presigned query (the error's own URI
+    // is shown redacted).
+    let e = e.without_url();
     // reqwest's own message is terse ("error sending request"); the cause says what happened.
     let mut s = e.to_string();
     let mut source = e.source();

@@ -1,12 +1,17 @@
-//! Against a real HTTP server on loopback (axum) and real files.
+//! Against real HTTP servers on loopback (axum), a trap listener that counts the connections
+//! it is not supposed to get, and real files.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use axum::http::StatusCode;
+use axum::extract::Path as UrlPath;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use super::guard::{host_allowed, redact};
 use super::*;
 
 struct Server {
@@ -15,9 +20,36 @@ struct Server {
 }
 
 async fn serve() -> Server {
+    serve_at("127.0.0.1", None).await
+}
+
+/// The test server on `ip`; with `trap`, `/to-trap` redirects to it by address and
+/// `/to-trap-by-name` by the name `localhost`.
+async fn serve_at(ip: &str, trap: Option<SocketAddr>) -> Server {
     let flaky_calls = Arc::new(AtomicUsize::new(0));
     let calls = flaky_calls.clone();
+    let redirect = |to: String| (StatusCode::FOUND, [(header::LOCATION, to)]).into_response();
+    let trap_port = trap.map_or(9, |t| t.port());
     let app = Router::new()
+        .route(
+            "/to-trap",
+            get(move || async move { redirect(format!("http://127.0.0.1:{trap_port}/x.jpg")) }),
+        )
+        .route(
+            "/to-trap-by-name",
+            get(move || async move { redirect(format!("http://localhost:{trap_port}/x.jpg")) }),
+        )
+        .route(
+            // `hops` redirects on this server, then an image.
+            "/hop/{n}",
+            get(move |UrlPath(n): UrlPath<u32>| async move {
+                if n == 0 {
+                    vec![9u8, 9, 9].into_response()
+                } else {
+                    redirect(format!("/hop/{}", n - 1))
+                }
+            }),
+        )
         .route(
             "/part.jpg",
             get(|| async { vec![0xffu8, 0xd8, 0xff, 0xd9] }),
@@ -45,17 +77,35 @@ async fn serve() -> Server {
                 vec![1u8]
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server { base, flaky_calls }
 }
 
+/// A listener on 127.0.0.1 that counts the connections it accepts (and drops them).
+async fn trap() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    (addr, hits)
+}
+
+/// Settings for the local test servers: 127.0.0.1, which is loopback, allowed explicitly.
 fn settings() -> FetchSettings {
     FetchSettings {
         max_bytes: 1024,
         timeout_ms: 500,
         retries: 3,
+        allowed_hosts: vec!["127.0.0.1".into()],
+        allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
         ..FetchSettings::default()
     }
 }
@@ -257,4 +307,461 @@ fn every_error_kind_is_listed_for_the_metrics() {
     ];
     let kinds: Vec<&str> = errors.iter().map(FetchError::kind).collect();
     assert_eq!(kinds, FetchError::KINDS);
+}
+
+/// Item 4: a redirect is checked like the first request (host allowlist, then the address
+/// rules, by literal and by name), and there are at most `fetch.max_redirects` of them.
+#[tokio::test]
+async fn every_redirect_hop_is_checked_and_their_number_limited() {
+    let (trap_addr, trap_hits) = trap().await;
+    // The redirecting server on 127.0.0.2; the trap on 127.0.0.1.
+    let s = serve_at("127.0.0.2", Some(trap_addr)).await;
+    let get = |f: Fetcher, path: &str| {
+        let u = format!("{}{path}", s.base);
+        async move { f.fetch(&uri(u)).await }
+    };
+
+    // The target's host is not in the allowlist (its address would be).
+    let by_host = Fetcher::new(FetchSettings {
+        allowed_hosts: vec!["127.0.0.2".into()],
+        ..settings()
+    })
+    .unwrap();
+    let err = get(by_host.clone(), "/to-trap").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "redirect to http://127.0.0.1:{}/x.jpg: host \"127.0.0.1\" is not in fetch.allowed_hosts",
+            trap_addr.port()
+        )),
+        "{err}"
+    );
+
+    // Any host, but only 127.0.0.2 of the loopback network: the target's address is refused,
+    // as a literal and behind a name.
+    let by_address = Fetcher::new(FetchSettings {
+        allowed_hosts: vec!["*".into()],
+        allowed_networks: vec!["127.0.0.2/32".parse().unwrap()],
+        ..settings()
+    })
+    .unwrap();
+    let err = get(by_address.clone(), "/to-trap").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+    assert!(
+        err.to_string()
+            .contains("address 127.0.0.1 is loopback: list its network in fetch.allowed_networks"),
+        "{err}"
+    );
+    let err = get(by_address.clone(), "/to-trap-by-name")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+    assert!(
+        err.to_string()
+            .contains("host \"localhost\" resolves only to denied addresses (")
+            && err.to_string().contains("address 127.0.0.1 is loopback"),
+        "{err}"
+    );
+
+    // At most fetch.max_redirects (3 by default) hops.
+    assert_eq!(
+        &get(by_address.clone(), "/hop/3").await.unwrap()[..],
+        [9, 9, 9]
+    );
+    let err = get(by_address.clone(), "/hop/4").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+    assert!(
+        err.to_string()
+            .contains("more than 3 redirects (fetch.max_redirects)"),
+        "{err}"
+    );
+
+    // 0: none followed.
+    let no_redirects = Fetcher::new(FetchSettings {
+        max_redirects: 0,
+        allowed_hosts: vec!["*".into()],
+        ..settings()
+    })
+    .unwrap();
+    let err = get(no_redirects.clone(), "/to-trap").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Failed {
+                transient: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("HTTP 302 Found (redirects are not followed: fetch.max_redirects is 0)"),
+        "{err}"
+    );
+
+    assert_eq!(trap_hits.load(Ordering::SeqCst), 0, "the trap was reached");
+}
+
+/// Item 4: names resolving to denied addresses, and denied addresses in every literal form
+/// (the url crate turns decimal, octal and hex IPv4 into dotted form), are refused without
+/// connecting; `fetch.allowed_networks` lets them through.
+#[tokio::test]
+async fn denied_addresses_are_refused_by_name_and_in_every_literal_form() {
+    let (trap_addr, trap_hits) = trap().await;
+    let p = trap_addr.port();
+    let any_host = Fetcher::new(FetchSettings {
+        allowed_hosts: vec!["*".into()],
+        allowed_networks: Vec::new(),
+        ..settings()
+    })
+    .unwrap();
+    let err = any_host
+        .fetch(&uri(format!("http://localhost:{p}/x.jpg")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+    assert!(
+        err.to_string()
+            .contains("host \"localhost\" resolves only to denied addresses (")
+            && err.to_string().contains("address 127.0.0.1 is loopback")
+            && err.to_string().contains("fetch.allowed_networks"),
+        "{err}"
+    );
+    let literals = [
+        (
+            format!("http://2130706433:{p}/x.jpg"),
+            "127.0.0.1 is loopback",
+        ),
+        (
+            format!("http://0177.0.0.1:{p}/x.jpg"),
+            "127.0.0.1 is loopback",
+        ),
+        (format!("http://0x7f.1:{p}/x.jpg"), "127.0.0.1 is loopback"),
+        (format!("http://127.1:{p}/x.jpg"), "127.0.0.1 is loopback"),
+        (format!("http://[::1]:{p}/x.jpg"), "::1 is loopback"),
+        (
+            format!("http://[::ffff:127.0.0.1]:{p}/x.jpg"),
+            "::ffff:127.0.0.1 is loopback (IPv4 127.0.0.1)",
+        ),
+        (
+            format!("http://[64:ff9b::7f00:1]:{p}/x.jpg"),
+            "64:ff9b::7f00:1 is loopback (IPv4 127.0.0.1)",
+        ),
+        (
+            format!("http://0.0.0.0:{p}/x.jpg"),
+            "0.0.0.0 is unspecified",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            "169.254.169.254 is link-local",
+        ),
+        ("http://[fe80::1]/x.jpg".into(), "fe80::1 is link-local"),
+        ("http://10.1.2.3/x.jpg".into(), "10.1.2.3 is private"),
+        ("http://172.16.0.1/x.jpg".into(), "172.16.0.1 is private"),
+        ("http://192.168.1.1/x.jpg".into(), "192.168.1.1 is private"),
+        ("http://[fd00::1]/x.jpg".into(), "fd00::1 is unique local"),
+        (
+            "http://100.64.0.1/x.jpg".into(),
+            "100.64.0.1 is shared address space",
+        ),
+        ("http://224.0.0.1/x.jpg".into(), "224.0.0.1 is multicast"),
+        (
+            "http://255.255.255.255/x.jpg".into(),
+            "255.255.255.255 is broadcast",
+        ),
+    ];
+    for (u, reason) in literals {
+        let err = any_host.fetch(&uri(u.clone())).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FetchForbidden, "{u}: {err}");
+        assert!(
+            err.to_string().contains(&format!("address {reason}")),
+            "{u}: {err}"
+        );
+    }
+    assert_eq!(trap_hits.load(Ordering::SeqCst), 0, "the trap was reached");
+
+    // Allowed explicitly: by name and in another literal form.
+    let s = serve().await;
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+    let loopback = Fetcher::new(FetchSettings {
+        allowed_hosts: vec!["*".into()],
+        allowed_networks: vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap().into()],
+        ..settings()
+    })
+    .unwrap();
+    for u in [
+        format!("http://localhost:{port}/part.jpg"),
+        format!("http://2130706433:{port}/part.jpg"),
+    ] {
+        let got = loopback.fetch(&uri(u.clone())).await;
+        assert_eq!(&got.unwrap()[..], [0xff, 0xd8, 0xff, 0xd9], "{u}");
+    }
+}
+
+#[test]
+fn address_rules_cover_ipv6_forms_and_leave_public_addresses_alone() {
+    let policy = guard::Policy::new(&FetchSettings {
+        allowed_networks: vec!["10.20.0.0/16".parse().unwrap()],
+        ..FetchSettings::default()
+    });
+    let refused = |a: &str| policy.address_refusal(a.parse().unwrap());
+    for denied in [
+        "127.0.0.1",
+        "0.0.0.0",
+        "10.0.0.1",
+        "172.31.255.255",
+        "192.168.0.1",
+        "169.254.169.254",
+        "100.127.0.1",
+        "224.0.0.251",
+        "255.255.255.255",
+        "240.0.0.1",
+        "::",
+        "::1",
+        "::ffff:10.0.0.1",
+        "::ffff:0:169.254.169.254",
+        "::127.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::1",
+        "2002:7f00:1::1",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo, client 127.0.0.1
+        "fe80::1",
+        "fc00::1",
+        "fec0::1",
+        "ff02::1",
+    ] {
+        assert!(refused(denied).is_some(), "{denied} is allowed");
+    }
+    for allowed in [
+        "93.184.216.34",
+        "100.128.0.1",
+        "172.32.0.1",
+        "2606:4700::1111",
+        "::ffff:93.184.216.34",
+        "64:ff9b::5db8:d822",
+        // Listed in allowed_networks, in both forms.
+        "10.20.1.2",
+        "::ffff:10.20.1.2",
+    ] {
+        assert_eq!(refused(allowed), None, "{allowed}");
+    }
+}
+
+/// Item 4: the default allows no remote host, says so at start-up and in the error; `*`
+/// allows any host (the address rules still apply).
+#[tokio::test]
+async fn an_empty_host_allowlist_allows_no_remote_host() {
+    let s = serve().await;
+    let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || LogWriter(writer.clone()))
+        .with_ansi(false)
+        .finish();
+    let default = tracing::subscriber::with_default(subscriber, || {
+        Fetcher::new(FetchSettings {
+            allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
+            ..FetchSettings::default()
+        })
+        .unwrap()
+    });
+    let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("WARN") && log.contains("fetch.allowed_hosts is empty"),
+        "{log}"
+    );
+    for u in [format!("{}/part.jpg", s.base), "s3://parts/a.jpg".into()] {
+        let err = default.fetch(&uri(u.clone())).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FetchForbidden, "{u}: {err}");
+        assert!(
+            err.to_string()
+                .contains("is not in fetch.allowed_hosts, which is empty: no remote host is allowed (list the image hosts and buckets, or \"*\" for any host)"),
+            "{err}"
+        );
+    }
+    let any = Fetcher::new(FetchSettings {
+        allowed_hosts: vec!["*".into()],
+        ..settings()
+    })
+    .unwrap();
+    assert!(any
+        .fetch(&uri(format!("{}/part.jpg", s.base)))
+        .await
+        .is_ok());
+    assert!(host_allowed(&["*".into()], "cam1.plant.local"));
+    assert!(!host_allowed(&[], "cam1.plant.local"));
+    assert!(host_allowed(&["*.Plant.local".into()], "CAM1.plant.local"));
+}
+
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Item 4: error messages show URIs without passwords and query strings (presigned URLs),
+/// whether the fetch was forbidden, answered with an error or could not connect.
+#[tokio::test]
+async fn errors_do_not_show_credentials_or_query_strings() {
+    assert_eq!(
+        redact("https://user:secret@host:8443/a/b.jpg?X-Amz-Signature=abc#f"),
+        "https://user:***@host:8443/a/b.jpg?…"
+    );
+    assert_eq!(
+        redact("https://ghp_token@host/b.jpg"),
+        "https://***@host/b.jpg"
+    );
+    assert_eq!(redact("http://h/p@q?x=@y"), "http://h/p@q?…");
+    for same in ["s3://bucket/key.jpg", "file:///data/a.jpg", "not a uri"] {
+        assert_eq!(redact(same), same);
+    }
+
+    let s = serve().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let f = Fetcher::new(FetchSettings {
+        retries: 0,
+        ..settings()
+    })
+    .unwrap();
+    let with_secrets = |base: &str, path: &str| {
+        let base = base.replacen("http://", "http://user:secret@", 1);
+        format!("{base}{path}?X-Amz-Signature=abc123&X-Amz-Credential=AKIA")
+    };
+    for (u, code) in [
+        (
+            with_secrets(&s.base, "/missing.jpg"),
+            ErrorCode::FetchFailed,
+        ),
+        (
+            with_secrets(&format!("http://127.0.0.1:{closed}"), "/x.jpg"),
+            ErrorCode::FetchFailed,
+        ),
+        (
+            with_secrets("http://evil.example", "/x.jpg"),
+            ErrorCode::FetchForbidden,
+        ),
+        (
+            with_secrets("http://10.0.0.1", "/x.jpg"),
+            ErrorCode::FetchForbidden,
+        ),
+    ] {
+        let err = f.fetch(&uri(u.clone())).await.unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.code(), code, "{text}");
+        assert!(text.contains("user:***@"), "{text}");
+        for secret in ["secret", "abc123", "AKIA", "Signature"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+    }
+}
+
+fn file_uri(p: &std::path::Path) -> Image {
+    uri(reqwest::Url::from_file_path(p).unwrap().to_string())
+}
+
+/// Item 5: without roots, or outside them, the answer is FORBIDDEN whether the path exists
+/// or not: the file system is not asked.
+#[tokio::test]
+async fn paths_outside_the_roots_are_refused_before_the_file_system_is_touched() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"key").unwrap();
+    let f = Fetcher::new(FetchSettings {
+        file_roots: vec![root.path().into()],
+        ..settings()
+    })
+    .unwrap();
+    for p in [
+        outside.path().join("secret"),
+        outside.path().join("nope"),
+        outside.path().join("nope").join("deeper"),
+    ] {
+        let err = f.fetch(&file_uri(&p)).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+        assert!(
+            err.to_string().ends_with("outside fetch.file_roots"),
+            "{err}"
+        );
+    }
+    let no_roots = Fetcher::new(settings()).unwrap();
+    for p in [outside.path().join("secret"), outside.path().join("nope")] {
+        let err = no_roots.fetch(&file_uri(&p)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("file:// is off: fetch.file_roots is empty"),
+            "{err}"
+        );
+    }
+}
+
+/// Item 5: only regular files are read: a FIFO (whose open or read would wait for a writer
+/// forever), a directory, a device are refused at once.
+#[cfg(unix)]
+#[tokio::test]
+async fn fifos_directories_and_devices_are_refused_without_hanging() {
+    let root = tempfile::tempdir().unwrap();
+    let fifo = root.path().join("pipe.jpg");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    std::fs::create_dir(root.path().join("dir.jpg")).unwrap();
+    let f = Fetcher::new(FetchSettings {
+        file_roots: vec![root.path().into(), "/dev".into()],
+        timeout_ms: 60_000,
+        ..settings()
+    })
+    .unwrap();
+    for (p, kind) in [
+        (fifo, "a FIFO"),
+        (root.path().join("dir.jpg"), "a directory"),
+        ("/dev/zero".into(), "a device"),
+    ] {
+        let err = tokio::time::timeout(Duration::from_secs(5), f.fetch(&file_uri(&p)))
+            .await
+            .unwrap_or_else(|_| panic!("{} hangs", p.display()))
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FetchForbidden, "{err}");
+        assert!(
+            err.to_string()
+                .ends_with(&format!("not a regular file: {kind}")),
+            "{err}"
+        );
+    }
+}
+
+/// Item 5: the size limit holds for what is read, not for what the metadata says (0 for
+/// /proc files).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn file_reads_are_limited_by_what_is_read_not_by_the_stated_size() {
+    let status = std::path::Path::new("/proc/self/status");
+    assert_eq!(std::fs::metadata(status).unwrap().len(), 0, "a 0-size file");
+    let f = Fetcher::new(FetchSettings {
+        file_roots: vec!["/proc/self".into()],
+        max_bytes: 64,
+        ..settings()
+    })
+    .unwrap();
+    let err = f.fetch(&file_uri(status)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    let roomy = Fetcher::new(FetchSettings {
+        file_roots: vec!["/proc/self".into()],
+        max_bytes: 1 << 20,
+        ..settings()
+    })
+    .unwrap();
+    let got = roomy.fetch(&file_uri(status)).await.unwrap();
+    assert!(got.len() > 64 && got.starts_with(b"Name:"), "{got:?}");
 }
