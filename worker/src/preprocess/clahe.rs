@@ -24,10 +24,30 @@ impl Default for ClaheSettings {
     }
 }
 
+/// Histogram bins per tile.
+const BINS: usize = 128;
+
 impl ClaheSettings {
+    /// The tile grid used for a `w`×`h` image: no more tiles than pixels across or down.
+    fn grid_for(&self, w: u32, h: u32) -> u32 {
+        self.grid.clamp(1, w.min(h).max(1))
+    }
+
+    /// Bytes [`Self::apply`] holds at once for a `w`×`h` image, besides its input: the
+    /// output (3 bytes a pixel), the crate's L*a*b* copy (three u16 a pixel) and one histogram
+    /// of u64 bins per tile (a tile is `w / grid` pixels wide, so there can be up to twice
+    /// `grid` of them across).
+    pub fn held_bytes(&self, w: u32, h: u32) -> u64 {
+        let pixels = u64::from(w) * u64::from(h);
+        let grid = self.grid_for(w, h);
+        let tiles = |side: u32| u64::from(side / (side / grid).max(1));
+        let histograms = tiles(w) * tiles(h) * (BINS as u64 * 8 + 64) + 4096;
+        pixels * 3 + pixels * 6 + histograms
+    }
+
     pub fn apply(&self, rgb: &RgbImage) -> RgbImage {
         let (w, h) = rgb.dimensions();
-        let grid = self.grid.clamp(1, w.min(h).max(1));
+        let grid = self.grid_for(w, h);
         let mut out = vec![0u8; rgb.as_raw().len()];
         histogram_equalization::clahe_lab_rgb(
             rgb.as_raw(),
@@ -38,7 +58,7 @@ impl ClaheSettings {
             h,
             self.clip_limit,
             histogram_equalization::ClaheGridSize::new(grid, grid),
-            128,
+            BINS,
         );
         RgbImage::from_raw(w, h, out).expect("CLAHE output has the input's size. This is a bug.")
     }

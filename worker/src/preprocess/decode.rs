@@ -1,8 +1,10 @@
-//! Bytes to a decoded image, within limits, orientation applied.
+//! Bytes to a decoded image, within limits, orientation applied; and what a header says
+//! before any pixel is decoded ([`read_header`]).
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
+use image::metadata::Orientation;
+use image::{ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
 
 use super::PreprocessError;
@@ -13,8 +15,19 @@ use super::PreprocessError;
 pub struct DecodeLimits {
     pub max_width: u32,
     pub max_height: u32,
-    /// Largest single allocation a decoder may make, in bytes.
+    /// Largest single allocation a decoder may make, in bytes. Also bounds the decoded
+    /// frame itself and the shortest-edge resize's target.
     pub max_alloc_bytes: u64,
+    /// Longest side over shortest side of what is resized (the region of interest when there
+    /// is one, else the whole image, after EXIF orientation), at most this many to one;
+    /// longer is refused as TOO_LARGE before decoding. The shortest-edge resize scales the
+    /// shorter side to the model's size, so without a bound a 16000×1 frame would become a
+    /// 3,584,000×224 image (2.4 GB) on its way to a 224×224 crop. The default, 32, is twice
+    /// what line-scan cameras usually deliver (16384×1024 or 8192×512 frames: 16:1) and
+    /// covers 16384×512 ones; area-scan sensors stay under 3:1. At 32 the resize target of a
+    /// 224 model is at most 7168×224 pixels (4.8 MB).
+    #[schemars(range(min = 1))]
+    pub max_aspect_ratio: u32,
 }
 
 impl Default for DecodeLimits {
@@ -25,8 +38,71 @@ impl Default for DecodeLimits {
             max_width: 16384,
             max_height: 16384,
             max_alloc_bytes: 512 << 20,
+            max_aspect_ratio: 32,
         }
     }
+}
+
+/// What an image's header says, read without decoding pixel data.
+#[derive(Debug, Clone)]
+pub(crate) struct Header {
+    pub format: ImageFormat,
+    /// As stored, before EXIF orientation.
+    pub width: u32,
+    pub height: u32,
+    /// What `image`'s decoder yields (JPEGs decoded by libjpeg come out RGB8 instead).
+    pub color: ColorType,
+    /// Bits per pixel as stored: TIFF decodes into a buffer of this depth before converting.
+    pub stored_bits_per_pixel: u16,
+    pub orientation: Orientation,
+    /// JPEG only: its frame and first scan, when the markers could be followed.
+    pub jpeg: Option<JpegLayout>,
+    /// TIFF only: the first image's compression tag, when it could be read.
+    pub tiff_compression: Option<u16>,
+}
+
+impl Header {
+    /// Whether applying the orientation swaps width and height (and copies the image).
+    pub fn rotates(&self) -> bool {
+        matches!(
+            self.orientation,
+            Orientation::Rotate90
+                | Orientation::Rotate270
+                | Orientation::Rotate90FlipH
+                | Orientation::Rotate270FlipH
+        )
+    }
+}
+
+/// Reads the header: format, dimensions, colour type, orientation. Applies the dimension
+/// limits; decodes no pixel data (for a JPEG, only the bytes up to its first scan are read).
+pub(crate) fn read_header(
+    input: &str,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Header, PreprocessError> {
+    let format = check_input(input, bytes, limits)?;
+    let jpeg = (format == ImageFormat::Jpeg)
+        .then(|| JpegLayout::parse(bytes))
+        .flatten();
+    let map = |e: ImageError| map_error(input, e);
+    // `image`'s JPEG decoder copies all the bytes it is given: give it the headers only.
+    let head = jpeg.as_ref().map_or(bytes, |j| &bytes[..j.header_end]);
+    let mut decoder = reader(input, head, limits)?.into_decoder().map_err(map)?;
+    let (width, height) = decoder.dimensions();
+    Ok(Header {
+        format,
+        width,
+        height,
+        color: decoder.color_type(),
+        stored_bits_per_pixel: decoder.original_color_type().bits_per_pixel(),
+        // A missing or broken EXIF block is not worth refusing the image for: assume upright.
+        orientation: decoder.orientation().unwrap_or(Orientation::NoTransforms),
+        jpeg,
+        tiff_compression: (format == ImageFormat::Tiff)
+            .then(|| tiff_compression(bytes))
+            .flatten(),
+    })
 }
 
 pub fn decode(
@@ -45,12 +121,81 @@ pub fn decode_scaled(
     limits: &DecodeLimits,
     min_short_edge: Option<u32>,
 ) -> Result<DynamicImage, PreprocessError> {
+    let format = check_input(input, bytes, limits)?;
+    let map = |e: ImageError| map_error(input, e);
+    let image = if format == ImageFormat::Jpeg {
+        // The orientation from a decoder given only the headers, dropped before libjpeg
+        // decodes: `image`'s decoder holds a copy of the bytes it reads.
+        let head = JpegLayout::parse(bytes).map_or(bytes, |j| &bytes[..j.header_end]);
+        let orientation = reader(input, head, limits)?
+            .into_decoder()
+            .map_err(map)?
+            .orientation()
+            .unwrap_or(Orientation::NoTransforms);
+        let mut image = match decode_jpeg_libjpeg(input, bytes, limits, min_short_edge) {
+            Some(decoded) => decoded?,
+            None => {
+                let decoder = reader(input, bytes, limits)?.into_decoder().map_err(map)?;
+                DynamicImage::from_decoder(decoder).map_err(map)?
+            }
+        };
+        image.apply_orientation(orientation);
+        image
+    } else {
+        let mut decoder = reader(input, bytes, limits)?.into_decoder().map_err(map)?;
+        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+        let mut image = DynamicImage::from_decoder(decoder).map_err(map)?;
+        image.apply_orientation(orientation);
+        image
+    };
+    if image.width() == 0 || image.height() == 0 {
+        return Err(PreprocessError::Invalid {
+            input: input.into(),
+            message: "image has no pixels".into(),
+        });
+    }
+    Ok(image)
+}
+
+/// The checks every input gets before a decoder sees it: not empty, a known signature, a
+/// JPEG not cut short. Returns the format.
+fn check_input(
+    input: &str,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<ImageFormat, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Invalid {
             input: input.into(),
             message: "empty image (0 bytes)".into(),
         });
     }
+    let Some(format) = reader(input, bytes, limits)?.format() else {
+        return Err(PreprocessError::UnsupportedFormat {
+            input: input.into(),
+            message: format!(
+                "unrecognised signature {:02x?}",
+                &bytes[..bytes.len().min(8)]
+            ),
+        });
+    };
+    if format == ImageFormat::Jpeg && !has_jpeg_end(bytes) {
+        // The JPEG decoder fills a cut-off scan with grey and reports success; a part image
+        // cut short in transit must not be inspected as if it were whole.
+        return Err(PreprocessError::Decode {
+            input: input.into(),
+            message: "truncated JPEG (no end-of-image marker)".into(),
+        });
+    }
+    Ok(format)
+}
+
+/// A reader over `bytes` with its format guessed and the limits set.
+fn reader<'a>(
+    input: &str,
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+) -> Result<ImageReader<Cursor<&'a [u8]>>, PreprocessError> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Decode {
@@ -62,39 +207,7 @@ pub fn decode_scaled(
     l.max_image_height = Some(limits.max_height);
     l.max_alloc = Some(limits.max_alloc_bytes);
     reader.limits(l);
-    if reader.format().is_none() {
-        return Err(PreprocessError::UnsupportedFormat {
-            input: input.into(),
-            message: format!(
-                "unrecognised signature {:02x?}",
-                &bytes[..bytes.len().min(8)]
-            ),
-        });
-    }
-    if reader.format() == Some(ImageFormat::Jpeg) && !has_jpeg_end(bytes) {
-        // The JPEG decoder fills a cut-off scan with grey and reports success; a part image
-        // cut short in transit must not be inspected as if it were whole.
-        return Err(PreprocessError::Decode {
-            input: input.into(),
-            message: "truncated JPEG (no end-of-image marker)".into(),
-        });
-    }
-    let is_jpeg = reader.format() == Some(ImageFormat::Jpeg);
-    let map = |e: ImageError| map_error(input, e);
-    let mut decoder = reader.into_decoder().map_err(map)?;
-    // A missing or broken EXIF block is not worth refusing the image for: assume upright.
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = match is_jpeg
-        .then(|| decode_jpeg_libjpeg(input, bytes, limits, min_short_edge))
-        .flatten()
-    {
-        Some(decoded) => decoded?,
-        None => DynamicImage::from_decoder(decoder).map_err(map)?,
-    };
-    image.apply_orientation(orientation);
-    Ok(image)
+    Ok(reader)
 }
 
 /// JPEG through libjpeg-turbo (the mozjpeg fork), the decoder Pillow uses: same integer IDCT
@@ -149,14 +262,14 @@ fn decode_jpeg_libjpeg(
 
 /// The smallest libjpeg scale (numerator over 8) that keeps the shorter side at `min` or
 /// more (libjpeg rounds the scaled size up).
-fn dct_numerator(short: usize, min: usize) -> u8 {
+pub(crate) fn dct_numerator(short: usize, min: usize) -> u8 {
     [1u8, 2, 4]
         .into_iter()
         .find(|&n| (short * usize::from(n)).div_ceil(8) >= min)
         .unwrap_or(8)
 }
 
-fn check_dims(
+pub(crate) fn check_dims(
     input: &str,
     w: u64,
     h: u64,
@@ -211,6 +324,161 @@ fn map_error(input: &str, e: ImageError) -> PreprocessError {
             message: other.to_string(),
         },
     }
+}
+
+/// A JPEG's frame and first scan as its markers say, followed without decoding anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JpegLayout {
+    /// Offset just past the first scan's header: all a header reader needs.
+    pub header_end: usize,
+    pub width: u32,
+    pub height: u32,
+    /// (horizontal, vertical) sampling factors, one pair per component.
+    pub sampling: Vec<(u8, u8)>,
+    /// libjpeg keeps the whole image's DCT coefficients (2 bytes a sample) when there is more
+    /// than one scan: a progressive JPEG, or a first scan without every component.
+    pub multi_scan: bool,
+}
+
+impl JpegLayout {
+    /// `None` when the markers cannot be followed to a first scan (the caller then assumes
+    /// the worst).
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if !bytes.starts_with(&[0xFF, 0xD8]) {
+            return None;
+        }
+        let mut pos = 2;
+        // The frame header's, until the first scan says where the headers end.
+        let mut frame: Option<Self> = None;
+        loop {
+            if *bytes.get(pos)? != 0xFF {
+                return None;
+            }
+            while *bytes.get(pos)? == 0xFF {
+                pos += 1;
+            }
+            let code = bytes[pos];
+            pos += 1;
+            match code {
+                // Markers without a length: restart intervals, TEM.
+                0xD0..=0xD7 | 0x01 => continue,
+                0x00 | 0xD8 | 0xD9 => return None,
+                _ => {}
+            }
+            let len = usize::from(u16::from_be_bytes([*bytes.get(pos)?, *bytes.get(pos + 1)?]));
+            let segment = bytes.get(pos + 2..pos.checked_add(len)?)?;
+            match code {
+                // SOF0..SOF15 (not DHT, JPG, DAC).
+                0xC0..=0xCF if !matches!(code, 0xC4 | 0xC8 | 0xCC) => {
+                    let height = u16::from_be_bytes([*segment.get(1)?, *segment.get(2)?]);
+                    let width = u16::from_be_bytes([*segment.get(3)?, *segment.get(4)?]);
+                    let count = usize::from(*segment.get(5)?);
+                    let sampling = (0..count)
+                        .map(|i| {
+                            let s = *segment.get(6 + 3 * i + 1)?;
+                            Some(((s >> 4).max(1), (s & 0x0F).max(1)))
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    frame = Some(Self {
+                        header_end: 0,
+                        width: width.into(),
+                        height: height.into(),
+                        sampling,
+                        multi_scan: matches!(code, 0xC2 | 0xC6 | 0xCA | 0xCE),
+                    });
+                }
+                0xDA => {
+                    let mut layout = frame?;
+                    layout.header_end = pos + len;
+                    layout.multi_scan |= usize::from(*segment.first()?) < layout.sampling.len();
+                    return Some(layout);
+                }
+                _ => {}
+            }
+            pos += len;
+        }
+    }
+
+    /// Bytes of libjpeg's whole-image coefficient buffer (jdcoefct.c: each component's
+    /// blocks, rounded up to its sampling factors, 64 two-byte coefficients a block); 0 for a
+    /// single-scan JPEG, which is decoded one row of blocks at a time.
+    pub fn coefficient_bytes(&self) -> u64 {
+        if !self.multi_scan {
+            return 0;
+        }
+        let h_max = self
+            .sampling
+            .iter()
+            .map(|s| u64::from(s.0))
+            .max()
+            .unwrap_or(1);
+        let v_max = self
+            .sampling
+            .iter()
+            .map(|s| u64::from(s.1))
+            .max()
+            .unwrap_or(1);
+        let blocks = |size: u32, factor: u8, max: u64| {
+            let factor = u64::from(factor);
+            (u64::from(size) * factor)
+                .div_ceil(8 * max)
+                .next_multiple_of(factor)
+        };
+        self.sampling
+            .iter()
+            .map(|&(h, v)| blocks(self.width, h, h_max) * blocks(self.height, v, v_max) * 128)
+            .sum()
+    }
+}
+
+/// The compression tag (259) of a TIFF's first image, read from its first IFD.
+fn tiff_compression(bytes: &[u8]) -> Option<u16> {
+    let big_endian = match bytes.get(..2)? {
+        b"II" => false,
+        b"MM" => true,
+        _ => return None,
+    };
+    let u16_at = |at: usize| {
+        let b: [u8; 2] = bytes.get(at..at.checked_add(2)?)?.try_into().ok()?;
+        Some(if big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    };
+    let u32_at = |at: usize| {
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    };
+    let u64_at = |at: usize| {
+        let b: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
+        Some(if big_endian {
+            u64::from_be_bytes(b)
+        } else {
+            u64::from_le_bytes(b)
+        })
+    };
+    // Classic TIFF: 2-byte count, 12-byte entries; BigTIFF: 8-byte count, 20-byte entries.
+    let (count, first, entry, value) = match u16_at(2)? {
+        42 => {
+            let ifd = usize::try_from(u32_at(4)?).ok()?;
+            (u64::from(u16_at(ifd)?), ifd.checked_add(2)?, 12, 8)
+        }
+        43 => {
+            let ifd = usize::try_from(u64_at(8)?).ok()?;
+            (u64_at(ifd)?, ifd.checked_add(8)?, 20, 12)
+        }
+        _ => return None,
+    };
+    // A SHORT value sits at the start of the entry's value field.
+    (0..count.min(4096) as usize)
+        .map(|i| first + i * entry)
+        .find(|&at| u16_at(at) == Some(259))
+        .and_then(|at| u16_at(at + value))
 }
 
 #[cfg(test)]
@@ -272,6 +540,15 @@ mod tests {
             err.to_string(),
             "cam3/0002.jpg: cannot decode image: truncated JPEG (no end-of-image marker)"
         );
+    }
+
+    #[test]
+    fn limits_without_the_aspect_ratio_default_it() {
+        let old: DecodeLimits = serde_json::from_str(r#"{"max_width": 8192}"#).unwrap();
+        assert_eq!((old.max_width, old.max_aspect_ratio), (8192, 32));
+        let set: DecodeLimits = serde_json::from_str(r#"{"max_aspect_ratio": 64}"#).unwrap();
+        assert_eq!(set.max_aspect_ratio, 64);
+        assert!(serde_json::from_str::<DecodeLimits>(r#"{"max_aspect": 64}"#).is_err());
     }
 
     #[test]

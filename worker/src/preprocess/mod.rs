@@ -7,17 +7,26 @@
 //!
 //! Guarantees: the output matches the checkpoint's own processor (CLIP's PIL-based
 //! CLIPImageProcessor) to within one grey level before normalisation; decoding is bounded by
-//! [`DecodeLimits`] (a header claiming 60000×60000 pixels is refused before any allocation);
-//! every error names the input it is about. Pure CPU work: call it from blocking threads.
+//! [`DecodeLimits`] (a header claiming 60000×60000 pixels is refused before any allocation,
+//! and so is a frame or region more elongated than `max_aspect_ratio`, whose shortest-edge
+//! resize would be huge); [`Preprocessor::plan`] says from the header alone how many bytes
+//! [`Preprocessor::run`] will hold at most; every error names the input it is about. Pure CPU
+//! work: call it from blocking threads.
 
+#[cfg(test)]
+mod alloc_meter;
 mod clahe;
 mod decode;
+mod plan;
+#[cfg(test)]
+mod plan_tests;
 mod transform;
 
 use serde::{Deserialize, Serialize};
 
 pub use clahe::ClaheSettings;
 pub use decode::{decode, decode_scaled, DecodeLimits};
+pub use plan::MemoryPlan;
 pub use transform::{as_gray8, to_rgb8, Transform};
 
 use crate::model::artifact::ImageSettings;
@@ -87,32 +96,108 @@ impl Preprocessor {
         self.transform.size as usize
     }
 
+    /// How many bytes [`Self::run`] will hold at most for this image (see [`MemoryPlan`]),
+    /// from its header alone: no pixel data is decoded. Refuses, as `run` would, what the
+    /// limits do not allow (dimensions, decoded size, aspect ratio, resize target) and a
+    /// region of interest that is not inside the image.
+    pub fn plan(
+        &self,
+        input: &str,
+        bytes: &[u8],
+        region: Option<Region>,
+    ) -> Result<MemoryPlan, PreprocessError> {
+        let header = decode::read_header(input, bytes, &self.limits)?;
+        plan::plan(self, input, bytes.len(), &header, region)
+    }
+
     /// Bytes → CHW floats. `input` names the image in errors (a path, a URI, a request id).
+    /// Holds no more than [`Self::plan`] says; refuses what `plan` refuses before decoding.
     pub fn run(
         &self,
         input: &str,
         bytes: &[u8],
         region: Option<Region>,
     ) -> Result<Vec<f32>, PreprocessError> {
-        // A region is given in the full image's pixels: decode it whole.
-        let min_short = self
-            .jpeg_dct_headroom
-            .filter(|_| region.is_none())
-            .map(|h| (h * self.transform.min_source_side() as f32).ceil() as u32);
-        let image = decode_scaled(input, bytes, &self.limits, min_short)?;
+        let planned = self.plan(input, bytes, region)?;
+        let image = decode_scaled(input, bytes, &self.limits, self.dct_min_short(region))?;
+        let (w, h) = (image.width(), image.height());
+        if (w, h) != (planned.decoded_width, planned.decoded_height) {
+            tracing::warn!(
+                input,
+                planned = ?(planned.decoded_width, planned.decoded_height),
+                decoded = ?(w, h),
+                "the decoded image is not the size its header gave"
+            );
+        }
+        // Again on what was decoded, before the region is copied and the resize allocates.
+        self.check_geometry(input, w, h, region)?;
+        let image = match region {
+            Some(r) => transform::crop(input, image, r)?,
+            None => image,
+        };
         // Grey images stay one channel through the resize (CLAHE works on RGB).
-        if region.is_none() && self.clahe.is_none() {
-            if let Some(gray) = as_gray8(&image) {
-                return self.transform.apply_gray(input, &gray);
+        let image = if self.clahe.is_none() {
+            match transform::into_gray8(image) {
+                Ok(gray) => return self.transform.apply_gray(input, &gray),
+                Err(colour) => colour,
             }
-        }
+        } else {
+            image
+        };
         let mut rgb = to_rgb8(image);
-        if let Some(r) = region {
-            rgb = transform::crop_region(input, &rgb, r)?;
-        }
         if let Some(c) = &self.clahe {
             rgb = c.apply(&rgb);
         }
         self.transform.apply(input, &rgb)
+    }
+
+    /// The shorter side a JPEG may be DCT-scaled down to. A region is given in the full
+    /// image's pixels: then it is decoded whole.
+    fn dct_min_short(&self, region: Option<Region>) -> Option<u32> {
+        self.jpeg_dct_headroom
+            .filter(|_| region.is_none())
+            .map(|h| (h * self.transform.min_source_side() as f32).ceil() as u32)
+    }
+
+    /// Refuses, for a `w`×`h` image (after orientation): a region of interest not inside it;
+    /// what is resized (the region, else the image) being more elongated than
+    /// `max_aspect_ratio`; a resize target over the limits.
+    fn check_geometry(
+        &self,
+        input: &str,
+        w: u32,
+        h: u32,
+        region: Option<Region>,
+    ) -> Result<(), PreprocessError> {
+        if w == 0 || h == 0 {
+            return Err(PreprocessError::Invalid {
+                input: input.into(),
+                message: "image has no pixels".into(),
+            });
+        }
+        let (sw, sh, what) = match region {
+            Some(r) => {
+                transform::check_region(input, w, h, r)?;
+                let what = format!(
+                    "the {}×{} region of interest at ({}, {}) of the {w}×{h} image",
+                    r.width, r.height, r.x, r.y
+                );
+                (r.width, r.height, what)
+            }
+            None => (w, h, format!("the {w}×{h} image")),
+        };
+        let ratio = self.limits.max_aspect_ratio.max(1);
+        let (short, long) = (sw.min(sh), sw.max(sh));
+        if u64::from(long) > u64::from(short) * u64::from(ratio) {
+            return Err(PreprocessError::TooLarge {
+                input: input.into(),
+                message: format!(
+                    "{what} is {:.1}:1, more elongated than the {ratio}:1 allowed \
+                     (preprocess.limits.max_aspect_ratio)",
+                    f64::from(long) / f64::from(short)
+                ),
+            });
+        }
+        self.transform.check_resize(input, sw, sh, &self.limits)
     }
 }

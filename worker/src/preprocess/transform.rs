@@ -3,7 +3,7 @@
 use fast_image_resize as fr;
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use super::{PreprocessError, Region};
+use super::{DecodeLimits, PreprocessError, Region};
 use crate::model::artifact::{ImageSettings, Interpolation, ResizeMode};
 
 #[derive(Debug, Clone)]
@@ -31,27 +31,33 @@ pub fn to_rgb8(image: DynamicImage) -> RgbImage {
 pub fn as_gray8(image: &DynamicImage) -> Option<std::borrow::Cow<'_, GrayImage>> {
     match image {
         DynamicImage::ImageLuma8(g) => Some(std::borrow::Cow::Borrowed(g)),
-        DynamicImage::ImageLuma16(g) => {
-            let (w, h) = g.dimensions();
-            let data = g
-                .as_raw()
-                .iter()
-                .map(|&v| ((u32::from(v) * 255 + 32767) / 65535) as u8)
-                .collect();
-            Some(std::borrow::Cow::Owned(
-                GrayImage::from_raw(w, h, data).expect("same dimensions. This is a bug."),
-            ))
-        }
+        DynamicImage::ImageLuma16(g) => Some(std::borrow::Cow::Owned(gray16_to_8(g))),
         _ => None,
     }
 }
 
-pub(super) fn crop_region(
-    input: &str,
-    rgb: &RgbImage,
-    r: Region,
-) -> Result<RgbImage, PreprocessError> {
-    let (w, h) = rgb.dimensions();
+/// As [`as_gray8`], taking the image: a 16-bit one is dropped once converted, and a colour
+/// one is handed back.
+pub(super) fn into_gray8(image: DynamicImage) -> Result<GrayImage, DynamicImage> {
+    match image {
+        DynamicImage::ImageLuma8(g) => Ok(g),
+        DynamicImage::ImageLuma16(g) => Ok(gray16_to_8(&g)),
+        other => Err(other),
+    }
+}
+
+fn gray16_to_8(g: &image::ImageBuffer<image::Luma<u16>, Vec<u16>>) -> GrayImage {
+    let (w, h) = g.dimensions();
+    let data = g
+        .as_raw()
+        .iter()
+        .map(|&v| ((u32::from(v) * 255 + 32767) / 65535) as u8)
+        .collect();
+    GrayImage::from_raw(w, h, data).expect("same dimensions. This is a bug.")
+}
+
+/// Refuses a region of interest that is empty or not inside a `w`×`h` image.
+pub(super) fn check_region(input: &str, w: u32, h: u32, r: Region) -> Result<(), PreprocessError> {
     let fits = r.width > 0
         && r.height > 0
         && r.x.checked_add(r.width).is_some_and(|right| right <= w)
@@ -62,7 +68,18 @@ pub(super) fn crop_region(
             message: format!("region of interest {r:?} is not inside the {w}×{h} image"),
         });
     }
-    Ok(image::imageops::crop_imm(rgb, r.x, r.y, r.width, r.height).to_image())
+    Ok(())
+}
+
+/// The region of interest, at the decoded depth (converting the region alone is cheaper
+/// than converting the whole image); the whole image is dropped once it is copied.
+pub(super) fn crop(
+    input: &str,
+    image: DynamicImage,
+    r: Region,
+) -> Result<DynamicImage, PreprocessError> {
+    check_region(input, image.width(), image.height(), r)?;
+    Ok(image.crop_imm(r.x, r.y, r.width, r.height))
 }
 
 impl Transform {
@@ -82,6 +99,76 @@ impl Transform {
             scale,
             offset,
         }
+    }
+
+    /// Bytes of the tensor [`Self::apply`] returns: 3 × size² floats.
+    pub fn output_bytes(&self) -> u64 {
+        3 * u64::from(self.size) * u64::from(self.size) * std::mem::size_of::<f32>() as u64
+    }
+
+    /// Refuses a resize whose target would exceed `limits`: more pixels than a source at the
+    /// largest aspect ratio allowed gives (`resize_size² × max_aspect_ratio`), or a buffer
+    /// over `max_alloc_bytes`.
+    pub fn check_resize(
+        &self,
+        input: &str,
+        w: u32,
+        h: u32,
+        limits: &DecodeLimits,
+    ) -> Result<(), PreprocessError> {
+        let (rw, rh) = self.resized_dims(w, h);
+        let pixels = u64::from(rw) * u64::from(rh);
+        let bytes = 3 * pixels;
+        let side = u64::from(self.resize_size.max(self.size));
+        let max_pixels = side * side * u64::from(limits.max_aspect_ratio.max(1));
+        if pixels > max_pixels || bytes > limits.max_alloc_bytes {
+            return Err(PreprocessError::TooLarge {
+                input: input.into(),
+                message: format!(
+                    "resizing {w}×{h} would make a {rw}×{rh} image ({bytes} bytes), over the \
+                     limit of {max_pixels} pixels and {} bytes",
+                    limits.max_alloc_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The most bytes [`Self::apply`] (`channels` 3) or [`Self::apply_gray`] (`channels` 1)
+    /// holds at once for a `w`×`h` source, not counting the source: the resize target,
+    /// fast_image_resize's intermediate image and coefficient tables, and the returned tensor.
+    pub fn held_bytes(&self, w: u32, h: u32, channels: u64) -> u64 {
+        let out = self.output_bytes();
+        let (rw, rh) = self.resized_dims(w, h);
+        if (rw, rh) == (w, h) {
+            return out;
+        }
+        let target = u64::from(rw) * u64::from(rh) * channels;
+        // Resizing both ways, fast_image_resize runs the vertical pass first (u8 pixels) into
+        // an image as wide as the source columns used and as high as the target, plus a pixel.
+        let intermediate = if rw != w && rh != h {
+            u64::from(w) * u64::from(rh) * channels + channels
+        } else {
+            0
+        };
+        let coefficients = self.coefficient_bytes(w, rw) + self.coefficient_bytes(h, rh);
+        (intermediate + target + coefficients).max(target + out)
+    }
+
+    /// fast_image_resize's tables for one axis: per target pixel, a window of f64 weights and
+    /// the same as i16 in a vector of its own, and the window's bounds.
+    fn coefficient_bytes(&self, from: u32, to: u32) -> u64 {
+        if from == to {
+            return 0;
+        }
+        let support = match self.filter {
+            fr::FilterType::Bilinear => 1.0,
+            fr::FilterType::CatmullRom => 2.0,
+            _ => 3.0,
+        };
+        let scale = (f64::from(from) / f64::from(to)).max(1.0);
+        let window = (support * scale).ceil() as u64 * 2 + 1;
+        u64::from(to) * (window * 10 + 96)
     }
 
     /// The shorter side the resize needs from its source (larger helps nothing).
@@ -257,10 +344,10 @@ mod tests {
 
     #[test]
     fn region_outside_the_image_is_refused() {
-        let img = RgbImage::new(100, 100);
-        let ok = crop_region(
+        let img = DynamicImage::ImageRgb8(RgbImage::new(100, 100));
+        let ok = crop(
             "cam1",
-            &img,
+            img.clone(),
             Region {
                 x: 10,
                 y: 10,
@@ -269,10 +356,10 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(ok.dimensions(), (50, 90));
-        let err = crop_region(
+        assert_eq!((ok.width(), ok.height()), (50, 90));
+        let err = crop(
             "cam1",
-            &img,
+            img,
             Region {
                 x: 60,
                 y: 0,

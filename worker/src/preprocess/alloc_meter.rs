@@ -1,0 +1,77 @@
+//! Test builds only: the global allocator, counting what one thread holds while asked to, so
+//! tests can check [`super::Preprocessor::plan`] against what `run` really allocates.
+//!
+//! It is the library's unit-test binary's allocator (there can be only one per binary):
+//! everything else there goes straight to the system allocator after one thread-local check.
+//! Memory allocated by C code (libjpeg's) is not seen.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+struct Meter;
+
+thread_local! {
+    // Const-initialised and without destructors: reading them never allocates.
+    static ON: Cell<bool> = const { Cell::new(false) };
+    static HELD: Cell<i64> = const { Cell::new(0) };
+    static PEAK: Cell<i64> = const { Cell::new(0) };
+}
+
+fn count(delta: i64) {
+    // `try_with`: the allocator is called while a thread's locals are being torn down.
+    let _ = ON.try_with(|on| {
+        if on.get() {
+            let held = HELD.get() + delta;
+            HELD.set(held);
+            if held > PEAK.get() {
+                PEAK.set(held);
+            }
+        }
+    });
+}
+
+// SAFETY: every call is passed on to `System` unchanged; only sizes are counted.
+unsafe impl GlobalAlloc for Meter {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size() as i64);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size() as i64);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        count(-(layout.size() as i64));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            count(new_size as i64 - layout.size() as i64);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static METER: Meter = Meter;
+
+/// Runs `f` and returns its result with the most bytes it held at once on this thread,
+/// counting what it returns (still held at the end).
+pub fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    HELD.set(0);
+    PEAK.set(0);
+    ON.set(true);
+    let out = f();
+    ON.set(false);
+    (out, PEAK.get().max(0) as u64)
+}
