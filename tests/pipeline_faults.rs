@@ -369,9 +369,9 @@ async fn publish_requests(brokers: &str, requests: &[clipqc::proto::v1::Inspecti
     }
 }
 
-/// Records that used to panic their task (timestamps no clock can hold) or to be retried
-/// forever (a verdict, and a dead letter, larger than the producer may send) among good
-/// ones: each gets one ERROR verdict and a dead letter, and every partition is committed to
+/// Records that used to panic their task (timestamps no clock can hold), to be retried
+/// forever (a verdict, and a dead letter, larger than the producer may send) or to resize to
+/// gigabytes (a 16000×1 frame) among good ones: each gets one ERROR verdict and a dead letter, and every partition is committed to
 /// its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitions_move_on() {
@@ -412,6 +412,15 @@ async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitio
             requests.push(r);
         }
     }
+    // A 16000×1 frame: resized so its shorter side fits the model it would be gigabytes.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::GrayImage::new(16000, 1)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let mut line = request("line");
+    line.image = Some(Image::InlineData(png.into_inner()));
+    expected.insert("line".into(), Some(ErrorCode::TooLarge));
+    requests.push(line);
     // 300 KB of attributes, echoed into the verdict: over the worker's 200 KB producer limit
     // below, and so is the record itself as a dead letter.
     let mut bulky = request("bulky");
@@ -590,4 +599,49 @@ async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
         .all(|v| v.outcome() != Outcome::Error));
     assert!(stats.peak_in_flight_bytes <= budget, "{stats:?}");
     assert_eq!(committed_total(&brokers, "clipqc-budget"), total as i64);
+}
+
+/// A consumer that hits a fatal error (librdkafka raises one for a fenced static member)
+/// never gets a record again: the worker stops with the reason instead of polling it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_consumer_error_stops_the_worker() {
+    use rdkafka::consumer::Consumer as _;
+    common::logs();
+    let (_mock, settings, brokers) = cluster("clipqc-fatal");
+    publish_inline(&brokers, "x", 3).await;
+    let (owner, model) = slow_model(Duration::ZERO);
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    // The consumer's handle, kept for the injection (it lives as long as the worker).
+    let native = deps.consumer.client().native_ptr() as usize;
+    let worker = tokio::spawn(pipeline::run(deps, CancellationToken::new()));
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let seen = collect(&verdicts, 3, Duration::from_secs(60)).await;
+    assert_eq!(
+        seen.by_source.len(),
+        3,
+        "the worker consumed before the fault"
+    );
+    let reason = std::ffi::CString::new("fenced by the test").unwrap();
+    // SAFETY: the consumer is alive (the worker is running); librdkafka's own test hook.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            native as *mut rdkafka::bindings::rd_kafka_t,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
+            reason.as_ptr(),
+        );
+    }
+    let result = tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker stops by itself")
+        .unwrap();
+    drop(model);
+    owner.join();
+    let err = result.expect_err("a fatal consumer error is an error of the worker");
+    assert!(
+        err.to_string()
+            .starts_with("the Kafka consumer failed for good"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("fenced by the test"), "{err}");
 }

@@ -260,11 +260,6 @@ async fn decide<'a>(
 
     let t = Instant::now();
     let pre = profile.preprocessor.clone();
-    let pixel_bytes = 3 * pre.size() * pre.size() * std::mem::size_of::<f32>();
-    // Payload, image and pixels in one reservation, never waited for while holding a part.
-    let _reserved = reserved
-        .grow_to(payload.len() + bytes.len() + pixel_bytes)
-        .await;
     let input = format!("request {}", request.request_id);
     let region = request.region.map(|r| Region {
         x: r.x,
@@ -272,6 +267,17 @@ async fn decide<'a>(
         width: r.width,
         height: r.height,
     });
+    // What decoding will hold at its peak (decoded pixels, copies, resize target, tensor),
+    // from the image's header, before anything is decoded: a small file that decodes to
+    // gigabytes, or an extreme aspect ratio, is refused here (TOO_LARGE).
+    let plan = pre
+        .plan(&input, &bytes, region)
+        .map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?;
+    // Payload, image and all of that in one reservation, never waited for while holding a
+    // part of it.
+    let _reserved = reserved
+        .grow_to(payload.len() + bytes.len() + plan.peak_bytes as usize)
+        .await;
     // Decoding and resizing are CPU work: off the async workers. A decoder that panics on
     // this image fails this image.
     let pixels = match tokio::task::spawn_blocking(move || pre.run(&input, &bytes, region)).await {

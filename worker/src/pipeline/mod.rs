@@ -16,8 +16,10 @@
 //! `max_in_flight_bytes` are held at once, and when the records are all taken the consumer's
 //! partitions are paused (polling goes on) until half are free; every record ends as exactly
 //! one verdict (ERROR for failures, with a dead letter too) before its offset can be stored;
-//! a bad record never stops the worker; a broken model, a batcher that died, or a dead-letter
-//! topic that refuses records do (after draining: `run` returns the reason); on shutdown no
+//! a bad record never stops the worker; a broken model, a batcher that died, a consumer with
+//! a fatal error, or a dead-letter topic that refuses records do (after draining: `run`
+//! returns the reason, and the process exits non-zero for its orchestrator to restart it);
+//! on shutdown no
 //! new record is taken, in-flight ones finish within `drain_timeout`, the producer is flushed
 //! and the stored positions committed synchronously.
 
@@ -200,6 +202,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
                 let msg = match msg {
                     Ok(m) => m.detach(),
                     Err(e) => {
+                        // A fatal error (a fenced static member, an unrecoverable protocol
+                        // state) leaves a consumer that never gets records again: a worker
+                        // that goes on polling it looks alive and does nothing.
+                        if let Some(why) = fatal_consumer_error(&consumer, &e) {
+                            fatal.declare(why);
+                            break;
+                        }
                         tracing::warn!(error = %e, "consumer error");
                         continue;
                     }
@@ -247,6 +256,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         tracing::warn!(error = %e, "producer flush");
     }
     final_commit(&consumer).await;
+    if consumer.client().fatal_error().is_some() {
+        // Closing a consumer after a fatal error never finishes (rdkafka's drop polls for a
+        // close that librdkafka refuses): leak it, the process is on its way out.
+        std::mem::forget(Arc::clone(&consumer));
+    }
     batcher.abort();
     tracing::info!(?stats, "stopped");
     let reason = fatal
@@ -258,6 +272,21 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         Some(reason) => anyhow::bail!("{reason}"),
         None => Ok(stats),
     }
+}
+
+/// Why the consumer cannot go on, when `e` (or an earlier error) was fatal to it.
+fn fatal_consumer_error(consumer: &Source, e: &rdkafka::error::KafkaError) -> Option<String> {
+    let fatal = consumer.client().fatal_error();
+    if fatal.is_none() && !matches!(e, rdkafka::error::KafkaError::MessageConsumptionFatal(_)) {
+        return None;
+    }
+    let detail = fatal.map_or_else(
+        || e.to_string(),
+        |(code, reason)| format!("{code}: {reason}"),
+    );
+    Some(format!(
+        "the Kafka consumer failed for good ({detail}); restart the worker to rejoin the group"
+    ))
 }
 
 /// The text of a caught panic (`panic!` with a literal or a formatted message).
