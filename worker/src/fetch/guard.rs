@@ -99,7 +99,10 @@ impl Policy {
     /// [`url::Host::Ipv4`].
     pub fn http_refusal(&self, url: &Url) -> Option<String> {
         let scheme = url.scheme();
-        if !matches!(scheme, "http" | "https") || !self.scheme_allowed(scheme) {
+        if !matches!(scheme, "http" | "https") {
+            return Some(format!("scheme {scheme:?} is not fetched over http(s)"));
+        }
+        if !self.scheme_allowed(scheme) {
             return Some(format!("scheme {scheme:?} is not in fetch.allowed_schemes"));
         }
         let Some(host) = url.host() else {

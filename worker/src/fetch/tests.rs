@@ -40,6 +40,10 @@ async fn serve_at(ip: &str, trap: Option<SocketAddr>) -> Server {
             get(move || async move { redirect(format!("http://localhost:{trap_port}/x.jpg")) }),
         )
         .route(
+            "/to-file",
+            get(move || async move { redirect("file:///etc/hostname".into()) }),
+        )
+        .route(
             // `hops` redirects on this server, then an image.
             "/hop/{n}",
             get(move |UrlPath(n): UrlPath<u32>| async move {
@@ -360,6 +364,19 @@ async fn every_redirect_hop_is_checked_and_their_number_limited() {
         err.to_string()
             .contains("host \"localhost\" resolves only to denied addresses (")
             && err.to_string().contains("address 127.0.0.1 is loopback"),
+        "{err}"
+    );
+
+    // Nor to another scheme (reqwest answers the redirect itself, unfollowed).
+    let err = get(by_address.clone(), "/to-file").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Failed {
+                transient: false,
+                ..
+            }
+        ) && err.to_string().ends_with("HTTP 302 Found"),
         "{err}"
     );
 
