@@ -645,3 +645,41 @@ async fn a_fatal_consumer_error_stops_the_worker() {
     );
     assert!(err.to_string().contains("fenced by the test"), "{err}");
 }
+
+/// A backend that returns fewer embeddings than the batch had images: indexing past the end
+/// panicked the reply task and left the batch's records waiting forever. The worker now
+/// declares the model broken and stops, the records left for a healthy worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_returning_too_few_rows_stops_the_worker() {
+    let (_mock, settings, brokers) = cluster("clipqc-rows");
+    publish_inline(&brokers, "r", 6).await;
+    let (owner, model) = ModelOwner::spawn(
+        || {
+            let mut fake = FakeBackend::new(32, 224);
+            fake.short_by_one = true;
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap();
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        pipeline::run(deps, CancellationToken::new()),
+    )
+    .await
+    .expect("the worker stops by itself");
+    drop(model);
+    owner.join();
+    let err = result.expect_err("a backend answering with too few rows is broken");
+    assert!(
+        err.to_string().contains("embeddings for a batch of"),
+        "{err}"
+    );
+    assert_eq!(
+        committed_total(&brokers, "clipqc-rows"),
+        0,
+        "no record was blamed for the model's fault"
+    );
+}

@@ -17,6 +17,8 @@ pub struct FakeBackend {
     pub fail_images: Option<String>,
     /// Sleep this long per batch, as a real model would take time.
     pub delay: Duration,
+    /// Return one embedding fewer than the batch has images (a broken backend).
+    pub short_by_one: bool,
 }
 
 impl FakeBackend {
@@ -26,6 +28,7 @@ impl FakeBackend {
             image_size,
             fail_images: None,
             delay: Duration::ZERO,
+            short_by_one: false,
         }
     }
 }
@@ -59,9 +62,15 @@ impl Backend for FakeBackend {
                 data.push((sum / count.max(1) as f64) as f32 + 0.01 * k as f32);
             }
         }
+        let n = if self.short_by_one {
+            data.truncate(batch.n.saturating_sub(1) * self.dim);
+            batch.n.saturating_sub(1)
+        } else {
+            batch.n
+        };
         Ok(Embeddings {
             data,
-            n: batch.n,
+            n,
             dim: self.dim,
         })
     }

@@ -42,6 +42,8 @@ pub enum ModelError {
     Inference(String),
     #[error("the model thread has stopped")]
     Stopped,
+    #[error("the model returned {got} embeddings for a batch of {expected} images")]
+    WrongRows { got: usize, expected: usize },
 }
 
 /// A batch of preprocessed images: `n` × 3 × `size` × `size` floats, row-major, CHW per image.

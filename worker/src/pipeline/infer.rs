@@ -2,8 +2,8 @@
 //! hands each image its embedding back.
 //!
 //! Guarantees: the next batch is formed while the model runs this one; a failed batch fails
-//! only its own images, unless the model is broken (its thread stopped, or
-//! `max_model_failures` batches in a row failed): then `fatal` fires and every waiting image
+//! only its own images, unless the model is broken (its thread stopped, it answered with the
+//! wrong number of embeddings, or `max_model_failures` batches in a row failed): then `fatal` fires and every waiting image
 //! gets [`Embedded::Broken`], so no record is turned into an error verdict for the model's
 //! fault; the worker drains and exits instead, leaving those offsets uncommitted.
 
@@ -86,6 +86,19 @@ pub async fn batch_loop(
                 Ok(rx) => rx.await.unwrap_or(Err(ModelError::Stopped)),
                 Err(e) => Err(e),
             };
+            // A backend that answers with the wrong number of rows is broken: no image of
+            // the batch can be told its own embedding (and indexing past the end would
+            // panic this task, leaving every record of the batch waiting forever).
+            let result = result.and_then(|e| {
+                if e.n == replies.len() {
+                    Ok(e)
+                } else {
+                    Err(ModelError::WrongRows {
+                        got: e.n,
+                        expected: replies.len(),
+                    })
+                }
+            });
             match result {
                 Ok(embeddings) => {
                     metrics::stage("inference", started.elapsed().as_secs_f64());
@@ -97,7 +110,8 @@ pub async fn batch_loop(
                 Err(e) => {
                     metrics::model_batch_failed();
                     let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    let broken = matches!(e, ModelError::Stopped) || n >= max_failures;
+                    let broken = matches!(e, ModelError::Stopped | ModelError::WrongRows { .. })
+                        || n >= max_failures;
                     if broken {
                         fatal.declare(format!(
                             "the model is broken: {e} ({n} failed batches in a row)"
