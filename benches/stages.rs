@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use clipqc::model::artifact::TOKENIZER;
 use clipqc::model::fake::FakeBackend;
 use clipqc::model::{Artifact, Backend, PromptTokenizer};
-use clipqc::preprocess::{DecodeLimits, Preprocessor};
+use clipqc::preprocess::{DecodeLimits, Preprocessor, View};
 use clipqc::score::{ProfileConfig, Scorer};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -40,7 +40,10 @@ fn benches(c: &mut Criterion) {
     let images = dir("CLIPQC_BENCH_IMAGES");
     let manifest = &artifact.manifest;
 
-    let pre = Preprocessor::new(&manifest.image, DecodeLimits::default(), None);
+    // The checkpoint's own resize and crop: the same work as the CLIPProcessor it is compared
+    // with (benches/baseline.py). The worker's default view (pad) is timed below.
+    let pre = Preprocessor::new(&manifest.image, DecodeLimits::default(), None)
+        .with_view(View::CenterCrop);
     let mut group = c.benchmark_group("preprocess");
     for name in IMAGES {
         let bytes = std::fs::read(images.join(name)).unwrap();
@@ -50,6 +53,18 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::from_parameter(name), &bytes, |b, bytes| {
             b.iter(|| pre.run(name, bytes, None).unwrap())
+        });
+    }
+    group.finish();
+
+    // The default view: the whole frame, aspect kept, padded to the square.
+    let mut group = c.benchmark_group("preprocess_pad");
+    let padded = pre.clone().with_view(View::Pad);
+    for name in IMAGES {
+        let bytes = std::fs::read(images.join(name)).unwrap();
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::from_parameter(name), &bytes, |b, bytes| {
+            b.iter(|| padded.run(name, bytes, None).unwrap())
         });
     }
     group.finish();

@@ -1,6 +1,8 @@
 //! Fidelity against the reference implementations, on the same random tiny CLIP:
 //! token ids vs transformers' CLIPTokenizer and open_clip's tokenizer, pixels vs
-//! CLIPImageProcessor, image embeddings and class probabilities vs transformers' CLIPModel.
+//! CLIPImageProcessor (`view = "center_crop"`) and vs the same resize pasted centred on a
+//! mean-colour square with PIL (`view = "pad"`, the default), image embeddings and class
+//! probabilities vs transformers' CLIPModel under both views.
 //! The references were computed by tests/reference/make_fixtures.py.
 
 mod common;
@@ -8,7 +10,7 @@ mod common;
 use clipqc::model::artifact::TOKENIZER;
 use clipqc::model::tch_backend::TchBackend;
 use clipqc::model::{Artifact, Backend, DeviceSpec, ImageBatch, PromptTokenizer};
-use clipqc::preprocess::{DecodeLimits, Preprocessor};
+use clipqc::preprocess::{pad_dims, DecodeLimits, Preprocessor, View};
 use clipqc::score::{ProfileConfig, Scorer};
 use common::{cosine, fixtures, read_f32, tiny_model};
 
@@ -19,6 +21,10 @@ fn index() -> serde_json::Value {
 
 fn artifact() -> Artifact {
     Artifact::open(tiny_model()).expect("the tiny model exported by the test script opens")
+}
+
+fn preprocessor(artifact: &Artifact, view: View) -> Preprocessor {
+    Preprocessor::new(&artifact.manifest.image, DecodeLimits::default(), None).with_view(view)
 }
 
 #[test]
@@ -73,7 +79,8 @@ fn token_ids_match_clip_tokenizers() {
 #[test]
 fn pixels_and_embeddings_match_clip_image_processor_and_model() {
     let artifact = artifact();
-    let pre = Preprocessor::new(&artifact.manifest.image, DecodeLimits::default(), None);
+    // The checkpoint's own processor: its resize and center crop.
+    let pre = preprocessor(&artifact, View::CenterCrop);
     let mut backend = TchBackend::load(&artifact, DeviceSpec::Cpu).unwrap();
     let (mut worst_pil, mut worst_tv, mut worst_cos) = (0f32, 0f32, 1f64);
     for img in index()["images"].as_array().unwrap() {
@@ -125,6 +132,84 @@ fn pixels_and_embeddings_match_clip_image_processor_and_model() {
     );
 }
 
+/// The default view: the whole image, its longer side resized to 224 with PIL's BICUBIC,
+/// pasted centred on a square of the mean colour, rescaled and normalised by the processor.
+#[test]
+fn pad_view_pixels_and_embeddings_match_pil_and_model() {
+    let artifact = artifact();
+    let pre = preprocessor(&artifact, View::Pad);
+    let size = pre.size();
+    let mut backend = TchBackend::load(&artifact, DeviceSpec::Cpu).unwrap();
+    let (mut worst_px, mut worst_pad, mut worst_cos) = (0f32, 0f32, 1f64);
+    for img in index()["images"].as_array().unwrap() {
+        let stem = img["stem"].as_str().unwrap();
+        let file = fixtures().join(img["file"].as_str().unwrap());
+        let ours = pre.run(stem, &std::fs::read(&file).unwrap(), None).unwrap();
+        let reference = read_f32(&fixtures().join(format!("ref/{stem}.pixels_pad.f32")));
+        assert_eq!(reference.len(), ours.len(), "{stem}: tensor sizes differ");
+        let px = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let differing = ours
+            .iter()
+            .zip(&reference)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-4)
+            .count();
+        // Where the image is not: 0 in ours exactly, and in the reference up to rounding.
+        let dims = img["size"].as_array().unwrap();
+        let (w, h) = pad_dims(
+            size as u32,
+            dims[0].as_u64().unwrap() as u32,
+            dims[1].as_u64().unwrap() as u32,
+        );
+        let (w, h) = (w as usize, h as usize);
+        let (left, top) = ((size - w) / 2, (size - h) / 2);
+        let mut padding = 0usize;
+        for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+            let (y, x) = ((i / size) % size, i % size);
+            if !((top..top + h).contains(&y) && (left..left + w).contains(&x)) {
+                assert_eq!(*a, 0.0, "{stem}: padding at ({x}, {y})");
+                worst_pad = worst_pad.max(b.abs());
+                padding += 1;
+            }
+        }
+        assert_eq!(padding, 3 * (size * size - w * h), "{stem}");
+        let mut batch = ImageBatch::new(size);
+        batch.push(&ours);
+        let emb = backend.embed_images(&batch).unwrap();
+        let cos = cosine(
+            emb.row(0),
+            &read_f32(&fixtures().join(format!("ref/{stem}.embedding_pad.f32"))),
+        );
+        eprintln!(
+            "{stem} pad ({w}×{h} at ({left}, {top})): max |Δpixel| vs PIL {px:.5} ({:.2}% of values differ); \
+             embedding cosine {cos:.7}",
+            100.0 * differing as f64 / ours.len() as f64
+        );
+        worst_px = worst_px.max(px);
+        worst_cos = worst_cos.min(cos);
+    }
+    eprintln!(
+        "pad worst: Δpixel PIL {worst_px:.5}; reference padding within {worst_pad:.1e} of 0; \
+         cosine {worst_cos:.7}"
+    );
+    // The same tolerances as the center crop's: two grey levels, cosine 0.9999.
+    assert!(
+        worst_px <= 0.031,
+        "pad pixels differ from PIL by {worst_px}"
+    );
+    assert!(
+        worst_pad <= 1e-5,
+        "the reference's padding is {worst_pad} from 0"
+    );
+    assert!(
+        worst_cos >= 0.9999,
+        "pad image embedding cosine {worst_cos} < 0.9999"
+    );
+}
+
 #[test]
 fn class_probabilities_match_clip_model() {
     let artifact = artifact();
@@ -136,47 +221,58 @@ fn class_probabilities_match_clip_model() {
         backend.embed_texts(&b)
     })
     .unwrap();
-    let pre = Preprocessor::new(&artifact.manifest.image, DecodeLimits::default(), None);
-    let mut worst = 0f32;
-    for img in index["images"].as_array().unwrap() {
-        let file = fixtures().join(img["file"].as_str().unwrap());
-        let mut batch = ImageBatch::new(pre.size());
-        batch.push(
-            &pre.run("fixture", &std::fs::read(&file).unwrap(), None)
-                .unwrap(),
-        );
-        let emb = backend.embed_images(&batch).unwrap();
-        let ours = scorer.probabilities(emb.row(0));
-        let reference: Vec<f32> = img["probabilities"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        let diff = ours
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let stem = img["stem"].as_str().unwrap();
-        let mut ref_batch = ImageBatch::new(pre.size());
-        ref_batch.push(&read_f32(
-            &fixtures().join(format!("ref/{stem}.pixels_pil.f32")),
-        ));
-        let ref_px = scorer.probabilities(backend.embed_images(&ref_batch).unwrap().row(0));
-        let d2 = ref_px
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        eprintln!("{stem}: max |Δp| {diff:.2e} end to end; {d2:.2e} from the reference's own pixels (model + scoring alone)");
-        assert!(d2 <= 1e-6, "{stem}: model and scoring alone differ by {d2}");
-        worst = worst.max(diff);
-        assert!(
-            diff <= 1e-4,
-            "{}: probabilities {ours:?} vs transformers {reference:?}",
-            img["file"]
+    // Each view against the model's probabilities on its reference pixels.
+    for (view, probabilities, pixels) in [
+        (View::CenterCrop, "probabilities", "pixels_pil"),
+        (View::Pad, "probabilities_pad", "pixels_pad"),
+    ] {
+        let pre = preprocessor(&artifact, view);
+        let mut worst = 0f32;
+        for img in index["images"].as_array().unwrap() {
+            let file = fixtures().join(img["file"].as_str().unwrap());
+            let mut batch = ImageBatch::new(pre.size());
+            batch.push(
+                &pre.run("fixture", &std::fs::read(&file).unwrap(), None)
+                    .unwrap(),
+            );
+            let emb = backend.embed_images(&batch).unwrap();
+            let ours = scorer.probabilities(emb.row(0));
+            let reference: Vec<f32> = img[probabilities]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let diff = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let stem = img["stem"].as_str().unwrap();
+            let mut ref_batch = ImageBatch::new(pre.size());
+            ref_batch.push(&read_f32(
+                &fixtures().join(format!("ref/{stem}.{pixels}.f32")),
+            ));
+            let ref_px = scorer.probabilities(backend.embed_images(&ref_batch).unwrap().row(0));
+            let d2 = ref_px
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!("{stem} {view:?}: max |Δp| {diff:.2e} end to end; {d2:.2e} from the reference's own pixels (model + scoring alone)");
+            assert!(
+                d2 <= 1e-6,
+                "{stem} {view:?}: model and scoring alone differ by {d2}"
+            );
+            worst = worst.max(diff);
+            assert!(
+                diff <= 1e-4,
+                "{} {view:?}: probabilities {ours:?} vs transformers {reference:?}",
+                img["file"]
+            );
+        }
+        eprintln!(
+            "class probabilities, {view:?}: worst |Δp| vs transformers' CLIPModel {worst:.2e}"
         );
     }
-    eprintln!("class probabilities: worst |Δp| vs transformers' CLIPModel {worst:.2e}");
 }

@@ -8,8 +8,10 @@ Writes:
   tokens.jsonl     >= 1,000 strings with transformers' CLIPTokenizer ids and open_clip's ids
   images/*         generated test images (JPEG, PNG, BMP, TIFF; RGB, RGBA, 8/16-bit grey)
   ref/*.f32        per image: CLIPImageProcessor pixels (PIL and torchvision backends) and the
-                   transformers model's image embedding, little-endian float32
+                   transformers model's image embedding of them; the pad view's pixels
+                   (pad_view below) and their embedding; little-endian float32
   fixtures.json    the index: images, shapes, test profile prompts and reference probabilities
+                   (`probabilities`: the processor's center crop; `probabilities_pad`: pad_view)
 """
 
 from __future__ import annotations
@@ -83,6 +85,39 @@ def write_images(dir: Path, rng: random.Random) -> list[tuple[str, Image.Image]]
     return written
 
 
+def pad_dims(size: int, width: int, height: int) -> tuple[int, int]:
+    """The pad view's resize target, as worker/src/preprocess/transform.rs `pad_dims`: the
+    longer side `size`, the shorter `size * short / long` rounded to nearest with halves up
+    (integer arithmetic), at least 1."""
+    short, long = min(width, height), max(width, height)
+    scaled = min(max((size * short + long // 2) // long, 1), size)
+    return (size, scaled) if width >= height else (scaled, size)
+
+
+def pad_view(proc, img: Image.Image, size: int) -> torch.Tensor:
+    """The worker's default `view = "pad"` with PIL: the processor's RGB conversion; the whole
+    image resized with BICUBIC (PIL widens the kernel when downscaling: antialiased) so its
+    longer side is `size`, aspect kept; pasted at ((size - w) // 2, (size - h) // 2) on a
+    size×size canvas of the normalisation mean colour (kept in float: mean / rescale_factor,
+    122.77... for CLIP's red, so the padding normalises to 0 and not to a rounded grey); then
+    the processor's own rescale and normalise, without its resize and center crop."""
+    import numpy as np
+    from transformers.image_transforms import convert_to_rgb
+
+    rgb = Image.fromarray(convert_to_rgb(img, return_numpy=True))
+    w, h = pad_dims(size, *rgb.size)
+    resized = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    mean = np.asarray(proc.image_mean, dtype=np.float32)
+    canvas = np.empty((size, size, 3), dtype=np.float32)
+    canvas[:] = mean / np.float32(proc.rescale_factor)
+    left, top = (size - w) // 2, (size - h) // 2
+    canvas[top:top + h, left:left + w] = resized
+    chw = canvas.transpose(2, 0, 1)
+    chw = proc.rescale(chw, proc.rescale_factor)
+    chw = proc.normalize(chw, proc.image_mean, proc.image_std)
+    return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))[None]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
@@ -144,11 +179,17 @@ def main() -> int:
         emb = model.get_image_features(pixel_values=px_pil).pooler_output
         logits = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=px_pil).logits_per_image
         probs = logits.softmax(-1)[0].tolist()
+        px_pad = pad_view(pil_proc, img, manifest["image"]["size"])
+        emb_pad = model.get_image_features(pixel_values=px_pad).pooler_output
+        logits_pad = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                           pixel_values=px_pad).logits_per_image
+        px_pad[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_pad.f32")
+        emb_pad[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.embedding_pad.f32")
         px_pil[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_pil.f32")
         px_tv[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_tv.f32")
         emb[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.embedding.f32")
         index["images"].append({"file": f"images/{name}", "stem": stem, "size": list(img.size), "mode": img.mode,
-                                "probabilities": probs})
+                                "probabilities": probs, "probabilities_pad": logits_pad.softmax(-1)[0].tolist()})
     (out / "fixtures.json").write_text(json.dumps(index, indent=1, ensure_ascii=False))
     print(f"wrote {len(strings)} token cases and {len(index['images'])} images to {out}")
     return 0

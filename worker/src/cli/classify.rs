@@ -64,6 +64,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
         settings.preprocess.limits,
         profile.clahe.clone(),
     )
+    .with_view(profile.view)
     .with_jpeg_dct_headroom(settings.preprocess.jpeg_dct_headroom);
 
     let mut out = std::io::stdout().lock();

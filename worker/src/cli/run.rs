@@ -60,6 +60,7 @@ pub fn load_profiles(
             settings.preprocess.limits,
             p.clahe.clone(),
         )
+        .with_view(p.view)
         .with_jpeg_dct_headroom(settings.preprocess.jpeg_dct_headroom);
         profiles.insert(
             name,

@@ -1,12 +1,16 @@
 //! The preprocess stage: image bytes to the encoder's input tensor.
 //!
 //! decode (JPEG, PNG, BMP, TIFF; 8/16-bit gray, RGB, RGBA; EXIF orientation applied) →
-//! optional region of interest → optional CLAHE (uneven plant lighting) → the manifest's
-//! resize (shortest side to `resize_size` with bicubic, then center crop; or squash) →
-//! rescale and normalise into CHW floats.
+//! optional region of interest → optional CLAHE (uneven plant lighting) → the profile's
+//! [`View`] with the manifest's interpolation (default [`View::Pad`]: the longer side to the
+//! model's input size, aspect kept, centred on a square of the normalisation mean; or the
+//! checkpoint's own resize and center crop; or squash) → rescale and normalise into CHW floats.
 //!
-//! Guarantees: the output matches the checkpoint's own processor (CLIP's PIL-based
-//! CLIPImageProcessor) to within one grey level before normalisation; decoding is bounded by
+//! Guarantees: under [`View::Pad`] and [`View::Squash`] every pixel of the frame (or of the
+//! region of interest) reaches the tensor, and padding normalises to exactly 0; under
+//! [`View::CenterCrop`] the output matches the checkpoint's own processor (CLIP's PIL-based
+//! CLIPImageProcessor), and under [`View::Pad`] the same resize and a centred paste done with
+//! PIL, to within one grey level before normalisation; decoding is bounded by
 //! [`DecodeLimits`] (a header claiming 60000×60000 pixels is refused before any allocation,
 //! and so is a frame or region more elongated than `max_aspect_ratio`, whose shortest-edge
 //! resize would be huge); [`Preprocessor::plan`] says from the header alone how many bytes
@@ -21,13 +25,15 @@ mod plan;
 #[cfg(test)]
 mod plan_tests;
 mod transform;
+#[cfg(test)]
+mod view_tests;
 
 use serde::{Deserialize, Serialize};
 
 pub use clahe::ClaheSettings;
 pub use decode::{decode, decode_scaled, DecodeLimits};
 pub use plan::MemoryPlan;
-pub use transform::{as_gray8, to_rgb8, Transform};
+pub use transform::{as_gray8, pad_dims, to_rgb8, Transform};
 
 use crate::model::artifact::ImageSettings;
 
@@ -64,6 +70,29 @@ pub struct Region {
     pub height: u32,
 }
 
+/// Which square the model sees of a frame (or of a request's region of interest): a profile's
+/// `view`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// The whole frame, aspect kept: the longer side resized to the model's input size (the
+    /// checkpoint's interpolation, antialiased when downscaling), the shorter side in
+    /// proportion (rounded to nearest, halves up, at least 1 pixel), centred on a square
+    /// filled with the checkpoint's normalisation mean colour, so the padding is exactly 0.
+    /// Every pixel is seen; nothing is cropped.
+    #[default]
+    Pad,
+    /// The checkpoint's own processor, exactly (CLIP: shorter side to its resize size, then a
+    /// center crop; a 1920×1080 frame loses its left and right 22 %). For comparing with
+    /// the checkpoint's published behaviour, or parts always centred in the frame.
+    CenterCrop,
+    /// The whole frame resized to the model's input size, aspect not kept (parts look
+    /// squeezed; every pixel is seen).
+    Squash,
+}
+
 /// Everything needed to turn bytes into pixels; cheap to clone, shared by worker threads.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
@@ -84,6 +113,16 @@ impl Preprocessor {
             clahe,
             jpeg_dct_headroom: None,
         }
+    }
+
+    /// The square the model sees (the profile's `view`); [`View::Pad`] unless set.
+    pub fn with_view(mut self, view: View) -> Self {
+        self.transform = self.transform.with_view(view);
+        self
+    }
+
+    pub fn view(&self) -> View {
+        self.transform.view()
     }
 
     pub fn with_jpeg_dct_headroom(mut self, headroom: Option<f32>) -> Self {

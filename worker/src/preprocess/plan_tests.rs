@@ -23,8 +23,10 @@ fn clip() -> ImageSettings {
     }
 }
 
+/// The checkpoint's own resize and center crop: the largest resize targets (a 32:1 strip
+/// becomes 7168×224). [`plan_bounds_what_run_holds_under_every_view`] covers the others.
 fn pre() -> Preprocessor {
-    Preprocessor::new(&clip(), DecodeLimits::default(), None)
+    Preprocessor::new(&clip(), DecodeLimits::default(), None).with_view(View::CenterCrop)
 }
 
 fn with_clahe() -> Preprocessor {
@@ -33,6 +35,7 @@ fn with_clahe() -> Preprocessor {
         DecodeLimits::default(),
         Some(ClaheSettings::default()),
     )
+    .with_view(View::CenterCrop)
 }
 
 fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -96,6 +99,11 @@ fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
 /// above it, and that its decoded size is what decoding gives.
 fn check(pre: &Preprocessor, name: &str, bytes: &[u8], region: Option<Region>) -> MemoryPlan {
     let plan = pre.plan(name, bytes, region).unwrap();
+    if let Some(clahe) = &pre.clahe {
+        // CLAHE runs on rayon: the process's first call starts rayon's global pool (a few KB,
+        // once, kept for good), which would be counted against whichever image came first.
+        clahe.apply(&image::RgbImage::new(16, 16));
+    }
     let (out, held) = peak_of(|| pre.run(name, bytes, region));
     assert_eq!(out.unwrap().len(), 3 * 224 * 224, "{name}");
     // The meter sees at least the decoded frame (libjpeg's output vector is Rust's).
@@ -377,4 +385,64 @@ fn headers_are_read_without_decoding() {
         err.to_string(),
         "cut.jpg: cannot decode image: truncated JPEG (no end-of-image marker)"
     );
+}
+
+#[test]
+fn plan_bounds_what_run_holds_under_every_view() {
+    let hd = encode(rgb(1920, 1080), ImageFormat::Jpeg);
+    let region = Region {
+        x: 100,
+        y: 80,
+        width: 800,
+        height: 600,
+    };
+    let strip = Region {
+        x: 5,
+        y: 5,
+        width: 32,
+        height: 1,
+    };
+    let png = encode(rgb(640, 480), ImageFormat::Png);
+    let cases: Vec<(&str, Vec<u8>, Option<Region>)> = vec![
+        ("1920x1080.jpg", hd.clone(), None),
+        ("1920x1080.jpg region", hd, Some(region)),
+        ("strip", png, Some(strip)),
+        (
+            "rotated.jpg",
+            with_exif_rotation(&encode(rgb(1200, 800), ImageFormat::Jpeg)),
+            None,
+        ),
+        (
+            "2448x2048x16.png",
+            encode(rgb16(2448, 2048), ImageFormat::Png),
+            None,
+        ),
+        ("grey.png", encode(gray(1000, 800), ImageFormat::Png), None),
+        (
+            "grey16.png",
+            encode(gray16(801, 599), ImageFormat::Png),
+            None,
+        ),
+        ("4096x128", encode(gray(4096, 128), ImageFormat::Png), None),
+        // Upscaled under every view: 100×50 → 224×112 (pad), 224×224 (squash).
+        ("small.png", encode(rgb(100, 50), ImageFormat::Png), None),
+        // Already the padded size: no resize, only the padding.
+        ("224x126.png", encode(rgb(224, 126), ImageFormat::Png), None),
+        ("224.png", encode(rgb(224, 224), ImageFormat::Png), None),
+    ];
+    for view in [View::Pad, View::Squash] {
+        for (name, bytes, region) in &cases {
+            let name = format!("{name} {view:?}");
+            check(&pre().with_view(view), &name, bytes, *region);
+            check(
+                &with_clahe().with_view(view),
+                &format!("{name} clahe"),
+                bytes,
+                *region,
+            );
+        }
+        let scaled = pre().with_view(view).with_jpeg_dct_headroom(Some(2.0));
+        let plan = check(&scaled, "1920x1080.jpg scaled", &cases[0].1, None);
+        assert_eq!((plan.decoded_width, plan.decoded_height), (960, 540));
+    }
 }

@@ -1,14 +1,16 @@
-//! Resize, crop and normalise, as the checkpoint's processor does.
+//! Resize to the profile's view (pad, the checkpoint's own center crop, or squash) and
+//! normalise.
 
 use fast_image_resize as fr;
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use super::{DecodeLimits, PreprocessError, Region};
+use super::{DecodeLimits, PreprocessError, Region, View};
 use crate::model::artifact::{ImageSettings, Interpolation, ResizeMode};
 
 #[derive(Debug, Clone)]
 pub struct Transform {
     pub size: u32,
+    view: View,
     mode: ResizeMode,
     resize_size: u32,
     filter: fr::FilterType,
@@ -83,6 +85,7 @@ pub(super) fn crop(
 }
 
 impl Transform {
+    /// The manifest's settings under the default view ([`View::Pad`]).
     pub fn new(s: &ImageSettings) -> Self {
         let filter = match s.interpolation {
             // PIL's BICUBIC is the Catmull-Rom (a = -0.5) kernel, widened when downscaling.
@@ -93,12 +96,22 @@ impl Transform {
         let offset = std::array::from_fn(|c| -s.mean[c] / s.std[c]);
         Self {
             size: s.size,
+            view: View::default(),
             mode: s.resize,
             resize_size: s.resize_size,
             filter,
             scale,
             offset,
         }
+    }
+
+    pub fn with_view(mut self, view: View) -> Self {
+        self.view = view;
+        self
+    }
+
+    pub fn view(&self) -> View {
+        self.view
     }
 
     /// Bytes of the tensor [`Self::apply`] returns: 3 × size² floats.
@@ -171,13 +184,20 @@ impl Transform {
         u64::from(to) * (window * 10 + 96)
     }
 
-    /// The shorter side the resize needs from its source (larger helps nothing).
+    /// The shorter side the resize needs from its source (larger helps nothing). Under
+    /// [`View::Pad`] the longer side is what reaches the model's size, so this is more than
+    /// enough (JPEG DCT scaling stays conservative there).
     pub fn min_source_side(&self) -> u32 {
         self.resize_size.max(self.size)
     }
 
-    /// The size the whole image is resized to before cropping.
+    /// The size the whole image is resized to before it is cropped or padded to the square.
     pub fn resized_dims(&self, width: u32, height: u32) -> (u32, u32) {
+        match self.view {
+            View::Pad => return pad_dims(self.size, width, height),
+            View::Squash => return (self.size, self.size),
+            View::CenterCrop => {}
+        }
         match self.mode {
             ResizeMode::Squash => (self.size, self.size),
             ResizeMode::ShortestEdge => {
@@ -225,7 +245,7 @@ impl Transform {
         }
         let (rw, rh) = self.resized_dims(w, h);
         if (rw, rh) == (w, h) {
-            return Ok(self.crop_normalize::<C>(raw, w as usize, h as usize));
+            return Ok(self.place_normalize::<C>(raw, w as usize, h as usize));
         }
         let pixel = if C == 1 {
             fr::PixelType::U8
@@ -242,31 +262,45 @@ impl Transform {
                 input: input.into(),
                 message: format!("resize failed: {e}"),
             })?;
-        Ok(self.crop_normalize::<C>(dst.buffer(), rw as usize, rh as usize))
+        Ok(self.place_normalize::<C>(dst.buffer(), rw as usize, rh as usize))
     }
 
-    /// Center crop (zero-padded where the image is smaller, as transformers does) and
-    /// normalise into CHW. `C` channels per source pixel: 3 (RGB) or 1 (grey, replicated).
-    fn crop_normalize<const C: usize>(&self, raw: &[u8], w: usize, h: usize) -> Vec<f32> {
+    /// Where the resized `w`×`h` image lies in the output square: the image's column and row
+    /// at the square's (0, 0) (negative where the image starts inside the square), and per
+    /// channel the normalised value of the square's pixels it does not cover.
+    fn placement(&self, w: usize, h: usize) -> (i64, i64, [f32; 3]) {
+        let s = i64::from(self.size);
+        let (w, h) = (w as i64, h as i64);
+        match self.view {
+            // transformers' center_crop: top = (h - crop) // 2 with floor division, and a zero
+            // pixel where the image is smaller than the crop.
+            View::CenterCrop => ((w - s).div_euclid(2), (h - s).div_euclid(2), self.offset),
+            // Centred as PIL's paste at ((size - w) // 2, (size - h) // 2); the mean colour,
+            // which normalises to 0.
+            View::Pad | View::Squash => (-((s - w).max(0) / 2), -((s - h).max(0) / 2), [0.0; 3]),
+        }
+    }
+
+    /// The resized image placed in the square ([`Self::placement`]: center crop or padding)
+    /// and normalised into CHW. `C` channels per source pixel: 3 (RGB) or 1 (grey, replicated).
+    fn place_normalize<const C: usize>(&self, raw: &[u8], w: usize, h: usize) -> Vec<f32> {
         let s = self.size as usize;
-        // transformers' center_crop: top = (h - crop) // 2 with floor division.
-        let top = (h as i64 - s as i64).div_euclid(2);
-        let left = (w as i64 - s as i64).div_euclid(2);
-        // The crop's columns that fall inside the image; the rest is padding (a zero pixel).
+        let (left, top, fill) = self.placement(w, h);
+        // The square's columns that fall inside the image; the rest is padding.
         let x0 = (-left).clamp(0, s as i64) as usize;
         let x1 = (w as i64 - left).clamp(x0 as i64, s as i64) as usize;
         let mut out = vec![0f32; 3 * s * s];
         for (c, plane) in out.chunks_exact_mut(s * s).enumerate() {
-            let (scale, offset) = (self.scale[c], self.offset[c]);
+            let (scale, offset, fill) = (self.scale[c], self.offset[c], fill[c]);
             let channel = if C == 1 { 0 } else { c };
             for (y, row) in plane.chunks_exact_mut(s).enumerate() {
                 let sy = top + y as i64;
                 if !(0..h as i64).contains(&sy) {
-                    row.fill(offset);
+                    row.fill(fill);
                     continue;
                 }
-                row[..x0].fill(offset);
-                row[x1..].fill(offset);
+                row[..x0].fill(fill);
+                row[x1..].fill(fill);
                 let start = (sy as usize * w) + (left + x0 as i64) as usize;
                 let src = &raw[start * C..(start + (x1 - x0)) * C];
                 for (d, px) in row[x0..x1].iter_mut().zip(src.chunks_exact(C)) {
@@ -275,6 +309,22 @@ impl Transform {
             }
         }
         out
+    }
+}
+
+/// [`View::Pad`]'s resize target for a `width`×`height` image: the longer side `size`, the
+/// shorter `size × short / long` rounded to nearest (halves up), at least 1. Integer
+/// arithmetic, so tests/reference/make_fixtures.py computes the same.
+pub fn pad_dims(size: u32, width: u32, height: u32) -> (u32, u32) {
+    let (short, long) = (u64::from(width.min(height)), u64::from(width.max(height)));
+    if long == 0 {
+        return (size, size);
+    }
+    let scaled = ((u64::from(size) * short + long / 2) / long).clamp(1, u64::from(size)) as u32;
+    if width >= height {
+        (size, scaled)
+    } else {
+        (scaled, size)
     }
 }
 
@@ -294,9 +344,13 @@ mod tests {
         }
     }
 
+    fn center_crop(s: &ImageSettings) -> Transform {
+        Transform::new(s).with_view(View::CenterCrop)
+    }
+
     #[test]
     fn shortest_edge_keeps_aspect_and_truncates() {
-        let t = Transform::new(&clip_settings());
+        let t = center_crop(&clip_settings());
         assert_eq!(t.resized_dims(640, 480), (298, 224)); // 224 * 640 / 480 = 298.67
         assert_eq!(t.resized_dims(480, 640), (224, 298));
         assert_eq!(t.resized_dims(250, 250), (224, 224));
@@ -305,7 +359,7 @@ mod tests {
 
     #[test]
     fn a_flat_image_normalises_to_the_hand_computed_value() {
-        let t = Transform::new(&clip_settings());
+        let t = center_crop(&clip_settings());
         let img = RgbImage::from_pixel(300, 200, image::Rgb([255, 0, 128]));
         let out = t.apply("flat", &img).unwrap();
         assert_eq!(out.len(), 3 * 224 * 224);
@@ -337,7 +391,7 @@ mod tests {
         s.mean = [0.0; 3];
         s.std = [1.0; 3];
         s.rescale_factor = 1.0;
-        let out = Transform::new(&s).apply("rows", &img).unwrap();
+        let out = center_crop(&s).apply("rows", &img).unwrap();
         assert_eq!(out[0], 38.0);
         assert_eq!(out[223 * 224], ((38 + 223) % 256) as f32);
     }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ScoreError;
-use crate::preprocess::ClaheSettings;
+use crate::preprocess::{ClaheSettings, View};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +22,13 @@ pub struct ProfileConfig {
     /// Contrast equalisation before the model, for uneven lighting.
     #[serde(default)]
     pub clahe: Option<ClaheSettings>,
+    /// What of the frame (or of the request's region of interest) the model sees: `pad`
+    /// (default: the whole frame, aspect kept, centred on a square of the model's mean
+    /// colour; every pixel is seen), `center_crop` (the checkpoint's own processor: CLIP
+    /// resizes the shorter side and crops the middle square, so the sides of a wide frame are
+    /// never seen) or `squash` (the whole frame stretched to the square).
+    #[serde(default)]
+    pub view: View,
     pub classes: Vec<ClassConfig>,
 }
 
@@ -127,6 +134,7 @@ impl ProfileConfig {
             ],
             review_threshold: 0.5,
             clahe: None,
+            view: View::default(),
             classes: vec![
                 class(
                     "surface_scratch",

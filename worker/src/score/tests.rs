@@ -5,6 +5,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         templates: vec!["{}".into()],
         review_threshold: 0.5,
         clahe: None,
+        view: Default::default(),
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {
