@@ -152,6 +152,14 @@ fn classifies_every_good_image_and_reports_every_bad_one() {
             assert!(
                 (scores[top].as_f64().unwrap() - row["probability"].as_f64().unwrap()).abs() < 1e-6
             );
+            // The default profile's four defect classes: all but good_part.
+            let defect_mass: f64 = scores
+                .iter()
+                .filter(|(name, _)| *name != "good_part")
+                .map(|(_, v)| v.as_f64().unwrap())
+                .sum();
+            let anomaly = row["anomaly_score"].as_f64().unwrap();
+            assert!((anomaly - defect_mass).abs() < 1e-5, "{row}");
         }
     }
     assert_eq!(ok, good.len());

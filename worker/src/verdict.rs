@@ -146,6 +146,7 @@ pub fn decided(
     } as i32;
     v.top_class = scorer.profile.classes[decision.class].name.clone();
     v.probability = decision.probability;
+    v.anomaly_score = decision.anomaly_score;
     v.scores = scorer
         .profile
         .classes
@@ -280,6 +281,8 @@ mod tests {
             (v.top_class.as_str(), v.probability),
             ("surface_scratch", 0.7)
         );
+        // Four defect classes: 0.7 + 0.1 + 0.1 + 0.05.
+        assert!((v.anomaly_score - 0.95).abs() < 1e-6, "{}", v.anomaly_score);
         assert_eq!(v.scores.len(), 5);
         assert!(v.scores[0].defect && !v.scores[4].defect);
         assert_eq!(v.source.as_ref().unwrap().offset, 1234);

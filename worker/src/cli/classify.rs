@@ -142,6 +142,7 @@ fn print_decision(
             "outcome": d.outcome.as_str(),
             "top_class": names[d.class],
             "probability": d.probability,
+            "anomaly_score": d.anomaly_score,
             "scores": scores,
         });
         writeln!(out, "{row}")

@@ -3,12 +3,17 @@
 //! Guarantees: class text embeddings are computed once per profile (at start) and reused;
 //! probabilities follow the model family (softmax over classes for CLIP, independent
 //! sigmoids with the learned bias for SigLIP); the outcome rules are the ones below and
-//! nothing else:
+//! nothing else. They decide on the *defect probability* (the anomaly score): the mass on
+//! the profile's defect classes (their sum under softmax; their maximum under independent
+//! sigmoids), against the mass on its acceptable classes, so splitting a defect into
+//! sub-classes can never make a part look more acceptable:
 //!
 //! 1. a defect class with a `threshold` that its probability reaches → DEFECT;
-//! 2. otherwise, a top probability under the profile's `review_threshold` → REVIEW;
-//! 3. otherwise the top class decides: a defect class → DEFECT (REVIEW if it has a
-//!    threshold it did not reach), an acceptable class → PASS.
+//! 2. otherwise the side with more mass wins (defects on a tie), reported with its most
+//!    probable class; under the profile's `review_threshold` the winning side's mass is too
+//!    doubtful → REVIEW;
+//! 3. a winning defect side whose top class has a threshold it did not reach → REVIEW;
+//!    otherwise defects → DEFECT, acceptable states → PASS.
 
 pub mod profile;
 
@@ -60,6 +65,8 @@ pub struct Decision {
     /// Index into the profile's classes of the class that decided.
     pub class: usize,
     pub probability: f32,
+    /// The defect probability: the mass on the defect classes (see the module docs).
+    pub anomaly_score: f32,
     /// One probability per class, in the profile's order.
     pub probabilities: Vec<f32>,
 }
@@ -176,13 +183,56 @@ impl Scorer {
     }
 
     pub fn decide(&self, image_embedding: &[f32]) -> Decision {
-        decide(&self.profile, self.probabilities(image_embedding))
+        decide_as(
+            &self.profile,
+            self.scoring,
+            self.probabilities(image_embedding),
+        )
     }
 }
 
-/// The outcome rules of this module's header, on given probabilities.
+/// The outcome rules of this module's header, on softmax probabilities.
 pub fn decide(profile: &ProfileConfig, probabilities: Vec<f32>) -> Decision {
-    let top = argmax(&probabilities);
+    decide_as(profile, Scoring::Softmax, probabilities)
+}
+
+/// The mass on the classes with `defect == side`: the sum of exclusive (softmax)
+/// probabilities, the largest of independent (sigmoid) ones; 0 when there are none.
+fn side_mass(
+    profile: &ProfileConfig,
+    scoring: Scoring,
+    probabilities: &[f32],
+    defect: bool,
+) -> f32 {
+    let side = profile
+        .classes
+        .iter()
+        .zip(probabilities)
+        .filter(|(c, _)| c.defect == defect)
+        .map(|(_, &p)| p);
+    match scoring {
+        Scoring::Softmax => side.sum(),
+        Scoring::Sigmoid => side.fold(0.0, f32::max),
+    }
+}
+
+/// The most probable class with `defect == side` (the first in the profile on a tie), if
+/// the profile has one.
+fn top_of_side(profile: &ProfileConfig, probabilities: &[f32], defect: bool) -> Option<usize> {
+    profile
+        .classes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.defect == defect)
+        .rev()
+        .max_by(|a, b| probabilities[a.0].total_cmp(&probabilities[b.0]))
+        .map(|(i, _)| i)
+}
+
+/// The outcome rules of this module's header, on probabilities from `scoring`.
+pub fn decide_as(profile: &ProfileConfig, scoring: Scoring, probabilities: Vec<f32>) -> Decision {
+    let anomaly_score = side_mass(profile, scoring, &probabilities, true);
+    let acceptable = side_mass(profile, scoring, &probabilities, false);
     let fired = profile
         .classes
         .iter()
@@ -190,32 +240,30 @@ pub fn decide(profile: &ProfileConfig, probabilities: Vec<f32>) -> Decision {
         .filter(|(i, c)| c.defect && c.threshold.is_some_and(|t| probabilities[*i] >= t))
         .max_by(|a, b| probabilities[a.0].total_cmp(&probabilities[b.0]))
         .map(|(i, _)| i);
+    let defect_side = anomaly_score >= acceptable;
+    let side_top = top_of_side(profile, &probabilities, defect_side)
+        .or_else(|| top_of_side(profile, &probabilities, !defect_side))
+        .expect("a profile has classes. This is a bug.");
+    let side_mass = anomaly_score.max(acceptable);
     let (outcome, class) = if let Some(i) = fired {
         (Outcome::Defect, i)
-    } else if probabilities[top] < profile.review_threshold {
-        (Outcome::Review, top)
+    } else if side_mass < profile.review_threshold {
+        (Outcome::Review, side_top)
+    } else if !defect_side {
+        (Outcome::Pass, side_top)
+    } else if profile.classes[side_top].threshold.is_some() {
+        // A threshold it reached would have fired.
+        (Outcome::Review, side_top)
     } else {
-        let c = &profile.classes[top];
-        match (c.defect, c.threshold) {
-            (false, _) => (Outcome::Pass, top),
-            (true, Some(_)) => (Outcome::Review, top), // a threshold it reached would have fired
-            (true, None) => (Outcome::Defect, top),
-        }
+        (Outcome::Defect, side_top)
     };
     Decision {
         outcome,
         class,
         probability: probabilities[class],
+        anomaly_score,
         probabilities,
     }
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .expect("a profile has classes. This is a bug.")
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -16,8 +16,13 @@ pub struct ProfileConfig {
     /// through every template and the embeddings are averaged (a prompt ensemble).
     #[serde(default = "default_templates")]
     pub templates: Vec<String>,
-    /// Under this top probability the outcome is REVIEW: the part goes to a person.
+    /// Under this probability of the winning side (the defect probability, or the mass on
+    /// the acceptable classes, whichever is larger) the outcome is REVIEW: the part goes to a
+    /// person. Under softmax the two sides sum to 1, so only values above 0.5 make a band of
+    /// doubt around the even split: 0.6 sends parts 40–60 % likely defective to REVIEW.
     #[serde(default = "default_review_threshold")]
+    // As written, not as the f32 nearest to it (0.6000000238418579).
+    #[schemars(extend("default" = 0.6))]
     pub review_threshold: f32,
     /// Contrast equalisation before the model, for uneven lighting.
     #[serde(default)]
@@ -55,7 +60,7 @@ fn default_templates() -> Vec<String> {
 }
 
 fn default_review_threshold() -> f32 {
-    0.5
+    0.6
 }
 
 impl ProfileConfig {
@@ -132,7 +137,7 @@ impl ProfileConfig {
                 "a photo of {}.".into(),
                 "a close-up photo of {} on a manufactured part.".into(),
             ],
-            review_threshold: 0.5,
+            review_threshold: default_review_threshold(),
             clahe: None,
             view: View::default(),
             classes: vec![

@@ -79,8 +79,72 @@ fn outcomes_follow_the_rules() {
         (d.outcome, d.class, d.probability),
         (Outcome::Defect, 1, 0.35)
     );
-    // Nobody confident: REVIEW on the top class.
+    // Good is the top class, but 60 % of the mass is on defects: DEFECT on the top defect.
     let d = decide(&p, vec![0.4, 0.2, 0.4 + 1e-3]);
+    assert_eq!((d.outcome, d.class), (Outcome::Defect, 0));
+    assert!((d.anomaly_score - 0.6).abs() < 1e-6);
+    // The defect side wins through chip, whose threshold it does not reach: REVIEW.
+    let d = decide(&p, vec![0.25, 0.29, 0.46]);
+    assert_eq!((d.outcome, d.class), (Outcome::Review, 1));
+    // Neither side sure enough: REVIEW on the winning side's top class.
+    let mut doubtful = p.clone();
+    doubtful.review_threshold = 0.6;
+    let d = decide(&doubtful, vec![0.25, 0.2, 0.55]);
+    assert_eq!((d.outcome, d.class), (Outcome::Review, 2));
+}
+
+/// The flaw the defect probability fixes: a part 80 % likely defective, its mass split over
+/// three defect sub-classes, was judged by its top class alone (PASS or REVIEW). However a
+/// defect's mass is split, the part is judged by the mass.
+#[test]
+fn splitting_a_defect_into_sub_classes_never_makes_a_part_pass() {
+    let p = profile(&[
+        ("scratch_fine", true, None),
+        ("scratch_deep", true, None),
+        ("dent", true, None),
+        ("good", false, None),
+    ]);
+    let d = decide(&p, vec![0.3, 0.3, 0.2, 0.2]);
+    assert_eq!((d.outcome, d.class), (Outcome::Defect, 0));
+    assert!((d.anomaly_score - 0.8).abs() < 1e-6);
+    // Any split of the same 0.8 over the three: the same outcome and score.
+    for split in [
+        [0.8, 0.0, 0.0],
+        [0.4, 0.2, 0.2],
+        [0.27, 0.27, 0.26],
+        [0.0, 0.1, 0.7],
+    ] {
+        let mut probs = split.to_vec();
+        probs.push(0.2);
+        let d = decide(&p, probs);
+        assert_eq!(d.outcome, Outcome::Defect, "{split:?}");
+        assert!((d.anomaly_score - 0.8).abs() < 1e-5, "{split:?}");
+    }
+    // One coarse class with the same mass decides the same way.
+    let coarse = profile(&[("scratch", true, None), ("good", false, None)]);
+    assert_eq!(decide(&coarse, vec![0.8, 0.2]).outcome, Outcome::Defect);
+}
+
+#[test]
+fn independent_sigmoid_scores_take_the_most_probable_class_of_each_side() {
+    let p = profile(&[
+        ("scratch", true, None),
+        ("dent", true, None),
+        ("good", false, None),
+    ]);
+    // Independent probabilities do not split: the defect side is as sure as its surest class.
+    let d = decide_as(&p, Scoring::Sigmoid, vec![0.7, 0.6, 0.3]);
+    assert_eq!(
+        (d.outcome, d.class, d.anomaly_score),
+        (Outcome::Defect, 0, 0.7)
+    );
+    let d = decide_as(&p, Scoring::Sigmoid, vec![0.1, 0.2, 0.9]);
+    assert_eq!(
+        (d.outcome, d.class, d.anomaly_score),
+        (Outcome::Pass, 2, 0.2)
+    );
+    // Nothing above the review threshold (0.5): REVIEW, as with the top class before.
+    let d = decide_as(&p, Scoring::Sigmoid, vec![0.1, 0.2, 0.3]);
     assert_eq!((d.outcome, d.class), (Outcome::Review, 2));
 }
 

@@ -54,6 +54,7 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
         outcome: Outcome::Defect as i32,
         top_class: "edge_chip".into(),
         probability: 0.71,
+        anomaly_score: 0.83,
         scores: vec![ClassScore {
             name: "edge_chip".into(),
             probability: 0.71,
