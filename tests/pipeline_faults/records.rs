@@ -1,0 +1,336 @@
+//! Faults that come with a record or a component, not with the broker: records that panicked
+//! their task or resized to gigabytes, verdicts and dead letters the producer may not send, a
+//! dead-letter topic that refuses records, a byte budget a few large images could deadlock, a
+//! consumer with a fatal error, a backend that answers with too few rows. Each once stalled a
+//! partition or left a worker alive doing nothing.
+
+use super::*;
+
+/// Publish `requests` as protobuf records.
+async fn publish_requests(brokers: &str, requests: &[clipqc::proto::v1::InspectionRequest]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for r in requests {
+        let payload = r.encode_to_vec();
+        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// Records that used to panic their task (timestamps no clock can hold), to be retried
+/// forever (a verdict, and a dead letter, larger than the producer may send) or to resize to
+/// gigabytes (a 16000×1 frame) among good ones: each gets one ERROR verdict and a dead letter, and every partition is committed to
+/// its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitions_move_on() {
+    use clipqc::proto::v1::inspection_request::Image;
+    use clipqc::proto::v1::InspectionRequest;
+    use pbjson_types::Timestamp;
+
+    let (_mock, settings, brokers) = cluster("clipqc-hostile");
+    let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
+    let request = |id: &str| InspectionRequest {
+        request_id: id.into(),
+        image: Some(Image::InlineData(jpeg.clone())),
+        ..Default::default()
+    };
+    let mut requests = Vec::new();
+    let mut expected: HashMap<String, Option<ErrorCode>> = HashMap::new();
+    for i in 0..12 {
+        let id = format!("good-{i}");
+        requests.push(request(&id));
+        expected.insert(id, None);
+    }
+    for (i, t) in [(i64::MAX, 0), (i64::MIN, 0), (0, -5), (253_402_300_800, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut deadline = request(&format!("deadline-{i}"));
+        deadline.deadline = Some(Timestamp {
+            seconds: t.0,
+            nanos: t.1,
+        });
+        let mut captured = request(&format!("captured-{i}"));
+        captured.captured_at = Some(Timestamp {
+            seconds: t.0,
+            nanos: t.1,
+        });
+        for r in [deadline, captured] {
+            expected.insert(r.request_id.clone(), Some(ErrorCode::InvalidRequest));
+            requests.push(r);
+        }
+    }
+    // A 16000×1 frame: resized so its shorter side fits the model it would be gigabytes.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::GrayImage::new(16000, 1)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let mut line = request("line");
+    line.image = Some(Image::InlineData(png.into_inner()));
+    expected.insert("line".into(), Some(ErrorCode::TooLarge));
+    requests.push(line);
+    // 300 KB of attributes, echoed into the verdict: over the worker's 200 KB producer limit
+    // below, and so is the record itself as a dead letter.
+    let mut bulky = request("bulky");
+    bulky.attributes.insert("notes".into(), "n".repeat(300_000));
+    expected.insert("bulky".into(), Some(ErrorCode::PublishFailed));
+    requests.push(bulky);
+    publish_requests(&brokers, &requests).await;
+
+    let (owner, model) = slow_model(Duration::from_millis(5));
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let mut small_producer = settings.kafka.clone();
+    small_producer
+        .properties
+        .insert("message.max.bytes".into(), "200000".into());
+    let total = requests.len();
+    let (stats, seen) = with_worker(
+        &settings,
+        &brokers,
+        &model,
+        |d| d.sink = clipqc::sink::Sink::new(&small_producer, &brokers).unwrap(),
+        collect(&verdicts, total, Duration::from_secs(60)),
+    )
+    .await;
+    stats.unwrap();
+    drop(model);
+    owner.join();
+
+    let by_id: HashMap<String, &Verdict> = seen
+        .by_source
+        .values()
+        .map(|v| (v.request_id.clone(), v))
+        .collect();
+    for (id, code) in &expected {
+        let v = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("no verdict for {id}"));
+        match code {
+            None => assert_ne!(v.outcome(), Outcome::Error, "{id}: {:?}", v.error),
+            Some(code) => {
+                assert_eq!(v.outcome(), Outcome::Error, "{id}");
+                assert_eq!(
+                    v.error.as_ref().unwrap().code(),
+                    *code,
+                    "{id}: {:?}",
+                    v.error
+                );
+            }
+        }
+    }
+    assert!(
+        by_id["bulky"].attributes.is_empty(),
+        "the small verdict echoes no attributes"
+    );
+    assert_eq!(seen.by_source.len(), total);
+    assert_eq!(seen.duplicates(), 0);
+
+    let errors = expected.values().filter(|c| c.is_some()).count();
+    let dead = read_all(&brokers, "clipqc.dlq", |b| b.len());
+    assert_eq!(dead.len(), errors, "one dead letter per ERROR verdict");
+    assert!(
+        dead.iter().any(|(_, _, len)| *len == 0),
+        "the bulky record's dead letter went without its payload"
+    );
+    assert_eq!(
+        committed(&brokers, "clipqc-hostile"),
+        ends(&brokers, "clipqc.requests"),
+        "every partition committed to its end"
+    );
+}
+
+/// A dead-letter topic the worker may not write to: every failing record would be stuck, so
+/// the worker stops by itself with an error naming the topic, without committing the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_that_refuses_records_stops_the_worker() {
+    use clipqc::proto::v1::inspection_request::Image;
+    use clipqc::proto::v1::InspectionRequest;
+
+    let (mock, settings, brokers) = cluster("clipqc-dlq-refused");
+    mock.topic_error(
+        "clipqc.dlq",
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    )
+    .unwrap();
+    publish_requests(
+        &brokers,
+        &[InspectionRequest {
+            request_id: "not-an-image".into(),
+            image: Some(Image::InlineData(b"GIF89a, not really".to_vec())),
+            ..Default::default()
+        }],
+    )
+    .await;
+    let (owner, model) = slow_model(Duration::ZERO);
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        pipeline::run(deps, CancellationToken::new()),
+    )
+    .await
+    .expect("the worker stops by itself");
+    drop(model);
+    owner.join();
+    let err = result.expect_err("a refusing dead-letter topic is an error of the worker");
+    assert!(
+        err.to_string()
+            .starts_with("the dead-letter topic \"clipqc.dlq\" refuses records"),
+        "{err}"
+    );
+    assert_eq!(
+        committed_total(&brokers, "clipqc-dlq-refused"),
+        0,
+        "the record without its dead letter stays uncommitted"
+    );
+}
+
+/// Inline images each about a third of the byte budget, many at once: records that held
+/// their payload's share while waiting for room for the image and pixels deadlocked the
+/// worker (each waiting for room only the others could free). Every record must finish, and
+/// the budget holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
+    use clipqc::proto::v1::inspection_request::Image;
+    use clipqc::proto::v1::InspectionRequest;
+
+    let (_mock, settings, brokers) = cluster("clipqc-budget");
+    // Noise does not compress: a 480×480 RGB PNG is about 0.7 MB (the mock broker takes
+    // records up to 1 MB).
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let noise = image::RgbImage::from_fn(480, 480, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    noise.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    assert!(png.len() > 650_000, "{} bytes", png.len());
+    let total = 8;
+    let requests: Vec<_> = (0..total)
+        .map(|i| InspectionRequest {
+            request_id: format!("big-{i}"),
+            image: Some(Image::InlineData(png.clone())),
+            ..Default::default()
+        })
+        .collect();
+    publish_requests(&brokers, &requests).await;
+    let (owner, model) = slow_model(Duration::from_millis(5));
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    // One record needs payload + image + pixels, about 2 MB; two holding their payloads
+    // while waiting for the rest could never both go on.
+    let budget = 2 << 20;
+    let (stats, seen) = with_worker(
+        &settings,
+        &brokers,
+        &model,
+        |d| {
+            d.pipeline.max_in_flight = 8;
+            d.pipeline.max_in_flight_bytes = budget;
+        },
+        collect(&verdicts, total, Duration::from_secs(60)),
+    )
+    .await;
+    let stats = stats.unwrap();
+    drop(model);
+    owner.join();
+    assert_eq!(
+        seen.by_source.len(),
+        total,
+        "every record finished: {stats:?}"
+    );
+    assert!(seen
+        .by_source
+        .values()
+        .all(|v| v.outcome() != Outcome::Error));
+    assert!(stats.peak_in_flight_bytes <= budget, "{stats:?}");
+    assert_eq!(committed_total(&brokers, "clipqc-budget"), total as i64);
+}
+
+/// A consumer that hits a fatal error (librdkafka raises one for a fenced static member)
+/// never gets a record again: the worker stops with the reason instead of polling it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_consumer_error_stops_the_worker() {
+    use rdkafka::consumer::Consumer as _;
+    common::logs();
+    let (_mock, settings, brokers) = cluster("clipqc-fatal");
+    publish_inline(&brokers, "x", 3).await;
+    let (owner, model) = slow_model(Duration::ZERO);
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    // The consumer's handle, kept for the injection (it lives as long as the worker).
+    let native = deps.consumer.client().native_ptr() as usize;
+    let worker = tokio::spawn(pipeline::run(deps, CancellationToken::new()));
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let seen = collect(&verdicts, 3, Duration::from_secs(60)).await;
+    assert_eq!(
+        seen.by_source.len(),
+        3,
+        "the worker consumed before the fault"
+    );
+    let reason = std::ffi::CString::new("fenced by the test").unwrap();
+    // SAFETY: the consumer is alive (the worker is running); librdkafka's own test hook.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            native as *mut rdkafka::bindings::rd_kafka_t,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
+            reason.as_ptr(),
+        );
+    }
+    let result = tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker stops by itself")
+        .unwrap();
+    drop(model);
+    owner.join();
+    let err = result.expect_err("a fatal consumer error is an error of the worker");
+    assert!(
+        err.to_string()
+            .starts_with("the Kafka consumer failed for good"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("fenced by the test"), "{err}");
+}
+
+/// A backend that returns fewer embeddings than the batch had images: indexing past the end
+/// panicked the reply task and left the batch's records waiting forever. The worker now
+/// declares the model broken and stops, the records left for a healthy worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_returning_too_few_rows_stops_the_worker() {
+    let (_mock, settings, brokers) = cluster("clipqc-rows");
+    publish_inline(&brokers, "r", 6).await;
+    let (owner, model) = ModelOwner::spawn(
+        || {
+            let mut fake = FakeBackend::new(32, 224);
+            fake.short_by_one = true;
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap();
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        pipeline::run(deps, CancellationToken::new()),
+    )
+    .await
+    .expect("the worker stops by itself");
+    drop(model);
+    owner.join();
+    let err = result.expect_err("a backend answering with too few rows is broken");
+    assert!(
+        err.to_string().contains("embeddings for a batch of"),
+        "{err}"
+    );
+    assert_eq!(
+        committed_total(&brokers, "clipqc-rows"),
+        0,
+        "no record was blamed for the model's fault"
+    );
+}
