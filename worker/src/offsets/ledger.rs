@@ -93,24 +93,32 @@ impl Ledger {
         self.lock().assigned.contains_key(p)
     }
 
-    /// A record taken for processing. Returns false when the partition has been revoked
-    /// since the record arrived (`epoch` is out of date): drop the record, its partition's
-    /// new owner will process it.
-    pub fn received(&self, p: &Partition, offset: i64, epoch: u64) -> bool {
+    /// A record taken for processing, received under assignment `epoch`. Returns the epoch
+    /// it is tracked under (to give [`Self::finished`]), or `None` when the partition has
+    /// been revoked since the record arrived: drop the record, its partition's new owner (or
+    /// this worker, when the partition comes back) reads it again from the committed position.
+    ///
+    /// Epoch 0 means the partition was not in the ledger when the record arrived (its
+    /// assignment was dropped by a rebalance error while librdkafka kept fetching it). Such
+    /// a record is taken under whatever assignment holds now: dropping it while the
+    /// partition stays here would lose it (nothing would deliver it again, and later records
+    /// would carry the position past it); taking it at worst repeats work, as a record
+    /// delivered again after the assignment is tracked twice.
+    pub fn received(&self, p: &Partition, offset: i64, epoch: u64) -> Option<u64> {
         let mut s = self.lock();
         let current = s.assigned.get(p).copied().unwrap_or(0);
-        if current != epoch {
-            return false;
+        if current != epoch && epoch != 0 {
+            return None;
         }
-        if s.tracking.get(p).is_some_and(|&e| e != epoch) {
+        if s.tracking.get(p).is_some_and(|&e| e != current) {
             // Records of an earlier assignment are still tracked: that assignment is over.
             s.forget(p);
         }
-        s.tracking.insert(p.clone(), epoch);
+        s.tracking.insert(p.clone(), current);
         if !s.tracker.received(p, offset) {
             tracing::info!(topic = %p.topic, partition = p.partition, offset, "record delivered again (the consumer rewound): the position waits for it");
         }
-        true
+        Some(current)
     }
 
     /// A record of assignment `epoch` is done: `acked` when its verdict (and dead letter)
@@ -186,9 +194,9 @@ mod tests {
         let ledger = Arc::new(Ledger::new());
         ledger.assigned(&[p(0), p(1)]);
         let (e0, e1) = (ledger.epoch(&p(0)), ledger.epoch(&p(1)));
-        assert!(ledger.received(&p(0), 10, e0));
-        assert!(ledger.received(&p(0), 11, e0));
-        assert!(ledger.received(&p(1), 5, e1));
+        assert!(ledger.received(&p(0), 10, e0).is_some());
+        assert!(ledger.received(&p(0), 11, e0).is_some());
+        assert!(ledger.received(&p(1), 5, e1).is_some());
         let worker = {
             let ledger = ledger.clone();
             std::thread::spawn(move || {
@@ -209,7 +217,7 @@ mod tests {
         assert_eq!(busy, 0);
         // Partition 1 is untouched; a record of partition 0 from before is refused.
         assert_eq!(ledger.total_in_flight(), 1);
-        assert!(!ledger.received(&p(0), 12, e0));
+        assert!(ledger.received(&p(0), 12, e0).is_none());
     }
 
     #[test]
@@ -217,8 +225,8 @@ mod tests {
         let ledger = Ledger::new();
         ledger.assigned(&[p(0)]);
         let e = ledger.epoch(&p(0));
-        assert!(ledger.received(&p(0), 3, e));
-        assert!(ledger.received(&p(0), 4, e));
+        assert!(ledger.received(&p(0), 3, e).is_some());
+        assert!(ledger.received(&p(0), 4, e).is_some());
         ledger.finished(&p(0), 4, e, true, |_| {
             panic!("3 is not done: nothing to store")
         });
@@ -240,12 +248,12 @@ mod tests {
         let ledger = Ledger::new();
         ledger.assigned(&[p(0)]);
         let old = ledger.epoch(&p(0));
-        assert!(ledger.received(&p(0), 7, old));
+        assert!(ledger.received(&p(0), 7, old).is_some());
         ledger.revoke(&[p(0)], Duration::ZERO);
         ledger.assigned(&[p(0)]);
         let new = ledger.epoch(&p(0));
-        assert!(ledger.received(&p(0), 7, new));
-        assert!(ledger.received(&p(0), 8, new));
+        assert!(ledger.received(&p(0), 7, new).is_some());
+        assert!(ledger.received(&p(0), 8, new).is_some());
         ledger.finished(&p(0), 7, old, true, |pos| {
             panic!("the old copy stored {pos} past the running new one")
         });
@@ -265,7 +273,7 @@ mod tests {
         ledger.assigned(&[p(0)]);
         let old = ledger.epoch(&p(0));
         for o in 5..10 {
-            assert!(ledger.received(&p(0), o, old));
+            assert!(ledger.received(&p(0), o, old).is_some());
         }
         ledger.assigned(&[p(0)]);
         let new = ledger.epoch(&p(0));
@@ -276,7 +284,7 @@ mod tests {
         );
         let mut stored = Vec::new();
         for o in 5..7 {
-            assert!(ledger.received(&p(0), o, new));
+            assert!(ledger.received(&p(0), o, new).is_some());
         }
         ledger.finished(&p(0), 9, old, true, |pos| stored.push(pos));
         ledger.finished(&p(0), 5, new, true, |pos| stored.push(pos));
@@ -284,10 +292,35 @@ mod tests {
     }
 
     #[test]
+    fn a_record_that_arrived_while_unassigned_is_taken_under_the_assignment_that_followed() {
+        // A rebalance error dropped the ledger's assignment while librdkafka kept fetching:
+        // records arrive with epoch 0 and wait for a slot; the partition is assigned again
+        // before they start. Dropping them lost them (the partition stayed here, nothing
+        // delivered them again, and the next records carried the position past them).
+        let ledger = Ledger::new();
+        ledger.assigned(&[p(0)]);
+        ledger.lost_all();
+        assert_eq!(ledger.epoch(&p(0)), 0);
+        ledger.assigned(&[p(0)]);
+        let now = ledger.epoch(&p(0));
+        assert_eq!(ledger.received(&p(0), 10, 0), Some(now));
+        assert_eq!(ledger.received(&p(0), 11, now), Some(now));
+        let mut stored = Vec::new();
+        ledger.finished(&p(0), 11, now, true, |pos| stored.push(pos));
+        assert!(stored.is_empty(), "10 is still running");
+        ledger.finished(&p(0), 10, now, true, |pos| stored.push(pos));
+        assert_eq!(stored, vec![12]);
+        // A record of an assignment that ended is still dropped.
+        ledger.revoke(&[p(0)], Duration::ZERO);
+        ledger.assigned(&[p(0)]);
+        assert_eq!(ledger.received(&p(0), 12, now), None);
+    }
+
+    #[test]
     fn losing_every_partition_forgets_them_and_wakes_a_waiting_revocation() {
         let ledger = Ledger::new();
         ledger.assigned(&[p(0), p(1)]);
-        assert!(ledger.received(&p(1), 3, ledger.epoch(&p(1))));
+        assert!(ledger.received(&p(1), 3, ledger.epoch(&p(1))).is_some());
         let mut lost = ledger.lost_all();
         lost.sort();
         assert_eq!(lost, vec![p(0), p(1)]);
@@ -303,7 +336,7 @@ mod tests {
         ledger.revoke(&[p(0)], Duration::ZERO);
         ledger.assigned(&[p(0)]);
         assert_ne!(ledger.epoch(&p(0)), old);
-        assert!(!ledger.received(&p(0), 1, old));
-        assert!(ledger.received(&p(0), 1, ledger.epoch(&p(0))));
+        assert!(ledger.received(&p(0), 1, old).is_none());
+        assert!(ledger.received(&p(0), 1, ledger.epoch(&p(0))).is_some());
     }
 }

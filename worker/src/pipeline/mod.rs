@@ -332,11 +332,11 @@ impl Intake {
     fn start(&mut self, msg: OwnedMessage, epoch: u64, slot: OwnedSemaphorePermit) {
         let p = Partition::new(msg.topic(), msg.partition());
         let offset = msg.offset();
-        if !self.ledger.received(&p, offset, epoch) {
+        let Some(epoch) = self.ledger.received(&p, offset, epoch) else {
             // Revoked since it arrived: its partition's next owner processes it.
             tracing::debug!(topic = %p.topic, partition = p.partition, offset, "dropped: revoked");
             return;
-        }
+        };
         self.stats.records += 1;
         metrics::record_consumed(&p.topic);
         let ack =
