@@ -5,6 +5,8 @@
 //! profile, line, stage, kind, topic/partition): never request ids, URLs or offsets. Each
 //! event below is one function, so call sites cannot misspell a name or a label.
 
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use metrics::{
@@ -160,10 +162,50 @@ pub fn record_consumed(topic: &str) {
     counter!("clipqc_records_consumed_total", "topic" => topic.to_string()).increment(1);
 }
 
+/// Distinct values a request-supplied label (line, profile, class) may take; later ones are
+/// counted as [`OTHER`]. A plant has tens of lines, not thousands: a producer that writes a
+/// new line id (or an unknown profile name) into every request must not grow `/metrics`,
+/// and Prometheus with it, without bound.
+pub const MAX_LABEL_VALUES: usize = 256;
+/// The label value past [`MAX_LABEL_VALUES`].
+pub const OTHER: &str = "other";
+
+/// The first `max` distinct values seen, kept as they are.
+pub struct BoundedLabels {
+    seen: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl BoundedLabels {
+    pub fn new(max: usize) -> Self {
+        Self {
+            seen: Mutex::new(HashSet::new()),
+            max,
+        }
+    }
+
+    /// `value` while it is one of the first `max` distinct ones, else [`OTHER`].
+    pub fn label(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(value) {
+            return value.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_string());
+            return value.to_string();
+        }
+        OTHER.to_string()
+    }
+}
+
+static VERDICT_LABELS: LazyLock<[BoundedLabels; 3]> =
+    LazyLock::new(|| std::array::from_fn(|_| BoundedLabels::new(MAX_LABEL_VALUES)));
+
 pub fn verdict(outcome: &str, class: &str, profile: &str, line: &str) {
+    let [classes, profiles, lines] = &*VERDICT_LABELS;
     counter!("clipqc_verdicts_total",
-        "outcome" => outcome.to_string(), "class" => class.to_string(),
-        "profile" => profile.to_string(), "line" => line.to_string())
+        "outcome" => outcome.to_string(), "class" => classes.label(class),
+        "profile" => profiles.label(profile), "line" => lines.label(line))
     .increment(1);
 }
 
@@ -240,4 +282,41 @@ pub fn gpu_memory(device: u32, used: u64, total: u64) {
     gauge!("clipqc_gpu_memory_bytes", "device" => device.clone(), "kind" => "used")
         .set(used as f64);
     gauge!("clipqc_gpu_memory_bytes", "device" => device, "kind" => "total").set(total as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_supplied_label_values_are_bounded() {
+        let labels = BoundedLabels::new(3);
+        for line in ["l1", "l2", "l3"] {
+            assert_eq!(labels.label(line), line);
+        }
+        // Past the bound: new values are "other", known ones stay themselves.
+        assert_eq!(labels.label("l4"), OTHER);
+        assert_eq!(labels.label("attacker-0001"), OTHER);
+        assert_eq!(labels.label("l2"), "l2");
+        assert_eq!(labels.seen.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_new_line_id_in_every_request_does_not_grow_the_verdict_series() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..(MAX_LABEL_VALUES + 500) {
+                verdict("pass", "good", "default", &format!("line-{i}"));
+            }
+        });
+        let series = handle
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("clipqc_verdicts_total{"))
+            .count();
+        // Other tests in this binary may have filled some of the bound first.
+        assert!(series <= MAX_LABEL_VALUES + 1, "{series} series");
+        assert!(handle.render().contains(r#"line="other""#));
+    }
 }

@@ -217,6 +217,15 @@ impl Hook {
         }
         let event = {
             let mut windows = self.windows.lock().expect("notify window lock poisoned");
+            if !windows.contains_key(&v.line_id) && windows.len() >= MAX_WINDOWS {
+                // Line ids come from requests: forget lines with nothing in their window
+                // (and not firing) before taking a new one, and beyond the bound take none.
+                windows.retain(|_, w| !w.idle(now, rule));
+                if windows.len() >= MAX_WINDOWS {
+                    metrics::webhook(&c.name, "dropped");
+                    return;
+                }
+            }
             let w = windows
                 .entry(v.line_id.clone())
                 .or_insert_with(|| Window::new(now));
@@ -253,6 +262,11 @@ struct Window {
     last_sent: Option<Instant>,
 }
 
+/// Lines whose defect rate a webhook follows at once; past it, idle lines are forgotten and
+/// then new ones are not followed (line ids come from requests, so their number is not ours
+/// to trust).
+pub const MAX_WINDOWS: usize = 1024;
+
 /// A firing alert is repeated this often while it holds.
 const REPEAT: Duration = Duration::from_secs(60);
 
@@ -266,6 +280,16 @@ impl Window {
             firing: false,
             last_sent: None,
         }
+    }
+
+    /// Nothing left in the window and nothing firing: the line can be forgotten.
+    fn idle(&self, now: Instant, rule: &DefectRateRule) -> bool {
+        let second = now.duration_since(self.start).as_secs();
+        !self.firing
+            && self
+                .buckets
+                .back()
+                .is_none_or(|&(s, _, _)| s + rule.window_seconds <= second)
     }
 
     /// Returns `(firing, rate, verdicts)` when a notification is due.

@@ -279,3 +279,32 @@ async fn invalid_webhooks_are_refused_by_name() {
     });
     assert!(Notifier::start(&[bad], "w").is_err());
 }
+
+/// Line ids come from requests: a new one in every request must not grow the windows without
+/// bound. Past the bound idle lines are forgotten first, and beyond it new lines are not
+/// followed.
+#[tokio::test]
+async fn rate_windows_are_bounded_and_idle_lines_forgotten() {
+    let mut config = hook("http://127.0.0.1:9/hook".into());
+    config.on_defect = false;
+    config.defect_rate = Some(rule());
+    let notifier = Notifier::start(&[config], "w").unwrap();
+    let hook = &notifier.hooks[0];
+    let windows = || hook.windows.lock().unwrap().len();
+    let t0 = Instant::now();
+    for i in 0..MAX_WINDOWS + 100 {
+        hook.observe(&verdict(&format!("line-{i}"), Outcome::Pass), t0);
+    }
+    assert_eq!(windows(), MAX_WINDOWS, "the bound holds");
+    assert!(!hook.windows.lock().unwrap().contains_key("line-1050"));
+    // One line keeps firing: it is never forgotten.
+    for _ in 0..4 {
+        hook.observe(&verdict("line-7", Outcome::Defect), t0);
+    }
+    // The window (10 s) is over for every other line: a new line evicts the idle ones.
+    let later = t0 + Duration::from_secs(11);
+    hook.observe(&verdict("new-line", Outcome::Pass), later);
+    let held = hook.windows.lock().unwrap();
+    assert!(held.contains_key("new-line") && held.contains_key("line-7"));
+    assert_eq!(held.len(), 2, "idle lines forgotten");
+}
