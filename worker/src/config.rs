@@ -78,8 +78,46 @@ pub struct KafkaSettings {
     /// Encoding of the verdicts published (`protobuf` or `json`).
     pub verdict_encoding: Encoding,
     /// Any other librdkafka property (security.protocol, sasl.*, ssl.*, …), passed through.
+    /// From the environment: `CLIPQC__KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`
+    /// (the name after the prefix, lower-cased, `_` read as `.`). Properties the worker's
+    /// delivery guarantees depend on are refused (see [`RESERVED_PROPERTIES`]).
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties read from files, e.g. `{ "sasl.password" =
+    /// "/var/run/secrets/kafka/password" }` for a mounted Kubernetes secret: the file's
+    /// content, without its trailing newline, is the value.
+    pub property_files: BTreeMap<String, PathBuf>,
 }
+
+/// librdkafka properties the worker sets itself, and why they cannot be overridden.
+pub const RESERVED_PROPERTIES: [(&str, &str); 9] = [
+    ("bootstrap.servers", "set kafka.brokers"),
+    ("group.id", "set kafka.group_id"),
+    ("group.instance.id", "set kafka.instance_id"),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only once their verdicts are acknowledged",
+    ),
+    (
+        "enable.auto.commit",
+        "the worker commits what it stored, and nothing before",
+    ),
+    (
+        "enable.idempotence",
+        "the verdict producer must not write duplicates or reorder on retries",
+    ),
+    (
+        "acks",
+        "the idempotent producer needs acknowledgement by all in-sync replicas",
+    ),
+    (
+        "request.required.acks",
+        "the idempotent producer needs acknowledgement by all in-sync replicas",
+    ),
+    (
+        "transactional.id",
+        "set by the worker's delivery mode, not by hand",
+    ),
+];
 
 impl Default for KafkaSettings {
     fn default() -> Self {
@@ -93,7 +131,42 @@ impl Default for KafkaSettings {
             default_encoding: Encoding::Protobuf,
             verdict_encoding: Encoding::Protobuf,
             properties: BTreeMap::new(),
+            property_files: BTreeMap::new(),
         }
+    }
+}
+
+/// `CLIPQC__KAFKA__PROPERTIES__SASL_PASSWORD` → `sasl.password`: config-rs would split a
+/// dotted key into sections, and shells do not allow dots in names.
+const PROPERTY_ENV_PREFIX: &str = "CLIPQC__KAFKA__PROPERTIES__";
+
+fn property_from_env(name: &str) -> Option<String> {
+    let key = name.strip_prefix(PROPERTY_ENV_PREFIX)?;
+    (!key.is_empty()).then(|| key.to_ascii_lowercase().replace('_', "."))
+}
+
+impl KafkaSettings {
+    /// Read `property_files` into `properties`, and refuse reserved properties.
+    fn resolve_properties(&mut self) -> Result<(), String> {
+        for (key, path) in &self.property_files {
+            let value = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "kafka.property_files.{key:?}: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
+            let value = value.strip_suffix('\n').unwrap_or(&value);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            self.properties.insert(key.clone(), value.to_string());
+        }
+        for (key, why) in RESERVED_PROPERTIES {
+            if self.properties.contains_key(key) {
+                return Err(format!(
+                    "kafka.properties: {key:?} cannot be set here: {why}"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -268,9 +341,17 @@ impl Settings {
             }
             builder = builder.add_source(config::File::from(path).required(true));
         }
+        let mut properties = BTreeMap::new();
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("CLIPQC__"))
+            .filter_map(|(k, v)| match property_from_env(&k) {
+                Some(property) => {
+                    properties.insert(property, v);
+                    None
+                }
+                None => Some((k, v)),
+            })
             .collect();
         let mut environment = config::Environment::with_prefix("CLIPQC")
             .prefix_separator("__")
@@ -282,10 +363,13 @@ impl Settings {
             environment = environment.with_list_parse_key(key);
         }
         builder = builder.add_source(environment);
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| invalid(e.to_string()))?;
+        // The environment wins over the file, as for every other key.
+        settings.kafka.properties.extend(properties);
+        settings.kafka.resolve_properties().map_err(invalid)?;
         for (name, profile) in &settings.profiles {
             profile.validate(name).map_err(|e| invalid(e.to_string()))?;
         }
@@ -310,6 +394,83 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_properties_come_from_the_environment_and_from_files_and_reserved_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "s3cr.t\n").unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[kafka.properties]\n\"security.protocol\" = \"sasl_plaintext\"\n\"sasl.username\" = \"file\"\n\
+                 [kafka.property_files]\n\"sasl.password\" = {:?}\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let s = Settings::load_with_env(
+            Some(&file),
+            [
+                (
+                    "CLIPQC__KAFKA__PROPERTIES__SASL_USERNAME".into(),
+                    "env".into(),
+                ),
+                (
+                    "CLIPQC__KAFKA__PROPERTIES__SASL_MECHANISM".into(),
+                    "PLAIN".into(),
+                ),
+            ],
+        )
+        .unwrap();
+        let p = &s.kafka.properties;
+        assert_eq!(
+            p["sasl.password"], "s3cr.t",
+            "the file, without its newline"
+        );
+        assert_eq!(
+            p["sasl.username"], "env",
+            "the environment wins over the file"
+        );
+        assert_eq!(p["sasl.mechanism"], "PLAIN");
+        assert_eq!(p["security.protocol"], "sasl_plaintext");
+
+        let err = Settings::load_with_env(
+            None,
+            [(
+                "CLIPQC__KAFKA__PROPERTIES__ENABLE_AUTO_OFFSET_STORE".into(),
+                "true".into(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"enable.auto.offset.store\" cannot be set here"),
+            "{err}"
+        );
+        std::fs::write(
+            &file,
+            "[kafka.properties]\n\"enable.idempotence\" = \"false\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&file), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("enable.idempotence"), "{err}");
+        std::fs::write(
+            &file,
+            "[kafka.property_files]\n\"ssl.key.password\" = \"/nonexistent/pw\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&file), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ssl.key.password") && err.contains("/nonexistent/pw"),
+            "{err}"
+        );
+    }
 
     const FILE: &str = r#"
 [model]
