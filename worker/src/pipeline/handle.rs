@@ -80,12 +80,15 @@ pub async fn panicked(shared: &Shared, msg: &OwnedMessage, panic: String) -> boo
         stage::INTERNAL,
         format!("the worker failed on this record (a bug, please report it): {panic}"),
     );
-    let request = request::decode(
+    // Decoding may have been what panicked: this answer must not panic again.
+    let (payload, encoding) = (
         msg.payload().unwrap_or_default(),
-        crate::source::header(msg, "content-type"),
         shared.kafka.default_encoding,
-    )
-    .ok();
+    );
+    let content_type = crate::source::header(msg, "content-type");
+    let request = std::panic::catch_unwind(|| request::decode(payload, content_type, encoding))
+        .ok()
+        .and_then(Result::ok);
     let v = verdict::failed(
         request.as_ref(),
         &failure,

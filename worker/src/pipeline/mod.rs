@@ -19,9 +19,8 @@
 //! a bad record never stops the worker; a broken model, a batcher that died, a consumer with
 //! a fatal error, or a dead-letter topic that refuses records do (after draining: `run`
 //! returns the reason, and the process exits non-zero for its orchestrator to restart it);
-//! on shutdown no
-//! new record is taken, in-flight ones finish within `drain_timeout`, the producer is flushed
-//! and the stored positions committed synchronously.
+//! on shutdown no new record is taken, in-flight ones finish within `drain_timeout`, the
+//! producer is flushed and the stored positions committed synchronously.
 
 mod ack;
 mod budget;
