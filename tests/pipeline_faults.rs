@@ -84,6 +84,28 @@ async fn with_worker<F: std::future::Future>(
     (worker.await.unwrap(), out)
 }
 
+/// Run a worker on `settings` with no shutdown signal: it must stop by itself within two
+/// minutes, with an error, which is returned. The model thread is joined.
+async fn stops_by_itself(
+    settings: &clipqc::config::Settings,
+    brokers: &str,
+    (owner, model): (ModelOwner, clipqc::model::ModelHandle),
+    tune: impl FnOnce(&mut pipeline::Deps),
+) -> anyhow::Error {
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let mut deps = deps(settings, brokers, &artifact, &model);
+    tune(&mut deps);
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        pipeline::run(deps, CancellationToken::new()),
+    )
+    .await
+    .expect("the worker stops by itself");
+    drop(model);
+    owner.join();
+    result.expect_err("the worker stops with an error")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_worker_pauses_its_partitions_and_keeps_to_its_byte_budget() {
     let (_mock, settings, brokers) = cluster("clipqc-full");
@@ -252,19 +274,10 @@ async fn a_broken_model_stops_the_worker_instead_of_failing_every_record() {
         2,
     )
     .unwrap();
-    let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let mut deps = deps(&settings, &brokers, &artifact, &model);
-    deps.pipeline.max_model_failures = 3;
-    // No shutdown signal: the worker must stop by itself.
-    let result = tokio::time::timeout(
-        Duration::from_secs(60),
-        pipeline::run(deps, CancellationToken::new()),
-    )
-    .await
-    .expect("the worker stops by itself");
-    drop(model);
-    owner.join();
-    let err = result.expect_err("a broken model is an error of the worker");
+    let err = stops_by_itself(&settings, &brokers, (owner, model), |d| {
+        d.pipeline.max_model_failures = 3
+    })
+    .await;
     assert!(err.to_string().contains("illegal memory access"), "{err}");
 
     let verdicts = reader(&brokers, "clipqc.verdicts");

@@ -164,18 +164,7 @@ async fn a_dead_letter_topic_that_refuses_records_stops_the_worker() {
         }],
     )
     .await;
-    let (owner, model) = slow_model(Duration::ZERO);
-    let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let result = tokio::time::timeout(
-        Duration::from_secs(120),
-        pipeline::run(deps, CancellationToken::new()),
-    )
-    .await
-    .expect("the worker stops by itself");
-    drop(model);
-    owner.join();
-    let err = result.expect_err("a refusing dead-letter topic is an error of the worker");
+    let err = stops_by_itself(&settings, &brokers, slow_model(Duration::ZERO), |_| {}).await;
     assert!(
         err.to_string()
             .starts_with("the dead-letter topic \"clipqc.dlq\" refuses records"),
@@ -304,7 +293,7 @@ async fn a_fatal_consumer_error_stops_the_worker() {
 async fn a_backend_returning_too_few_rows_stops_the_worker() {
     let (_mock, settings, brokers) = cluster("clipqc-rows");
     publish_inline(&brokers, "r", 6).await;
-    let (owner, model) = ModelOwner::spawn(
+    let model = ModelOwner::spawn(
         || {
             let mut fake = FakeBackend::new(32, 224);
             fake.short_by_one = true;
@@ -313,17 +302,7 @@ async fn a_backend_returning_too_few_rows_stops_the_worker() {
         2,
     )
     .unwrap();
-    let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let result = tokio::time::timeout(
-        Duration::from_secs(60),
-        pipeline::run(deps, CancellationToken::new()),
-    )
-    .await
-    .expect("the worker stops by itself");
-    drop(model);
-    owner.join();
-    let err = result.expect_err("a backend answering with too few rows is broken");
+    let err = stops_by_itself(&settings, &brokers, model, |_| {}).await;
     assert!(
         err.to_string().contains("embeddings for a batch of"),
         "{err}"
