@@ -313,3 +313,117 @@ async fn a_backend_returning_too_few_rows_stops_the_worker() {
         "no record was blamed for the model's fault"
     );
 }
+
+/// One transient model failure (a CUDA out-of-memory) used to turn its whole batch of
+/// healthy records into committed ERROR verdicts. The failed batch is now retried in halves:
+/// every record gets its real verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_model_failure_costs_no_record_its_verdict() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-transient");
+    settings.batch.max_size = 8;
+    settings.batch.max_delay_ms = 1000;
+    let total = 8;
+    publish_inline(&brokers, "t", total).await;
+    let (owner, model) = ModelOwner::spawn(
+        || {
+            let mut fake = FakeBackend::new(32, 224);
+            fake.fail_first = 1;
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap();
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let (stats, seen) = with_worker(
+        &settings,
+        &brokers,
+        &model,
+        |_| {},
+        collect(&verdicts, total, Duration::from_secs(60)),
+    )
+    .await;
+    stats.unwrap();
+    drop(model);
+    owner.join();
+    assert_eq!(seen.by_source.len(), total);
+    let errors: Vec<_> = seen
+        .by_source
+        .values()
+        .filter(|v| v.outcome() == Outcome::Error)
+        .map(|v| (v.request_id.clone(), v.error.clone()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// One image the model fails on, batched with healthy ones: only its record gets
+/// MODEL_FAILED (found by halving the batch); the others get their verdicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_image_the_model_fails_on_gets_an_error() {
+    use clipqc::proto::v1::inspection_request::Image;
+    use clipqc::proto::v1::InspectionRequest;
+
+    let (_mock, mut settings, brokers) = cluster("clipqc-poison");
+    settings.batch.max_size = 8;
+    settings.batch.max_delay_ms = 1000;
+    let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
+    let mut white = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]))
+        .write_to(&mut white, image::ImageFormat::Png)
+        .unwrap();
+    let mut requests: Vec<_> = (0..7)
+        .map(|i| InspectionRequest {
+            request_id: format!("part-{i}"),
+            image: Some(Image::InlineData(jpeg.clone())),
+            ..Default::default()
+        })
+        .collect();
+    requests.insert(
+        3,
+        InspectionRequest {
+            request_id: "white".into(),
+            image: Some(Image::InlineData(white.into_inner())),
+            ..Default::default()
+        },
+    );
+    publish_requests(&brokers, &requests).await;
+    let (owner, model) = ModelOwner::spawn(
+        || {
+            let mut fake = FakeBackend::new(32, 224);
+            // White normalises to about +1.9 per value under CLIP's mean and std; the part
+            // photo averages far below.
+            fake.fail_bright = Some(1.5);
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap();
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    let (stats, seen) = with_worker(
+        &settings,
+        &brokers,
+        &model,
+        |_| {},
+        collect(&verdicts, requests.len(), Duration::from_secs(60)),
+    )
+    .await;
+    stats.unwrap();
+    drop(model);
+    owner.join();
+    assert_eq!(seen.by_source.len(), requests.len());
+    for v in seen.by_source.values() {
+        if v.request_id == "white" {
+            assert_eq!(
+                v.error.as_ref().map(|e| e.code()),
+                Some(ErrorCode::ModelFailed)
+            );
+        } else {
+            assert_ne!(
+                v.outcome(),
+                Outcome::Error,
+                "{}: {:?}",
+                v.request_id,
+                v.error
+            );
+        }
+    }
+}

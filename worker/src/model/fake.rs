@@ -19,6 +19,11 @@ pub struct FakeBackend {
     pub delay: Duration,
     /// Return one embedding fewer than the batch has images (a broken backend).
     pub short_by_one: bool,
+    /// Fail this many image batches first, then work (a transient fault: one CUDA OOM).
+    pub fail_first: usize,
+    /// Fail every batch holding an image whose mean input value is above this (one image
+    /// the model cannot take, whatever else is in its batch).
+    pub fail_bright: Option<f32>,
 }
 
 impl FakeBackend {
@@ -29,6 +34,8 @@ impl FakeBackend {
             fail_images: None,
             delay: Duration::ZERO,
             short_by_one: false,
+            fail_first: 0,
+            fail_bright: None,
         }
     }
 }
@@ -45,6 +52,24 @@ impl Backend for FakeBackend {
         std::thread::sleep(self.delay);
         if let Some(msg) = &self.fail_images {
             return Err(ModelError::Inference(msg.clone()));
+        }
+        if self.fail_first > 0 {
+            self.fail_first -= 1;
+            return Err(ModelError::Inference(
+                "CUDA out of memory (a transient fault)".into(),
+            ));
+        }
+        if let Some(limit) = self.fail_bright {
+            let per_image = (3 * batch.size * batch.size).max(1);
+            let bright = batch.data.chunks(per_image).any(|image| {
+                image.iter().map(|&v| f64::from(v)).sum::<f64>() / image.len() as f64
+                    > f64::from(limit)
+            });
+            if bright {
+                return Err(ModelError::Inference(
+                    "an image the model cannot take".into(),
+                ));
+            }
         }
         if batch.size != self.image_size {
             return Err(ModelError::Inference(format!(

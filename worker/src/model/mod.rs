@@ -18,7 +18,7 @@ pub use owner::{ModelHandle, ModelOwner};
 pub use tokenizer::PromptTokenizer;
 
 /// Errors of the model stage. Each names the file or prompt it is about.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
     #[error("model directory {dir}: {message}")]
     Artifact { dir: PathBuf, message: String },

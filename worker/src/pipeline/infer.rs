@@ -1,11 +1,14 @@
 //! The batch → model hop: gathers preprocessed images into batches for the model thread and
 //! hands each image its embedding back.
 //!
-//! Guarantees: the next batch is formed while the model runs this one; a failed batch fails
-//! only its own images, unless the model is broken (its thread stopped, it answered with the
-//! wrong number of embeddings, or `max_model_failures` batches in a row failed): then `fatal` fires and every waiting image
-//! gets [`Embedded::Broken`], so no record is turned into an error verdict for the model's
-//! fault; the worker drains and exits instead, leaving those offsets uncommitted.
+//! Guarantees: the next batch is formed while the model runs this one; a failed batch is
+//! split in halves, and failing halves again, so only the images that fail on their own get
+//! an error (one CUDA out-of-memory does not fail a whole batch of healthy records), unless
+//! the model is broken (its thread stopped, it answered with the wrong number of
+//! embeddings, or every image failed in `max_model_failures` batches in a row): then `fatal`
+//! fires and every waiting image gets [`Embedded::Broken`], so no record is turned into an
+//! error verdict for the model's fault; the worker drains and exits instead, leaving those
+//! offsets uncommitted.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,12 +66,12 @@ pub async fn batch_loop(
 ) {
     let failures = Arc::new(AtomicU32::new(0));
     while let Some(items) = next_batch(&mut rx, &cfg).await {
-        let mut batch = ImageBatch::new(size);
-        let mut replies = Vec::with_capacity(items.len());
         metrics::batch(items.len(), cfg.max_size);
+        let mut pixels = Vec::with_capacity(items.len());
+        let mut replies = Vec::with_capacity(items.len());
         for item in items {
             metrics::stage("queue_wait", item.queued.elapsed().as_secs_f64());
-            batch.push(&item.pixels);
+            pixels.push(item.pixels);
             replies.push(item.reply);
         }
         if fatal.token.is_cancelled() {
@@ -78,56 +81,157 @@ pub async fn batch_loop(
             continue;
         }
         // Blocks only while the model thread's bounded queue is full: that is the back-pressure.
-        let submitted = tokio::task::block_in_place(|| model.submit_images(batch));
-        let (failures, fatal) = (failures.clone(), fatal.clone());
+        let submitted =
+            tokio::task::block_in_place(|| model.submit_images(batch_of(size, &pixels)));
+        let (failures, fatal, model) = (failures.clone(), fatal.clone(), model.clone());
         let started = std::time::Instant::now();
         tokio::spawn(async move {
-            let result = match submitted {
-                Ok(rx) => rx.await.unwrap_or(Err(ModelError::Stopped)),
-                Err(e) => Err(e),
-            };
-            // A backend that answers with the wrong number of rows is broken: no image of
-            // the batch can be told its own embedding (and indexing past the end would
-            // panic this task, leaving every record of the batch waiting forever).
-            let result = result.and_then(|e| {
-                if e.n == replies.len() {
-                    Ok(e)
-                } else {
-                    Err(ModelError::WrongRows {
-                        got: e.n,
-                        expected: replies.len(),
-                    })
-                }
-            });
-            match result {
+            let first = answer(submitted, pixels.len()).await;
+            let answers = match first {
                 Ok(embeddings) => {
                     metrics::stage("inference", started.elapsed().as_secs_f64());
-                    failures.store(0, Ordering::Relaxed);
-                    for (i, reply) in replies.into_iter().enumerate() {
-                        let _ = reply.send(Embedded::Ok(embeddings.row(i).to_vec()));
-                    }
+                    (0..pixels.len())
+                        .map(|i| Ok(embeddings.row(i).to_vec()))
+                        .collect()
                 }
-                Err(e) => {
-                    metrics::model_batch_failed();
-                    let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    let broken = matches!(e, ModelError::Stopped | ModelError::WrongRows { .. })
-                        || n >= max_failures;
-                    if broken {
-                        fatal.declare(format!(
-                            "the model is broken: {e} ({n} failed batches in a row)"
-                        ));
-                    } else {
-                        tracing::warn!(error = %e, failed_in_a_row = n, "model batch failed");
-                    }
-                    for reply in replies {
-                        let _ = reply.send(if broken {
-                            Embedded::Broken
-                        } else {
-                            Embedded::Failed(e.to_string())
-                        });
-                    }
-                }
+                Err(e) if is_broken(&e) => vec![Err(e); pixels.len()],
+                // One failure may be the model's moment (a CUDA out-of-memory) or one image's
+                // fault: halve the batch down to the images that fail on their own.
+                Err(e) => bisect(&model, size, &pixels, e, &fatal).await,
+            };
+            settle(answers, replies, &failures, max_failures, &fatal);
+        });
+    }
+}
+
+fn batch_of<'a>(size: usize, pixels: impl IntoIterator<Item = &'a Vec<f32>>) -> ImageBatch {
+    let mut batch = ImageBatch::new(size);
+    for p in pixels {
+        batch.push(p);
+    }
+    batch
+}
+
+/// The model's answer to a submitted batch of `n` images.
+async fn answer(
+    submitted: Result<
+        tokio::sync::oneshot::Receiver<Result<crate::model::Embeddings, ModelError>>,
+        ModelError,
+    >,
+    n: usize,
+) -> Result<crate::model::Embeddings, ModelError> {
+    let result = match submitted {
+        Ok(rx) => rx.await.unwrap_or(Err(ModelError::Stopped)),
+        Err(e) => Err(e),
+    };
+    // A backend that answers with the wrong number of rows is broken: no image of the batch
+    // can be told its own embedding (and indexing past the end would panic this task,
+    // leaving every record of the batch waiting forever).
+    result.and_then(|e| {
+        if e.n == n {
+            Ok(e)
+        } else {
+            Err(ModelError::WrongRows {
+                got: e.n,
+                expected: n,
+            })
+        }
+    })
+}
+
+/// Errors that say the model itself is gone, whatever the images.
+fn is_broken(e: &ModelError) -> bool {
+    matches!(e, ModelError::Stopped | ModelError::WrongRows { .. })
+}
+
+/// A failed batch split in halves, and the halves that fail split again, down to single
+/// images: each image gets its embedding, or the error its own one-image batch got. Stops
+/// splitting (every image left gets the error) when the model turns out broken.
+async fn bisect(
+    model: &ModelHandle,
+    size: usize,
+    pixels: &[Vec<f32>],
+    error: ModelError,
+    fatal: &Fatal,
+) -> Vec<Result<Vec<f32>, ModelError>> {
+    let n = pixels.len();
+    if n == 1 && !is_broken(&error) && !fatal.token.is_cancelled() {
+        // Nothing to split: one more try alone.
+        let submitted = tokio::task::block_in_place(|| model.submit_images(batch_of(size, pixels)));
+        return vec![answer(submitted, 1).await.map(|e| e.row(0).to_vec())];
+    }
+    let mut answers: Vec<Option<Result<Vec<f32>, ModelError>>> = vec![None; n];
+    let mut ranges = vec![(0, n, error)];
+    while let Some((from, to, e)) = ranges.pop() {
+        if to - from == 1 || is_broken(&e) || fatal.token.is_cancelled() {
+            for a in &mut answers[from..to] {
+                *a = Some(Err(e.clone()));
             }
+            continue;
+        }
+        let mid = from + (to - from) / 2;
+        for (a, b) in [(from, mid), (mid, to)] {
+            let submitted =
+                tokio::task::block_in_place(|| model.submit_images(batch_of(size, &pixels[a..b])));
+            match answer(submitted, b - a).await {
+                Ok(embeddings) => {
+                    for (row, slot) in answers[a..b].iter_mut().enumerate() {
+                        *slot = Some(Ok(embeddings.row(row).to_vec()));
+                    }
+                }
+                Err(e) => ranges.push((a, b, e)),
+            }
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.expect("every image of a bisected batch is answered. This is a bug."))
+        .collect()
+}
+
+/// Hand each image its answer. Images that failed alone are the records' own errors
+/// (ERROR verdicts), unless the model is broken: it stopped, answered with the wrong
+/// number of rows, or every image failed in `max_failures` batches in a row; then every
+/// failed image gets [`Embedded::Broken`] and the worker stops.
+fn settle(
+    answers: Vec<Result<Vec<f32>, ModelError>>,
+    replies: Vec<oneshot::Sender<Embedded>>,
+    failures: &AtomicU32,
+    max_failures: u32,
+    fatal: &Fatal,
+) {
+    let first_error = answers.iter().find_map(|a| a.as_ref().err()).cloned();
+    let broken = match &first_error {
+        None => {
+            failures.store(0, Ordering::Relaxed);
+            false
+        }
+        Some(e) => {
+            metrics::model_batch_failed();
+            let any_ok = answers.iter().any(Result::is_ok);
+            let n = if any_ok {
+                // The model works: the failures are the images'.
+                failures.store(0, Ordering::Relaxed);
+                0
+            } else {
+                failures.fetch_add(1, Ordering::Relaxed) + 1
+            };
+            let broken = is_broken(e) || n >= max_failures;
+            if broken {
+                fatal.declare(format!(
+                    "the model is broken: {e} ({n} failed batches in a row)"
+                ));
+            } else {
+                tracing::warn!(error = %e, failed_in_a_row = n, "model batch failed");
+            }
+            broken
+        }
+    };
+    for (answer, reply) in answers.into_iter().zip(replies) {
+        let _ = reply.send(match answer {
+            Ok(embedding) => Embedded::Ok(embedding),
+            Err(_) if broken => Embedded::Broken,
+            Err(e) => Embedded::Failed(e.to_string()),
         });
     }
 }
