@@ -281,6 +281,9 @@ pub struct PipelineSettings {
     /// Consecutive failed model batches after which the model counts as broken: the worker
     /// drains and exits non-zero instead of turning every record into an error verdict.
     pub max_model_failures: u32,
+    /// `/healthz` answers 503 when records are in flight and none has finished for this
+    /// long (a model call that never returns): the orchestrator restarts the worker. 0: off.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for PipelineSettings {
@@ -290,6 +293,7 @@ impl Default for PipelineSettings {
             max_in_flight_bytes: 512 << 20,
             drain_timeout_ms: 20_000,
             max_model_failures: 3,
+            stall_timeout_ms: 300_000,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The operations endpoint: `/metrics` (Prometheus text format), `/healthz` (the process
-//! answers) and `/readyz` (ready for work: model loaded and warmed up, consumer in its group,
+//! answers and its records make progress: 503 when records are in flight and none has
+//! finished for `pipeline.stall_timeout_ms`, a model call that never returns, say) and `/readyz` (ready for work: model loaded and warmed up, consumer in its group,
 //! not draining). Kubernetes probes and Prometheus scrape these; nothing here touches records.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -21,6 +23,74 @@ pub struct Readiness {
     pub draining: AtomicBool,
     /// Records the broker has refused to take for longer than the sink's stall bound.
     pub publish_stalled: AtomicUsize,
+    /// Whether records finish, for `/healthz`.
+    pub progress: Progress,
+}
+
+/// Records in flight and when one last finished: a worker whose records stop finishing
+/// (a model call that never returns, a stage waiting on something that will not come) is
+/// alive but useless, and `/healthz` says so for the orchestrator to restart it.
+#[derive(Debug)]
+pub struct Progress {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` of the last finish, or of the start that ended an idle
+    /// spell: the clock runs only while there is work.
+    last_ms: AtomicU64,
+    /// 0: never unhealthy.
+    stall_after_ms: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            stall_after_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress {
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Unhealthy once records have been in flight with none finishing for `bound`.
+    pub fn set_stall_after(&self, bound: Duration) {
+        self.stall_after_ms
+            .store(bound.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn started(&self, at: Instant) {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.last_ms.store(self.ms(at), Ordering::Relaxed);
+        }
+    }
+
+    pub fn finished(&self, at: Instant) {
+        self.last_ms.store(self.ms(at), Ordering::Relaxed);
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Why the worker is stuck at `now`, if it is.
+    pub fn stalled(&self, now: Instant) -> Option<String> {
+        let bound = self.stall_after_ms.load(Ordering::Relaxed);
+        let n = self.in_flight.load(Ordering::Relaxed);
+        let quiet = self
+            .ms(now)
+            .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        (bound > 0 && n > 0 && quiet > bound).then(|| {
+            format!(
+                "{n} records in flight and none finished for {} s (pipeline.stall_timeout_ms is {} s)",
+                quiet / 1000,
+                bound / 1000
+            )
+        })
+    }
 }
 
 impl Readiness {
@@ -62,9 +132,16 @@ struct AppState {
 pub fn router(metrics: PrometheusHandle, readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthy))
         .route("/readyz", get(ready))
         .with_state(AppState { metrics, readiness })
+}
+
+async fn healthy(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.readiness.progress.stalled(Instant::now()) {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("stalled: {why}\n")),
+    }
 }
 
 async fn render_metrics(State(s): State<AppState>) -> String {
@@ -104,6 +181,30 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_in_flight_with_none_finishing_past_the_bound_are_a_stall() {
+        let p = Progress::default();
+        let t0 = p.epoch;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(p.stalled(at(1000)), None, "no bound set: never");
+        p.set_stall_after(Duration::from_secs(60));
+        assert_eq!(p.stalled(at(1000)), None, "idle is not stuck");
+        // Work starts at 1000 s: the clock starts then, not at the last finish long ago.
+        p.started(at(1000));
+        p.started(at(1001));
+        assert_eq!(p.stalled(at(1059)), None);
+        // One finishes at 1050: the other may take its time up to 60 s more.
+        p.finished(at(1050));
+        assert_eq!(p.stalled(at(1100)), None);
+        let why = p.stalled(at(1111)).expect("61 s without a finish");
+        assert!(
+            why.starts_with("1 records in flight and none finished for 61 s"),
+            "{why}"
+        );
+        p.finished(at(1112));
+        assert_eq!(p.stalled(at(5000)), None, "nothing in flight");
+    }
 
     #[tokio::test]
     async fn readyz_says_why_until_everything_is_ready() {

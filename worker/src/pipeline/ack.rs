@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use rdkafka::consumer::Consumer;
+
 use crate::offsets::{Ledger, Partition};
 use crate::source::{self, Source};
 
@@ -29,6 +31,11 @@ impl Acknowledgement {
         offset: i64,
         epoch: u64,
     ) -> Self {
+        consumer
+            .context()
+            .readiness
+            .progress
+            .started(std::time::Instant::now());
         Self {
             ledger,
             consumer,
@@ -47,6 +54,11 @@ impl Acknowledgement {
 
 impl Drop for Acknowledgement {
     fn drop(&mut self) {
+        self.consumer
+            .context()
+            .readiness
+            .progress
+            .finished(std::time::Instant::now());
         let (p, consumer) = (&self.partition, &self.consumer);
         self.ledger
             .finished(p, self.offset, self.epoch, self.acked, |position| {

@@ -150,6 +150,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
     });
     let consumer = Arc::new(deps.consumer);
     let ledger = consumer.context().ledger.clone();
+    consumer
+        .context()
+        .readiness
+        .progress
+        .set_stall_after(Duration::from_millis(settings.stall_timeout_ms));
     let max = settings.max_in_flight.max(1);
     let slots = Arc::new(Semaphore::new(max));
     let mut intake = Intake {
