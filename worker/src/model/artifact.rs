@@ -57,6 +57,22 @@ pub struct ImageSettings {
     pub std: [f32; 3],
 }
 
+#[cfg(test)]
+impl ImageSettings {
+    /// CLIP ViT's processor (openai/clip-vit-base-patch32), for tests of preprocessing.
+    pub(crate) fn clip() -> Self {
+        Self {
+            size: 224,
+            resize: ResizeMode::ShortestEdge,
+            resize_size: 224,
+            interpolation: Interpolation::Bicubic,
+            rescale_factor: 1.0 / 255.0,
+            mean: [0.48145466, 0.4578275, 0.40821073],
+            std: [0.26862954, 0.261_302_6, 0.275_777_1],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeMode {

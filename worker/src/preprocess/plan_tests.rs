@@ -9,29 +9,18 @@ use mozjpeg::ColorSpaceExt;
 use super::alloc_meter::peak_of;
 use super::decode::JpegLayout;
 use super::*;
-use crate::model::artifact::{ImageSettings, Interpolation, ResizeMode};
-
-fn clip() -> ImageSettings {
-    ImageSettings {
-        size: 224,
-        resize: ResizeMode::ShortestEdge,
-        resize_size: 224,
-        interpolation: Interpolation::Bicubic,
-        rescale_factor: 1.0 / 255.0,
-        mean: [0.48145466, 0.4578275, 0.40821073],
-        std: [0.26862954, 0.261_302_6, 0.275_777_1],
-    }
-}
+use crate::model::artifact::ImageSettings;
 
 /// The checkpoint's own resize and center crop: the largest resize targets (a 32:1 strip
 /// becomes 7168×224). [`plan_bounds_what_run_holds_under_every_view`] covers the others.
 fn pre() -> Preprocessor {
-    Preprocessor::new(&clip(), DecodeLimits::default(), None).with_view(View::CenterCrop)
+    Preprocessor::new(&ImageSettings::clip(), DecodeLimits::default(), None)
+        .with_view(View::CenterCrop)
 }
 
 fn with_clahe() -> Preprocessor {
     Preprocessor::new(
-        &clip(),
+        &ImageSettings::clip(),
         DecodeLimits::default(),
         Some(ClaheSettings::default()),
     )

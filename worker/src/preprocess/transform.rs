@@ -332,25 +332,13 @@ pub fn pad_dims(size: u32, width: u32, height: u32) -> (u32, u32) {
 mod tests {
     use super::*;
 
-    fn clip_settings() -> ImageSettings {
-        ImageSettings {
-            size: 224,
-            resize: ResizeMode::ShortestEdge,
-            resize_size: 224,
-            interpolation: Interpolation::Bicubic,
-            rescale_factor: 1.0 / 255.0,
-            mean: [0.48145466, 0.4578275, 0.40821073],
-            std: [0.26862954, 0.261_302_6, 0.275_777_1],
-        }
-    }
-
     fn center_crop(s: &ImageSettings) -> Transform {
         Transform::new(s).with_view(View::CenterCrop)
     }
 
     #[test]
     fn shortest_edge_keeps_aspect_and_truncates() {
-        let t = center_crop(&clip_settings());
+        let t = center_crop(&ImageSettings::clip());
         assert_eq!(t.resized_dims(640, 480), (298, 224)); // 224 * 640 / 480 = 298.67
         assert_eq!(t.resized_dims(480, 640), (224, 298));
         assert_eq!(t.resized_dims(250, 250), (224, 224));
@@ -359,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_flat_image_normalises_to_the_hand_computed_value() {
-        let t = center_crop(&clip_settings());
+        let t = center_crop(&ImageSettings::clip());
         let img = RgbImage::from_pixel(300, 200, image::Rgb([255, 0, 128]));
         let out = t.apply("flat", &img).unwrap();
         assert_eq!(out.len(), 3 * 224 * 224);
@@ -387,7 +375,7 @@ mod tests {
         for (_, y, p) in img.enumerate_pixels_mut() {
             *p = image::Rgb([(y % 256) as u8; 3]);
         }
-        let mut s = clip_settings();
+        let mut s = ImageSettings::clip();
         s.mean = [0.0; 3];
         s.std = [1.0; 3];
         s.rescale_factor = 1.0;

@@ -8,24 +8,12 @@ use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
 
 use super::transform::pad_dims;
 use super::*;
-use crate::model::artifact::{ImageSettings, Interpolation, ResizeMode};
+use crate::model::artifact::ImageSettings;
 
 const S: usize = 224;
 
-fn clip() -> ImageSettings {
-    ImageSettings {
-        size: S as u32,
-        resize: ResizeMode::ShortestEdge,
-        resize_size: S as u32,
-        interpolation: Interpolation::Bicubic,
-        rescale_factor: 1.0 / 255.0,
-        mean: [0.48145466, 0.4578275, 0.40821073],
-        std: [0.26862954, 0.261_302_6, 0.275_777_1],
-    }
-}
-
 fn pre(view: View) -> Preprocessor {
-    Preprocessor::new(&clip(), DecodeLimits::default(), None).with_view(view)
+    Preprocessor::new(&ImageSettings::clip(), DecodeLimits::default(), None).with_view(view)
 }
 
 fn png(image: DynamicImage) -> Vec<u8> {
@@ -36,7 +24,7 @@ fn png(image: DynamicImage) -> Vec<u8> {
 
 /// Normalised value of the 8-bit level `v` in channel `c`.
 fn norm(v: u8, c: usize) -> f32 {
-    let s = clip();
+    let s = ImageSettings::clip();
     (f32::from(v) / 255.0 - s.mean[c]) / s.std[c]
 }
 
@@ -278,7 +266,7 @@ fn the_view_is_a_profile_setting_and_pad_is_the_default() {
     assert_eq!(View::default(), View::Pad);
     assert_eq!(pre(View::default()).view(), View::Pad);
     assert_eq!(
-        Preprocessor::new(&clip(), DecodeLimits::default(), None).view(),
+        Preprocessor::new(&ImageSettings::clip(), DecodeLimits::default(), None).view(),
         View::Pad
     );
     let p: crate::score::ProfileConfig =
