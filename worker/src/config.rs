@@ -376,6 +376,10 @@ impl Settings {
         settings.kafka.resolve_properties().map_err(invalid)?;
         for (name, profile) in &settings.profiles {
             profile.validate(name).map_err(|e| invalid(e.to_string()))?;
+            if let Some(t) = &profile.tiles {
+                t.resolve_aspect_ratio(&settings.preprocess.limits)
+                    .map_err(|e| invalid(format!("profile {name:?}: {e}")))?;
+            }
         }
         Ok(settings)
     }

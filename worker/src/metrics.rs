@@ -90,7 +90,16 @@ fn describe() {
         Unit::Seconds,
         "From the request's captured_at to its verdict."
     );
-    describe_histogram!("clipqc_batch_size", Unit::Count, "Images per model batch.");
+    describe_histogram!(
+        "clipqc_batch_size",
+        Unit::Count,
+        "Views per model batch (whole frames and windows of tiled profiles)."
+    );
+    describe_counter!(
+        "clipqc_views_total",
+        "Views the model embedded for decided records: one whole-frame view per record, plus \
+         every window of a tiled profile (its rate is windows per second)."
+    );
     describe_histogram!("clipqc_batch_fill_ratio", "Batch size over batch.max_size.");
     describe_gauge!(
         "clipqc_records_in_flight",
@@ -240,6 +249,11 @@ pub fn capture_to_verdict(seconds: f64) {
 pub fn batch(size: usize, max_size: usize) {
     histogram!("clipqc_batch_size").record(size as f64);
     histogram!("clipqc_batch_fill_ratio").record(size as f64 / max_size.max(1) as f64);
+}
+
+/// A record decided on `n` views (its whole frame and its windows).
+pub fn views(n: usize) {
+    counter!("clipqc_views_total").increment(n as u64);
 }
 
 pub fn records_in_flight(n: usize) {

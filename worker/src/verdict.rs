@@ -10,8 +10,8 @@ use std::time::SystemTime;
 
 use crate::preprocess::PreprocessError;
 use crate::proto::v1::{
-    ClassScore, Error as VerdictError, ErrorCode, InspectionRequest, ModelInfo,
-    Outcome as ProtoOutcome, SourceRecord, StageLatencies, Verdict,
+    ClassScore, DefectRegion, Error as VerdictError, ErrorCode, Heatmap, InspectionRequest,
+    ModelInfo, Outcome as ProtoOutcome, SourceRecord, StageLatencies, Verdict,
 };
 use crate::request::RequestError;
 use crate::score::{Decision, Outcome, Scorer};
@@ -144,20 +144,46 @@ pub fn decided(
         Outcome::Defect => ProtoOutcome::Defect,
         Outcome::Review => ProtoOutcome::Review,
     } as i32;
-    v.top_class = scorer.profile.classes[decision.class].name.clone();
+    let classes = &scorer.profile.classes;
+    v.top_class = classes[decision.class].name.clone();
+    v.top_label = classes[decision.class].display().to_string();
     v.probability = decision.probability;
     v.anomaly_score = decision.anomaly_score;
-    v.scores = scorer
-        .profile
-        .classes
+    v.scores = classes
         .iter()
         .zip(&decision.probabilities)
         .map(|(c, p)| ClassScore {
             name: c.name.clone(),
             probability: *p,
             defect: c.defect,
+            label: c.display().to_string(),
         })
         .collect();
+    v.views = 1;
+    if let Some(l) = &decision.localization {
+        v.views = l.views;
+        v.regions = l
+            .regions
+            .iter()
+            .map(|r| DefectRegion {
+                x: r.x,
+                y: r.y,
+                width: r.width,
+                height: r.height,
+                class: classes[r.class].name.clone(),
+                score: r.score,
+                label: classes[r.class].display().to_string(),
+            })
+            .collect();
+        v.heatmap = l.heatmap.as_ref().map(|h| Heatmap {
+            rows: h.rows,
+            cols: h.cols,
+            window: h.window,
+            x: h.x.clone(),
+            y: h.y.clone(),
+            scores: h.scores.clone(),
+        });
+    }
     v
 }
 

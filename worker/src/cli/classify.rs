@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::config::DEFAULT_PROFILE;
 use crate::model::{DeviceSpec, ImageBatch, PromptTokenizer};
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{Preprocessor, Views};
 use crate::score::{self, Decision, Scorer};
 
 /// Images per forward pass.
@@ -33,6 +33,11 @@ pub struct ClassifyArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Write each image into this folder as a PNG with its verdict drawn on it: a border in
+    /// the outcome's colour and, for a tiled profile, the heatmap (translucent red) and the
+    /// regions' boxes.
+    #[arg(long, value_name = "DIR")]
+    pub overlay: Option<PathBuf>,
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -59,50 +64,61 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
         &tokenizer,
         |b| model.embed_texts_blocking(b),
     )?;
-    let pre = Preprocessor::new(
-        &artifact.manifest.image,
-        settings.preprocess.limits,
-        profile.clahe.clone(),
-    )
-    .with_view(profile.view)
-    .with_jpeg_dct_headroom(settings.preprocess.jpeg_dct_headroom);
+    let pre = Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, profile)
+        .map_err(|e| anyhow::anyhow!("profile {:?}: {e}", args.profile))?;
 
+    if let Some(dir) = &args.overlay {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("--overlay {}: cannot create: {e}", dir.display()))?;
+    }
     let mut out = std::io::stdout().lock();
     let mut failures = 0usize;
     for chunk in args.images.chunks(BATCH) {
-        let mut batch = ImageBatch::new(pre.size());
-        let mut rows: Vec<(String, Result<usize, String>)> = Vec::with_capacity(chunk.len());
+        // Every view of every image of the chunk, embedded in batches of BATCH views.
+        let mut rows: Vec<(String, Result<Views, String>)> = Vec::with_capacity(chunk.len());
+        let mut tensors = Vec::new();
         for path in chunk {
             let name = path.display().to_string();
-            let pixels = std::fs::read(path)
+            let views = std::fs::read(path)
                 .map_err(|e| format!("{name}: cannot read: {e}"))
-                .and_then(|bytes| pre.run(&name, &bytes, None).map_err(|e| e.to_string()));
-            match pixels {
-                Ok(p) => {
-                    batch.push(&p);
-                    rows.push((name, Ok(batch.n - 1)));
-                }
-                Err(e) => rows.push((name, Err(e))),
-            }
+                .and_then(|bytes| pre.views(&name, &bytes, None).map_err(|e| e.to_string()));
+            let views = views.map(|mut v| {
+                tensors.append(&mut v.tensors);
+                v
+            });
+            rows.push((name, views));
         }
-        let embeddings = if batch.n > 0 {
-            Some(model.embed_images_blocking(batch)?)
-        } else {
-            None
-        };
+        let mut embeddings: Vec<Vec<f32>> = Vec::with_capacity(tensors.len());
+        for part in tensors.chunks(BATCH) {
+            let mut batch = ImageBatch::new(pre.size());
+            for t in part {
+                batch.push(t);
+            }
+            embeddings.extend(
+                model
+                    .embed_images_blocking(batch)?
+                    .rows()
+                    .map(<[f32]>::to_vec),
+            );
+        }
+        let mut next = embeddings.into_iter();
         for (name, row) in rows {
             match row {
-                Ok(i) => {
-                    let emb = embeddings
-                        .as_ref()
-                        .expect("a batch with rows was embedded. This is a bug.");
-                    print_decision(
-                        &mut out,
-                        args.json,
-                        &name,
-                        &scorer,
-                        &scorer.decide(emb.row(i)),
-                    )?;
+                Ok(views) => {
+                    let own: Vec<Vec<f32>> = next.by_ref().take(1 + views.windows.len()).collect();
+                    let decision = scorer.decide_views(&own, &views.windows, views.origin);
+                    print_decision(&mut out, args.json, &name, &scorer, &decision)?;
+                    if let Some(dir) = &args.overlay {
+                        if let Err(e) = super::overlay::write(
+                            dir,
+                            &name,
+                            &settings.preprocess.limits,
+                            &decision,
+                        ) {
+                            failures += 1;
+                            tracing::error!(image = name, error = %e, "cannot write the overlay");
+                        }
+                    }
                 }
                 Err(e) => {
                     failures += 1;
@@ -137,14 +153,31 @@ fn print_decision(
             .zip(&d.probabilities)
             .map(|(n, p)| (n.to_string(), json!(p)))
             .collect();
-        let row = json!({
+        let classes = &scorer.profile.classes;
+        let mut row = json!({
             "image": image,
             "outcome": d.outcome.as_str(),
             "top_class": names[d.class],
+            "top_label": classes[d.class].display(),
             "probability": d.probability,
             "anomaly_score": d.anomaly_score,
             "scores": scores,
+            "views": d.localization.as_ref().map_or(1, |l| l.views),
         });
+        if let Some(l) = &d.localization {
+            row["regions"] = l
+                .regions
+                .iter()
+                .map(|r| {
+                    json!({"x": r.x, "y": r.y, "width": r.width, "height": r.height,
+                       "class": classes[r.class].name, "label": classes[r.class].display(),
+                       "score": r.score})
+                })
+                .collect();
+            if let Some(h) = &l.heatmap {
+                row["heatmap"] = json!(h);
+            }
+        }
         writeln!(out, "{row}")
     } else {
         let all: Vec<String> = names

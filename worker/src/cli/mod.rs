@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod classify;
+mod overlay;
 pub mod run;
 
 use std::path::PathBuf;

@@ -55,13 +55,17 @@ pub fn load_profiles(
         let scorer = Scorer::build(&name, &p, &artifact.manifest, &tokenizer, |b| {
             model.embed_texts_blocking(b)
         })?;
-        let preprocessor = Preprocessor::new(
-            &artifact.manifest.image,
-            settings.preprocess.limits,
-            p.clahe.clone(),
-        )
-        .with_view(p.view)
-        .with_jpeg_dct_headroom(settings.preprocess.jpeg_dct_headroom);
+        let preprocessor =
+            Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, &p)
+                .map_err(|e| anyhow::anyhow!("profile {name:?}: {e}"))?;
+        if let Some(t) = &preprocessor.tiles {
+            tracing::info!(
+                profile = name,
+                max_aspect_ratio = t.max_aspect_ratio,
+                max_windows = t.config.max_windows,
+                "tiled profile: frames up to this aspect ratio fit its windows"
+            );
+        }
         profiles.insert(
             name,
             Profile {

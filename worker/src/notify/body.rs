@@ -7,6 +7,17 @@ use serde_json::{json, Value};
 
 use super::Event;
 
+/// A verdict's regions as webhook JSON: boxes in source-frame pixels, class, label, score.
+fn regions(v: &crate::proto::v1::Verdict) -> Value {
+    v.regions
+        .iter()
+        .map(|r| {
+            json!({"x": r.x, "y": r.y, "width": r.width, "height": r.height,
+                   "class": r.class, "label": r.label, "score": r.score})
+        })
+        .collect()
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -33,6 +44,10 @@ pub(super) fn alertmanager(event: &Event, worker: &str) -> Value {
                     "description": format!("DEFECT {} with probability {:.3}; request {}", v.top_class, v.probability, v.request_id),
                     "request_id": v.request_id,
                     "probability": format!("{:.4}", v.probability),
+                    "anomaly_score": format!("{:.4}", v.anomaly_score),
+                    "label": v.top_label,
+                    // Annotations are strings: the regions as JSON text.
+                    "regions": regions(v).to_string(),
                     "worker": worker,
                 },
                 "startsAt": rfc3339(at),
@@ -76,7 +91,10 @@ pub(super) fn generic(event: &Event, worker: &str) -> Value {
             "line_id": v.line_id,
             "profile": v.profile,
             "class": v.top_class,
+            "label": v.top_label,
             "probability": v.probability,
+            "anomaly_score": v.anomaly_score,
+            "regions": regions(v),
             "decided_at": timestamp(v.decided_at.as_ref()).map(rfc3339),
             "source": v.source.as_ref().map(|s| json!({"topic": s.topic, "partition": s.partition, "offset": s.offset})),
             "worker": worker,

@@ -283,7 +283,7 @@ async fn decide<'a>(
         .await;
     // Decoding and resizing are CPU work: off the async workers. A decoder that panics on
     // this image fails this image.
-    let pixels = match tokio::task::spawn_blocking(move || pre.run(&input, &bytes, region)).await {
+    let views = match tokio::task::spawn_blocking(move || pre.views(&input, &bytes, region)).await {
         Ok(result) => {
             result.map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?
         }
@@ -312,29 +312,44 @@ async fn decide<'a>(
         ));
     }
 
+    // Every view (the whole frame, each window) is one batch item: the batcher, its batch
+    // size and fill count windows, and a frame's windows share batches with other frames'.
     let t = Instant::now();
-    let (reply, answer) = oneshot::channel();
-    if shared
-        .to_batcher
-        .send(BatchItem {
+    let crate::preprocess::Views {
+        origin,
+        windows,
+        tensors,
+        ..
+    } = views;
+    let mut answers = Vec::with_capacity(tensors.len());
+    for pixels in tensors {
+        let (reply, answer) = oneshot::channel();
+        let item = BatchItem {
             pixels,
             queued: Instant::now(),
             reply,
-        })
-        .await
-        .is_err()
-    {
-        return Err(Stop::Abandon);
-    }
-    let embedding = match answer.await {
-        Ok(Embedded::Ok(e)) => e,
-        Ok(Embedded::Failed(message)) => {
-            return Err(failed(ErrorCode::ModelFailed, stage::MODEL, message))
+        };
+        if shared.to_batcher.send(item).await.is_err() {
+            return Err(Stop::Abandon);
         }
-        Ok(Embedded::Broken) | Err(_) => return Err(Stop::Abandon),
-    };
+        answers.push(answer);
+    }
+    let mut embeddings = Vec::with_capacity(answers.len());
+    let mut failure = None;
+    for answer in answers {
+        // Every answer is awaited, so a broken model is told apart from one failed window.
+        match answer.await {
+            Ok(Embedded::Ok(e)) => embeddings.push(e),
+            Ok(Embedded::Failed(message)) => failure = failure.or(Some(message)),
+            Ok(Embedded::Broken) | Err(_) => return Err(Stop::Abandon),
+        }
+    }
+    if let Some(message) = failure {
+        return Err(failed(ErrorCode::ModelFailed, stage::MODEL, message));
+    }
     lat.inference_seconds = t.elapsed().as_secs_f64();
-    let decision = profile.scorer.decide(&embedding);
+    metrics::views(embeddings.len());
+    let decision = profile.scorer.decide_views(&embeddings, &windows, origin);
     Ok((request, profile, decision))
 }
 

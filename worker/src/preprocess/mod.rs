@@ -27,6 +27,9 @@ mod plan_tests;
 mod transform;
 #[cfg(test)]
 mod view_tests;
+#[cfg(test)]
+mod views_tests;
+pub mod windows;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,7 @@ pub use clahe::ClaheSettings;
 pub use decode::{decode, decode_scaled, DecodeLimits};
 pub use plan::MemoryPlan;
 pub use transform::{as_gray8, pad_dims, to_rgb8, Transform};
+pub use windows::{Aggregate, TileConfig, Window};
 
 use crate::model::artifact::ImageSettings;
 
@@ -103,6 +107,51 @@ pub struct Preprocessor {
     /// least this many times the resize target (`None`: always full size, the reference
     /// pixels). See `preprocess.jpeg_dct_headroom`.
     pub jpeg_dct_headroom: Option<f32>,
+    /// The profile's multi-scale windows, if it is tiled.
+    pub tiles: Option<Tiles>,
+}
+
+/// A profile's windows, with the most elongated frame they take resolved.
+#[derive(Debug, Clone)]
+pub struct Tiles {
+    pub config: TileConfig,
+    /// Frames (or regions) more elongated than this are refused (TOO_LARGE).
+    pub max_aspect_ratio: f64,
+    /// Squares of a window to the model's input size (no padding, no crop).
+    window: Transform,
+}
+
+impl Tiles {
+    /// Checks `config` against `limits` (the largest frames allowed): refused, naming the
+    /// keys, when a frame of the profile's `max_aspect_ratio` (or a square one) would make
+    /// more than `max_windows` views.
+    pub fn new(
+        config: TileConfig,
+        image: &ImageSettings,
+        limits: &DecodeLimits,
+    ) -> Result<Self, String> {
+        let max_aspect_ratio = config.resolve_aspect_ratio(limits)?;
+        Ok(Self {
+            config,
+            max_aspect_ratio,
+            window: Transform::new(image).with_view(View::Squash),
+        })
+    }
+}
+
+/// What a tiled (or plain) preprocessing produced for one frame.
+#[derive(Debug, Clone)]
+pub struct Views {
+    /// Where the inspected area lies in the frame (after EXIF orientation): the region of
+    /// interest's corner, or (0, 0); window coordinates are relative to it.
+    pub origin: (u32, u32),
+    /// The inspected area's size.
+    pub width: u32,
+    pub height: u32,
+    /// The windows, in the order of `tensors[1..]`.
+    pub windows: Vec<Window>,
+    /// The whole-frame view first, then one tensor per window.
+    pub tensors: Vec<Vec<f32>>,
 }
 
 impl Preprocessor {
@@ -112,7 +161,24 @@ impl Preprocessor {
             transform: Transform::new(image),
             clahe,
             jpeg_dct_headroom: None,
+            tiles: None,
         }
+    }
+
+    /// A profile's preprocessing: its CLAHE, view and windows under the worker's settings.
+    /// Errors (naming the key) when its windows do not fit `max_windows`.
+    pub fn for_profile(
+        image: &ImageSettings,
+        settings: &crate::config::PreprocessSettings,
+        profile: &crate::score::ProfileConfig,
+    ) -> Result<Self, String> {
+        let mut pre = Self::new(image, settings.limits, profile.clahe.clone())
+            .with_view(profile.view)
+            .with_jpeg_dct_headroom(settings.jpeg_dct_headroom);
+        if let Some(t) = &profile.tiles {
+            pre.tiles = Some(Tiles::new(t.clone(), image, &settings.limits)?);
+        }
+        Ok(pre)
     }
 
     /// The square the model sees (the profile's `view`); [`View::Pad`] unless set.
@@ -149,14 +215,75 @@ impl Preprocessor {
         plan::plan(self, input, bytes.len(), &header, region)
     }
 
-    /// Bytes → CHW floats. `input` names the image in errors (a path, a URI, a request id).
-    /// Holds no more than [`Self::plan`] says; refuses what `plan` refuses before decoding.
+    /// Bytes → CHW floats of the whole-frame view. `input` names the image in errors (a
+    /// path, a URI, a request id). Holds no more than [`Self::plan`] says; refuses what `plan`
+    /// refuses before decoding.
     pub fn run(
         &self,
         input: &str,
         bytes: &[u8],
         region: Option<Region>,
     ) -> Result<Vec<f32>, PreprocessError> {
+        let image = self.prepare(input, bytes, region)?;
+        match &image {
+            Prepared::Gray(g) => self.transform.apply_gray(input, g),
+            Prepared::Rgb(rgb) => self.transform.apply(input, rgb),
+        }
+    }
+
+    /// Bytes → the whole-frame view and, for a tiled profile, every window (in
+    /// [`TileConfig::layout`] order), with their geometry. Holds no more than [`Self::plan`]
+    /// says.
+    pub fn views(
+        &self,
+        input: &str,
+        bytes: &[u8],
+        region: Option<Region>,
+    ) -> Result<Views, PreprocessError> {
+        let image = self.prepare(input, bytes, region)?;
+        let (width, height) = image.dimensions();
+        let windows = self
+            .tiles
+            .as_ref()
+            .map(|t| t.config.layout(width, height))
+            .unwrap_or_default();
+        let mut tensors = Vec::with_capacity(1 + windows.len());
+        tensors.push(match &image {
+            Prepared::Gray(g) => self.transform.apply_gray(input, g)?,
+            Prepared::Rgb(rgb) => self.transform.apply(input, rgb)?,
+        });
+        if let Some(tiles) = &self.tiles {
+            for w in &windows {
+                // A copy of the window (counted in the plan), squared to the model's size.
+                tensors.push(match &image {
+                    Prepared::Gray(g) => {
+                        let crop = image::imageops::crop_imm(g, w.x, w.y, w.side, w.side);
+                        tiles.window.apply_gray(input, &crop.to_image())?
+                    }
+                    Prepared::Rgb(rgb) => {
+                        let crop = image::imageops::crop_imm(rgb, w.x, w.y, w.side, w.side);
+                        tiles.window.apply(input, &crop.to_image())?
+                    }
+                });
+            }
+        }
+        Ok(Views {
+            origin: region.map_or((0, 0), |r| (r.x, r.y)),
+            width,
+            height,
+            windows,
+            tensors,
+        })
+    }
+
+    /// Decode, orient, cut the region of interest, equalise: the pixels every view is made
+    /// from, grey kept one channel unless CLAHE (which works on RGB) is on.
+    fn prepare(
+        &self,
+        input: &str,
+        bytes: &[u8],
+        region: Option<Region>,
+    ) -> Result<Prepared, PreprocessError> {
         let planned = self.plan(input, bytes, region)?;
         let image = decode_scaled(input, bytes, &self.limits, self.dct_min_short(region))?;
         let (w, h) = (image.width(), image.height());
@@ -174,10 +301,9 @@ impl Preprocessor {
             Some(r) => transform::crop(input, image, r)?,
             None => image,
         };
-        // Grey images stay one channel through the resize (CLAHE works on RGB).
         let image = if self.clahe.is_none() {
             match transform::into_gray8(image) {
-                Ok(gray) => return self.transform.apply_gray(input, &gray),
+                Ok(gray) => return Ok(Prepared::Gray(gray)),
                 Err(colour) => colour,
             }
         } else {
@@ -187,14 +313,16 @@ impl Preprocessor {
         if let Some(c) = &self.clahe {
             rgb = c.apply(&rgb);
         }
-        self.transform.apply(input, &rgb)
+        Ok(Prepared::Rgb(rgb))
     }
 
     /// The shorter side a JPEG may be DCT-scaled down to. A region is given in the full
     /// image's pixels: then it is decoded whole.
+    /// Windows need the frame at full size (their coordinates are source pixels, and the
+    /// finest ones want every pixel): then it is decoded whole too.
     fn dct_min_short(&self, region: Option<Region>) -> Option<u32> {
         self.jpeg_dct_headroom
-            .filter(|_| region.is_none())
+            .filter(|_| region.is_none() && self.tiles.is_none())
             .map(|h| (h * self.transform.min_source_side() as f32).ceil() as u32)
     }
 
@@ -237,6 +365,36 @@ impl Preprocessor {
                 ),
             });
         }
+        if let Some(t) = &self.tiles {
+            let views = t.config.views(sw, sh);
+            if f64::from(long) > f64::from(short) * t.max_aspect_ratio
+                || views > u64::from(t.config.max_windows)
+            {
+                return Err(PreprocessError::TooLarge {
+                    input: input.into(),
+                    message: format!(
+                        "{what} makes {views} views under the profile's tiles (at most {} \
+                         for frames up to {}:1: tiles.max_windows, tiles.max_aspect_ratio)",
+                        t.config.max_windows, t.max_aspect_ratio
+                    ),
+                });
+            }
+        }
         self.transform.check_resize(input, sw, sh, &self.limits)
+    }
+}
+
+/// The pixels views are made from.
+enum Prepared {
+    Gray(image::GrayImage),
+    Rgb(image::RgbImage),
+}
+
+impl Prepared {
+    fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Self::Gray(g) => g.dimensions(),
+            Self::Rgb(rgb) => rgb.dimensions(),
+        }
     }
 }

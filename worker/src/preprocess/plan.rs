@@ -30,7 +30,8 @@ pub struct MemoryPlan {
     pub peak_bytes: u64,
     /// The decoded frame: `decoded_width × decoded_height × bytes per pixel`.
     pub decoded_bytes: u64,
-    /// The tensor `run` returns (3 × size² floats), still held after it returns.
+    /// The tensors `views` returns (3 × size² floats each: the whole-frame view and, for a
+    /// tiled profile, every window), still held after it returns.
     pub output_bytes: u64,
     /// The decoded frame's size, after EXIF orientation and any JPEG DCT scaling.
     pub decoded_width: u32,
@@ -115,11 +116,26 @@ pub(super) fn plan(
         peak = peak.max(held + clahe.held_bytes(cw, ch));
     }
     peak = peak.max(held + pre.transform.held_bytes(cw, ch, channels));
+    let mut output_bytes = pre.transform.output_bytes();
+    if let Some(t) = &pre.tiles {
+        // Every view's tensor is kept until the last window is made; the largest window's
+        // copy and resize come on top of them.
+        let windows = t.config.layout(cw, ch);
+        output_bytes *= 1 + windows.len() as u64;
+        let window = windows
+            .iter()
+            .map(|w| u64::from(w.side))
+            .max()
+            .map_or(0, |side| {
+                side * side * channels + t.window.held_bytes(side as u32, side as u32, channels)
+            });
+        peak = peak.max(held + output_bytes + window);
+    }
     let (decoded_width, decoded_height) = if header.rotates() { (dh, dw) } else { (dw, dh) };
     Ok(MemoryPlan {
         peak_bytes: peak + FIXED_BYTES,
         decoded_bytes: decoded,
-        output_bytes: pre.transform.output_bytes(),
+        output_bytes,
         decoded_width,
         decoded_height,
         decoded_color: color,

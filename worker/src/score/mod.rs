@@ -15,14 +15,17 @@
 //! 3. a winning defect side whose top class has a threshold it did not reach → REVIEW;
 //!    otherwise defects → DEFECT, acceptable states → PASS.
 
+mod localize;
 pub mod profile;
 
 use serde::Serialize;
 
+pub use localize::{DefectRegion, Heatmap, Localization};
 pub use profile::{ClassConfig, ProfileConfig};
 
 use crate::model::artifact::{Manifest, Scoring};
 use crate::model::{Embeddings, ModelError, PromptTokenizer, TokenBatch};
+use crate::preprocess::Window;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
@@ -67,8 +70,11 @@ pub struct Decision {
     pub probability: f32,
     /// The defect probability: the mass on the defect classes (see the module docs).
     pub anomaly_score: f32,
-    /// One probability per class, in the profile's order.
+    /// One probability per class, in the profile's order (for a tiled profile, aggregated
+    /// over the views as `tiles.aggregate` says: they need not sum to 1).
     pub probabilities: Vec<f32>,
+    /// For a tiled profile: the heatmap and the regions.
+    pub localization: Option<Localization>,
 }
 
 /// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
@@ -189,6 +195,40 @@ impl Scorer {
             self.probabilities(image_embedding),
         )
     }
+
+    /// The decision on a frame's views: `embeddings[0]` the whole-frame view's, then one
+    /// per window of `windows` (a tiled profile's, lying at `origin` in the frame). Without
+    /// windows it is [`Self::decide`] on the whole-frame view, plus the localization of a
+    /// tiled profile (no heatmap, no regions).
+    pub fn decide_views(
+        &self,
+        embeddings: &[Vec<f32>],
+        windows: &[Window],
+        origin: (u32, u32),
+    ) -> Decision {
+        assert_eq!(
+            embeddings.len(),
+            windows.len() + 1,
+            "one embedding per view. This is a bug."
+        );
+        let Some(tiles) = &self.profile.tiles else {
+            return self.decide(&embeddings[0]);
+        };
+        let views: Vec<Vec<f32>> = embeddings.iter().map(|e| self.probabilities(e)).collect();
+        let (probabilities, anomaly, acceptable) =
+            localize::aggregate(&self.profile, self.scoring, tiles.aggregate, &views);
+        let mut decision = decide_masses(&self.profile, probabilities, anomaly, acceptable);
+        decision.localization = Some(localize::localize(
+            &self.profile,
+            self.scoring,
+            tiles,
+            origin,
+            windows,
+            &views[1..],
+            decision.outcome != Outcome::Pass,
+        ));
+        decision
+    }
 }
 
 /// The outcome rules of this module's header, on softmax probabilities.
@@ -233,6 +273,17 @@ fn top_of_side(profile: &ProfileConfig, probabilities: &[f32], defect: bool) -> 
 pub fn decide_as(profile: &ProfileConfig, scoring: Scoring, probabilities: Vec<f32>) -> Decision {
     let anomaly_score = side_mass(profile, scoring, &probabilities, true);
     let acceptable = side_mass(profile, scoring, &probabilities, false);
+    decide_masses(profile, probabilities, anomaly_score, acceptable)
+}
+
+/// The outcome rules on per-class probabilities and the two sides' masses (computed from
+/// those probabilities for one view; aggregated over the views of a tiled profile).
+fn decide_masses(
+    profile: &ProfileConfig,
+    probabilities: Vec<f32>,
+    anomaly_score: f32,
+    acceptable: f32,
+) -> Decision {
     let fired = profile
         .classes
         .iter()
@@ -263,6 +314,7 @@ pub fn decide_as(profile: &ProfileConfig, scoring: Scoring, probabilities: Vec<f
         probability: probabilities[class],
         anomaly_score,
         probabilities,
+        localization: None,
     }
 }
 
@@ -284,3 +336,6 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod localize_tests;

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ScoreError;
-use crate::preprocess::{ClaheSettings, View};
+use crate::preprocess::{ClaheSettings, TileConfig, View};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +34,11 @@ pub struct ProfileConfig {
     /// never seen) or `squash` (the whole frame stretched to the square).
     #[serde(default)]
     pub view: View,
+    /// Multi-scale windows scored besides the whole-frame view, so a small defect anywhere
+    /// in the frame counts and the verdict says where it is (`regions`, `heatmap`). Unset:
+    /// the whole-frame view only.
+    #[serde(default)]
+    pub tiles: Option<TileConfig>,
     pub classes: Vec<ClassConfig>,
 }
 
@@ -53,6 +58,13 @@ pub struct ClassConfig {
     /// another class scores higher; a top-ranked defect under it goes to REVIEW.
     #[serde(default)]
     pub threshold: Option<f32>,
+}
+
+impl ClassConfig {
+    /// The name people read: the label, else the name.
+    pub fn display(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.name)
+    }
 }
 
 fn default_templates() -> Vec<String> {
@@ -90,6 +102,9 @@ impl ProfileConfig {
             if t.matches("{}").count() != 1 {
                 return Err(bad(format!("template {t:?} must contain exactly one {{}}")));
             }
+        }
+        if let Some(t) = &self.tiles {
+            t.validate().map_err(bad)?;
         }
         if !(0.0..=1.0).contains(&self.review_threshold) {
             return Err(bad(format!(
@@ -140,6 +155,7 @@ impl ProfileConfig {
             review_threshold: default_review_threshold(),
             clahe: None,
             view: View::default(),
+            tiles: None,
             classes: vec![
                 class(
                     "surface_scratch",

@@ -6,6 +6,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         review_threshold: 0.5,
         clahe: None,
         view: Default::default(),
+        tiles: None,
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {

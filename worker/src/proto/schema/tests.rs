@@ -2,8 +2,8 @@ use std::path::PathBuf;
 
 use super::json_schema;
 use crate::proto::v1::{
-    inspection_request::Image, ClassScore, Error, InspectionRequest, ModelInfo, Outcome,
-    SourceRecord, StageLatencies, Verdict,
+    inspection_request::Image, ClassScore, DefectRegion, Error, Heatmap, InspectionRequest,
+    ModelInfo, Outcome, SourceRecord, StageLatencies, Verdict,
 };
 use crate::request::{self, Encoding};
 
@@ -88,6 +88,25 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
             stage: "fetch".into(),
         }),
         attributes: [("sku".to_string(), "b-7".to_string())].into(),
+        regions: vec![DefectRegion {
+            x: 270,
+            y: 135,
+            width: 405,
+            height: 270,
+            class: "edge_chip".into(),
+            score: 0.93,
+            label: "边缘缺口".into(),
+        }],
+        heatmap: Some(Heatmap {
+            rows: 1,
+            cols: 2,
+            window: 270,
+            x: vec![0, 135],
+            y: vec![0],
+            scores: vec![0.1, 0.93],
+        }),
+        top_label: "边缘缺口".into(),
+        views: 4,
     };
     let json = serde_json::to_value(&verdict).unwrap();
     let v = validator("clipqc.v1.Verdict");

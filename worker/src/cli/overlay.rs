@@ -1,0 +1,159 @@
+//! `clipqc classify --overlay DIR`: each image with its verdict drawn on it, because people
+//! would rather look than read. A border in the outcome's colour (green PASS, red DEFECT,
+//! amber REVIEW); for a tiled profile the heatmap laid over the frame in translucent red (each
+//! pixel as red as the worst finest-scale window covering it) and each region's box.
+
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+
+use crate::preprocess::{self, DecodeLimits};
+use crate::score::{Decision, Outcome};
+
+/// Writes `DIR/<file stem>.png` for the image at `path`; returns where.
+pub fn write(
+    dir: &Path,
+    path: &str,
+    limits: &DecodeLimits,
+    decision: &Decision,
+) -> anyhow::Result<PathBuf> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{path}: cannot read: {e}"))?;
+    let mut frame = preprocess::to_rgb8(preprocess::decode(path, &bytes, limits)?);
+    draw(&mut frame, decision);
+    let stem = Path::new(path)
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+    let out = dir.join(format!("{stem}.png"));
+    frame
+        .save(&out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    Ok(out)
+}
+
+const RED: Rgb<u8> = Rgb([230, 30, 30]);
+
+/// The verdict drawn on the frame (in source-frame pixels, as the verdict's coordinates).
+pub fn draw(frame: &mut RgbImage, decision: &Decision) {
+    let (w, h) = frame.dimensions();
+    // Lines scale with the frame so they show on a 5 MP image and stay thin on a small one.
+    let thick = (w.min(h) / 200).max(2);
+    if let Some(l) = &decision.localization {
+        if let Some(map) = &l.heatmap {
+            let cols = map.cols as usize;
+            for y in 0..h {
+                let rows: Vec<usize> = (0..map.rows as usize)
+                    .filter(|&r| (map.y[r]..map.y[r] + map.window).contains(&y))
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                for x in 0..w {
+                    let score = rows
+                        .iter()
+                        .flat_map(|&r| {
+                            (0..cols)
+                                .filter(move |&c| (map.x[c]..map.x[c] + map.window).contains(&x))
+                                .map(move |c| map.scores[r * cols + c])
+                        })
+                        .fold(0f32, f32::max);
+                    blend(frame.get_pixel_mut(x, y), RED, 0.55 * score.clamp(0.0, 1.0));
+                }
+            }
+        }
+        for r in &l.regions {
+            rectangle(
+                frame,
+                (r.x, r.y, r.width, r.height),
+                thick,
+                Rgb([255, 220, 0]),
+            );
+        }
+    }
+    let colour = match decision.outcome {
+        Outcome::Pass => Rgb([30, 180, 60]),
+        Outcome::Defect => RED,
+        Outcome::Review => Rgb([240, 160, 0]),
+    };
+    rectangle(frame, (0, 0, w, h), thick * 2, colour);
+}
+
+fn blend(px: &mut Rgb<u8>, over: Rgb<u8>, alpha: f32) {
+    for c in 0..3 {
+        let v = f32::from(px[c]) * (1.0 - alpha) + f32::from(over[c]) * alpha;
+        px[c] = v.round() as u8;
+    }
+}
+
+/// A hollow rectangle `thick` pixels wide, inside `(x, y, width, height)`, clipped.
+fn rectangle(frame: &mut RgbImage, (x, y, rw, rh): (u32, u32, u32, u32), thick: u32, c: Rgb<u8>) {
+    let (w, h) = frame.dimensions();
+    let (x1, y1) = ((x + rw).min(w), (y + rh).min(h));
+    for py in y.min(h)..y1 {
+        for px in x.min(w)..x1 {
+            let edge = px < x + thick || px + thick >= x1 || py < y + thick || py + thick >= y1;
+            if edge {
+                frame.put_pixel(px, py, c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::score::{DefectRegion, Heatmap, Localization};
+
+    fn decision(outcome: Outcome, localization: Option<Localization>) -> Decision {
+        Decision {
+            outcome,
+            class: 0,
+            probability: 0.9,
+            anomaly_score: 0.9,
+            probabilities: vec![0.9, 0.1],
+            localization,
+        }
+    }
+
+    #[test]
+    fn the_heatmap_reddens_only_hot_windows_and_boxes_are_drawn() {
+        let mut frame = RgbImage::from_pixel(400, 400, Rgb([100, 100, 100]));
+        let map = Heatmap {
+            rows: 2,
+            cols: 2,
+            window: 200,
+            x: vec![0, 200],
+            y: vec![0, 200],
+            scores: vec![0.0, 1.0, 0.0, 0.0],
+        };
+        let region = DefectRegion {
+            x: 250,
+            y: 50,
+            width: 100,
+            height: 100,
+            class: 0,
+            score: 1.0,
+        };
+        let l = Localization {
+            views: 5,
+            regions: vec![region],
+            heatmap: Some(map),
+        };
+        draw(&mut frame, &decision(Outcome::Defect, Some(l)));
+        // Top-right window (score 1) is red-tinted; bottom-left (score 0) untouched.
+        let hot = frame.get_pixel(220, 180);
+        assert!(hot[0] > 150 && hot[1] < 80, "{hot:?}");
+        assert_eq!(*frame.get_pixel(100, 300), Rgb([100, 100, 100]));
+        // The box's edge is yellow, its inside only tinted; the border is the outcome's.
+        assert_eq!(*frame.get_pixel(250, 100), Rgb([255, 220, 0]));
+        assert_ne!(*frame.get_pixel(300, 100), Rgb([255, 220, 0]));
+        assert_eq!(*frame.get_pixel(0, 0), RED);
+    }
+
+    #[test]
+    fn an_untiled_pass_gets_a_green_border_only() {
+        let mut frame = RgbImage::from_pixel(50, 30, Rgb([100, 100, 100]));
+        draw(&mut frame, &decision(Outcome::Pass, None));
+        assert_eq!(*frame.get_pixel(0, 15), Rgb([30, 180, 60]));
+        assert_eq!(*frame.get_pixel(25, 15), Rgb([100, 100, 100]));
+    }
+}
