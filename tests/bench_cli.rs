@@ -93,3 +93,51 @@ fn bench_runs_against_a_given_broker() {
     assert_eq!(r["received"], 30, "{stderr}");
     assert_eq!(r["errors"], 0);
 }
+
+/// A tiled profile: every request is its whole frame and its windows, all model work; the
+/// report counts them.
+#[test]
+fn bench_of_a_tiled_profile_reports_windows_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiled.toml");
+    std::fs::write(
+        &config,
+        r#"
+[profiles.tiled]
+tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16 }
+[[profiles.tiled.classes]]
+name = "scratch"
+prompts = ["a scratch"]
+defect = true
+[[profiles.tiled.classes]]
+name = "good"
+prompts = ["a clean part"]
+"#,
+    )
+    .unwrap();
+    let (r, stderr) = bench(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--profile",
+        "tiled",
+        "--requests",
+        "20",
+        "--ceiling-batches",
+        "2",
+        "--batch-max",
+        "8",
+    ]);
+    assert_eq!(r["received"], 20, "{stderr}");
+    assert_eq!(r["errors"], 0);
+    // 250×250: one 250-px window, and 125-px ones every 62.5 px (3 × 3), and the whole frame.
+    assert_eq!(r["views_per_image"], 11);
+    let (images, windows) = (
+        r["images_per_s"].as_f64().unwrap(),
+        r["windows_per_s"].as_f64().unwrap(),
+    );
+    assert!((windows - 11.0 * images).abs() < 1e-6 * windows, "{r}");
+    // Eleven views per request fill batches of 8 whatever the arrival pattern.
+    let size = r["batch"]["mean_size"].as_f64().unwrap();
+    assert!(size > 2.0, "mean batch size {size}");
+    assert!(stderr.contains("windows/s"), "{stderr}");
+}

@@ -276,3 +276,79 @@ fn bad_models_and_profiles_are_refused_with_the_culprit_named() {
     let out = clipqc(&["classify", "--model", &copy.display().to_string(), &img]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read text_encoder.pt"));
 }
+
+/// A tiled profile offline: `--json` says where (views, heatmap, regions, labels), and
+/// `--overlay DIR` writes each image, at its own size, with the verdict drawn on it; a frame
+/// too elongated for the profile's windows is refused naming the image and the keys.
+#[test]
+fn a_tiled_profile_reports_where_and_draws_overlays() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiled.toml");
+    std::fs::write(
+        &config,
+        r#"
+[profiles.tiled]
+tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16, region_threshold = 0.0 }
+[[profiles.tiled.classes]]
+name = "scratch"
+label = "表面划痕"
+prompts = ["a surface scratch"]
+defect = true
+[[profiles.tiled.classes]]
+name = "good"
+prompts = ["a clean part"]
+"#,
+    )
+    .unwrap();
+    let part = fixtures().join("images/part_250.jpg");
+    let strip = dir.path().join("strip.png");
+    image::RgbImage::from_pixel(600, 100, image::Rgb([90, 90, 90]))
+        .save(&strip)
+        .unwrap();
+    let overlays = dir.path().join("overlays");
+    let out = clipqc(&[
+        "classify",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--profile",
+        "tiled",
+        "--json",
+        "--overlay",
+        overlays.to_str().unwrap(),
+        part.to_str().unwrap(),
+        strip.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "the strip fails, so the exit is non-zero"
+    );
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 2);
+    let r = &rows[0];
+    assert_eq!(r["views"], 11, "{r}");
+    assert_eq!(r["heatmap"]["rows"], 3);
+    assert_eq!(r["heatmap"]["scores"].as_array().unwrap().len(), 9);
+    let region = &r["regions"][0];
+    assert_eq!(
+        (&region["x"], &region["width"], &region["label"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(250),
+            &serde_json::json!("表面划痕")
+        ),
+        "{r}"
+    );
+    let error = rows[1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("strip.png") && error.contains("tiles.max_windows"),
+        "{error}"
+    );
+    let drawn = image::open(overlays.join("part_250.png")).unwrap();
+    assert_eq!((drawn.width(), drawn.height()), (250, 250));
+    assert!(
+        !overlays.join("strip.png").exists(),
+        "no overlay for a failed image"
+    );
+}

@@ -326,3 +326,85 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
     assert!(a.terminate(Duration::from_secs(30)));
     assert_eq!(committed(&broker, &topics, 4), ends(&published));
 }
+
+/// A tiled default profile on the real broker: every verdict carries its views, heatmap and
+/// regions (region_threshold 0 makes every finest window a region, so they merge into one box
+/// over the whole frame), class labels travel, nothing is lost and the offsets are committed.
+#[test]
+fn a_tiled_profile_says_where_on_a_real_broker() {
+    let _serial = serial();
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, "tiled", 2);
+    let images = images_server();
+    let dir = tempfile::tempdir().unwrap();
+    let tiled = r#"
+[profiles.default]
+tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16, region_threshold = 0.0 }
+[[profiles.default.classes]]
+name = "scratch"
+label = "表面划痕"
+prompts = ["a surface scratch"]
+defect = true
+[[profiles.default.classes]]
+name = "good"
+prompts = ["a clean part"]
+"#;
+    let worker = Worker::start_with(&broker, &topics, "tiled-1", true, dir.path(), tiled);
+    let published = produce(
+        &broker,
+        &topics.requests,
+        40,
+        &images.url("part_250.jpg"),
+        0,
+    );
+    let verdicts = read_all(&broker, &topics.verdicts, 40, Duration::from_secs(60));
+    let mut tally = Tally::new();
+    for v in &verdicts {
+        tally.add(v);
+        let verdict = v.verdict.as_ref().expect("JSON verdicts");
+        assert_ne!(verdict["outcome"], "OUTCOME_ERROR", "{verdict}");
+        // 250×250: the whole frame, one 250-px window, 3 × 3 125-px ones.
+        assert_eq!(verdict["views"], 11, "{verdict}");
+        let heat = &verdict["heatmap"];
+        assert_eq!(
+            (heat["rows"].as_u64(), heat["cols"].as_u64()),
+            (Some(3), Some(3))
+        );
+        assert_eq!(heat["window"], 125);
+        assert_eq!(heat["x"], serde_json::json!([0, 62, 125]));
+        assert_eq!(heat["scores"].as_array().unwrap().len(), 9);
+        let regions = verdict["regions"].as_array().unwrap();
+        assert_eq!(regions.len(), 1, "{verdict}");
+        let r = &regions[0];
+        // The proto3 JSON mapping leaves out zero values: a box at the origin has no x or y.
+        let at = |k: &str| r[k].as_u64().unwrap_or(0);
+        assert_eq!(
+            (at("x"), at("y"), at("width"), at("height")),
+            (0, 0, 250, 250),
+            "{verdict}"
+        );
+        assert_eq!(
+            (&r["class"], &r["label"]),
+            (
+                &serde_json::json!("scratch"),
+                &serde_json::json!("表面划痕")
+            )
+        );
+        let labels: Vec<_> = verdict["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["label"].clone())
+            .collect();
+        assert_eq!(
+            labels,
+            [serde_json::json!("表面划痕"), serde_json::json!("good")]
+        );
+    }
+    assert_eq!(tally.distinct.len(), 40, "{}", worker.log_tail());
+    assert!(
+        worker.terminate(Duration::from_secs(30)),
+        "clean exit on SIGTERM"
+    );
+    assert_eq!(committed(&broker, &topics, 2), ends(&published));
+}

@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// One JSON object on stdout (the table still goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// The profile the requests name: a tiled one makes several views (windows) per
+    /// request, and the report gives windows/s next to images/s.
+    #[arg(long, default_value = crate::config::DEFAULT_PROFILE)]
+    pub profile: String,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
@@ -96,22 +100,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let profiles = load_profiles(&settings, &artifact, &model)?;
     warm_up(&model, &profiles, settings.batch.max_size)?;
     let profile = profiles
-        .get(crate::config::DEFAULT_PROFILE)
-        .context("no default profile")?;
-    // The ceiling's batches hold the bench image's own pixels.
-    let pixels = profile
+        .get(&args.profile)
+        .with_context(|| format!("--profile {:?}: no such profile", args.profile))?;
+    // The ceiling's batches hold the bench image's own pixels (its whole-frame view).
+    let views = profile
         .preprocessor
-        .run(&args.image.display().to_string(), &image, None)
+        .views(&args.image.display().to_string(), &image, None)
         .with_context(|| format!("preprocess --image {}", args.image.display()))?;
+    let views_per_image = views.tensors.len();
     let ceiling = ceiling(
         &model,
-        &pixels,
+        &views.tensors[0],
         profile.preprocessor.size(),
         settings.batch.max_size,
         args.ceiling_batches,
     )?;
     eprintln!(
-        "model-only ceiling: {:.1} images/s (batches of {})",
+        "model-only ceiling: {:.1} views/s (batches of {}); {views_per_image} views per request",
         ceiling.images_per_s, ceiling.batch
     );
 
@@ -211,6 +216,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         let producer = tokio::spawn(publish(
             brokers.clone(),
             settings.kafka.input_topics[0].clone(),
+            args.profile.clone(),
             image,
             n,
             Pace {
@@ -246,6 +252,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         max_outstanding,
         arrivals,
         ceiling,
+        views_per_image,
         &metrics_handle.render(),
     );
     eprintln!("{}", report.table());
@@ -368,6 +375,7 @@ const MOCK_PARTITION_RECORDS: usize = 100_000;
 async fn publish(
     brokers: String,
     topic: String,
+    profile: String,
     image: Vec<u8>,
     n: usize,
     pace: Pace,
@@ -398,6 +406,7 @@ async fn publish(
             request_id: i.to_string(),
             camera_id: "bench".into(),
             line_id: "bench".into(),
+            profile: profile.clone(),
             image: Some(Image::InlineData(image.clone())),
             ..Default::default()
         };
