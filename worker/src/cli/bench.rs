@@ -108,13 +108,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         .views(&args.image.display().to_string(), &image, None)
         .with_context(|| format!("preprocess --image {}", args.image.display()))?;
     let views_per_image = views.tensors.len();
-    let ceiling = ceiling(
-        &model,
-        &views.tensors[0],
-        profile.preprocessor.size(),
-        settings.batch.max_size,
-        args.ceiling_batches,
-    )?;
+    let ceiling = Ceiling {
+        views_per_image,
+        ..ceiling(
+            &model,
+            &views.tensors[0],
+            profile.preprocessor.size(),
+            settings.batch.max_size,
+            args.ceiling_batches,
+        )?
+    };
     eprintln!(
         "model-only ceiling: {:.1} views/s (batches of {}); {views_per_image} views per request",
         ceiling.images_per_s, ceiling.batch
@@ -252,7 +255,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         max_outstanding,
         arrivals,
         ceiling,
-        views_per_image,
         &metrics_handle.render(),
     );
     eprintln!("{}", report.table());
@@ -313,6 +315,7 @@ fn ceiling(
     Ok(Ceiling {
         batch: batch.max(1),
         images_per_s: (batches.max(1) * batch.max(1)) as f64 / seconds,
+        views_per_image: 1,
     })
 }
 

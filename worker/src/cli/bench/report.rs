@@ -10,6 +10,9 @@ pub struct Ceiling {
     /// Model inputs per second: whole frames or windows alike (the name is kept for the
     /// scripts that read it).
     pub images_per_s: f64,
+    /// What one request costs the model: the bench image's views under the profile.
+    #[serde(skip)]
+    pub views_per_image: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,9 +78,9 @@ impl Report {
         max_outstanding: Option<usize>,
         mut arrivals: Vec<Arrival>,
         ceiling: Ceiling,
-        views_per_image: usize,
         metrics: &str,
     ) -> Self {
+        let views_per_image = ceiling.views_per_image;
         arrivals.sort_by_key(|a| a.at);
         let first_publish = arrivals.iter().map(|a| a.at - a.latency).min();
         let seconds = match (first_publish, arrivals.last()) {
