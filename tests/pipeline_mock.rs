@@ -347,3 +347,96 @@ async fn a_broker_outage_loses_no_verdict() {
     owner.join();
     assert_eq!(finished() as usize, total, "and still after the shutdown");
 }
+
+/// Routing: a request that names no profile gets its camera's route's profile and region of
+/// interest; one that names a profile keeps it; a camera without a route gets `default`.
+/// The routed tiled profile's heatmap lies inside the routed region, in frame pixels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_profile_follow_their_cameras_route() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-routes");
+    let housings: clipqc::score::ProfileConfig = serde_json::from_value(serde_json::json!({
+        "tiles": {"scales": [1.0, 0.5], "max_windows": 16},
+        "classes": [
+            {"name": "dent", "label": "凹痕", "prompts": ["a dent"], "defect": true},
+            {"name": "good", "prompts": ["a clean housing"]}
+        ]
+    }))
+    .unwrap();
+    settings.profiles.insert("housings".into(), housings);
+    settings.routes = serde_json::from_value(serde_json::json!([
+        {"camera": "cam-7*", "profile": "housings",
+         "region": {"x": 100, "y": 50, "width": 256, "height": 256}},
+        {"line": "line-9", "profile": "no-such-profile"}
+    ]))
+    .unwrap();
+    assert!(
+        settings.router().unwrap_err().contains("routes[1].profile"),
+        "a route to an unknown profile is refused"
+    );
+    settings.routes.pop();
+
+    let png = std::fs::read(common::fixtures().join("images/part_640x480.png")).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for (id, camera, profile) in [
+        ("routed", "cam-71", ""),
+        ("explicit", "cam-72", "default"),
+        ("unrouted", "cam-1", ""),
+    ] {
+        let r = InspectionRequest {
+            request_id: id.into(),
+            camera_id: camera.into(),
+            profile: profile.into(),
+            image: Some(Image::InlineData(png.clone())),
+            ..Default::default()
+        };
+        let payload = r.encode_to_vec();
+        let record = FutureRecord::to("clipqc.requests")
+            .key(id)
+            .payload(&payload);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let for_thread = artifact.clone();
+    let (owner, model) =
+        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let verdicts_in = reader(&brokers, "clipqc.verdicts");
+    let mut got = HashMap::new();
+    while got.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
+            .await
+            .expect("verdicts keep coming")
+            .unwrap();
+        let v = Verdict::decode(msg.payload().unwrap()).unwrap();
+        assert_ne!(v.outcome(), Outcome::Error, "{v:?}");
+        got.insert(v.request_id.clone(), v);
+    }
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    drop(model);
+    owner.join();
+
+    let routed = &got["routed"];
+    assert_eq!(routed.profile, "housings");
+    // The 256×256 region: the whole, one 256-px window, 3 × 3 128-px ones.
+    assert_eq!(routed.views, 11);
+    let heat = routed.heatmap.as_ref().unwrap();
+    assert_eq!(
+        (heat.x.as_slice(), heat.y.as_slice()),
+        (&[100, 164, 228][..], &[50, 114, 178][..])
+    );
+    assert_eq!(routed.scores[0].label, "凹痕");
+    assert_eq!(
+        got["explicit"].profile, "default",
+        "the request's own profile wins"
+    );
+    assert_eq!(got["unrouted"].profile, "default");
+    assert_eq!(got["unrouted"].views, 1);
+    assert!(got["unrouted"].heatmap.is_none());
+}

@@ -58,6 +58,10 @@ pub struct Settings {
     /// Defect taxonomies by name. `default` is built in unless the file defines it.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// Which profile (and region of interest) a request that names none gets, by its
+    /// `camera_id` and `line_id` (globs); the first matching route wins.
+    #[serde(default)]
+    pub routes: Vec<crate::routing::RouteConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -381,7 +385,14 @@ impl Settings {
                     .map_err(|e| invalid(format!("profile {name:?}: {e}")))?;
             }
         }
+        settings.router().map_err(invalid)?;
         Ok(settings)
+    }
+
+    /// The compiled `routes` table, checked against the profiles.
+    pub fn router(&self) -> Result<crate::routing::Router, String> {
+        let profiles = self.profiles();
+        crate::routing::Router::new(&self.routes, |p| profiles.contains_key(p))
     }
 
     /// The JSON Schema of the config file (checked in as `schemas/clipqc-config.schema.json`).

@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod proto;
 pub mod request;
+pub mod routing;
 pub mod score;
 pub mod sink;
 pub mod source;

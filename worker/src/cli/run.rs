@@ -105,6 +105,7 @@ pub fn deps(
         },
         model: model.clone(),
         fetcher: Fetcher::new(settings.fetch.clone())?,
+        router: settings.router().map_err(anyhow::Error::msg)?,
         notifier: Notifier::start(
             &settings.notify.webhooks,
             &pipeline::worker_id(&settings.kafka),

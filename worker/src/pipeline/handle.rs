@@ -231,11 +231,20 @@ async fn decide<'a>(
             Failure::new(code, stage, message),
         )
     };
-    let name = if request.profile.is_empty() {
-        DEFAULT_PROFILE
-    } else {
-        request.profile.as_str()
-    };
+    // The request's own profile and region, else its camera's or line's route's.
+    let requested = request.region.map(|r| Region {
+        x: r.x,
+        y: r.y,
+        width: r.width,
+        height: r.height,
+    });
+    let (routed, region) = shared.router.resolve(
+        &request.camera_id,
+        &request.line_id,
+        &request.profile,
+        requested,
+    );
+    let name = routed.unwrap_or(DEFAULT_PROFILE);
     let Some(profile) = shared.profiles.get(name) else {
         return Err(failed(
             ErrorCode::UnknownProfile,
@@ -264,12 +273,6 @@ async fn decide<'a>(
     let t = Instant::now();
     let pre = profile.preprocessor.clone();
     let input = format!("request {}", request.request_id);
-    let region = request.region.map(|r| Region {
-        x: r.x,
-        y: r.y,
-        width: r.width,
-        height: r.height,
-    });
     // What decoding will hold at its peak (decoded pixels, copies, resize target, tensor),
     // from the image's header, before anything is decoded: a small file that decodes to
     // gigabytes, or an extreme aspect ratio, is refused here (TOO_LARGE).

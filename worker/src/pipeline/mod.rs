@@ -74,6 +74,8 @@ pub struct Deps {
     pub sink: Sink,
     /// Webhooks told of published verdicts ([`Notifier::disabled`] for none).
     pub notifier: Notifier,
+    /// Profiles and regions for requests that name none, by camera and line.
+    pub router: crate::routing::Router,
 }
 
 /// What a run did, for tests and the exit log.
@@ -93,6 +95,7 @@ struct Shared {
     /// host name and process id (the pod's name on Kubernetes).
     worker_id: String,
     profiles: HashMap<String, Profile>,
+    router: crate::routing::Router,
     model_info: ModelInfo,
     fetcher: Fetcher,
     sink: Sink,
@@ -139,6 +142,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         worker_id,
         kafka: deps.kafka,
         profiles: deps.profiles,
+        router: deps.router,
         model_info: deps.model_info,
         fetcher: deps.fetcher,
         sink: deps.sink,

@@ -66,7 +66,8 @@ impl PreprocessError {
 }
 
 /// A region of interest in source pixels (after EXIF orientation): inspect only this part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Region {
     pub x: u32,
     pub y: u32,
