@@ -289,6 +289,7 @@ fn a_tiled_profile_reports_where_and_draws_overlays() {
         r#"
 [profiles.tiled]
 tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16, region_threshold = 0.0 }
+states = { object = "metal part" }
 [[profiles.tiled.classes]]
 name = "scratch"
 label = "表面划痕"

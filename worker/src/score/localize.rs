@@ -1,8 +1,8 @@
 //! Tiled profiles: the windows' scores made into the image's, and where the defect is.
 //!
 //! Aggregation (a profile's `tiles.aggregate`), over the views (the whole frame and every
-//! window), each with its own class distribution and its defect mass (the anomaly score of
-//! that view, as [`super::side_mass`] computes it):
+//! window), each with its own class distribution and its anomaly score ([`ViewScore`]: the
+//! defect mass, blended with the state prompts' verdict when the profile has them):
 //! - `max`: a defect class scores its largest probability over the views; the image's
 //!   anomaly score is the largest defect mass of any view, and the acceptable side's mass is
 //!   that same view's; an acceptable class scores as in the whole-frame view.
@@ -21,8 +21,7 @@
 
 use serde::Serialize;
 
-use super::{side_mass, top_of_side, ProfileConfig};
-use crate::model::artifact::Scoring;
+use super::{top_of_side, ProfileConfig, ViewScore};
 use crate::preprocess::{Aggregate, TileConfig, Window};
 
 /// Where a tiled profile found the defect, in source-frame pixels (after EXIF orientation,
@@ -67,64 +66,58 @@ pub struct Heatmap {
 /// (`views[0]` the whole frame).
 pub(super) fn aggregate(
     profile: &ProfileConfig,
-    scoring: Scoring,
     how: Aggregate,
-    views: &[Vec<f32>],
+    views: &[ViewScore],
 ) -> (Vec<f32>, f32, f32) {
     let whole = &views[0];
-    let defect = |p: &[f32]| side_mass(profile, scoring, p, true);
-    let acceptable = |p: &[f32]| side_mass(profile, scoring, p, false);
     let worst = views[1..]
         .iter()
-        .max_by(|a, b| defect(a).total_cmp(&defect(b)));
+        .max_by(|a, b| a.anomaly.total_cmp(&b.anomaly));
     let Some(worst) = worst else {
-        return (whole.clone(), defect(whole), acceptable(whole));
+        return (whole.probabilities.clone(), whole.anomaly, whole.acceptable);
     };
-    let class_max = |c: usize, from: &[Vec<f32>]| from.iter().map(|p| p[c]).fold(0f32, f32::max);
-    let mut probabilities = whole.clone();
+    let class_max =
+        |c: usize, from: &[ViewScore]| from.iter().map(|v| v.probabilities[c]).fold(0f32, f32::max);
+    let mut probabilities = whole.probabilities.clone();
     for (c, class) in profile.classes.iter().enumerate() {
         if class.defect {
             probabilities[c] = match how {
                 Aggregate::Max => class_max(c, views),
-                Aggregate::MeanMax => (whole[c] + class_max(c, &views[1..])) / 2.0,
+                Aggregate::MeanMax => (whole.probabilities[c] + class_max(c, &views[1..])) / 2.0,
             };
         }
     }
     let (anomaly, accept) = match how {
-        Aggregate::Max if defect(whole) >= defect(worst) => (defect(whole), acceptable(whole)),
-        Aggregate::Max => (defect(worst), acceptable(worst)),
+        Aggregate::Max if whole.anomaly >= worst.anomaly => (whole.anomaly, whole.acceptable),
+        Aggregate::Max => (worst.anomaly, worst.acceptable),
         Aggregate::MeanMax => (
-            (defect(whole) + defect(worst)) / 2.0,
-            (acceptable(whole) + acceptable(worst)) / 2.0,
+            (whole.anomaly + worst.anomaly) / 2.0,
+            (whole.acceptable + worst.acceptable) / 2.0,
         ),
     };
     (probabilities, anomaly, accept)
 }
 
-/// The heatmap and regions of a frame whose windows (`windows[i]` has `probabilities[i]`)
-/// lie at `origin`; `flag` says whether the verdict needs a region even when no window
-/// reaches the threshold (DEFECT and REVIEW).
+/// The heatmap and regions of a frame whose windows (`windows[i]` scored `views[i]`) lie at
+/// `origin`; `flag` says whether the verdict needs a region even when no window reaches the
+/// threshold (DEFECT and REVIEW).
 pub(super) fn localize(
     profile: &ProfileConfig,
-    scoring: Scoring,
     tiles: &TileConfig,
     origin: (u32, u32),
     windows: &[Window],
-    probabilities: &[Vec<f32>],
+    views: &[ViewScore],
     flag: bool,
 ) -> Localization {
-    let views = 1 + windows.len() as u32;
+    let count = 1 + windows.len() as u32;
     let Some(finest) = TileConfig::finest(windows) else {
         return Localization {
-            views,
+            views: count,
             regions: Vec::new(),
             heatmap: None,
         };
     };
-    let scores: Vec<f32> = probabilities
-        .iter()
-        .map(|p| side_mass(profile, scoring, p, true))
-        .collect();
+    let scores: Vec<f32> = views.iter().map(|v| v.anomaly).collect();
     let fine: Vec<usize> = (0..windows.len())
         .filter(|&i| windows[i].scale == finest)
         .collect();
@@ -151,17 +144,16 @@ pub(super) fn localize(
         .collect();
     let mut regions: Vec<DefectRegion> = components(windows, &hot)
         .into_iter()
-        .map(|group| region(profile, windows, probabilities, &scores, &group, origin))
+        .map(|group| region(profile, windows, views, &group, origin))
         .collect();
     if regions.is_empty() && flag {
         let worst = (0..windows.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        regions
-            .extend(worst.map(|i| region(profile, windows, probabilities, &scores, &[i], origin)));
+        regions.extend(worst.map(|i| region(profile, windows, views, &[i], origin)));
     }
     regions.sort_by(|a, b| b.score.total_cmp(&a.score));
     regions.truncate(tiles.max_regions as usize);
     Localization {
-        views,
+        views: count,
         regions,
         heatmap: Some(heatmap),
     }
@@ -201,14 +193,13 @@ fn components(windows: &[Window], members: &[usize]) -> Vec<Vec<usize>> {
 fn region(
     profile: &ProfileConfig,
     windows: &[Window],
-    probabilities: &[Vec<f32>],
-    scores: &[f32],
+    views: &[ViewScore],
     group: &[usize],
     origin: (u32, u32),
 ) -> DefectRegion {
     let worst = *group
         .iter()
-        .max_by(|&&a, &&b| scores[a].total_cmp(&scores[b]))
+        .max_by(|&&a, &&b| views[a].anomaly.total_cmp(&views[b].anomaly))
         .expect("a region has a window. This is a bug.");
     let x0 = group.iter().map(|&i| windows[i].x).min().unwrap_or(0);
     let y0 = group.iter().map(|&i| windows[i].y).min().unwrap_or(0);
@@ -222,8 +213,8 @@ fn region(
         .map(|&i| windows[i].y + windows[i].side)
         .max()
         .unwrap_or(0);
-    let class = top_of_side(profile, &probabilities[worst], true)
-        .or_else(|| top_of_side(profile, &probabilities[worst], false))
+    let class = top_of_side(profile, &views[worst].probabilities, true)
+        .or_else(|| top_of_side(profile, &views[worst].probabilities, false))
         .expect("a profile has classes. This is a bug.");
     DefectRegion {
         x: x0 + origin.0,
@@ -231,6 +222,6 @@ fn region(
         width: x1 - x0,
         height: y1 - y0,
         class,
-        score: scores[worst],
+        score: views[worst].anomaly,
     }
 }

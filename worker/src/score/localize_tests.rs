@@ -18,12 +18,26 @@ fn profile() -> ProfileConfig {
         clahe: None,
         view: Default::default(),
         tiles: Some(tiles()),
+        states: None,
         classes: vec![
             class("scratch", true),
             class("chip", true),
             class("good", false),
         ],
     }
+}
+
+/// A view's scores from its softmax probabilities over (scratch, chip, good).
+fn view(p: &[f32]) -> ViewScore {
+    ViewScore {
+        probabilities: p.to_vec(),
+        anomaly: p[0] + p[1],
+        acceptable: p[2],
+    }
+}
+
+fn views(ps: &[Vec<f32>]) -> Vec<ViewScore> {
+    ps.iter().map(|p| view(p)).collect()
 }
 
 fn tiles() -> TileConfig {
@@ -42,13 +56,13 @@ fn tiles() -> TileConfig {
 #[test]
 fn max_aggregation_takes_the_worst_view_for_defects_and_the_whole_frame_for_the_rest() {
     let p = profile();
-    let views = vec![
+    let scores = vec![
         vec![0.05, 0.05, 0.90], // whole frame: looks good
         vec![0.10, 0.10, 0.80],
         vec![0.70, 0.20, 0.10], // one window sees a scratch
         vec![0.05, 0.30, 0.65],
     ];
-    let (q, anomaly, acceptable) = aggregate(&p, Scoring::Softmax, Aggregate::Max, &views);
+    let (q, anomaly, acceptable) = aggregate(&p, Aggregate::Max, &views(&scores));
     assert_eq!(q, [0.70, 0.30, 0.90]);
     assert!(
         (anomaly - 0.90).abs() < 1e-6,
@@ -62,7 +76,7 @@ fn max_aggregation_takes_the_worst_view_for_defects_and_the_whole_frame_for_the_
     assert_eq!(d.outcome, Outcome::Defect);
     assert_eq!(p.classes[d.class].name, "scratch");
 
-    let (q, anomaly, acceptable) = aggregate(&p, Scoring::Softmax, Aggregate::MeanMax, &views);
+    let (q, anomaly, acceptable) = aggregate(&p, Aggregate::MeanMax, &views(&scores));
     assert_eq!(q, [(0.05 + 0.70) / 2.0, (0.05 + 0.30) / 2.0, 0.90]);
     assert!((anomaly - (0.10 + 0.90) / 2.0).abs() < 1e-6);
     assert!((acceptable - (0.90 + 0.10) / 2.0).abs() < 1e-6);
@@ -72,12 +86,7 @@ fn max_aggregation_takes_the_worst_view_for_defects_and_the_whole_frame_for_the_
 fn without_windows_aggregation_is_the_whole_frame() {
     let p = profile();
     let whole = vec![0.3, 0.3, 0.4];
-    let (q, anomaly, acceptable) = aggregate(
-        &p,
-        Scoring::Softmax,
-        Aggregate::Max,
-        std::slice::from_ref(&whole),
-    );
+    let (q, anomaly, acceptable) = aggregate(&p, Aggregate::Max, &[view(&whole)]);
     assert_eq!(q, whole);
     assert!((anomaly - 0.6).abs() < 1e-6 && (acceptable - 0.4).abs() < 1e-6);
 }
@@ -116,11 +125,10 @@ fn the_heatmap_is_the_finest_scale_row_major_in_frame_pixels() {
     let probabilities: Vec<Vec<f32>> = scores.iter().map(|&s| probs(s)).collect();
     let l = localize(
         &p,
-        Scoring::Softmax,
         &tiles(),
         (100, 50),
         &windows,
-        &probabilities,
+        &views(&probabilities),
         false,
     );
     assert_eq!(l.views, 11);
@@ -154,15 +162,7 @@ fn overlapping_hot_windows_merge_and_separate_ones_do_not() {
     // Hot: windows 0 and 5 (overlapping: x 0..2 and 1..3) and window 4 (x 8..10), alone.
     let scores = [0.7, 0.1, 0.2, 0.3, 0.95, 0.6];
     let probabilities: Vec<Vec<f32>> = scores.iter().map(|&s| probs(s)).collect();
-    let l = localize(
-        &p,
-        Scoring::Softmax,
-        &tiles(),
-        (0, 0),
-        &windows,
-        &probabilities,
-        true,
-    );
+    let l = localize(&p, &tiles(), (0, 0), &windows, &views(&probabilities), true);
     let boxes: Vec<_> = l
         .regions
         .iter()
@@ -183,25 +183,16 @@ fn a_flagged_verdict_without_hot_windows_points_at_its_worst_window() {
     let mut scores = [0.1f32; 10];
     scores[0] = 0.45; // the coarse window is the worst, under the threshold
     let probabilities: Vec<Vec<f32>> = scores.iter().map(|&s| probs(s)).collect();
-    let flagged = localize(
-        &p,
-        Scoring::Softmax,
-        &tiles(),
-        (7, 0),
-        &windows,
-        &probabilities,
-        true,
-    );
+    let flagged = localize(&p, &tiles(), (7, 0), &windows, &views(&probabilities), true);
     assert_eq!(flagged.regions.len(), 1);
     let r = &flagged.regions[0];
     assert_eq!((r.x, r.y, r.width, r.height), (7, 0, 4, 4));
     let pass = localize(
         &p,
-        Scoring::Softmax,
         &tiles(),
         (7, 0),
         &windows,
-        &probabilities,
+        &views(&probabilities),
         false,
     );
     assert!(pass.regions.is_empty());
@@ -221,6 +212,7 @@ fn a_scratch_seen_by_one_window_makes_the_part_a_defect_and_says_where() {
             vec![0.0, 0.0, 1.0],
         ],
         scoring: Scoring::Softmax,
+        states: None,
         logit_scale: 100.0,
         logit_bias: 0.0,
     };

@@ -21,7 +21,7 @@ pub mod profile;
 use serde::Serialize;
 
 pub use localize::{DefectRegion, Heatmap, Localization};
-pub use profile::{ClassConfig, ProfileConfig};
+pub use profile::{ClassConfig, ProfileConfig, StatesConfig};
 
 use crate::model::artifact::{Manifest, Scoring};
 use crate::model::{Embeddings, ModelError, PromptTokenizer, TokenBatch};
@@ -78,29 +78,48 @@ pub struct Decision {
 }
 
 /// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
-/// config load, naming the profile, the class and the prompt.
+/// config load, naming the profile, the class and the prompt. One group of prompts per
+/// class, then (for a profile with `states`) the normal and the anomalous state prompts.
 pub fn tokenize_profile(
     name: &str,
     profile: &ProfileConfig,
     tokenizer: &PromptTokenizer,
 ) -> Result<Vec<Vec<Vec<i64>>>, ScoreError> {
     profile.validate(name)?;
-    profile
+    let mut groups: Vec<(String, Vec<String>)> = profile
         .classes
         .iter()
-        .map(|class| {
-            profile
-                .expanded_prompts(class)
+        .map(|class| (class.name.clone(), profile.expanded_prompts(class)))
+        .collect();
+    if let Some(states) = &profile.states {
+        let [normal, anomalous] = profile.state_prompts(states);
+        groups.push(("states.normal".into(), normal));
+        groups.push(("states.anomalous".into(), anomalous));
+    }
+    groups
+        .into_iter()
+        .map(|(class, prompts)| {
+            prompts
                 .iter()
                 .map(|p| tokenizer.encode(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| ScoreError::Prompt {
                     profile: name.into(),
-                    class: class.name.clone(),
+                    class,
                     source,
                 })
         })
         .collect()
+}
+
+/// One view's scores: its class distribution, its anomaly score (the defect mass, blended
+/// with the state prompts' anomalous probability when the profile has them) and the mass of
+/// the acceptable side (blended the same way).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewScore {
+    pub probabilities: Vec<f32>,
+    pub anomaly: f32,
+    pub acceptable: f32,
 }
 
 /// A profile ready to score: its class embeddings computed and normalised.
@@ -110,6 +129,8 @@ pub struct Scorer {
     pub profile: ProfileConfig,
     /// One unit vector per class (the renormalised mean of its prompts' unit vectors).
     class_embeddings: Vec<Vec<f32>>,
+    /// The normal and the anomalous state prototypes, and their weight in anomaly scores.
+    states: Option<([Vec<f32>; 2], f32)>,
     scoring: Scoring,
     logit_scale: f32,
     logit_bias: f32,
@@ -131,7 +152,7 @@ impl Scorer {
             source,
         })?;
         let mut rows = embeddings.rows();
-        let class_embeddings = tokens
+        let mut prototypes: Vec<Vec<f32>> = tokens
             .iter()
             .map(|prompts| {
                 let mut mean = vec![0f32; embeddings.dim];
@@ -144,10 +165,20 @@ impl Scorer {
                 normalized(&mean)
             })
             .collect();
+        let states = profile.states.as_ref().map(|s| {
+            let anomalous = prototypes
+                .pop()
+                .expect("tokenized with the states. This is a bug.");
+            let normal = prototypes
+                .pop()
+                .expect("tokenized with the states. This is a bug.");
+            ([normal, anomalous], s.weight)
+        });
         Ok(Self {
             name: name.into(),
             profile: profile.clone(),
-            class_embeddings,
+            class_embeddings: prototypes,
+            states,
             scoring: manifest.scoring,
             logit_scale: manifest.logit_scale,
             logit_bias: manifest.logit_bias.unwrap_or(0.0),
@@ -164,6 +195,7 @@ impl Scorer {
             name: name.into(),
             profile,
             class_embeddings,
+            states: None,
             scoring: Scoring::Softmax,
             logit_scale: 100.0,
             logit_bias: 0.0,
@@ -188,12 +220,30 @@ impl Scorer {
         }
     }
 
+    /// One view's scores (see [`ViewScore`]). The state prompts are two classes of their
+    /// own: `softmax(logit_scale × cosine)` over normal and anomalous, whatever the model
+    /// family, as the window-scoring literature does.
+    pub fn view(&self, embedding: &[f32]) -> ViewScore {
+        let probabilities = self.probabilities(embedding);
+        let mut anomaly = side_mass(&self.profile, self.scoring, &probabilities, true);
+        let mut acceptable = side_mass(&self.profile, self.scoring, &probabilities, false);
+        if let Some(([normal, anomalous], weight)) = &self.states {
+            let img = normalized(embedding);
+            let logits = [normal, anomalous].map(|s| self.logit_scale * dot(&img, s));
+            let state = softmax(&logits)[1];
+            anomaly = (1.0 - weight) * anomaly + weight * state;
+            acceptable = (1.0 - weight) * acceptable + weight * (1.0 - state);
+        }
+        ViewScore {
+            probabilities,
+            anomaly,
+            acceptable,
+        }
+    }
+
     pub fn decide(&self, image_embedding: &[f32]) -> Decision {
-        decide_as(
-            &self.profile,
-            self.scoring,
-            self.probabilities(image_embedding),
-        )
+        let v = self.view(image_embedding);
+        decide_masses(&self.profile, v.probabilities, v.anomaly, v.acceptable)
     }
 
     /// The decision on a frame's views: `embeddings[0]` the whole-frame view's, then one
@@ -214,13 +264,12 @@ impl Scorer {
         let Some(tiles) = &self.profile.tiles else {
             return self.decide(&embeddings[0]);
         };
-        let views: Vec<Vec<f32>> = embeddings.iter().map(|e| self.probabilities(e)).collect();
+        let views: Vec<ViewScore> = embeddings.iter().map(|e| self.view(e)).collect();
         let (probabilities, anomaly, acceptable) =
-            localize::aggregate(&self.profile, self.scoring, tiles.aggregate, &views);
+            localize::aggregate(&self.profile, tiles.aggregate, &views);
         let mut decision = decide_masses(&self.profile, probabilities, anomaly, acceptable);
         decision.localization = Some(localize::localize(
             &self.profile,
-            self.scoring,
             tiles,
             origin,
             windows,

@@ -39,7 +39,63 @@ pub struct ProfileConfig {
     /// the whole-frame view only.
     #[serde(default)]
     pub tiles: Option<TileConfig>,
+    /// Normal and anomalous *state* prompts about the object ("a photo of a flawless steel
+    /// bracket" against "a photo of a damaged steel bracket", through the profile's
+    /// templates), averaged into two prototypes whose anomalous probability is blended into
+    /// every view's anomaly score. Unset: the anomaly score is the defect classes' mass.
+    #[serde(default)]
+    pub states: Option<StatesConfig>,
     pub classes: Vec<ClassConfig>,
+}
+
+/// A profile's `states`: WinCLIP's compositional prompt ensemble.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatesConfig {
+    /// What the camera sees, as the prompts name it: `steel bracket`.
+    pub object: String,
+    /// States of a good part, each with one `{}` where the object goes.
+    #[serde(default = "default_normal_states")]
+    pub normal: Vec<String>,
+    /// States of a bad part, each with one `{}` where the object goes.
+    #[serde(default = "default_anomalous_states")]
+    pub anomalous: Vec<String>,
+    /// How much of each view's anomaly score comes from the states, in [0, 1]: 1 uses the
+    /// states alone, 0 the defect classes alone (the states then change nothing).
+    #[serde(default = "default_state_weight")]
+    #[schemars(extend("default" = 0.5))]
+    pub weight: f32,
+}
+
+/// WinCLIP's state words (Jeong et al., 2023, and anomalib's implementation).
+fn default_normal_states() -> Vec<String> {
+    [
+        "{}",
+        "flawless {}",
+        "perfect {}",
+        "unblemished {}",
+        "{} without flaw",
+        "{} without defect",
+        "{} without damage",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_anomalous_states() -> Vec<String> {
+    [
+        "damaged {}",
+        "broken {}",
+        "{} with flaw",
+        "{} with defect",
+        "{} with damage",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_state_weight() -> f32 {
+    0.5
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -84,6 +140,19 @@ impl ProfileConfig {
             .collect()
     }
 
+    /// The state prompts after template expansion: normal, then anomalous.
+    pub fn state_prompts(&self, states: &StatesConfig) -> [Vec<String>; 2] {
+        [&states.normal, &states.anomalous].map(|list| {
+            self.templates
+                .iter()
+                .flat_map(|t| {
+                    list.iter()
+                        .map(move |s| t.replace("{}", &s.replace("{}", &states.object)))
+                })
+                .collect()
+        })
+    }
+
     /// Structural checks (no tokenizer needed): names, prompts, templates, thresholds.
     pub fn validate(&self, profile: &str) -> Result<(), ScoreError> {
         let bad = |message: String| ScoreError::InvalidProfile {
@@ -105,6 +174,27 @@ impl ProfileConfig {
         }
         if let Some(t) = &self.tiles {
             t.validate().map_err(bad)?;
+        }
+        if let Some(st) = &self.states {
+            if st.object.trim().is_empty() {
+                return Err(bad("states.object is empty".into()));
+            }
+            for (key, list) in [("normal", &st.normal), ("anomalous", &st.anomalous)] {
+                if list.is_empty() {
+                    return Err(bad(format!("states.{key} is empty")));
+                }
+                if let Some(s) = list.iter().find(|s| s.matches("{}").count() != 1) {
+                    return Err(bad(format!(
+                        "states.{key}: {s:?} must contain exactly one {{}} (where the object goes)"
+                    )));
+                }
+            }
+            if !(0.0..=1.0).contains(&st.weight) {
+                return Err(bad(format!(
+                    "states.weight {} is not within [0, 1]",
+                    st.weight
+                )));
+            }
         }
         if !(0.0..=1.0).contains(&self.review_threshold) {
             return Err(bad(format!(
@@ -156,6 +246,7 @@ impl ProfileConfig {
             clahe: None,
             view: View::default(),
             tiles: None,
+            states: None,
             classes: vec![
                 class(
                     "surface_scratch",

@@ -7,6 +7,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         clahe: None,
         view: Default::default(),
         tiles: None,
+        states: None,
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {
@@ -27,6 +28,7 @@ fn scorer(class_embeddings: Vec<Vec<f32>>, scoring: Scoring, scale: f32, bias: f
         name: "t".into(),
         profile: profile(&names[..class_embeddings.len()]),
         class_embeddings,
+        states: None,
         scoring,
         logit_scale: scale,
         logit_bias: bias,
@@ -178,4 +180,80 @@ fn prompt_ensembles_average_unit_vectors() {
         (s.class_embeddings[0][0] - h).abs() < 1e-6 && (s.class_embeddings[0][1] - h).abs() < 1e-6
     );
     assert_eq!(s.class_embeddings[1], vec![1.0, 0.0]);
+}
+
+#[test]
+fn state_prompts_go_through_every_template_with_the_object() {
+    let mut p = profile(&[("scratch", true, None), ("good", false, None)]);
+    p.templates = vec!["a photo of a {}.".into(), "{}".into()];
+    let states = StatesConfig {
+        object: "steel bracket".into(),
+        normal: vec!["flawless {}".into()],
+        anomalous: vec!["damaged {}".into(), "{} with a flaw".into()],
+        weight: 0.5,
+    };
+    assert_eq!(
+        p.state_prompts(&states),
+        [
+            vec![
+                "a photo of a flawless steel bracket.",
+                "flawless steel bracket"
+            ],
+            vec![
+                "a photo of a damaged steel bracket.",
+                "a photo of a steel bracket with a flaw.",
+                "damaged steel bracket",
+                "steel bracket with a flaw",
+            ],
+        ]
+        .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>())
+    );
+    let mut bad = states.clone();
+    bad.anomalous = vec!["no placeholder".into()];
+    p.states = Some(bad);
+    let err = p.validate("x").unwrap_err().to_string();
+    assert!(err.contains("states.anomalous"), "{err}");
+    let mut bad = states;
+    bad.weight = 1.5;
+    p.states = Some(bad);
+    assert!(p
+        .validate("x")
+        .unwrap_err()
+        .to_string()
+        .contains("states.weight"));
+}
+
+#[test]
+fn the_states_blend_into_the_anomaly_score_by_their_weight() {
+    // Classes: scratch along x, good along y. States: normal along y, anomalous along z.
+    let mut s = scorer(
+        vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0]],
+        Scoring::Softmax,
+        100.0,
+        0.0,
+    );
+    let image = [0.0, 0.6, 0.8]; // good by the classes, anomalous by the states
+    let classes_only = s.decide(&image);
+    assert_eq!(classes_only.outcome, Outcome::Pass);
+    assert!(classes_only.anomaly_score < 1e-6);
+    let prototypes = [vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0]];
+    // softmax(100 × [0.6, 0.8])[1] = 1 / (1 + e^-20).
+    let state = 1.0 / (1.0 + (-20f32).exp());
+    for weight in [0.0, 0.5, 1.0] {
+        s.states = Some((prototypes.clone(), weight));
+        let v = s.view(&image);
+        assert!(
+            (v.anomaly - weight * state).abs() < 1e-5,
+            "weight {weight}: {}",
+            v.anomaly
+        );
+        assert!((v.anomaly + v.acceptable - 1.0).abs() < 1e-5);
+        assert_eq!(
+            v.probabilities, classes_only.probabilities,
+            "classes unchanged"
+        );
+    }
+    // By the states alone the part is a defect: the most probable defect class is named.
+    assert_eq!(s.decide(&image).outcome, Outcome::Defect);
+    assert_eq!(s.decide(&image).class, 0);
 }
