@@ -185,3 +185,40 @@ fn configs_whose_windows_cannot_fit_are_refused_naming_the_keys() {
     let ok = Tiles::new(config(123, Some(16.0 / 9.0)), &image, &limits).unwrap();
     assert!((ok.max_aspect_ratio - 16.0 / 9.0).abs() < 1e-9);
 }
+
+#[test]
+fn bad_regions_and_frames_are_errors_naming_the_request() {
+    let pre = tiled(&[1.0, 0.5], 64);
+    let bytes = png(pattern(300, 200));
+    let region = |x, y, width, height| {
+        Some(Region {
+            x,
+            y,
+            width,
+            height,
+        })
+    };
+    for (r, what) in [
+        (region(250, 0, 100, 100), "region of interest"),
+        (region(0, 0, 0, 50), "region of interest"),
+    ] {
+        // (Mapped first: a failing unwrap_err would print every tensor.)
+        let err = pre
+            .views("request r-3", &bytes, r)
+            .map(|v| v.tensors.len())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("request r-3: ") && err.contains(what),
+            "{err}"
+        );
+    }
+    // A 1×1 region at the corner is fine: too small for any window, it is the whole view.
+    let corner = pre.views("r", &bytes, region(299, 199, 1, 1)).unwrap();
+    assert_eq!((corner.windows.len(), corner.origin), (0, (299, 199)));
+    // A 1×16384 line: refused by its aspect ratio before any pixel is decoded.
+    let line = png(RgbImage::new(1, 16384));
+    let err = pre.plan("request r-4", &line, None).unwrap_err();
+    assert_eq!(err.code(), "TOO_LARGE");
+    assert!(err.to_string().starts_with("request r-4: "), "{err}");
+}
