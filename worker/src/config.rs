@@ -62,6 +62,9 @@ pub struct Settings {
     /// `camera_id` and `line_id` (globs); the first matching route wins.
     #[serde(default)]
     pub routes: Vec<crate::routing::RouteConfig>,
+    /// The few-shot exemplar bank's bound.
+    #[serde(default)]
+    pub exemplars: crate::exemplars::ExemplarSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -74,6 +77,9 @@ pub struct KafkaSettings {
     pub input_topics: Vec<String>,
     pub verdict_topic: String,
     pub dlq_topic: String,
+    /// The few-shot exemplar bank: a compacted topic (key `profile/id`) every worker reads
+    /// from the beginning before taking requests, then follows.
+    pub exemplar_topic: String,
     /// Static group membership (`group.instance.id`): a restarted worker gets its partitions
     /// back at once. On Kubernetes, the pod name.
     pub instance_id: Option<String>,
@@ -131,6 +137,7 @@ impl Default for KafkaSettings {
             input_topics: vec!["clipqc.requests".into()],
             verdict_topic: "clipqc.verdicts".into(),
             dlq_topic: "clipqc.dlq".into(),
+            exemplar_topic: "clipqc.exemplars".into(),
             instance_id: None,
             default_encoding: Encoding::Protobuf,
             verdict_encoding: Encoding::Protobuf,

@@ -13,6 +13,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod exemplars;
 pub mod fetch;
 pub mod gpu;
 pub mod http;

@@ -96,6 +96,20 @@ fn describe() {
         "Views per model batch (whole frames and windows of tiled profiles)."
     );
     describe_counter!(
+        "clipqc_exemplars_skipped_total",
+        "Exemplar records the bank refused, by reason (unknown profile or class, another \
+         model's, malformed, bank full)."
+    );
+    describe_gauge!(
+        "clipqc_exemplars",
+        "Exemplars in a profile's few-shot bank, per class."
+    );
+    describe_gauge!(
+        "clipqc_exemplar_catch_up_seconds",
+        Unit::Seconds,
+        "How long reading the exemplar topic to its end took at start."
+    );
+    describe_counter!(
         "clipqc_views_total",
         "Views the model embedded for decided records: one whole-frame view per record, plus \
          every window of a tiled profile (its rate is windows per second)."
@@ -249,6 +263,23 @@ pub fn capture_to_verdict(seconds: f64) {
 pub fn batch(size: usize, max_size: usize) {
     histogram!("clipqc_batch_size").record(size as f64);
     histogram!("clipqc_batch_fill_ratio").record(size as f64 / max_size.max(1) as f64);
+}
+
+/// An exemplar record the bank refused (`reason`: unknown_profile, unknown_class,
+/// other_model, malformed, full).
+pub fn exemplar_skipped(reason: &'static str) {
+    counter!("clipqc_exemplars_skipped_total", "reason" => reason).increment(1);
+}
+
+/// Exemplars a profile's bank holds of one class.
+pub fn exemplars(profile: &str, class: &str, n: usize) {
+    gauge!("clipqc_exemplars", "profile" => profile.to_string(), "class" => class.to_string())
+        .set(n as f64);
+}
+
+/// How long reading the exemplar topic to its end took at start.
+pub fn exemplar_catch_up(seconds: f64) {
+    gauge!("clipqc_exemplar_catch_up_seconds").set(seconds);
 }
 
 /// A record decided on `n` views (its whole frame and its windows).

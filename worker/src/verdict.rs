@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use crate::preprocess::PreprocessError;
 use crate::proto::v1::{
     ClassScore, DefectRegion, Error as VerdictError, ErrorCode, Heatmap, InspectionRequest,
-    ModelInfo, Outcome as ProtoOutcome, SourceRecord, StageLatencies, Verdict,
+    ModelInfo, NearestExemplar, Outcome as ProtoOutcome, SourceRecord, StageLatencies, Verdict,
 };
 use crate::request::RequestError;
 use crate::score::{Decision, Outcome, Scorer};
@@ -160,6 +160,11 @@ pub fn decided(
         })
         .collect();
     v.views = 1;
+    v.nearest_exemplar = decision.nearest.as_ref().map(|n| NearestExemplar {
+        id: n.id.clone(),
+        class: classes[n.class].name.clone(),
+        similarity: n.similarity,
+    });
     if let Some(l) = &decision.localization {
         v.views = l.views;
         v.regions = l

@@ -111,6 +111,7 @@ mod tests {
             anomaly_score: 0.9,
             probabilities: vec![0.9, 0.1],
             localization,
+            nearest: None,
         }
     }
 

@@ -106,6 +106,19 @@ pub fn deps(
         model: model.clone(),
         fetcher: Fetcher::new(settings.fetch.clone())?,
         router: settings.router().map_err(anyhow::Error::msg)?,
+        // Read to the end before the consumer joins its group: the first verdict already
+        // sees every exemplar published before the worker started.
+        exemplars: crate::exemplars::follow::Exemplars::start(
+            &settings.kafka,
+            brokers,
+            crate::exemplars::follow::BankContext {
+                profiles: settings.profiles().into_iter().collect(),
+                model_hash: artifact.model_hash(),
+                dim: artifact.manifest.embedding_dim,
+                settings: settings.exemplars,
+            },
+            Duration::from_secs(120),
+        )?,
         notifier: Notifier::start(
             &settings.notify.webhooks,
             &pipeline::worker_id(&settings.kafka),
@@ -139,6 +152,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             let mut topics = settings.kafka.input_topics.clone();
             topics.push(settings.kafka.verdict_topic.clone());
             topics.push(settings.kafka.dlq_topic.clone());
+            topics.push(settings.kafka.exemplar_topic.clone());
             for t in &topics {
                 mock.create_topic(t, args.embedded_partitions, 1)
                     .with_context(|| format!("create topic {t}"))?;

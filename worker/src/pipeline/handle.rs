@@ -352,7 +352,12 @@ async fn decide<'a>(
     }
     lat.inference_seconds = t.elapsed().as_secs_f64();
     metrics::views(embeddings.len());
-    let decision = profile.scorer.decide_views(&embeddings, &windows, origin);
+    // One snapshot of the bank for the whole record.
+    let bank = shared.exemplars.load();
+    let decision =
+        profile
+            .scorer
+            .decide_views_with(&embeddings, &windows, origin, bank.profile(name));
     Ok((request, profile, decision))
 }
 

@@ -76,6 +76,8 @@ pub struct Deps {
     pub notifier: Notifier,
     /// Profiles and regions for requests that name none, by camera and line.
     pub router: crate::routing::Router,
+    /// The few-shot exemplar bank, read to the end of its topic and followed.
+    pub exemplars: crate::exemplars::follow::Exemplars,
 }
 
 /// What a run did, for tests and the exit log.
@@ -96,6 +98,7 @@ struct Shared {
     worker_id: String,
     profiles: HashMap<String, Profile>,
     router: crate::routing::Router,
+    exemplars: crate::exemplars::follow::SharedBank,
     model_info: ModelInfo,
     fetcher: Fetcher,
     sink: Sink,
@@ -143,6 +146,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         kafka: deps.kafka,
         profiles: deps.profiles,
         router: deps.router,
+        exemplars: deps.exemplars.bank.clone(),
         model_info: deps.model_info,
         fetcher: deps.fetcher,
         sink: deps.sink,

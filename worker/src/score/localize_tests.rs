@@ -19,6 +19,7 @@ fn profile() -> ProfileConfig {
         view: Default::default(),
         tiles: Some(tiles()),
         states: None,
+        exemplars: Default::default(),
         classes: vec![
             class("scratch", true),
             class("chip", true),
@@ -33,6 +34,7 @@ fn view(p: &[f32]) -> ViewScore {
         probabilities: p.to_vec(),
         anomaly: p[0] + p[1],
         acceptable: p[2],
+        nearest: None,
     }
 }
 

@@ -21,8 +21,9 @@ pub mod profile;
 use serde::Serialize;
 
 pub use localize::{DefectRegion, Heatmap, Localization};
-pub use profile::{ClassConfig, ProfileConfig, StatesConfig};
+pub use profile::{ClassConfig, ExemplarWeights, ProfileConfig, StatesConfig};
 
+use crate::exemplars::ProfileBank;
 use crate::model::artifact::{Manifest, Scoring};
 use crate::model::{Embeddings, ModelError, PromptTokenizer, TokenBatch};
 use crate::preprocess::Window;
@@ -75,6 +76,8 @@ pub struct Decision {
     pub probabilities: Vec<f32>,
     /// For a tiled profile: the heatmap and the regions.
     pub localization: Option<Localization>,
+    /// The profile's exemplar nearest to the whole-frame view (none while its bank is empty).
+    pub nearest: Option<NearestExemplar>,
 }
 
 /// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
@@ -120,6 +123,17 @@ pub struct ViewScore {
     pub probabilities: Vec<f32>,
     pub anomaly: f32,
     pub acceptable: f32,
+    /// The nearest exemplar of the profile's bank (its index there) and its cosine.
+    pub nearest: Option<(usize, f32)>,
+}
+
+/// The exemplar nearest to a decided part's whole-frame view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NearestExemplar {
+    pub id: String,
+    /// Index into the profile's classes.
+    pub class: usize,
+    pub similarity: f32,
 }
 
 /// A profile ready to score: its class embeddings computed and normalised.
@@ -208,14 +222,19 @@ impl Scorer {
 
     /// Probabilities per class for one image embedding.
     pub fn probabilities(&self, image_embedding: &[f32]) -> Vec<f32> {
-        let img = normalized(image_embedding);
-        let logits: Vec<f32> = self
-            .class_embeddings
+        self.activate(&self.logits(&normalized(image_embedding)))
+    }
+
+    fn logits(&self, unit: &[f32]) -> Vec<f32> {
+        self.class_embeddings
             .iter()
-            .map(|c| self.logit_scale * dot(&img, c) + self.logit_bias)
-            .collect();
+            .map(|c| self.logit_scale * dot(unit, c) + self.logit_bias)
+            .collect()
+    }
+
+    fn activate(&self, logits: &[f32]) -> Vec<f32> {
         match self.scoring {
-            Scoring::Softmax => softmax(&logits),
+            Scoring::Softmax => softmax(logits),
             Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
         }
     }
@@ -224,7 +243,32 @@ impl Scorer {
     /// own: `softmax(logit_scale × cosine)` over normal and anomalous, whatever the model
     /// family, as the window-scoring literature does.
     pub fn view(&self, embedding: &[f32]) -> ViewScore {
-        let probabilities = self.probabilities(embedding);
+        self.view_with(embedding, None, false)
+    }
+
+    /// [`Self::view`] with the profile's exemplar bank: each class's logit gains
+    /// `alpha × exp(−beta × (1 − s))`, `s` the cosine of the class's nearest exemplar (a
+    /// Tip-Adapter-style cache with the nearest entry per class; `exemplars.alpha` and
+    /// `exemplars.beta` of the profile). An empty bank changes nothing, bit for bit. A
+    /// `window` view is compared with the exemplars' windows.
+    pub fn view_with(
+        &self,
+        embedding: &[f32],
+        bank: Option<&ProfileBank>,
+        window: bool,
+    ) -> ViewScore {
+        let unit = normalized(embedding);
+        let mut logits = self.logits(&unit);
+        let mut nearest = None;
+        if let Some(bank) = bank.filter(|b| !b.is_empty()) {
+            let w = &self.profile.exemplars;
+            let a = bank.affinity(&unit, window, logits.len(), w.beta);
+            for (l, a) in logits.iter_mut().zip(&a.per_class) {
+                *l += w.alpha * a;
+            }
+            nearest = a.nearest;
+        }
+        let probabilities = self.activate(&logits);
         let mut anomaly = side_mass(&self.profile, self.scoring, &probabilities, true);
         let mut acceptable = side_mass(&self.profile, self.scoring, &probabilities, false);
         if let Some(([normal, anomalous], weight)) = &self.states {
@@ -238,6 +282,7 @@ impl Scorer {
             probabilities,
             anomaly,
             acceptable,
+            nearest,
         }
     }
 
@@ -256,15 +301,44 @@ impl Scorer {
         windows: &[Window],
         origin: (u32, u32),
     ) -> Decision {
+        self.decide_views_with(embeddings, windows, origin, None)
+    }
+
+    /// [`Self::decide_views`] with the profile's exemplar bank (see [`Self::view_with`]);
+    /// the decision names the exemplar nearest to the whole-frame view.
+    pub fn decide_views_with(
+        &self,
+        embeddings: &[Vec<f32>],
+        windows: &[Window],
+        origin: (u32, u32),
+        bank: Option<&ProfileBank>,
+    ) -> Decision {
+        let nearest = |v: &ViewScore| {
+            let bank = bank?;
+            v.nearest.map(|(i, similarity)| NearestExemplar {
+                id: bank.entry(i).id.clone(),
+                class: bank.entry(i).class,
+                similarity,
+            })
+        };
         assert_eq!(
             embeddings.len(),
             windows.len() + 1,
             "one embedding per view. This is a bug."
         );
         let Some(tiles) = &self.profile.tiles else {
-            return self.decide(&embeddings[0]);
+            let v = self.view_with(&embeddings[0], bank, false);
+            let found = nearest(&v);
+            let mut d = decide_masses(&self.profile, v.probabilities, v.anomaly, v.acceptable);
+            d.nearest = found;
+            return d;
         };
-        let views: Vec<ViewScore> = embeddings.iter().map(|e| self.view(e)).collect();
+        let views: Vec<ViewScore> = embeddings
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.view_with(e, bank, i > 0))
+            .collect();
+        let found = nearest(&views[0]);
         let (probabilities, anomaly, acceptable) =
             localize::aggregate(&self.profile, tiles.aggregate, &views);
         let mut decision = decide_masses(&self.profile, probabilities, anomaly, acceptable);
@@ -276,6 +350,7 @@ impl Scorer {
             &views[1..],
             decision.outcome != Outcome::Pass,
         ));
+        decision.nearest = found;
         decision
     }
 }
@@ -364,6 +439,7 @@ fn decide_masses(
         anomaly_score,
         probabilities,
         localization: None,
+        nearest: None,
     }
 }
 

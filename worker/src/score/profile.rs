@@ -45,7 +45,32 @@ pub struct ProfileConfig {
     /// every view's anomaly score. Unset: the anomaly score is the defect classes' mass.
     #[serde(default)]
     pub states: Option<StatesConfig>,
+    /// How the few-shot exemplar bank weighs in (see the README's Exemplars).
+    #[serde(default)]
+    pub exemplars: ExemplarWeights,
     pub classes: Vec<ClassConfig>,
+}
+
+/// A profile's `exemplars`: each class's logit gains `alpha × exp(−beta × (1 − s))`, `s` the
+/// cosine of the class's nearest exemplar (Tip-Adapter's affinity; its defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExemplarWeights {
+    /// The exemplars' weight against the text prompts, in logit units (0: off).
+    #[schemars(extend("default" = 1.0))]
+    pub alpha: f32,
+    /// How sharply similarity counts: at 5.5 a cosine of 0.9 gives 0.58, 0.7 gives 0.19.
+    #[schemars(extend("default" = 5.5))]
+    pub beta: f32,
+}
+
+impl Default for ExemplarWeights {
+    fn default() -> Self {
+        Self {
+            alpha: 1.0,
+            beta: 5.5,
+        }
+    }
 }
 
 /// A profile's `states`: WinCLIP's compositional prompt ensemble.
@@ -247,6 +272,7 @@ impl ProfileConfig {
             view: View::default(),
             tiles: None,
             states: None,
+            exemplars: ExemplarWeights::default(),
             classes: vec![
                 class(
                     "surface_scratch",

@@ -8,6 +8,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         view: Default::default(),
         tiles: None,
         states: None,
+        exemplars: Default::default(),
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use super::json_schema;
 use crate::proto::v1::{
     inspection_request::Image, ClassScore, DefectRegion, Error, Heatmap, InspectionRequest,
-    ModelInfo, Outcome, SourceRecord, StageLatencies, Verdict,
+    ModelInfo, NearestExemplar, Outcome, SourceRecord, StageLatencies, Verdict,
 };
 use crate::request::{self, Encoding};
 
@@ -107,6 +107,11 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
         }),
         top_label: "边缘缺口".into(),
         views: 4,
+        nearest_exemplar: Some(NearestExemplar {
+            id: "3f2a9c0e1b7d4a55".into(),
+            class: "good_part".into(),
+            similarity: 0.87,
+        }),
     };
     let json = serde_json::to_value(&verdict).unwrap();
     let v = validator("clipqc.v1.Verdict");

@@ -1,0 +1,316 @@
+//! The exemplar topic on Kafka: every worker reads it from the beginning before it takes a
+//! request, then follows it; the CLI publishes exemplars and tombstones to it.
+//!
+//! Guarantees: [`catch_up`] returns only once every partition has been read up to the end it
+//! had when the reading started (so a worker's first verdict already sees every exemplar
+//! published before it started), or errors after `timeout`; the follower thread swaps in a
+//! new bank snapshot only between records (a record is scored against one whole snapshot,
+//! never a half-applied one), and stops when told; a record the bank refuses is logged with
+//! its reason and counted, and the worker goes on. Reading is by assignment, not in a group:
+//! every worker reads every partition, and nothing is committed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{Bank, ExemplarSettings};
+use crate::config::KafkaSettings;
+use crate::metrics;
+use crate::proto::v1::Exemplar;
+use crate::score::ProfileConfig;
+
+/// The bank every record is scored against: a snapshot swapped whole.
+pub type SharedBank = Arc<ArcSwap<Bank>>;
+
+/// The bank and its follower thread, which stops when this is dropped.
+pub struct Exemplars {
+    pub bank: SharedBank,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Exemplars {
+    /// An empty bank that nothing follows (no broker to read from, tests).
+    pub fn empty() -> Self {
+        Self {
+            bank: Arc::new(ArcSwap::from_pointee(Bank::default())),
+            stop: Arc::new(AtomicBool::new(true)),
+            thread: None,
+        }
+    }
+
+    /// [`catch_up`], then follow until dropped.
+    pub fn start(
+        kafka: &KafkaSettings,
+        brokers: &str,
+        ctx: BankContext,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bank, thread) = catch_up(kafka, brokers, ctx, timeout, stop.clone())?;
+        Ok(Self {
+            bank,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Exemplars {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            // It polls every 200 ms; a panic there was logged by the panic hook already.
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the bank is checked against.
+#[derive(Clone)]
+pub struct BankContext {
+    pub profiles: HashMap<String, ProfileConfig>,
+    pub model_hash: String,
+    pub dim: usize,
+    pub settings: ExemplarSettings,
+}
+
+fn reader(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<BaseConsumer> {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in &kafka.properties {
+        cfg.set(k, v);
+    }
+    cfg.set("bootstrap.servers", brokers)
+        // librdkafka wants a group id even for assigned reading; nothing is committed.
+        .set("group.id", format!("{}.exemplar-reader", kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    Ok(cfg.create()?)
+}
+
+/// The topic's partitions and their ends now, or `None` when the topic does not exist.
+fn ends(c: &BaseConsumer, topic: &str) -> anyhow::Result<Option<Vec<(i32, i64)>>> {
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata of the exemplar topic {topic:?}"))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Ok(None);
+    }
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            Ok((p.id(), high))
+        })
+        .collect::<anyhow::Result<_>>()
+        .map(Some)
+}
+
+/// Reads the topic from the beginning to the ends it has now, handing each record's key and
+/// exemplar (`None`: a tombstone) to `each`, and returns the reader positioned after them
+/// (`None` when the topic does not exist).
+pub fn read_to_end(
+    kafka: &KafkaSettings,
+    brokers: &str,
+    timeout: Duration,
+    mut each: impl FnMut(&str, Option<Exemplar>),
+) -> anyhow::Result<Option<BaseConsumer>> {
+    let topic = &kafka.exemplar_topic;
+    let c = reader(kafka, brokers)?;
+    let Some(ends) = ends(&c, topic)? else {
+        return Ok(None);
+    };
+    let mut tpl = TopicPartitionList::new();
+    for (p, _) in &ends {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut next: HashMap<i32, i64> = ends.iter().map(|(p, _)| (*p, 0)).collect();
+    let done = |next: &HashMap<i32, i64>| ends.iter().all(|(p, end)| next[p] >= *end);
+    let started = Instant::now();
+    while !done(&next) {
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "the exemplar topic {topic:?} was not read to its end within {} s \
+                 ({} of {} records)",
+                timeout.as_secs(),
+                next.values().sum::<i64>(),
+                ends.iter().map(|(_, e)| e).sum::<i64>()
+            );
+        }
+        let Some(msg) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = msg.with_context(|| format!("reading the exemplar topic {topic:?}"))?;
+        next.insert(msg.partition(), msg.offset() + 1);
+        handle(&msg, &mut each);
+    }
+    Ok(Some(c))
+}
+
+fn handle(
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+    each: &mut impl FnMut(&str, Option<Exemplar>),
+) {
+    let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+    match msg.payload() {
+        None => each(&key, None),
+        Some(bytes) => match Exemplar::decode(bytes) {
+            Ok(x) => each(&key, Some(x)),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "skipping an exemplar record that is not a clipqc.v1.Exemplar");
+                metrics::exemplar_skipped("malformed");
+            }
+        },
+    }
+}
+
+fn apply(bank: &mut Bank, ctx: &BankContext, key: &str, record: Option<Exemplar>) {
+    let max = ctx.settings.max_per_profile;
+    if let Err(e) = bank.apply(key, record, &ctx.profiles, &ctx.model_hash, ctx.dim, max) {
+        tracing::warn!(error = %e, "exemplar skipped");
+        metrics::exemplar_skipped(e.reason());
+    }
+}
+
+fn publish(shared: &SharedBank, bank: &Bank, ctx: &BankContext) {
+    shared.store(Arc::new(bank.clone()));
+    for (profile, class, n) in bank.counts(&ctx.profiles) {
+        metrics::exemplars(profile, class, n);
+    }
+}
+
+/// Reads the bank to the end of the topic, then follows it on a thread of its own until
+/// `stop` is set. An absent topic is an empty bank (logged), looked for again every 30 s.
+pub fn catch_up(
+    kafka: &KafkaSettings,
+    brokers: &str,
+    ctx: BankContext,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(SharedBank, std::thread::JoinHandle<()>)> {
+    let started = Instant::now();
+    let mut bank = Bank::default();
+    let mut records = 0usize;
+    let reader = read_to_end(kafka, brokers, timeout, |key, record| {
+        records += 1;
+        apply(&mut bank, &ctx, key, record);
+    })?;
+    let shared: SharedBank = Arc::new(ArcSwap::from_pointee(Bank::default()));
+    publish(&shared, &bank, &ctx);
+    let held: usize = ctx
+        .profiles
+        .keys()
+        .filter_map(|p| bank.profile(p))
+        .map(|b| b.bytes())
+        .sum();
+    tracing::info!(
+        topic = kafka.exemplar_topic,
+        records,
+        bytes = held,
+        seconds = started.elapsed().as_secs_f64(),
+        present = reader.is_some(),
+        "exemplar bank read to the end of its topic"
+    );
+    metrics::exemplar_catch_up(started.elapsed().as_secs_f64());
+    let (kafka, brokers, follower_shared) = (kafka.clone(), brokers.to_string(), shared.clone());
+    let thread = std::thread::Builder::new()
+        .name("clipqc-exemplars".into())
+        .spawn(move || follow(kafka, brokers, reader, bank, ctx, follower_shared, stop))
+        .context("starting the exemplar follower thread")?;
+    Ok((shared, thread))
+}
+
+fn follow(
+    kafka: KafkaSettings,
+    brokers: String,
+    mut reader: Option<BaseConsumer>,
+    mut bank: Bank,
+    ctx: BankContext,
+    shared: SharedBank,
+    stop: Arc<AtomicBool>,
+) {
+    let mut dirty = false;
+    let mut looked = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = &reader else {
+            // The topic did not exist: look again now and then (it may be created later).
+            std::thread::sleep(Duration::from_millis(200));
+            if looked.elapsed() > Duration::from_secs(30) {
+                looked = Instant::now();
+                match read_to_end(&kafka, &brokers, Duration::from_secs(120), |k, r| {
+                    apply(&mut bank, &ctx, k, r)
+                }) {
+                    Ok(found) => {
+                        dirty |= found.is_some();
+                        reader = found;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "looking for the exemplar topic"),
+                }
+            }
+            if dirty {
+                publish(&shared, &bank, &ctx);
+                dirty = false;
+            }
+            continue;
+        };
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                handle(&msg, &mut |k, r| apply(&mut bank, &ctx, k, r));
+                dirty = true;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "reading the exemplar topic"),
+            // Idle: whatever arrived is swapped in at once, as one snapshot.
+            None if dirty => {
+                publish(&shared, &bank, &ctx);
+                dirty = false;
+            }
+            None => {}
+        }
+    }
+}
+
+/// A producer for the exemplar topic (the CLI's): idempotent, acknowledged by all replicas.
+pub fn producer(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<FutureProducer> {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in &kafka.properties {
+        cfg.set(k, v);
+    }
+    cfg.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all");
+    Ok(cfg.create()?)
+}
+
+/// Publishes `x` under its key (`profile/id`), or a tombstone for `key` when `x` is `None`.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    x: Option<&Exemplar>,
+) -> anyhow::Result<()> {
+    let payload = x.map(|x| x.encode_to_vec());
+    let mut record = FutureRecord::<str, Vec<u8>>::to(topic).key(key);
+    if let Some(p) = &payload {
+        record = record.payload(p);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("publishing exemplar {key:?} to {topic:?}: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+use super::*;
+use crate::score::ClassConfig;
+
+fn profiles() -> HashMap<String, ProfileConfig> {
+    let mut p = ProfileConfig::builtin_default();
+    p.classes.truncate(1);
+    p.classes.push(ClassConfig {
+        name: "good".into(),
+        label: None,
+        prompts: vec!["a good part".into()],
+        defect: false,
+        threshold: None,
+    });
+    [("brackets".to_string(), p)].into()
+}
+
+fn exemplar(id: &str, class: &str, embedding: Vec<f32>) -> Exemplar {
+    Exemplar {
+        id: id.into(),
+        profile: "brackets".into(),
+        class: class.into(),
+        dim: embedding.len() as u32,
+        embedding,
+        model_hash: "m1".into(),
+        ..Default::default()
+    }
+}
+
+fn apply(bank: &mut Bank, key: &str, x: Option<Exemplar>) -> Result<(), ExemplarError> {
+    bank.apply(key, x, &profiles(), "m1", 3, 2)
+}
+
+#[test]
+fn adds_replaces_and_removes_by_key() {
+    let mut bank = Bank::default();
+    assert!(bank.profile("brackets").is_none(), "empty: no bank");
+    apply(
+        &mut bank,
+        "brackets/a",
+        Some(exemplar("a", "good", vec![3.0, 0.0, 4.0])),
+    )
+    .unwrap();
+    let b = bank.profile("brackets").unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b.entry(0).whole, [0.6, 0.0, 0.8], "stored as a unit vector");
+    assert_eq!(b.entry(0).class, 1);
+    // The same key again replaces (re-reading the topic is idempotent).
+    apply(
+        &mut bank,
+        "brackets/a",
+        Some(exemplar("a", "surface_scratch", vec![1.0, 0.0, 0.0])),
+    )
+    .unwrap();
+    assert_eq!(bank.profile("brackets").unwrap().len(), 1);
+    assert_eq!(bank.profile("brackets").unwrap().entry(0).class, 0);
+    apply(&mut bank, "brackets/a", None).unwrap();
+    assert!(bank.profile("brackets").is_none(), "a tombstone removes it");
+}
+
+#[test]
+fn refusals_name_the_exemplar_and_the_reason() {
+    let mut bank = Bank::default();
+    let err = |key: &str, x: Exemplar| {
+        let mut bank = Bank::default();
+        apply(&mut bank, key, Some(x)).unwrap_err()
+    };
+    let mut other = exemplar("a", "good", vec![1.0, 0.0, 0.0]);
+    other.model_hash = "m2".into();
+    assert_eq!(err("brackets/a", other).reason(), "other_model");
+    let mut unknown = exemplar("a", "good", vec![1.0, 0.0, 0.0]);
+    unknown.profile = "housings".into();
+    assert_eq!(err("housings/a", unknown).reason(), "unknown_profile");
+    let e = err("brackets/a", exemplar("a", "dent", vec![1.0, 0.0, 0.0]));
+    assert_eq!(e.reason(), "unknown_class");
+    assert!(e.to_string().contains("\"dent\""), "{e}");
+    let e = err("brackets/a", exemplar("a", "good", vec![1.0, 0.0]));
+    assert!(e.to_string().contains("the model's have 3"), "{e}");
+    assert_eq!(
+        err("brackets/b", exemplar("a", "good", vec![1.0, 0.0, 0.0])).reason(),
+        "malformed",
+        "key and id disagree"
+    );
+    let mut nan = exemplar("a", "good", vec![1.0, 0.0, 0.0]);
+    nan.window_embeddings = vec![f32::NAN, 0.0, 0.0];
+    assert_eq!(err("brackets/a", nan).reason(), "malformed");
+    // The bound: two per profile here.
+    for id in ["a", "b"] {
+        apply(
+            &mut bank,
+            &format!("brackets/{id}"),
+            Some(exemplar(id, "good", vec![1.0, 0.0, 0.0])),
+        )
+        .unwrap();
+    }
+    let full = apply(
+        &mut bank,
+        "brackets/c",
+        Some(exemplar("c", "good", vec![1.0, 0.0, 0.0])),
+    )
+    .unwrap_err();
+    assert!(
+        full.to_string().contains("exemplars.max_per_profile"),
+        "{full}"
+    );
+    assert_eq!(
+        bank.profile("brackets").unwrap().len(),
+        2,
+        "nothing past the bound"
+    );
+}
+
+#[test]
+fn affinity_is_the_nearest_exemplar_per_class() {
+    let mut bank = Bank::default();
+    apply(
+        &mut bank,
+        "brackets/g",
+        Some(exemplar("g", "good", vec![1.0, 0.0, 0.0])),
+    )
+    .unwrap();
+    let mut scratch = exemplar("s", "surface_scratch", vec![0.0, 1.0, 0.0]);
+    scratch.window_embeddings = vec![0.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+    apply(&mut bank, "brackets/s", Some(scratch)).unwrap();
+    let b = bank.profile("brackets").unwrap();
+    let a = b.affinity(&[1.0, 0.0, 0.0], false, 2, 5.5);
+    // good: cosine 1 → exp(0) = 1; scratch: cosine 0 → exp(−5.5).
+    assert!((a.per_class[1] - 1.0).abs() < 1e-6);
+    assert!((a.per_class[0] - (-5.5f32).exp()).abs() < 1e-6);
+    assert_eq!(a.nearest, Some((0, 1.0)));
+    // A window is compared with the exemplars' windows (the good one has none: its whole).
+    let w = b.affinity(&[0.0, 0.0, 1.0], true, 2, 5.5);
+    assert!((w.per_class[0] - 1.0).abs() < 1e-6, "{w:?}");
+    assert_eq!(w.nearest, Some((1, 1.0)));
+    assert_eq!(id_of(b"abc").len(), 16);
+}
