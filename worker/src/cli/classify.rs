@@ -5,14 +5,14 @@
 //! failed, so scripts notice.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::config::DEFAULT_PROFILE;
-use crate::model::{DeviceSpec, ImageBatch, PromptTokenizer};
+use crate::config::{Settings, DEFAULT_PROFILE};
+use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelHandle, ModelOwner, PromptTokenizer};
 use crate::preprocess::{Preprocessor, Views};
-use crate::score::{self, Decision, Scorer};
+use crate::score::{self, Decision, ProfileConfig, Scorer};
 
 /// Images per forward pass.
 const BATCH: usize = 16;
@@ -45,27 +45,12 @@ pub struct ClassifyArgs {
 /// Returns whether every image was classified.
 pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     let (settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
-    let tokenizer = PromptTokenizer::load(
-        &artifact.path(crate::model::artifact::TOKENIZER),
-        &artifact.manifest.text,
-    )?;
     let profiles = settings.profiles();
     let profile = profiles
         .get(&args.profile)
         .ok_or_else(|| score::ScoreError::UnknownProfile(args.profile.clone()))?;
-    // Catch over-long prompts before spending time on the model.
-    score::tokenize_profile(&args.profile, profile, &tokenizer)?;
-
-    let (owner, model) = super::spawn_model(&settings, &artifact, args.device)?;
-    let scorer = Scorer::build(
-        &args.profile,
-        profile,
-        &artifact.manifest,
-        &tokenizer,
-        |b| model.embed_texts_blocking(b),
-    )?;
-    let pre = Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, profile)
-        .map_err(|e| anyhow::anyhow!("profile {:?}: {e}", args.profile))?;
+    let (owner, model, scorer, pre) =
+        load_scorer(&settings, &artifact, &args.profile, profile, args.device)?;
 
     if let Some(dir) = &args.overlay {
         std::fs::create_dir_all(dir)
@@ -73,20 +58,86 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     }
     let mut out = std::io::stdout().lock();
     let mut failures = 0usize;
-    for chunk in args.images.chunks(BATCH) {
-        // Every view of every image of the chunk, embedded in batches of BATCH views.
-        let mut rows: Vec<(String, Result<Views, String>)> = Vec::with_capacity(chunk.len());
+    classify_files(&model, &pre, &scorer, &args.images, |path, result| {
+        let name = path.display().to_string();
+        match result {
+            Ok(decision) => {
+                print_decision(&mut out, args.json, &name, &scorer, &decision)?;
+                if let Some(dir) = &args.overlay {
+                    if let Err(e) =
+                        super::overlay::write(dir, &name, &settings.preprocess.limits, &decision)
+                    {
+                        failures += 1;
+                        tracing::error!(image = name, error = %e, "cannot write the overlay");
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                print_error(&mut out, args.json, &name, &e)?;
+            }
+        }
+        Ok(())
+    })?;
+    drop(model);
+    owner.join();
+    if failures > 0 {
+        tracing::error!(
+            failures,
+            total = args.images.len(),
+            "some images could not be classified"
+        );
+    }
+    Ok(failures == 0)
+}
+
+/// The model thread, the profile's scorer (its class embeddings computed) and its
+/// preprocessor. Over-long prompts are refused before the model is loaded.
+pub(crate) fn load_scorer(
+    settings: &Settings,
+    artifact: &Artifact,
+    name: &str,
+    profile: &ProfileConfig,
+    device: Option<DeviceSpec>,
+) -> anyhow::Result<(ModelOwner, ModelHandle, Scorer, Preprocessor)> {
+    let tokenizer = PromptTokenizer::load(
+        &artifact.path(crate::model::artifact::TOKENIZER),
+        &artifact.manifest.text,
+    )?;
+    score::tokenize_profile(name, profile, &tokenizer)?;
+    let (owner, model) = super::spawn_model(settings, artifact, device)?;
+    let scorer = Scorer::build(name, profile, &artifact.manifest, &tokenizer, |b| {
+        model.embed_texts_blocking(b)
+    })?;
+    let pre = Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, profile)
+        .map_err(|e| anyhow::anyhow!("profile {name:?}: {e}"))?;
+    Ok((owner, model, scorer, pre))
+}
+
+/// Score image files as `clipqc run` scores requests (the profile's preprocessing, views and
+/// outcome rules): every view of a chunk of BATCH images is embedded in batches of BATCH
+/// views. `each` gets every path, in order, with its decision or, for an image that could not
+/// be read or decoded, the message naming it; an error from `each` or from the model stops
+/// the loop. `clipqc classify` and `clipqc eval` share this, so they cannot drift apart.
+pub(crate) fn classify_files(
+    model: &ModelHandle,
+    pre: &Preprocessor,
+    scorer: &Scorer,
+    paths: &[PathBuf],
+    mut each: impl FnMut(&Path, Result<Decision, String>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for chunk in paths.chunks(BATCH) {
+        let mut rows: Vec<Result<Views, String>> = Vec::with_capacity(chunk.len());
         let mut tensors = Vec::new();
         for path in chunk {
             let name = path.display().to_string();
             let views = std::fs::read(path)
                 .map_err(|e| format!("{name}: cannot read: {e}"))
                 .and_then(|bytes| pre.views(&name, &bytes, None).map_err(|e| e.to_string()));
-            let views = views.map(|mut v| {
+            rows.push(views.map(|mut v| {
                 tensors.append(&mut v.tensors);
                 v
-            });
-            rows.push((name, views));
+            }));
         }
         let mut embeddings: Vec<Vec<f32>> = Vec::with_capacity(tensors.len());
         for part in tensors.chunks(BATCH) {
@@ -102,41 +153,15 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
             );
         }
         let mut next = embeddings.into_iter();
-        for (name, row) in rows {
-            match row {
-                Ok(views) => {
-                    let own: Vec<Vec<f32>> = next.by_ref().take(1 + views.windows.len()).collect();
-                    let decision = scorer.decide_views(&own, &views.windows, views.origin);
-                    print_decision(&mut out, args.json, &name, &scorer, &decision)?;
-                    if let Some(dir) = &args.overlay {
-                        if let Err(e) = super::overlay::write(
-                            dir,
-                            &name,
-                            &settings.preprocess.limits,
-                            &decision,
-                        ) {
-                            failures += 1;
-                            tracing::error!(image = name, error = %e, "cannot write the overlay");
-                        }
-                    }
-                }
-                Err(e) => {
-                    failures += 1;
-                    print_error(&mut out, args.json, &name, &e)?;
-                }
-            }
+        for (path, row) in chunk.iter().zip(rows) {
+            let decision = row.map(|views| {
+                let own: Vec<Vec<f32>> = next.by_ref().take(1 + views.windows.len()).collect();
+                scorer.decide_views(&own, &views.windows, views.origin)
+            });
+            each(path, decision)?;
         }
     }
-    drop(model);
-    owner.join();
-    if failures > 0 {
-        tracing::error!(
-            failures,
-            total = args.images.len(),
-            "some images could not be classified"
-        );
-    }
-    Ok(failures == 0)
+    Ok(())
 }
 
 fn print_decision(
