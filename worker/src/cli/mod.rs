@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod classify;
+pub mod eval;
 mod overlay;
 pub mod run;
 
@@ -42,6 +43,9 @@ pub enum Command {
     Run(run::RunArgs),
     /// Requests through a broker into verdicts, measured against the model-only ceiling.
     Bench(bench::BenchArgs),
+    /// Measure a profile on labelled images (one sub-folder per label): AUROC, AP, F1-max,
+    /// the operating point for a recall, thresholds to paste; plots and an HTML report.
+    Eval(eval::EvalArgs),
 }
 
 /// Options shared by the commands that load a config file.

@@ -1,0 +1,238 @@
+//! `report.html`: one self-contained file (inline CSS, the plots and thumbnails as data URIs,
+//! no script, nothing fetched), so it can be mailed or archived with the line's records.
+//!
+//! The worst cases are the ten normal images with the highest anomaly score (false alarms,
+//! or the closest to being one) and the ten defective images with the lowest (misses), each
+//! drawn with its verdict as `clipqc classify --overlay` draws it: the outcome's border and,
+//! for a tiled profile, the heatmap and the regions' boxes.
+
+use std::fmt::Write;
+
+use base64::Engine;
+
+use super::report::{outcome, Input, Metrics};
+use super::Record;
+use crate::preprocess::{self, DecodeLimits};
+
+/// Thumbnails fit in this square (pixels).
+const THUMB: u32 = 240;
+const WORST: usize = 10;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.4}"))
+}
+
+fn data_uri(mime: &str, bytes: &[u8]) -> String {
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+pub(crate) fn report(
+    input: &Input,
+    m: &Metrics,
+    roc: &[u8],
+    pr: &[u8],
+    limits: &DecodeLimits,
+) -> String {
+    let mut h = String::with_capacity(64 * 1024);
+    let op = &m.operating_point;
+    let _ = write!(
+        h,
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>clipqc eval: {profile}</title>
+<style>
+body {{ font-family: sans-serif; margin: 24px; color: #222; }}
+table {{ border-collapse: collapse; margin: 8px 0 20px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.plots img {{ width: 48%; min-width: 400px; border: 1px solid #ddd; }}
+.thumbs {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; width: {THUMB}px; font-size: 12px; word-break: break-all; }}
+pre {{ background: #f4f4f4; padding: 10px; }}
+</style></head><body>
+<h1>clipqc eval: profile {profile}</h1>
+<p>Dataset <code>{dataset}</code>, model <code>{model}</code>: {images} images ({normal} normal,
+{defective} defective), {errors} unreadable (left out of the metrics), {seconds:.1} s.</p>
+<h2>Summary</h2>
+<table>
+<tr><th>AUROC</th><td>{auroc}</td></tr>
+<tr><th>average precision</th><td>{ap}</td></tr>
+<tr><th>F1-max (threshold)</th><td>{f1} ({f1t})</td></tr>
+<tr><th>operating point: recall &ge; {min_recall}</th><td>threshold {opt}, recall {opr}</td></tr>
+<tr><th>false-alarm rate there</th><td>{fa}</td></tr>
+<tr><th>suggested review_threshold, REVIEW rate (all / normal)</th><td>{rt}, {rr} / {nrr}</td></tr>
+<tr><th>as configured (review_threshold {crt}): recall, false alarms, REVIEW</th><td>{cr}, {cfa}, {crr}</td></tr>
+</table>
+"#,
+        profile = esc(&m.profile),
+        dataset = esc(&m.dataset),
+        model = esc(&m.model),
+        images = m.images,
+        normal = m.normal,
+        defective = m.defective,
+        errors = m.errors,
+        seconds = m.seconds,
+        auroc = num(m.auroc),
+        ap = num(m.average_precision),
+        f1 = num(m.f1_max),
+        f1t = num(m.f1_threshold),
+        min_recall = op.min_recall,
+        opt = num(op.threshold),
+        opr = num(op.recall),
+        fa = num(op.false_alarm_rate),
+        rt = num(op.review_threshold),
+        rr = num(op.review_rate),
+        nrr = num(op.normal_review_rate),
+        crt = m.as_configured.review_threshold,
+        cr = num(m.as_configured.recall),
+        cfa = num(m.as_configured.false_alarm_rate),
+        crr = num(m.as_configured.review_rate),
+    );
+    if !m.undefined.is_empty() {
+        h += "<ul>";
+        for (k, why) in &m.undefined {
+            let _ = write!(h, "<li>{}: undefined ({})</li>", esc(k), esc(why));
+        }
+        h += "</ul>";
+    }
+    let _ = writeln!(
+        h,
+        "<h2>Curves</h2><div class=\"plots\"><img id=\"roc\" alt=\"ROC curve\" src=\"{}\"> <img id=\"pr\" alt=\"precision-recall curve\" src=\"{}\"></div>",
+        data_uri("image/png", roc),
+        data_uri("image/png", pr)
+    );
+    let _ = writeln!(
+        h,
+        "<h2>Thresholds to paste into the profile</h2><pre>{}</pre>",
+        esc(&m.suggested.toml)
+    );
+
+    h += "<h2>Per folder</h2><table><tr><th>folder</th><th>truth</th><th>class</th><th>images</th><th>PASS</th><th>DEFECT</th><th>REVIEW</th><th>ERROR</th></tr>\n";
+    for (name, s) in &m.per_folder {
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            s.truth,
+            esc(s.class.as_deref().unwrap_or("")),
+            s.images,
+            s.pass,
+            s.defect,
+            s.review,
+            s.error
+        );
+    }
+    h += "</table>\n";
+
+    if let (Some(c), Some(rows)) = (&m.confusion, &m.per_class) {
+        let _ = write!(h, "<h2>Classes (folders named like them)</h2><p>Accuracy {}.</p><table><tr><th>true \\ decided</th>", num(m.accuracy));
+        for name in &c.classes {
+            let _ = write!(h, "<th>{}</th>", esc(name));
+        }
+        h += "<th>precision</th><th>recall</th><th>support</th></tr>\n";
+        for (i, row) in c.matrix.iter().enumerate() {
+            let _ = write!(h, "<tr><td>{}</td>", esc(&c.classes[i]));
+            for v in row {
+                let _ = write!(h, "<td>{v}</td>");
+            }
+            let _ = writeln!(
+                h,
+                "<td>{}</td><td>{}</td><td>{}</td></tr>",
+                num(rows[i].precision),
+                num(rows[i].recall),
+                rows[i].support
+            );
+        }
+        h += "</table>\n";
+    }
+
+    let scored = |defective: bool| {
+        let mut v: Vec<(&Record, f32)> = input
+            .records
+            .iter()
+            .filter(|r| input.data.folders[r.folder].defective == defective)
+            .filter_map(|r| r.result.as_ref().ok().map(|d| (r, d.anomaly_score)))
+            .collect();
+        // False alarms: highest score first; misses: lowest first.
+        v.sort_by(|a, b| {
+            if defective {
+                a.1.total_cmp(&b.1)
+            } else {
+                b.1.total_cmp(&a.1)
+            }
+        });
+        v.truncate(WORST);
+        v
+    };
+    for (title, rows) in [
+        (
+            "Worst false alarms (normal images, highest anomaly_score)",
+            scored(false),
+        ),
+        (
+            "Worst misses (defective images, lowest anomaly_score)",
+            scored(true),
+        ),
+    ] {
+        let _ = write!(h, "<h2>{title}</h2><div class=\"thumbs\">");
+        if rows.is_empty() {
+            h += "<p>none in the dataset</p>";
+        }
+        for (r, score) in rows {
+            let name = r.path.display().to_string();
+            let img = match thumbnail(r, limits) {
+                Ok(uri) => format!("<img alt=\"{}\" src=\"{uri}\">", esc(&name)),
+                Err(e) => format!("<p>cannot draw: {}</p>", esc(&e)),
+            };
+            let _ = write!(
+                h,
+                "<figure>{img}<figcaption>{} {:.4}<br>{}</figcaption></figure>",
+                outcome(r),
+                score,
+                esc(&name)
+            );
+        }
+        h += "</div>\n";
+    }
+    if !m.error_images.is_empty() {
+        h += "<h2>Unreadable images (not in the metrics)</h2><ul>";
+        for e in &m.error_images {
+            let _ = write!(h, "<li>{}</li>", esc(&e.error));
+        }
+        h += "</ul>\n";
+    }
+    h += "</body></html>\n";
+    h
+}
+
+/// The image with its verdict drawn on it, fitted into THUMB×THUMB, as a JPEG data URI.
+fn thumbnail(r: &Record, limits: &DecodeLimits) -> Result<String, String> {
+    let decision = r.result.as_ref().map_err(Clone::clone)?;
+    let name = r.path.display().to_string();
+    let bytes = std::fs::read(&r.path).map_err(|e| format!("{name}: {e}"))?;
+    let mut frame =
+        preprocess::to_rgb8(preprocess::decode(&name, &bytes, limits).map_err(|e| e.to_string())?);
+    crate::cli::overlay::draw(&mut frame, decision);
+    let (w, h) = frame.dimensions();
+    let scale = f64::from(THUMB) / f64::from(w.max(h));
+    let thumb = if scale < 1.0 {
+        let fit = |v: u32| ((f64::from(v) * scale).round() as u32).max(1);
+        image::imageops::thumbnail(&frame, fit(w), fit(h))
+    } else {
+        frame
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(thumb)
+        .write_to(&mut out, image::ImageFormat::Jpeg)
+        .map_err(|e| e.to_string())?;
+    Ok(data_uri("image/jpeg", &out.into_inner()))
+}

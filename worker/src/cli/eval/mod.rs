@@ -1,0 +1,273 @@
+//! `clipqc eval`: measure a profile on labelled images before it goes on the line.
+//!
+//! Guarantees:
+//! - every image is scored by the code `clipqc classify` uses ([`super::classify::classify_files`]:
+//!   the profile's preprocessing, windows, scoring and outcome rules, as `clipqc run`);
+//! - an image that cannot be read or decoded is an `ERROR` row of `scores.csv`, counted under
+//!   `errors` and left out of every metric; the other images are still measured;
+//! - the exit code is 0 whenever the measurement ran, however poor the numbers (a
+//!   measurement, not a test); non-zero only when it could not run (no dataset, no images, no
+//!   image readable, unknown profile, bad model, unwritable `--out`), naming the input;
+//! - `metrics.json` (and `--json`) carry `null` with a reason under `undefined` for a metric
+//!   the data cannot give (one class only), never NaN.
+//!
+//! The metric definitions are in [`metrics`]; what goes into each file in [`report`].
+
+mod dataset;
+mod files;
+mod html;
+pub mod metrics;
+mod plot;
+mod report;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::config::DEFAULT_PROFILE;
+use crate::model::DeviceSpec;
+use crate::score::{Decision, ScoreError};
+
+pub use report::Metrics;
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = report::DEFINITIONS_HELP)]
+pub struct EvalArgs {
+    /// Exported model directory (overrides model.dir from the config).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
+    /// Profile (defect taxonomy) to measure.
+    #[arg(long, default_value = DEFAULT_PROFILE)]
+    pub profile: String,
+    /// auto, cpu, cuda or cuda:N (overrides model.device).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// A sub-folder of good parts (repeatable). Folders named like an acceptable class of the
+    /// profile are normal too; every other folder counts as defective.
+    #[arg(long = "normal", value_name = "FOLDER")]
+    pub normal: Vec<String>,
+    /// The recall the line needs: the operating point is the highest anomaly-score
+    /// threshold that flags at least this share of the defective images.
+    #[arg(long, default_value_t = 0.99, value_parser = recall)]
+    pub min_recall: f64,
+    /// Write metrics.json, scores.csv, roc.png, pr.png and report.html into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print metrics.json to stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// One sub-folder per label (the image-folder layout).
+    pub dataset: PathBuf,
+}
+
+fn recall(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if r > 0.0 && r <= 1.0 {
+        Ok(r)
+    } else {
+        Err(format!("{r} is not in (0, 1]"))
+    }
+}
+
+/// Why `clipqc eval` could not run (exit code 2). Failures of single images are not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("dataset {0}: not a folder")]
+    NotAFolder(PathBuf),
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("dataset {0}: no image files (.jpg .jpeg .png .bmp .tif .tiff) in its sub-folders; expected one sub-folder per label, e.g. good/ and scratch/")]
+    NoImages(PathBuf),
+    #[error("--normal {folder:?}: no such sub-folder in {dataset} (it has: {folders:?})")]
+    NoSuchNormal {
+        folder: String,
+        dataset: PathBuf,
+        folders: Vec<String>,
+    },
+    #[error("--normal {folder:?}: the folder is named like the defect class {class:?}")]
+    NormalIsADefect { folder: String, class: String },
+    #[error("dataset {dataset}: none of its {images} images could be read (first: {first})")]
+    NothingScored {
+        dataset: PathBuf,
+        images: usize,
+        first: String,
+    },
+    #[error("--out {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot draw the plot {0}")]
+    Plot(String),
+    #[error(transparent)]
+    Profile(#[from] ScoreError),
+}
+
+/// One image of the dataset and what became of it.
+pub(crate) struct Record {
+    pub path: PathBuf,
+    /// Index into the dataset's folders.
+    pub folder: usize,
+    pub result: Result<Decision, String>,
+}
+
+/// Always `Ok(true)` when the measurement ran (see the module docs).
+pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
+    let (settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
+    let profiles = settings.profiles();
+    let profile = profiles
+        .get(&args.profile)
+        .ok_or_else(|| EvalError::Profile(ScoreError::UnknownProfile(args.profile.clone())))?;
+    // Everything that can be refused is refused before the model is loaded.
+    let data = dataset::Dataset::scan(&args.dataset, &args.normal, profile)?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|source| EvalError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    if !data.skipped.is_empty() {
+        tracing::warn!(
+            files = data.skipped.len(),
+            first = %data.skipped[0].display(),
+            "skipped files that are not images in a label folder"
+        );
+    }
+    if !data.folders.iter().any(|f| !f.defective) {
+        tracing::warn!(
+            "no folder of good parts: every image counts as defective (name them with --normal)"
+        );
+    }
+
+    let (owner, model, scorer, pre) =
+        super::classify::load_scorer(&settings, &artifact, &args.profile, profile, args.device)?;
+    let started = Instant::now();
+    let paths: Vec<PathBuf> = data.images.iter().map(|(p, _)| p.clone()).collect();
+    let mut progress = Progress::new(paths.len());
+    let mut records = Vec::with_capacity(paths.len());
+    let mut folders = data.images.iter().map(|(_, f)| *f);
+    super::classify::classify_files(&model, &pre, &scorer, &paths, |path, result| {
+        if let Err(e) = &result {
+            tracing::debug!(image = %path.display(), error = %e, "cannot score");
+        }
+        records.push(Record {
+            path: path.to_path_buf(),
+            folder: folders.next().expect("one folder per image"),
+            result,
+        });
+        progress.tick();
+        Ok(())
+    })?;
+    progress.finish();
+    drop(model);
+    owner.join();
+    let seconds = started.elapsed().as_secs_f64();
+    if records.iter().all(|r| r.result.is_err()) {
+        let first = records[0]
+            .result
+            .as_ref()
+            .err()
+            .cloned()
+            .unwrap_or_default();
+        return Err(EvalError::NothingScored {
+            dataset: args.dataset.clone(),
+            images: records.len(),
+            first,
+        }
+        .into());
+    }
+
+    let input = report::Input {
+        args: &args,
+        model: artifact.model_id(),
+        scoring: artifact.manifest.scoring,
+        scorer: &scorer,
+        data: &data,
+        records: &records,
+        seconds,
+    };
+    let metrics = report::Metrics::compute(&input);
+    if let Some(dir) = &args.out {
+        files::write_all(dir, &input, &metrics, &settings.preprocess.limits)?;
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &metrics)?;
+        writeln!(out)?;
+    } else {
+        report::summary(&mut out, &metrics)?;
+        if let Some(dir) = &args.out {
+            writeln!(out, "report: {}", dir.join("report.html").display())?;
+        }
+    }
+    Ok(true)
+}
+
+/// An indicatif bar on a terminal; elsewhere (CI logs, pipes) a plain line on stderr every
+/// 10 s, because a redrawn bar in a log file is one line per redraw.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    done: usize,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(total: usize) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} images  {per_sec}  eta {eta}",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        let now = Instant::now();
+        Self {
+            bar,
+            total,
+            done: 0,
+            started: now,
+            last_line: now,
+        }
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        match &self.bar {
+            Some(bar) => bar.inc(1),
+            None if self.last_line.elapsed() >= Self::EVERY => {
+                self.last_line = Instant::now();
+                self.line();
+            }
+            None => {}
+        }
+    }
+
+    fn line(&self) {
+        let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        eprintln!(
+            "eval: {}/{} images ({:.0} %), {rate:.1} images/s",
+            self.done,
+            self.total,
+            100.0 * self.done as f64 / self.total.max(1) as f64
+        );
+    }
+
+    fn finish(&self) {
+        match &self.bar {
+            Some(bar) => bar.finish_and_clear(),
+            None => self.line(),
+        }
+    }
+}
