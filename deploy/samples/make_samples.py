@@ -2,7 +2,14 @@
 """Synthetic part images for demos, tests and benchmarks: a grey machined part on a darker
 background, with scratches, paint spots or a chipped edge drawn on it (or none).
 
-    python deploy/samples/make_samples.py --out DIR [--count N] [--size WxH] [--seed S]
+    python deploy/samples/make_samples.py --out DIR [--count N] [--size WxH] [--seed S] [--labelled]
+
+--labelled writes a labelled dataset for `clipqc eval` instead: one sub-folder per kind, named
+like the default profile's classes (good_part/ is normal, surface_scratch/, paint_spot/ and
+edge_chip/ are defects), --count images in each:
+
+    python deploy/samples/make_samples.py --labelled --count 20 --out target/samples-labelled
+    clipqc eval --model DIR --out target/eval target/samples-labelled
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 DEFECTS = ("scratch", "spot", "chip", "none")
+# --labelled: each kind's folder, named like the class of the built-in default profile.
+FOLDERS = {"none": "good_part", "scratch": "surface_scratch", "spot": "paint_spot", "chip": "edge_chip"}
 
 
 def synthetic_part(w: int, h: int, rng: random.Random, defect: str) -> Image.Image:
@@ -40,10 +49,18 @@ def main() -> int:
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--size", default="640x480")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labelled", action="store_true", help="one sub-folder per kind, --count images in each")
     args = p.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.labelled:
+        for defect, folder in FOLDERS.items():
+            (args.out / folder).mkdir(exist_ok=True)
+            for i in range(args.count):
+                synthetic_part(w, h, rng, defect).save(args.out / folder / f"part_{i:04d}.jpg", quality=90)
+        print(f"wrote {args.count} images into each of {', '.join(FOLDERS.values())} in {args.out}")
+        return 0
     for i in range(args.count):
         defect = DEFECTS[i % len(DEFECTS)]
         synthetic_part(w, h, rng, defect).save(args.out / f"part_{i:04d}_{defect}.jpg", quality=90)
