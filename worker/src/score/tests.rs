@@ -258,3 +258,82 @@ fn the_states_blend_into_the_anomaly_score_by_their_weight() {
     assert_eq!(s.decide(&image).outcome, Outcome::Defect);
     assert_eq!(s.decide(&image).class, 0);
 }
+
+fn bank_with(entries: &[(&str, &str, Vec<f32>)]) -> crate::exemplars::ProfileBank {
+    let profiles: std::collections::HashMap<String, ProfileConfig> = [(
+        "t".to_string(),
+        profile(&[("scratch", true, None), ("good", false, None)]),
+    )]
+    .into();
+    let mut bank = crate::exemplars::Bank::default();
+    for (id, class, e) in entries {
+        let x = crate::proto::v1::Exemplar {
+            id: id.to_string(),
+            profile: "t".into(),
+            class: class.to_string(),
+            dim: e.len() as u32,
+            embedding: e.clone(),
+            model_hash: "m".into(),
+            ..Default::default()
+        };
+        bank.apply(&format!("t/{id}"), Some(x), &profiles, "m", e.len(), 100)
+            .unwrap();
+    }
+    bank.profile("t").cloned().unwrap_or_default()
+}
+
+#[test]
+fn an_empty_bank_is_the_zero_shot_verdict_bit_for_bit() {
+    let s = scorer(
+        vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        Scoring::Softmax,
+        100.0,
+        0.0,
+    );
+    let image = vec![0.6, 0.8];
+    let empty = crate::exemplars::ProfileBank::default();
+    let zero_shot = s.decide_views(std::slice::from_ref(&image), &[], (0, 0));
+    let with_empty = s.decide_views_with(std::slice::from_ref(&image), &[], (0, 0), Some(&empty));
+    assert_eq!(zero_shot, with_empty);
+    assert_eq!(zero_shot.nearest, None);
+}
+
+#[test]
+fn exemplars_add_their_affinity_to_the_logits_as_hand_computed() {
+    // Classes scratch (x) and good (y); the image is nearer scratch by the prompts alone.
+    let s = scorer(
+        vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        Scoring::Softmax,
+        10.0,
+        0.0,
+    );
+    let image = vec![0.8, 0.6];
+    let before = s.decide(&image);
+    // softmax(10 × [0.8, 0.6]) = [1, e^-2] / (1 + e^-2).
+    assert!((before.anomaly_score - 1.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
+    // A nominal exemplar identical to the image: good gains alpha × exp(0) = 1 (alpha 1).
+    let bank = bank_with(&[
+        ("g1", "good", image.clone()),
+        ("s1", "scratch", vec![1.0, -1.0]),
+    ]);
+    let after = s.decide_views_with(std::slice::from_ref(&image), &[], (0, 0), Some(&bank));
+    // scratch's nearest exemplar has cosine 0.8·0.707 − 0.6·0.707 = 0.1414.
+    let a_scratch = (-5.5f32 * (1.0 - 0.2f32 / 2f32.sqrt())).exp();
+    let logits = [8.0 + a_scratch, 6.0 + 1.0];
+    let expected = 1.0 / (1.0 + (logits[1] - logits[0]).exp());
+    assert!(
+        (after.anomaly_score - expected).abs() < 1e-5,
+        "{} vs {expected}",
+        after.anomaly_score
+    );
+    assert!(
+        after.anomaly_score < before.anomaly_score,
+        "a look-alike nominal part lowers it"
+    );
+    let nearest = after.nearest.unwrap();
+    assert_eq!((nearest.id.as_str(), nearest.class), ("g1", 1));
+    assert!(
+        (nearest.similarity - 1.0).abs() < 1e-6,
+        "the same image: similarity 1"
+    );
+}
