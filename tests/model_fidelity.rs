@@ -2,11 +2,14 @@
 //! token ids vs transformers' CLIPTokenizer and open_clip's tokenizer, pixels vs
 //! CLIPImageProcessor (`view = "center_crop"`) and vs the same resize pasted centred on a
 //! mean-colour square with PIL (`view = "pad"`, the default), image embeddings and class
-//! probabilities vs transformers' CLIPModel under both views.
+//! probabilities vs transformers' CLIPModel under both views; and a tiled profile's window
+//! geometry, window pixels and embeddings, aggregated scores and heatmap vs the same windows
+//! cut and resized with PIL and scored by CLIPModel.
 //! The references were computed by tests/reference/make_fixtures.py.
 
 mod common;
 
+use clipqc::config::PreprocessSettings;
 use clipqc::model::artifact::TOKENIZER;
 use clipqc::model::tch_backend::TchBackend;
 use clipqc::model::{Artifact, Backend, DeviceSpec, ImageBatch, PromptTokenizer};
@@ -275,4 +278,201 @@ fn class_probabilities_match_clip_model() {
             "class probabilities, {view:?}: worst |Δp| vs transformers' CLIPModel {worst:.2e}"
         );
     }
+}
+
+fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// A tiled profile (`profile_tiled`: scales 1, 0.5 and 0.25, overlap 0.5) against
+/// make_fixtures.py's `tiled_reference`, which lays the windows out on its own from the rules
+/// in worker/src/preprocess/windows.rs, cuts and resizes them with PIL and scores every view
+/// with transformers' CLIPModel: the window list exactly; a few windows' pixels (the first and
+/// last of each scale, the middle of the finest) with the pad view's tolerance; every window's
+/// embedding; each view's probabilities; the aggregated probabilities, anomaly score and
+/// heatmap of `decide_views`.
+#[test]
+fn tiled_profile_windows_and_scores_match_the_python_reference() {
+    let artifact = artifact();
+    let index = index();
+    let profile: ProfileConfig = serde_json::from_value(index["profile_tiled"].clone()).unwrap();
+    assert!(profile.tiles.is_some(), "profile_tiled has no tiles");
+    let pre = Preprocessor::for_profile(
+        &artifact.manifest.image,
+        &PreprocessSettings::default(),
+        &profile,
+    )
+    .unwrap();
+    let size = pre.size();
+    let tok = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text).unwrap();
+    let mut backend = TchBackend::load(&artifact, DeviceSpec::Cpu).unwrap();
+    let scorer = Scorer::build("tiled", &profile, &artifact.manifest, &tok, |b| {
+        backend.embed_texts(&b)
+    })
+    .unwrap();
+    let (mut images, mut windows, mut pixel_checks) = (0, 0, 0);
+    let (mut worst_px, mut worst_cos, mut worst_view_p) = (0f32, 1f64, 0f32);
+    let (mut worst_p, mut worst_anomaly, mut worst_heat) = (0f32, 0f32, 0f32);
+    for img in index["images"].as_array().unwrap() {
+        let stem = img["stem"].as_str().unwrap();
+        let Some(reference) = img.get("tiles") else {
+            continue;
+        };
+        let file = fixtures().join(img["file"].as_str().unwrap());
+        let views = pre
+            .views(stem, &std::fs::read(&file).unwrap(), None)
+            .unwrap();
+        assert_eq!(views.origin, (0, 0), "{stem}");
+        assert_eq!(
+            [views.width, views.height].to_vec(),
+            u32s(&img["size"]),
+            "{stem}"
+        );
+
+        // The geometry, exactly.
+        let ours: Vec<Vec<u32>> = views
+            .windows
+            .iter()
+            .map(|w| vec![w.x, w.y, w.side, w.scale as u32])
+            .collect();
+        let theirs: Vec<Vec<u32>> = reference["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        assert_eq!(
+            ours, theirs,
+            "{stem}: the windows differ from Python's layout"
+        );
+        assert_eq!(
+            views.tensors.len(),
+            1 + ours.len(),
+            "{stem}: one tensor per view"
+        );
+
+        // Some windows' pixels.
+        let mut px = 0f32;
+        for i in u32s(&reference["checked_pixels"]) {
+            let path = fixtures().join(format!("ref/{stem}.window{i}.pixels.f32"));
+            let d = max_abs_diff(&views.tensors[1 + i as usize], &read_f32(&path));
+            // Two grey levels, as the other views' (a few values of the small JPEG's windows,
+            // blown up 2-9×, reach the second).
+            assert!(
+                d <= 0.031,
+                "{stem}: window {i} {:?}: pixels differ by {d}",
+                views.windows[i as usize]
+            );
+            px = px.max(d);
+            pixel_checks += 1;
+        }
+
+        // Every view's embedding, in batches as the worker makes them.
+        let mut embeddings: Vec<Vec<f32>> = Vec::with_capacity(views.tensors.len());
+        for chunk in views.tensors.chunks(32) {
+            let mut batch = ImageBatch::new(size);
+            chunk.iter().for_each(|t| batch.push(t));
+            embeddings.extend(
+                backend
+                    .embed_images(&batch)
+                    .unwrap()
+                    .rows()
+                    .map(<[f32]>::to_vec),
+            );
+        }
+        let reference_embeddings =
+            read_f32(&fixtures().join(format!("ref/{stem}.windows_embedding.f32")));
+        let dim = reference_embeddings.len() / ours.len();
+        let cos = embeddings[1..]
+            .iter()
+            .zip(reference_embeddings.chunks_exact(dim))
+            .map(|(a, b)| cosine(a, b))
+            .fold(1f64, f64::min);
+        let view_p = embeddings
+            .iter()
+            .zip(reference["view_probabilities"].as_array().unwrap())
+            .map(|(e, p)| max_abs_diff(&scorer.probabilities(e), &f32s(p)))
+            .fold(0f32, f32::max);
+
+        // The image's scores and heatmap.
+        let decision = scorer.decide_views(&embeddings, &views.windows, views.origin);
+        let dp = max_abs_diff(&decision.probabilities, &f32s(&reference["probabilities"]));
+        let da =
+            (decision.anomaly_score - reference["anomaly_score"].as_f64().unwrap() as f32).abs();
+        let loc = decision
+            .localization
+            .as_ref()
+            .expect("a tiled profile localizes");
+        assert_eq!(loc.views as usize, 1 + ours.len(), "{stem}");
+        let heat = loc.heatmap.as_ref().expect("windows make a heatmap");
+        let r = &reference["heatmap"];
+        assert_eq!(
+            (
+                heat.rows,
+                heat.cols,
+                heat.window,
+                heat.x.clone(),
+                heat.y.clone()
+            ),
+            (
+                r["rows"].as_u64().unwrap() as u32,
+                r["cols"].as_u64().unwrap() as u32,
+                r["window"].as_u64().unwrap() as u32,
+                u32s(&r["x"]),
+                u32s(&r["y"])
+            ),
+            "{stem}: the heatmap's grid"
+        );
+        let dh = max_abs_diff(&heat.scores, &f32s(&r["scores"]));
+        eprintln!(
+            "{stem} tiled: {} windows, {} heatmap {}×{} of {} px; max |Δpixel| {px:.5}; min cosine {cos:.7}; \
+             max |Δp| per view {view_p:.2e}, aggregated {dp:.2e}; |Δanomaly| {da:.2e}; max |Δheat| {dh:.2e}",
+            ours.len(), decision.outcome.as_str(), heat.rows, heat.cols, heat.window
+        );
+        assert!(
+            cos >= 0.9999,
+            "{stem}: window embedding cosine {cos} < 0.9999"
+        );
+        // 1e-3, not the whole view's 1e-4: a 25-pixel window blown up to 224 moves a little
+        // more with a grey level of resize rounding (about 4e-4 at worst per view).
+        assert!(
+            view_p <= 1e-3 && dp <= 1e-3 && da <= 1e-3 && dh <= 1e-3,
+            "{stem}: probabilities {:?} (anomaly {}) vs transformers {} (anomaly {}): per view {view_p}, heatmap {dh}",
+            decision.probabilities, decision.anomaly_score, reference["probabilities"], reference["anomaly_score"]
+        );
+        images += 1;
+        windows += ours.len();
+        worst_px = worst_px.max(px);
+        worst_cos = worst_cos.min(cos);
+        worst_view_p = worst_view_p.max(view_p);
+        worst_p = worst_p.max(dp);
+        worst_anomaly = worst_anomaly.max(da);
+        worst_heat = worst_heat.max(dh);
+    }
+    eprintln!(
+        "tiled worst over {images} images, {windows} windows ({pixel_checks} windows' pixels checked): \
+         Δpixel {worst_px:.5}; cosine {worst_cos:.7}; |Δp| per view {worst_view_p:.2e}, aggregated {worst_p:.2e}; \
+         |Δanomaly| {worst_anomaly:.2e}; |Δheat| {worst_heat:.2e}"
+    );
+    assert!(images >= 8, "only {images} images have a tiled reference");
 }

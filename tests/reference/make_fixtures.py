@@ -9,9 +9,14 @@ Writes:
   images/*         generated test images (JPEG, PNG, BMP, TIFF; RGB, RGBA, 8/16-bit grey)
   ref/*.f32        per image: CLIPImageProcessor pixels (PIL and torchvision backends) and the
                    transformers model's image embedding of them; the pad view's pixels
-                   (pad_view below) and their embedding; little-endian float32
+                   (pad_view below) and their embedding; for the tiled profile
+                   (`profile_tiled`): a few windows' pixels (`{stem}.window{i}.pixels.f32`)
+                   and every window's embedding (`{stem}.windows_embedding.f32`, in window
+                   order, unit length); little-endian float32
   fixtures.json    the index: images, shapes, test profile prompts and reference probabilities
-                   (`probabilities`: the processor's center crop; `probabilities_pad`: pad_view)
+                   (`probabilities`: the processor's center crop; `probabilities_pad`: pad_view;
+                   `tiles`: the tiled profile's windows, per-view and aggregated probabilities,
+                   anomaly score and heatmap, see `tiled_reference`)
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -94,6 +100,23 @@ def pad_dims(size: int, width: int, height: int) -> tuple[int, int]:
     return (size, scaled) if width >= height else (scaled, size)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The processor's RGB conversion (grey replicated, transparency composited on white)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    return Image.fromarray(convert_to_rgb(img, return_numpy=True))
+
+
+def normalized_chw(proc, hwc) -> torch.Tensor:
+    """HWC pixel values (0..255, float) → the processor's rescale and normalise, 1×3×H×W."""
+    import numpy as np
+
+    chw = np.asarray(hwc, dtype=np.float32).transpose(2, 0, 1)
+    chw = proc.rescale(chw, proc.rescale_factor)
+    chw = proc.normalize(chw, proc.image_mean, proc.image_std)
+    return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))[None]
+
+
 def pad_view(proc, img: Image.Image, size: int) -> torch.Tensor:
     """The worker's default `view = "pad"` with PIL: the processor's RGB conversion; the whole
     image resized with BICUBIC (PIL widens the kernel when downscaling: antialiased) so its
@@ -102,9 +125,8 @@ def pad_view(proc, img: Image.Image, size: int) -> torch.Tensor:
     122.77... for CLIP's red, so the padding normalises to 0 and not to a rounded grey); then
     the processor's own rescale and normalise, without its resize and center crop."""
     import numpy as np
-    from transformers.image_transforms import convert_to_rgb
 
-    rgb = Image.fromarray(convert_to_rgb(img, return_numpy=True))
+    rgb = to_rgb(img)
     w, h = pad_dims(size, *rgb.size)
     resized = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
     mean = np.asarray(proc.image_mean, dtype=np.float32)
@@ -112,10 +134,95 @@ def pad_view(proc, img: Image.Image, size: int) -> torch.Tensor:
     canvas[:] = mean / np.float32(proc.rescale_factor)
     left, top = (size - w) // 2, (size - h) // 2
     canvas[top:top + h, left:left + w] = resized
-    chw = canvas.transpose(2, 0, 1)
-    chw = proc.rescale(chw, proc.rescale_factor)
-    chw = proc.normalize(chw, proc.image_mean, proc.image_std)
-    return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))[None]
+    return normalized_chw(proc, canvas)
+
+
+# The tiled profile: the test profile plus multi-scale windows. min_window 16 keeps every
+# scale for every fixture image (the smallest, 150×100, has 25-pixel windows at 0.25).
+TILES = {"scales": [1.0, 0.5, 0.25], "overlap": 0.5, "max_windows": 1000, "min_window": 16}
+TILED_MIN_SHORT = 64  # images with a shorter side under this get no tiled reference
+
+
+def tile_positions(length: int, side: int, stride: float) -> list[int]:
+    """Window starts along an axis, as worker/src/preprocess/windows.rs documents: every
+    `stride` pixels (floored), as many as start before `length - side`, the last flush with
+    the far edge; one at 0 when the window spans the axis."""
+    if side >= length:
+        return [0]
+    n = math.ceil((length - side) / stride - 1e-6) + 1
+    return [math.floor(k * stride + 1e-6) for k in range(n - 1)] + [length - side]
+
+
+def tile_layout(tiles: dict, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Every window (x, y, side, scale index) of a width×height frame: scale by scale in the
+    config's order, then row by row; a scale whose side is under `min_window` is skipped."""
+    short = min(width, height)
+    out = []
+    for index, scale in enumerate(tiles["scales"]):
+        side = min(max(math.ceil(scale * short - 1e-6), 1), short)
+        if side < tiles["min_window"]:
+            continue
+        stride = max(1.0, side * (1.0 - tiles["overlap"]))
+        xs = tile_positions(width, side, stride)
+        for y in tile_positions(height, side, stride):
+            out += [(x, y, side, index) for x in xs]
+    return out
+
+
+def window_view(proc, rgb: Image.Image, window: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """A window as the model sees it: the square cropped from the RGB frame, resized to
+    size×size with BICUBIC (antialiased when downscaling, as pad_view), then rescaled and
+    normalised by the processor."""
+    x, y, side, _ = window
+    crop = rgb.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BICUBIC)
+    return normalized_chw(proc, crop)
+
+
+def tiled_reference(proc, model, text, img: Image.Image, px_pad: torch.Tensor, stem: str, size: int,
+                    profile: dict, ref: Path) -> dict:
+    """The tiled profile on one image with transformers' CLIPModel: each view's softmax
+    probabilities (the whole frame's pad view first, then the windows); aggregated with
+    `aggregate = "max"` (worker/src/score/localize.rs): a defect class its largest probability
+    over the views, an acceptable class the whole view's, the anomaly score the largest
+    defect mass (sum of the defect classes' probabilities) of any view; the heatmap: the
+    finest scale's windows' defect masses, row-major. Writes every window's embedding and the
+    pixels of the first and last window of each scale and of the middle one of the finest."""
+    rgb = to_rgb(img)
+    windows = tile_layout(profile["tiles"], *rgb.size)
+    pixels = torch.cat([window_view(proc, rgb, w, size) for w in windows])
+    # One pass of the model over the views: their embeddings (unit length, as CLIPModel
+    # returns them: compare by cosine) and their probabilities.
+    embeddings, views = [], []
+    for chunk in torch.cat([px_pad, pixels]).split(64):
+        output = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=chunk)
+        embeddings.append(output.image_embeds)
+        views += output.logits_per_image.softmax(-1).tolist()
+    torch.cat(embeddings)[1:].numpy().astype("<f4").tofile(ref / f"{stem}.windows_embedding.f32")
+
+    finest = min(w[2] for w in windows)
+    fine = [i for i, w in enumerate(windows) if w[2] == finest]
+    checked = set()
+    for scale in {w[3] for w in windows}:
+        of = [i for i, w in enumerate(windows) if w[3] == scale]
+        checked |= {of[0], of[-1]}
+    checked.add(fine[len(fine) // 2])
+    for i in sorted(checked):
+        pixels[i].numpy().astype("<f4").tofile(ref / f"{stem}.window{i}.pixels.f32")
+
+    defect = [c["defect"] for c in profile["classes"]]
+    mass = [sum(p for p, d in zip(v, defect) if d) for v in views]
+    probabilities = [max(v[c] for v in views) if d else views[0][c] for c, d in enumerate(defect)]
+    xs = sorted({windows[i][0] for i in fine})
+    ys = sorted({windows[i][1] for i in fine})
+    return {
+        "windows": [list(w) for w in windows],
+        "checked_pixels": sorted(checked),
+        "view_probabilities": views,
+        "probabilities": probabilities,
+        "anomaly_score": max(mass),
+        "heatmap": {"rows": len(ys), "cols": len(xs), "window": finest, "x": xs, "y": ys,
+                    "scores": [mass[1 + i] for i in fine]},
+    }
 
 
 def main() -> int:
@@ -171,7 +278,8 @@ def main() -> int:
     }
     prompts = [c["prompts"][0] for c in profile["classes"]]
     text = tokenizer(prompts, padding="max_length", max_length=context, return_tensors="pt")
-    index = {"images": [], "profile": profile, "context_length": context}
+    profile_tiled = {**profile, "tiles": TILES}
+    index = {"images": [], "profile": profile, "profile_tiled": profile_tiled, "context_length": context}
     for name, img in write_images(out / "images", rng):
         stem = name.rsplit(".", 1)[0]
         px_pil = pil_proc(images=img, return_tensors="pt")["pixel_values"]
@@ -188,8 +296,12 @@ def main() -> int:
         px_pil[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_pil.f32")
         px_tv[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.pixels_tv.f32")
         emb[0].numpy().astype("<f4").tofile(out / "ref" / f"{stem}.embedding.f32")
-        index["images"].append({"file": f"images/{name}", "stem": stem, "size": list(img.size), "mode": img.mode,
-                                "probabilities": probs, "probabilities_pad": logits_pad.softmax(-1)[0].tolist()})
+        entry = {"file": f"images/{name}", "stem": stem, "size": list(img.size), "mode": img.mode,
+                 "probabilities": probs, "probabilities_pad": logits_pad.softmax(-1)[0].tolist()}
+        if min(img.size) >= TILED_MIN_SHORT:
+            entry["tiles"] = tiled_reference(pil_proc, model, text, img, px_pad, stem, manifest["image"]["size"],
+                                             profile_tiled, out / "ref")
+        index["images"].append(entry)
     (out / "fixtures.json").write_text(json.dumps(index, indent=1, ensure_ascii=False))
     print(f"wrote {len(strings)} token cases and {len(index['images'])} images to {out}")
     return 0
