@@ -154,6 +154,14 @@ fn metrics_match_scikit_learn_on_fixed_score_vectors() {
         .collect::<serde_json::Map<_, _>>()
         .into();
     let reference = sklearn(&input);
+    // Guard against a vacuous pass: most cases must have compared real numbers.
+    let defined = |key: &str| {
+        cases
+            .keys()
+            .filter(|k| reference[**k][key].is_f64())
+            .count()
+    };
+    assert_eq!((defined("auroc"), defined("ap")), (6, 8), "{reference}");
     for (name, samples) in &cases {
         let r = &reference[name];
         let c = Curve::new(samples);
@@ -330,6 +338,12 @@ fn eval_writes_files_that_agree_plots_and_a_report_a_browser_shows() {
         out.status.success(),
         "exit {:?}: {}",
         out.status,
+        stderr(&out)
+    );
+    // Not a terminal: plain progress lines, the last one at the end.
+    assert!(
+        stderr(&out).contains("eval: 13/13 images (100 %)"),
+        "{}",
         stderr(&out)
     );
     let printed: Value = serde_json::from_slice(&out.stdout).expect("--json prints metrics.json");
