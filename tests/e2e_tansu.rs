@@ -408,3 +408,6 @@ prompts = ["a clean part"]
     );
     assert_eq!(committed(&broker, &topics, 2), ends(&published));
 }
+
+#[path = "e2e_tansu/exemplars.rs"]
+mod exemplars;

@@ -10,6 +10,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => cli::classify::run(args),
         Command::Run(args) => cli::run::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Exemplar(args) => cli::exemplar::run(args),
         Command::Eval(args) => cli::eval::run(args),
     };
     match result {

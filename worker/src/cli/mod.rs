@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod classify;
 pub mod eval;
+pub mod exemplar;
 mod overlay;
 pub mod run;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Requests through a broker into verdicts, measured against the model-only ceiling.
     Bench(bench::BenchArgs),
+    /// The few-shot exemplar bank on the cluster: add images to a profile's class, list, remove.
+    Exemplar(exemplar::ExemplarArgs),
     /// Measure a profile on labelled images (one sub-folder per label): AUROC, AP, F1-max,
     /// the operating point for a recall, thresholds to paste; plots and an HTML report.
     Eval(eval::EvalArgs),

@@ -26,7 +26,7 @@ pub struct TileConfig {
     /// `[1.0, 0.5, 0.25]` looks at the frame in squares of its full height, half and quarter.
     pub scales: Vec<f64>,
     /// How much neighbouring windows of a scale overlap, in [0, 0.9]: the stride is
-    /// `floor(side × (1 − overlap))` pixels.
+    /// `side × (1 − overlap)` pixels (each window's start rounded down).
     #[serde(default = "default_overlap")]
     pub overlap: f64,
     /// The most model inputs one frame may make, the whole-frame view included. A frame that
@@ -109,7 +109,7 @@ impl Window {
     }
 }
 
-/// Slack for floating-point error in the geometry (1/1000 of a pixel).
+/// Slack for floating-point error in the geometry (a millionth of a pixel).
 const EPS: f64 = 1e-6;
 
 /// The positions of windows of `side` along an axis of `len` pixels: every `stride`
