@@ -89,6 +89,22 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
     let id = key.trim_start_matches("default/").to_string();
     assert_eq!(id.len(), 16, "{stdout}");
 
+    // `classify --json` with the same config scores as the workers do: with the bank.
+    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
+        .args(["classify", "--json", "--config"])
+        .arg(dir.path().join("bank-a.toml"))
+        .arg(&image)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        row["nearest_exemplar"]["id"],
+        serde_json::json!(id),
+        "{row}"
+    );
+    assert_eq!(row["outcome"], "DEFECT", "{row}");
+
     // Both workers pick it up (each owns one partition): keep asking until both answered
     // with it, within a minute.
     let deadline = Instant::now() + Duration::from_secs(60);

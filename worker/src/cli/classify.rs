@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::config::{Settings, DEFAULT_PROFILE};
+use crate::exemplars::ProfileBank;
 use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelHandle, ModelOwner, PromptTokenizer};
 use crate::preprocess::{Preprocessor, Views};
 use crate::score::{self, Decision, ProfileConfig, Scorer};
@@ -38,6 +39,10 @@ pub struct ClassifyArgs {
     /// regions' boxes.
     #[arg(long, value_name = "DIR")]
     pub overlay: Option<PathBuf>,
+    /// Score without the profile's few-shot exemplars (by default they are read from
+    /// `kafka.exemplar_topic` when `kafka.brokers` is set, as `clipqc run` scores).
+    #[arg(long)]
+    pub zero_shot: bool,
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -56,29 +61,40 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("--overlay {}: cannot create: {e}", dir.display()))?;
     }
+    let bank = offline_bank(&settings, &artifact, &args.profile, args.zero_shot)?;
     let mut out = std::io::stdout().lock();
     let mut failures = 0usize;
-    classify_files(&model, &pre, &scorer, &args.images, |path, result| {
-        let name = path.display().to_string();
-        match result {
-            Ok(decision) => {
-                print_decision(&mut out, args.json, &name, &scorer, &decision)?;
-                if let Some(dir) = &args.overlay {
-                    if let Err(e) =
-                        super::overlay::write(dir, &name, &settings.preprocess.limits, &decision)
-                    {
-                        failures += 1;
-                        tracing::error!(image = name, error = %e, "cannot write the overlay");
+    classify_files(
+        &model,
+        &pre,
+        &scorer,
+        bank.as_ref(),
+        &args.images,
+        |path, result| {
+            let name = path.display().to_string();
+            match result {
+                Ok(decision) => {
+                    print_decision(&mut out, args.json, &name, &scorer, &decision)?;
+                    if let Some(dir) = &args.overlay {
+                        if let Err(e) = super::overlay::write(
+                            dir,
+                            &name,
+                            &settings.preprocess.limits,
+                            &decision,
+                        ) {
+                            failures += 1;
+                            tracing::error!(image = name, error = %e, "cannot write the overlay");
+                        }
                     }
                 }
+                Err(e) => {
+                    failures += 1;
+                    print_error(&mut out, args.json, &name, &e)?;
+                }
             }
-            Err(e) => {
-                failures += 1;
-                print_error(&mut out, args.json, &name, &e)?;
-            }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     drop(model);
     owner.join();
     if failures > 0 {
@@ -114,6 +130,40 @@ pub(crate) fn load_scorer(
     Ok((owner, model, scorer, pre))
 }
 
+/// The profile's exemplar bank as the workers have it: read from `kafka.exemplar_topic` to
+/// its end when `kafka.brokers` is set (and `zero_shot` is not), else none.
+pub(crate) fn offline_bank(
+    settings: &Settings,
+    artifact: &Artifact,
+    profile: &str,
+    zero_shot: bool,
+) -> anyhow::Result<Option<ProfileBank>> {
+    let Some(brokers) = settings.kafka.brokers.as_deref().filter(|_| !zero_shot) else {
+        return Ok(None);
+    };
+    let profiles = settings.profiles().into_iter().collect();
+    let mut bank = crate::exemplars::Bank::default();
+    crate::exemplars::follow::read_to_end(
+        &settings.kafka,
+        brokers,
+        std::time::Duration::from_secs(120),
+        |key, x| {
+            let (hash, dim) = (artifact.model_hash(), artifact.manifest.embedding_dim);
+            let max = settings.exemplars.max_per_profile;
+            if let Err(e) = bank.apply(key, x, &profiles, &hash, dim, max) {
+                tracing::warn!(error = %e, "exemplar skipped");
+            }
+        },
+    )?;
+    let found = bank.profile(profile).cloned();
+    tracing::info!(
+        profile,
+        exemplars = found.as_ref().map_or(0, ProfileBank::len),
+        "scoring with the profile's exemplar bank"
+    );
+    Ok(found)
+}
+
 /// Score image files as `clipqc run` scores requests (the profile's preprocessing, views and
 /// outcome rules): every view of a chunk of BATCH images is embedded in batches of BATCH
 /// views. `each` gets every path, in order, with its decision or, for an image that could not
@@ -123,6 +173,7 @@ pub(crate) fn classify_files(
     model: &ModelHandle,
     pre: &Preprocessor,
     scorer: &Scorer,
+    bank: Option<&ProfileBank>,
     paths: &[PathBuf],
     mut each: impl FnMut(&Path, Result<Decision, String>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
@@ -156,7 +207,7 @@ pub(crate) fn classify_files(
         for (path, row) in chunk.iter().zip(rows) {
             let decision = row.map(|views| {
                 let own: Vec<Vec<f32>> = next.by_ref().take(1 + views.windows.len()).collect();
-                scorer.decide_views(&own, &views.windows, views.origin)
+                scorer.decide_views_with(&own, &views.windows, views.origin, bank)
             });
             each(path, decision)?;
         }
@@ -189,6 +240,10 @@ fn print_decision(
             "scores": scores,
             "views": d.localization.as_ref().map_or(1, |l| l.views),
         });
+        if let Some(n) = &d.nearest {
+            row["nearest_exemplar"] =
+                json!({"id": n.id, "class": classes[n.class].name, "similarity": n.similarity});
+        }
         if let Some(l) = &d.localization {
             row["regions"] = l
                 .regions

@@ -58,6 +58,10 @@ pub struct EvalArgs {
     /// Print metrics.json to stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+    /// Measure without the profile's few-shot exemplars (by default they are read from
+    /// `kafka.exemplar_topic` when `kafka.brokers` is set, as `clipqc run` scores).
+    #[arg(long)]
+    pub zero_shot: bool,
     /// One sub-folder per label (the image-folder layout).
     pub dataset: PathBuf,
 }
@@ -151,18 +155,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let mut progress = Progress::new(paths.len());
     let mut records = Vec::with_capacity(paths.len());
     let mut folders = data.images.iter().map(|(_, f)| *f);
-    super::classify::classify_files(&model, &pre, &scorer, &paths, |path, result| {
-        if let Err(e) = &result {
-            tracing::debug!(image = %path.display(), error = %e, "cannot score");
-        }
-        records.push(Record {
-            path: path.to_path_buf(),
-            folder: folders.next().expect("one folder per image"),
-            result,
-        });
-        progress.tick();
-        Ok(())
-    })?;
+    let bank = super::classify::offline_bank(&settings, &artifact, &args.profile, args.zero_shot)?;
+    super::classify::classify_files(
+        &model,
+        &pre,
+        &scorer,
+        bank.as_ref(),
+        &paths,
+        |path, result| {
+            if let Err(e) = &result {
+                tracing::debug!(image = %path.display(), error = %e, "cannot score");
+            }
+            records.push(Record {
+                path: path.to_path_buf(),
+                folder: folders.next().expect("one folder per image"),
+                result,
+            });
+            progress.tick();
+            Ok(())
+        },
+    )?;
     progress.finish();
     drop(model);
     owner.join();
