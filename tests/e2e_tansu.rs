@@ -411,3 +411,6 @@ prompts = ["a clean part"]
 
 #[path = "e2e_tansu/exemplars.rs"]
 mod exemplars;
+
+#[path = "e2e_tansu/feedback.rs"]
+mod feedback;

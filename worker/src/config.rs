@@ -80,6 +80,9 @@ pub struct KafkaSettings {
     /// The few-shot exemplar bank: a compacted topic (key `profile/id`) every worker reads
     /// from the beginning before taking requests, then follows.
     pub exemplar_topic: String,
+    /// Operators' answers about parts (`clipqc.v1.Feedback`), turned into exemplars by the
+    /// workers (their group `<group_id>.feedback` shares the topic's partitions).
+    pub feedback_topic: String,
     /// Static group membership (`group.instance.id`): a restarted worker gets its partitions
     /// back at once. On Kubernetes, the pod name.
     pub instance_id: Option<String>,
@@ -138,6 +141,7 @@ impl Default for KafkaSettings {
             verdict_topic: "clipqc.verdicts".into(),
             dlq_topic: "clipqc.dlq".into(),
             exemplar_topic: "clipqc.exemplars".into(),
+            feedback_topic: "clipqc.feedback".into(),
             instance_id: None,
             default_encoding: Encoding::Protobuf,
             verdict_encoding: Encoding::Protobuf,

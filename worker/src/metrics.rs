@@ -100,6 +100,11 @@ fn describe() {
         "Exemplar records the bank refused, by reason (unknown profile or class, another \
          model's, malformed, bank full)."
     );
+    describe_counter!(
+        "clipqc_feedback_total",
+        "Operator feedback records handled, by result: applied (became an exemplar), ignored \
+         (the profile's feedback policy), refused (also dead-lettered)."
+    );
     describe_gauge!(
         "clipqc_exemplars",
         "Exemplars in a profile's few-shot bank, per class."
@@ -269,6 +274,12 @@ pub fn batch(size: usize, max_size: usize) {
 /// other_model, malformed, full).
 pub fn exemplar_skipped(reason: &'static str) {
     counter!("clipqc_exemplars_skipped_total", "reason" => reason).increment(1);
+}
+
+/// A feedback record handled: `applied` (it became an exemplar), `ignored` (the profile's
+/// policy), `refused` (unknown profile or class, no image, fetch or decode failed).
+pub fn feedback(result: &'static str) {
+    counter!("clipqc_feedback_total", "result" => result).increment(1);
 }
 
 /// Exemplars a profile's bank holds of one class.

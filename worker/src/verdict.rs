@@ -72,7 +72,9 @@ pub mod stage {
     pub const INTERNAL: &str = "internal";
     /// The broker refused the record's verdict for good.
     pub const PUBLISH: &str = "publish";
-    pub const ALL: [&str; 7] = [
+    /// Operator feedback that cannot become an exemplar (its dead letter).
+    pub const FEEDBACK: &str = "feedback";
+    pub const ALL: [&str; 8] = [
         DECODE_REQUEST,
         FETCH,
         DECODE_IMAGE,
@@ -80,6 +82,7 @@ pub mod stage {
         MODEL,
         INTERNAL,
         PUBLISH,
+        FEEDBACK,
     ];
 }
 

@@ -15,6 +15,7 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::exemplars::feedback::{self, FeedbackDeps};
 use crate::fetch::Fetcher;
 use crate::http::{self, Readiness};
 use crate::metrics;
@@ -153,6 +154,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             topics.push(settings.kafka.verdict_topic.clone());
             topics.push(settings.kafka.dlq_topic.clone());
             topics.push(settings.kafka.exemplar_topic.clone());
+            if !settings.kafka.feedback_topic.is_empty() {
+                topics.push(settings.kafka.feedback_topic.clone());
+            }
             for t in &topics {
                 mock.create_topic(t, args.embedded_partitions, 1)
                     .with_context(|| format!("create topic {t}"))?;
@@ -190,11 +194,38 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         });
         let deps = deps(&settings, &brokers, &artifact, &model, profiles, readiness)?;
         tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
-        essential(
+        // Operator feedback into exemplars, beside the intake loop; its failure stops the
+        // worker too (a worker that silently stopped learning would look healthy).
+        let feedback = FeedbackDeps::new(
+            &settings,
+            &brokers,
+            &artifact,
+            &model,
+            deps.exemplars.bank.clone(),
+        )?
+        .map(|f| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let done = feedback::run(f, stop.clone()).await;
+                if done.is_err() {
+                    stop.cancel();
+                }
+                done
+            })
+        });
+        let intake = essential(
             "the intake loop",
-            tokio::spawn(pipeline::run(deps, shutdown)),
+            tokio::spawn(pipeline::run(deps, shutdown.clone())),
         )
-        .await
+        .await;
+        shutdown.cancel();
+        let learned = match feedback {
+            Some(f) => essential("the feedback loop", f).await,
+            None => Ok(()),
+        };
+        let stats = intake?;
+        learned?;
+        anyhow::Ok(stats)
     });
     // Tasks still running after a failure (a webhook delivery, a fetch) must not keep a
     // worker that has stopped working alive: give them a moment, then exit regardless.

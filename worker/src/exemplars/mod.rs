@@ -11,6 +11,7 @@
 //! whole-frame exemplar of ViT-B/32 is about 2.2 KiB, one with 24 windows about 51 KiB) plus
 //! about 200 bytes of id and bookkeeping. Pure data: no Kafka, no tokio.
 
+pub mod feedback;
 pub mod follow;
 
 use std::collections::HashMap;
@@ -84,7 +85,15 @@ pub struct Entry {
     pub class: usize,
     pub whole: Vec<f32>,
     pub windows: Vec<Vec<f32>>,
+    /// When it was added (seconds since the epoch; 0 when unknown).
+    pub added_at: i64,
+    /// Whether operator feedback made it (its source starts with [`FEEDBACK_SOURCE`]):
+    /// only those are removed to keep a class under the feedback policy's cap.
+    pub from_feedback: bool,
 }
+
+/// How an exemplar made from operator feedback names its source.
+pub const FEEDBACK_SOURCE: &str = "feedback:";
 
 /// One profile's exemplars.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -265,6 +274,8 @@ impl Bank {
             class,
             whole: normalized(&x.embedding),
             windows: x.window_embeddings.chunks(dim).map(normalized).collect(),
+            added_at: x.added_at.map_or(0, |t| t.seconds),
+            from_feedback: x.source.starts_with(FEEDBACK_SOURCE),
         };
         let bank = self.profiles.entry(x.profile.clone()).or_default();
         let full = bank.entries.len() >= max;

@@ -20,6 +20,7 @@ fn profile() -> ProfileConfig {
         tiles: Some(tiles()),
         states: None,
         exemplars: Default::default(),
+        feedback: Default::default(),
         classes: vec![
             class("scratch", true),
             class("chip", true),

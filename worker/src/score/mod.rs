@@ -21,7 +21,9 @@ pub mod profile;
 use serde::Serialize;
 
 pub use localize::{DefectRegion, Heatmap, Localization};
-pub use profile::{ClassConfig, ExemplarWeights, ProfileConfig, StatesConfig};
+pub use profile::{
+    ClassConfig, ExemplarWeights, FeedbackPolicy, Learn, ProfileConfig, StatesConfig,
+};
 
 use crate::exemplars::ProfileBank;
 use crate::model::artifact::{Manifest, Scoring};

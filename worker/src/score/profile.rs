@@ -48,7 +48,45 @@ pub struct ProfileConfig {
     /// How the few-shot exemplar bank weighs in (see the README's Exemplars).
     #[serde(default)]
     pub exemplars: ExemplarWeights,
+    /// Which operator feedback becomes exemplars of this profile.
+    #[serde(default)]
+    pub feedback: FeedbackPolicy,
     pub classes: Vec<ClassConfig>,
+}
+
+/// A profile's `feedback`: which operator answers become exemplars, and how many per class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackPolicy {
+    pub learn: Learn,
+    /// The most exemplars of one class that feedback keeps: past it, the oldest feedback
+    /// exemplars of the class are removed (exemplars added with the CLI are never removed).
+    pub max_per_class: usize,
+}
+
+impl Default for FeedbackPolicy {
+    fn default() -> Self {
+        Self {
+            learn: Learn::Corrections,
+            max_per_class: 100,
+        }
+    }
+}
+
+/// Which feedback a profile learns from.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Learn {
+    /// Answers that correct the verdict's class, and confirmed REVIEWs (and answers that do
+    /// not say what the verdict was).
+    #[default]
+    Corrections,
+    /// Every answer.
+    All,
+    /// None: feedback is counted and ignored.
+    Off,
 }
 
 /// A profile's `exemplars`: each class's logit gains `alpha × exp(−beta × (1 − s))`, `s` the
@@ -273,6 +311,7 @@ impl ProfileConfig {
             tiles: None,
             states: None,
             exemplars: ExemplarWeights::default(),
+            feedback: FeedbackPolicy::default(),
             classes: vec![
                 class(
                     "surface_scratch",

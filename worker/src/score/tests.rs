@@ -9,6 +9,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         tiles: None,
         states: None,
         exemplars: Default::default(),
+        feedback: Default::default(),
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {

@@ -1,0 +1,388 @@
+//! Operator feedback into exemplars: the workers read `kafka.feedback_topic` as one consumer
+//! group (`<group_id>.feedback`), and each record the profile's policy accepts becomes an
+//! exemplar of the class the operator named, published to the exemplar topic that every
+//! worker follows.
+//!
+//! Guarantees: a record's offset is stored only after its exemplar (or its dead letter) was
+//! acknowledged, records of a partition in order (one at a time: feedback is people's pace),
+//! so a crash repeats work and never skips it; the exemplar's key is the profile and a hash of
+//! the image, so a record handled twice (a rebalance, two workers, a restart) still makes one
+//! exemplar; feedback naming an unknown profile or class, without an image, whose image cannot
+//! be fetched or decoded, is refused with a reason (log, `clipqc_feedback_total{result=
+//! "refused"}`, and the record on the dead-letter topic with the usual headers) and the loop
+//! goes on; a class over the policy's cap loses its oldest feedback exemplars (tombstones).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use tokio_util::sync::CancellationToken;
+
+use super::follow::{self, SharedBank};
+use super::{id_of, FEEDBACK_SOURCE};
+use crate::config::KafkaSettings;
+use crate::fetch::Fetcher;
+use crate::metrics;
+use crate::model::{ImageBatch, ModelHandle};
+use crate::preprocess::Preprocessor;
+use crate::proto::v1::{feedback, inspection_request, Exemplar, Feedback, SourceRecord};
+use crate::score::{Learn, ProfileConfig};
+use crate::sink::{Record, Sink};
+
+/// What the feedback loop needs (built by `clipqc run`).
+pub struct FeedbackDeps {
+    pub kafka: KafkaSettings,
+    pub brokers: String,
+    pub profiles: HashMap<String, (ProfileConfig, Preprocessor)>,
+    pub fetcher: Fetcher,
+    pub model: ModelHandle,
+    pub model_hash: String,
+    pub dim: usize,
+    pub bank: SharedBank,
+    /// For the exemplars and the dead letters.
+    pub sink: Sink,
+}
+
+impl FeedbackDeps {
+    /// `None` when `kafka.feedback_topic` is empty (feedback off).
+    pub fn new(
+        settings: &crate::config::Settings,
+        brokers: &str,
+        artifact: &crate::model::Artifact,
+        model: &ModelHandle,
+        bank: SharedBank,
+    ) -> anyhow::Result<Option<Self>> {
+        if settings.kafka.feedback_topic.is_empty() {
+            return Ok(None);
+        }
+        let profiles = settings
+            .profiles()
+            .into_iter()
+            .map(|(name, p)| {
+                let pre =
+                    Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, &p)
+                        .map_err(|e| anyhow::anyhow!("profile {name:?}: {e}"))?;
+                Ok((name, (p, pre)))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Some(Self {
+            kafka: settings.kafka.clone(),
+            brokers: brokers.into(),
+            profiles,
+            fetcher: Fetcher::new(settings.fetch.clone())?,
+            model: model.clone(),
+            model_hash: artifact.model_hash(),
+            dim: artifact.manifest.embedding_dim,
+            bank,
+            sink: Sink::new(&settings.kafka, brokers)?,
+        }))
+    }
+}
+
+/// Why a feedback record makes no exemplar.
+#[derive(Debug)]
+enum Outcome {
+    Applied(String),
+    Ignored(&'static str),
+    Refused(String),
+}
+
+/// Reads feedback until `shutdown`; errors only when the consumer cannot be made or fails
+/// for good.
+pub async fn run(deps: FeedbackDeps, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in &deps.kafka.properties {
+        cfg.set(k, v);
+    }
+    cfg.set("bootstrap.servers", &deps.brokers)
+        .set("group.id", format!("{}.feedback", deps.kafka.group_id))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer = cfg.create()?;
+    consumer.subscribe(&[deps.kafka.feedback_topic.as_str()])?;
+    let deps = Arc::new(deps);
+    loop {
+        let msg = tokio::select! {
+            m = consumer.recv() => m,
+            _ = shutdown.cancelled() => break,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the feedback topic");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let outcome = handle(&deps, &msg, &shutdown).await;
+        let source = format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset());
+        let stored = match outcome {
+            Ok(Outcome::Applied(key)) => {
+                tracing::info!(
+                    feedback = source,
+                    exemplar = key,
+                    "feedback became an exemplar"
+                );
+                metrics::feedback("applied");
+                true
+            }
+            Ok(Outcome::Ignored(why)) => {
+                tracing::info!(
+                    feedback = source,
+                    why,
+                    "feedback ignored by the profile's policy"
+                );
+                metrics::feedback("ignored");
+                true
+            }
+            Ok(Outcome::Refused(reason)) => {
+                tracing::warn!(feedback = source, reason, "feedback refused");
+                metrics::feedback("refused");
+                dead_letter(&deps, &msg, &reason, &shutdown).await
+            }
+            // The exemplar was not acknowledged (shutting down): leave the offset.
+            Err(e) => {
+                tracing::warn!(feedback = source, error = %e, "feedback left for later");
+                false
+            }
+        };
+        if stored {
+            consumer.store_offset_from_message(&msg)?;
+        }
+    }
+    // Commit what was stored before leaving the group.
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
+
+async fn handle(
+    deps: &FeedbackDeps,
+    msg: &BorrowedMessage<'_>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let payload = msg.payload().unwrap_or_default();
+    let json = content_type(msg).is_some_and(|c| c.contains("json"));
+    let fb = if json {
+        serde_json::from_slice::<Feedback>(payload).map_err(|e| e.to_string())
+    } else {
+        Feedback::decode(payload).map_err(|e| e.to_string())
+    };
+    let fb = match fb {
+        Ok(fb) => fb,
+        Err(e) => return Ok(Outcome::Refused(format!("not a clipqc.v1.Feedback: {e}"))),
+    };
+    let Some((profile, pre)) = deps.profiles.get(&fb.profile) else {
+        return Ok(Outcome::Refused(format!(
+            "unknown profile {:?}",
+            fb.profile
+        )));
+    };
+    if !profile.classes.iter().any(|c| c.name == fb.true_class) {
+        let names: Vec<&str> = profile.classes.iter().map(|c| c.name.as_str()).collect();
+        return Ok(Outcome::Refused(format!(
+            "profile {:?} has no class {:?} (its classes: {names:?})",
+            fb.profile, fb.true_class
+        )));
+    }
+    match profile.feedback.learn {
+        Learn::Off => return Ok(Outcome::Ignored("the profile's feedback.learn is off")),
+        Learn::Corrections
+            if fb.predicted_class == fb.true_class && fb.predicted_outcome != "OUTCOME_REVIEW" =>
+        {
+            return Ok(Outcome::Ignored(
+                "it confirms a verdict that was not REVIEW (feedback.learn = corrections)",
+            ))
+        }
+        _ => {}
+    }
+    let image = match &fb.image {
+        Some(feedback::Image::Uri(u)) => inspection_request::Image::Uri(u.clone()),
+        Some(feedback::Image::InlineData(d)) => inspection_request::Image::InlineData(d.clone()),
+        None => return Ok(Outcome::Refused("no image (uri or inline_data)".into())),
+    };
+    let bytes = match deps.fetcher.fetch(&image).await {
+        Ok(b) => b,
+        Err(e) => return Ok(Outcome::Refused(format!("fetching its image: {e}"))),
+    };
+    let input = format!("feedback for request {:?}", fb.request_id);
+    let (pre, model, raw) = (pre.clone(), deps.model.clone(), bytes.clone());
+    let embedded = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, String> {
+        let views = pre.views(&input, &raw, None).map_err(|e| e.to_string())?;
+        let mut rows = Vec::with_capacity(views.tensors.len());
+        for part in views.tensors.chunks(16) {
+            let mut batch = ImageBatch::new(pre.size());
+            for t in part {
+                batch.push(t);
+            }
+            let e = model
+                .embed_images_blocking(batch)
+                .map_err(|e| e.to_string())?;
+            rows.extend(e.rows().map(<[f32]>::to_vec));
+        }
+        Ok(rows)
+    })
+    .await?;
+    let rows = match embedded {
+        Ok(r) => r,
+        Err(e) => return Ok(Outcome::Refused(e)),
+    };
+    let source = msg_source(msg);
+    let x = Exemplar {
+        id: id_of(&bytes),
+        profile: fb.profile.clone(),
+        class: fb.true_class.clone(),
+        embedding: rows[0].clone(),
+        window_embeddings: rows[1..].concat(),
+        dim: deps.dim as u32,
+        model_hash: deps.model_hash.clone(),
+        source: format!(
+            "{FEEDBACK_SOURCE}{}/{}/{} request {}",
+            source.topic, source.partition, source.offset, fb.request_id
+        ),
+        added_by: fb.operator.clone(),
+        added_at: fb.decided_at.or_else(|| Some(now())),
+    };
+    let key = format!("{}/{}", x.profile, x.id);
+    publish(deps, &key, Some(&x), shutdown).await?;
+    trim(deps, profile, &fb.profile, &x, shutdown).await?;
+    Ok(Outcome::Applied(key))
+}
+
+/// Keeps the class's feedback exemplars at the policy's cap (counting the one just added,
+/// which may not be in the bank snapshot yet): the oldest go.
+async fn trim(
+    deps: &FeedbackDeps,
+    profile: &ProfileConfig,
+    name: &str,
+    added: &Exemplar,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let class = profile
+        .classes
+        .iter()
+        .position(|c| c.name == added.class)
+        .expect("checked before. This is a bug.");
+    let bank = deps.bank.load();
+    let Some(b) = bank.profile(name) else {
+        return Ok(());
+    };
+    let mut ours: Vec<(i64, &str)> = b
+        .entries()
+        .iter()
+        .filter(|e| e.class == class && e.from_feedback && e.id != added.id)
+        .map(|e| (e.added_at, e.id.as_str()))
+        .collect();
+    let cap = profile.feedback.max_per_class.max(1);
+    if ours.len() < cap {
+        return Ok(());
+    }
+    ours.sort();
+    for (_, id) in &ours[..ours.len() + 1 - cap] {
+        let key = format!("{name}/{id}");
+        tracing::info!(
+            exemplar = key,
+            cap,
+            "removing the oldest feedback exemplar of its class"
+        );
+        publish(deps, &key, None, shutdown).await?;
+    }
+    Ok(())
+}
+
+async fn publish(
+    deps: &FeedbackDeps,
+    key: &str,
+    x: Option<&Exemplar>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let payload = x.map(|x| x.encode_to_vec()).unwrap_or_default();
+    let record = Record {
+        topic: &deps.kafka.exemplar_topic,
+        key: Some(key.as_bytes()),
+        payload: &payload,
+        headers: vec![],
+    };
+    if x.is_none() {
+        // A tombstone has no payload at all, which the sink's records cannot say.
+        let producer = follow::producer(&deps.kafka, &deps.brokers)?;
+        return follow::send(&producer, &deps.kafka.exemplar_topic, key, None).await;
+    }
+    deps.sink
+        .send(&record, shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("publishing exemplar {key:?}: {e}"))
+}
+
+async fn dead_letter(
+    deps: &FeedbackDeps,
+    msg: &BorrowedMessage<'_>,
+    reason: &str,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut headers: Vec<(String, Vec<u8>)> = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let failure = crate::verdict::Failure::new(
+        crate::proto::v1::ErrorCode::InvalidRequest,
+        crate::verdict::stage::FEEDBACK,
+        reason,
+    );
+    headers.extend(
+        crate::verdict::dlq_headers(&msg_source(msg), &failure)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_bytes())),
+    );
+    let record = Record {
+        topic: &deps.kafka.dlq_topic,
+        key: msg.key(),
+        payload: msg.payload().unwrap_or_default(),
+        headers,
+    };
+    match deps.sink.send(&record, shutdown).await {
+        Ok(()) => {
+            metrics::dead_letter(crate::verdict::stage::FEEDBACK);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the feedback's dead letter was not published");
+            false
+        }
+    }
+}
+
+fn msg_source(msg: &BorrowedMessage<'_>) -> SourceRecord {
+    SourceRecord {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+    }
+}
+
+fn content_type<'a>(msg: &'a BorrowedMessage<'_>) -> Option<&'a str> {
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
+fn now() -> pbjson_types::Timestamp {
+    let d = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
