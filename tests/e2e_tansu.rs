@@ -414,3 +414,6 @@ mod exemplars;
 
 #[path = "e2e_tansu/feedback.rs"]
 mod feedback;
+
+#[path = "e2e_tansu/reload.rs"]
+mod reload;

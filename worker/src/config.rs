@@ -299,6 +299,9 @@ pub struct PipelineSettings {
     /// `/healthz` answers 503 when records are in flight and none has finished for this
     /// long (a model call that never returns): the orchestrator restarts the worker. 0: off.
     pub stall_timeout_ms: u64,
+    /// `clipqc run --config FILE`: how often the file is read for changed profiles and routes,
+    /// which are applied without a restart (other keys take one). 0: not watched.
+    pub config_reload_ms: u64,
 }
 
 impl Default for PipelineSettings {
@@ -309,6 +312,7 @@ impl Default for PipelineSettings {
             drain_timeout_ms: 20_000,
             max_model_failures: 3,
             stall_timeout_ms: 300_000,
+            config_reload_ms: 2_000,
         }
     }
 }

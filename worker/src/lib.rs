@@ -23,6 +23,7 @@ pub mod notify;
 pub mod offsets;
 pub mod pipeline;
 pub mod preprocess;
+pub mod profiles;
 pub mod proto;
 pub mod request;
 pub mod routing;

@@ -45,6 +45,10 @@ pub fn install() -> PrometheusHandle {
     counter!("clipqc_model_batch_failures_total").absolute(0);
     counter!("clipqc_consumer_pauses_total").absolute(0);
     counter!("clipqc_record_panics_total").absolute(0);
+    counter!("clipqc_profile_reloads_total").absolute(0);
+    for reason in PROFILE_RELOAD_FAILURES {
+        counter!("clipqc_profile_reload_failures_total", "reason" => reason).absolute(0);
+    }
     gauge!("clipqc_publish_stalled_records").set(0.0);
     // Queue gauges change only when records come and go; an idle worker holds none.
     for name in [
@@ -113,6 +117,30 @@ fn describe() {
         "clipqc_exemplar_catch_up_seconds",
         Unit::Seconds,
         "How long reading the exemplar topic to its end took at start."
+    );
+    describe_counter!(
+        "clipqc_profile_reloads_total",
+        "Config file changes applied while running (profiles or routes swapped in)."
+    );
+    describe_counter!(
+        "clipqc_profile_reload_failures_total",
+        "Config file changes refused (the profiles in service kept), by reason: unreadable, \
+         invalid (does not load or validate), build (a changed profile could not be built)."
+    );
+    describe_gauge!(
+        "clipqc_profile_info",
+        "1 for each profile's version in service (the hash verdicts carry), 0 for versions it \
+         replaced."
+    );
+    describe_gauge!(
+        "clipqc_profile_reload_seconds",
+        Unit::Seconds,
+        "How long the last applied config change took, from reading the file to the swap \
+         (changed profiles' prompts embedded)."
+    );
+    describe_gauge!(
+        "clipqc_config_restart_pending",
+        "1 while the config file differs from the running settings in keys that take a restart."
     );
     describe_counter!(
         "clipqc_views_total",
@@ -291,6 +319,31 @@ pub fn exemplars(profile: &str, class: &str, n: usize) {
 /// How long reading the exemplar topic to its end took at start.
 pub fn exemplar_catch_up(seconds: f64) {
     gauge!("clipqc_exemplar_catch_up_seconds").set(seconds);
+}
+
+/// Why a config change was refused (the `reason` label).
+pub const PROFILE_RELOAD_FAILURES: [&str; 3] = ["unreadable", "invalid", "build"];
+
+/// A config change applied while running, in `took`.
+pub fn profile_reloaded(took: Duration) {
+    counter!("clipqc_profile_reloads_total").increment(1);
+    gauge!("clipqc_profile_reload_seconds").set(took.as_secs_f64());
+}
+
+/// A config change refused (`reason`: one of [`PROFILE_RELOAD_FAILURES`]).
+pub fn profile_reload_failed(reason: &'static str) {
+    counter!("clipqc_profile_reload_failures_total", "reason" => reason).increment(1);
+}
+
+/// A profile's version in service (`true`) or replaced (`false`).
+pub fn profile_version(profile: &str, version: &str, in_service: bool) {
+    gauge!("clipqc_profile_info", "profile" => profile.to_string(), "version" => version.to_string())
+        .set(if in_service { 1.0 } else { 0.0 });
+}
+
+/// Whether the config file changed in keys that take a restart.
+pub fn config_restart_pending(pending: bool) {
+    gauge!("clipqc_config_restart_pending").set(if pending { 1.0 } else { 0.0 });
 }
 
 /// A record decided on `n` views (its whole frame and its windows).

@@ -23,9 +23,8 @@ use crate::model::artifact::TOKENIZER;
 use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelHandle, PromptTokenizer};
 use crate::notify::Notifier;
 use crate::pipeline::{self, Deps, Profile};
-use crate::preprocess::Preprocessor;
+use crate::profiles;
 use crate::proto::v1::ModelInfo;
-use crate::score::Scorer;
 use crate::sink::Sink;
 use crate::source;
 
@@ -51,31 +50,17 @@ pub fn load_profiles(
     model: &ModelHandle,
 ) -> anyhow::Result<HashMap<String, Profile>> {
     let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
-    let mut profiles = HashMap::new();
-    for (name, p) in settings.profiles() {
-        let scorer = Scorer::build(&name, &p, &artifact.manifest, &tokenizer, |b| {
-            model.embed_texts_blocking(b)
-        })?;
-        let preprocessor =
-            Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, &p)
-                .map_err(|e| anyhow::anyhow!("profile {name:?}: {e}"))?;
-        if let Some(t) = &preprocessor.tiles {
-            tracing::info!(
-                profile = name,
-                max_aspect_ratio = t.max_aspect_ratio,
-                max_windows = t.config.max_windows,
-                "tiled profile: frames up to this aspect ratio fit its windows"
-            );
-        }
-        profiles.insert(
-            name,
-            Profile {
-                scorer,
-                preprocessor,
-            },
-        );
-    }
-    Ok(profiles)
+    let builder = profiles::Builder {
+        manifest: &artifact.manifest,
+        tokenizer: &tokenizer,
+        model,
+        preprocess: &settings.preprocess,
+    };
+    settings
+        .profiles()
+        .into_iter()
+        .map(|(name, p)| Ok((name.clone(), builder.build(&name, &p)?)))
+        .collect()
 }
 
 /// The pipeline's dependencies for `settings`, with the profiles already loaded.
@@ -99,14 +84,14 @@ pub fn deps(
         kafka: settings.kafka.clone(),
         batch: settings.batch,
         pipeline: settings.pipeline,
-        profiles,
+        profiles: profiles::Catalog::new(profiles, settings.router().map_err(anyhow::Error::msg)?)
+            .live(),
         model_info: ModelInfo {
             name: artifact.manifest.name.clone(),
             hash: artifact.model_hash(),
         },
         model: model.clone(),
         fetcher: Fetcher::new(settings.fetch.clone())?,
-        router: settings.router().map_err(anyhow::Error::msg)?,
         // Read to the end before the consumer joins its group: the first verdict already
         // sees every exemplar published before the worker started.
         exemplars: crate::exemplars::follow::Exemplars::start(
@@ -193,6 +178,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             signal.cancel();
         });
         let deps = deps(&settings, &brokers, &artifact, &model, profiles, readiness)?;
+        // Stopped (dropped) before the model thread is joined: it embeds prompts with it.
+        let _watcher = watch_config(&args, &settings, &artifact, &model, &deps)?;
         tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
         // Operator feedback into exemplars, beside the intake loop; its failure stops the
         // worker too (a worker that silently stopped learning would look healthy).
@@ -235,6 +222,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     owner.join();
     drop(embedded);
     Ok(true)
+}
+
+/// `clipqc run --config FILE` with `pipeline.config_reload_ms` > 0: the file is polled for
+/// profile and route changes, applied to the pipeline's catalog (see [`profiles::reload`]).
+fn watch_config(
+    args: &RunArgs,
+    settings: &Settings,
+    artifact: &Artifact,
+    model: &ModelHandle,
+    deps: &Deps,
+) -> anyhow::Result<Option<profiles::reload::Watcher>> {
+    let every = settings.pipeline.config_reload_ms;
+    let Some(path) = args.config.config.clone().filter(|_| every > 0) else {
+        return Ok(None);
+    };
+    let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
+    let mut reloader = profiles::reload::Reloader::new(
+        path,
+        settings,
+        artifact.manifest.clone(),
+        tokenizer,
+        model.clone(),
+        deps.profiles.clone(),
+    );
+    if let Some(updates) = deps.exemplars.updates() {
+        reloader = reloader.with_bank(updates);
+    }
+    let watcher = profiles::reload::Watcher::spawn(reloader, Duration::from_millis(every))
+        .context("starting the config watcher thread")?;
+    Ok(Some(watcher))
 }
 
 /// Await a task the worker cannot live without: its panic becomes an error naming it, so

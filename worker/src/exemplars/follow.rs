@@ -6,11 +6,16 @@
 //! published before it started), or errors after `timeout`; the follower thread swaps in a
 //! new bank snapshot only between records (a record is scored against one whole snapshot,
 //! never a half-applied one), and stops when told; a record the bank refuses is logged with
-//! its reason and counted, and the worker goes on. Reading is by assignment, not in a group:
+//! its reason and counted, and the worker goes on; when the profiles change while the worker
+//! runs ([`Exemplars::updates`]) and some profile's classes differ, the topic is read again
+//! from the beginning with the new profiles (as a worker started now would read it) and the
+//! result swapped in whole (until then records use the old bank, re-indexed by name:
+//! [`super::ProfileBank::for_classes`]). Reading is by assignment, not in a group:
 //! every worker reads every partition, and nothing is committed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +42,11 @@ pub struct Exemplars {
     pub bank: SharedBank,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    updates: Option<ProfileUpdates>,
 }
+
+/// The profiles in service, sent to the follower when they change while the worker runs.
+pub type ProfileUpdates = std::sync::mpsc::Sender<HashMap<String, ProfileConfig>>;
 
 impl Exemplars {
     /// An empty bank that nothing follows (no broker to read from, tests).
@@ -46,7 +55,13 @@ impl Exemplars {
             bank: Arc::new(ArcSwap::from_pointee(Bank::default())),
             stop: Arc::new(AtomicBool::new(true)),
             thread: None,
+            updates: None,
         }
+    }
+
+    /// Where to send the profiles after a live change (`None`: nothing follows the topic).
+    pub fn updates(&self) -> Option<ProfileUpdates> {
+        self.updates.clone()
     }
 
     /// [`catch_up`], then follow until dropped.
@@ -57,11 +72,13 @@ impl Exemplars {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (bank, thread) = catch_up(kafka, brokers, ctx, timeout, stop.clone())?;
+        let (updates, changes) = std::sync::mpsc::channel();
+        let (bank, thread) = catch_up(kafka, brokers, ctx, timeout, stop.clone(), changes)?;
         Ok(Self {
             bank,
             stop,
             thread: Some(thread),
+            updates: Some(updates),
         })
     }
 }
@@ -202,6 +219,7 @@ pub fn catch_up(
     ctx: BankContext,
     timeout: Duration,
     stop: Arc<AtomicBool>,
+    changes: Receiver<HashMap<String, ProfileConfig>>,
 ) -> anyhow::Result<(SharedBank, std::thread::JoinHandle<()>)> {
     let started = Instant::now();
     let mut bank = Bank::default();
@@ -230,23 +248,50 @@ pub fn catch_up(
     let (kafka, brokers, follower_shared) = (kafka.clone(), brokers.to_string(), shared.clone());
     let thread = std::thread::Builder::new()
         .name("clipqc-exemplars".into())
-        .spawn(move || follow(kafka, brokers, reader, bank, ctx, follower_shared, stop))
+        .spawn(move || {
+            follow(
+                kafka,
+                brokers,
+                reader,
+                bank,
+                ctx,
+                follower_shared,
+                stop,
+                changes,
+            )
+        })
         .context("starting the exemplar follower thread")?;
     Ok((shared, thread))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn follow(
     kafka: KafkaSettings,
     brokers: String,
     mut reader: Option<BaseConsumer>,
     mut bank: Bank,
-    ctx: BankContext,
+    mut ctx: BankContext,
     shared: SharedBank,
     stop: Arc<AtomicBool>,
+    changes: Receiver<HashMap<String, ProfileConfig>>,
 ) {
     let mut dirty = false;
     let mut looked = Instant::now();
+    // Profiles changed while running whose re-read failed, tried again every 30 s.
+    let mut pending: Option<(HashMap<String, ProfileConfig>, Instant)> = None;
     while !stop.load(Ordering::Relaxed) {
+        let due = pending.take_if(|(_, at)| at.elapsed() > Duration::from_secs(30));
+        if let Some(profiles) = changes.try_iter().last().or(due.map(|(p, _)| p)) {
+            if let Err((profiles, e)) =
+                reindex(&kafka, &brokers, &mut reader, &mut bank, &mut ctx, profiles)
+            {
+                tracing::warn!(error = %e, "re-reading the exemplar topic for changed profiles (again in 30 s)");
+                pending = Some((profiles, Instant::now()));
+            } else {
+                publish(&shared, &bank, &ctx);
+                dirty = false;
+            }
+        }
         let Some(c) = &reader else {
             // The topic did not exist: look again now and then (it may be created later).
             std::thread::sleep(Duration::from_millis(200));
@@ -281,6 +326,53 @@ fn follow(
             }
             None => {}
         }
+    }
+}
+
+/// The profiles in service changed: when some profile's classes differ (or profiles came or
+/// went), the topic is read from the beginning with them into a new bank, as a worker started
+/// now would read it (exemplars of a class just added are taken, those of a class removed
+/// left out); otherwise the context takes them as they are. On failure nothing changed.
+#[allow(clippy::type_complexity)]
+fn reindex(
+    kafka: &KafkaSettings,
+    brokers: &str,
+    reader: &mut Option<BaseConsumer>,
+    bank: &mut Bank,
+    ctx: &mut BankContext,
+    profiles: HashMap<String, ProfileConfig>,
+) -> Result<(), (HashMap<String, ProfileConfig>, anyhow::Error)> {
+    let classes = |p: &ProfileConfig| p.classes.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    let same = ctx.profiles.len() == profiles.len()
+        && ctx
+            .profiles
+            .iter()
+            .all(|(n, p)| profiles.get(n).is_some_and(|q| classes(p) == classes(q)));
+    if same {
+        ctx.profiles = profiles;
+        return Ok(());
+    }
+    let started = Instant::now();
+    let fresh_ctx = BankContext {
+        profiles,
+        ..ctx.clone()
+    };
+    let mut fresh = Bank::default();
+    let mut records = 0usize;
+    match read_to_end(kafka, brokers, Duration::from_secs(120), |k, r| {
+        records += 1;
+        apply(&mut fresh, &fresh_ctx, k, r);
+    }) {
+        Ok(found) => {
+            tracing::info!(
+                records,
+                seconds = started.elapsed().as_secs_f64(),
+                "exemplar bank read again for the changed profiles' classes"
+            );
+            (*reader, *bank, *ctx) = (found, fresh, fresh_ctx);
+            Ok(())
+        }
+        Err(e) => Err((fresh_ctx.profiles, e)),
     }
 }
 

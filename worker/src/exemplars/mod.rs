@@ -99,6 +99,8 @@ pub const FEEDBACK_SOURCE: &str = "feedback:";
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileBank {
     entries: Vec<Entry>,
+    /// The class names [`Entry::class`] indexes: the profile's when its entries were applied.
+    classes: Vec<String>,
 }
 
 /// The class affinities of one view and its nearest exemplar.
@@ -126,6 +128,35 @@ impl ProfileBank {
 
     pub fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+
+    /// The bank indexed by `classes` (a profile's class names in its order): itself when it
+    /// already is, else a copy with each entry's class found by name, and the entries of
+    /// classes not in `classes` left out. A profile changed while the worker runs is scored
+    /// against a bank indexed by its own classes before the follower has re-read the topic.
+    pub fn for_classes(&self, classes: &[&str]) -> std::borrow::Cow<'_, ProfileBank> {
+        if self.entries.is_empty()
+            || self
+                .classes
+                .iter()
+                .map(String::as_str)
+                .eq(classes.iter().copied())
+        {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let entries = self
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let name = self.classes.get(e.class)?;
+                let class = classes.iter().position(|c| c == name)?;
+                Some(Entry { class, ..e.clone() })
+            })
+            .collect();
+        std::borrow::Cow::Owned(ProfileBank {
+            entries,
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+        })
     }
 
     /// Affinities of a view whose unit embedding is `unit`, over `classes` classes. A window
@@ -278,6 +309,15 @@ impl Bank {
             from_feedback: x.source.starts_with(FEEDBACK_SOURCE),
         };
         let bank = self.profiles.entry(x.profile.clone()).or_default();
+        if !bank
+            .classes
+            .iter()
+            .eq(profile.classes.iter().map(|c| &c.name))
+        {
+            // A bank is applied with one profile definition throughout (the follower
+            // re-reads the topic when the classes change).
+            bank.classes = profile.classes.iter().map(|c| c.name.clone()).collect();
+        }
         let full = bank.entries.len() >= max;
         match bank.entries.iter_mut().find(|e| e.id == entry.id) {
             Some(old) => *old = entry,

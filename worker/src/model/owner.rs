@@ -5,8 +5,11 @@
 //! bounded channel (a full channel makes callers wait: back-pressure, not a growing queue);
 //! each job carries a one-shot channel for its answer, usable from blocking and async code.
 //!
-//! Guarantees: jobs run in arrival order; the thread stops when every [`ModelHandle`] is
-//! dropped, after finishing the jobs already queued; a backend that fails to load is
+//! Guarantees: image jobs run in arrival order; a text job (a profile's prompts, built at
+//! start or when a profile changes while running: rare and small) goes ahead of the image
+//! jobs waiting, so it waits for at most the batch the thread is running, even while the
+//! batcher keeps the queue full; the thread stops when every [`ModelHandle`] is dropped,
+//! after finishing the jobs already queued; a backend that fails to load is
 //! reported by [`ModelOwner::spawn`] and no handle is ever returned for it.
 
 use std::sync::mpsc;
@@ -21,12 +24,17 @@ type Reply = oneshot::Sender<Result<Embeddings, ModelError>>;
 enum Job {
     Images(ImageBatch, Reply),
     Texts(TokenBatch, Reply),
+    /// Wakes an idle thread to take the text jobs waiting.
+    Wake,
 }
 
 /// A cheap, cloneable way to submit work to the model thread.
 #[derive(Clone)]
 pub struct ModelHandle {
     jobs: mpsc::SyncSender<Job>,
+    /// Text jobs, taken before the next image job: a sender blocked on the full `jobs`
+    /// queue beside the batcher could wait for seconds under load.
+    texts: mpsc::Sender<Job>,
     description: std::sync::Arc<str>,
 }
 
@@ -43,6 +51,7 @@ impl ModelOwner {
         F: FnOnce() -> Result<B, ModelError> + Send + 'static,
     {
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(queue.max(1));
+        let (texts_tx, texts_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
         let thread = std::thread::Builder::new()
             .name("clipqc-model".into())
@@ -57,14 +66,10 @@ impl ModelOwner {
                 let _ = ready_tx.send(Ok(backend.describe()));
                 // Ends when every handle (every sender) is gone and the queue is drained.
                 for job in jobs_rx {
-                    match job {
-                        Job::Images(batch, reply) => {
-                            let _ = reply.send(backend.embed_images(&batch));
-                        }
-                        Job::Texts(batch, reply) => {
-                            let _ = reply.send(backend.embed_texts(&batch));
-                        }
+                    for text in texts_rx.try_iter() {
+                        run(&mut backend, text);
                     }
+                    run(&mut backend, job);
                 }
             })
             .map_err(|e| ModelError::Inference(format!("cannot start the model thread: {e}")))?;
@@ -87,6 +92,7 @@ impl ModelOwner {
             },
             ModelHandle {
                 jobs: jobs_tx,
+                texts: texts_tx,
                 description: description.into(),
             },
         ))
@@ -97,6 +103,18 @@ impl ModelOwner {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+fn run(backend: &mut impl Backend, job: Job) {
+    match job {
+        Job::Images(batch, reply) => {
+            let _ = reply.send(backend.embed_images(&batch));
+        }
+        Job::Texts(batch, reply) => {
+            let _ = reply.send(backend.embed_texts(&batch));
+        }
+        Job::Wake => {}
     }
 }
 
@@ -123,9 +141,15 @@ impl ModelHandle {
 
     /// Embed texts, waiting on this thread. Not for use on an async runtime's workers.
     pub fn embed_texts_blocking(&self, batch: TokenBatch) -> Result<Embeddings, ModelError> {
-        self.submit(|r| Job::Texts(batch, r))?
-            .blocking_recv()
-            .map_err(|_| ModelError::Stopped)?
+        let (tx, rx) = oneshot::channel();
+        self.texts
+            .send(Job::Texts(batch, tx))
+            .map_err(|_| ModelError::Stopped)?;
+        // A full queue means a busy thread, which takes the text before its next image job.
+        if let Err(mpsc::TrySendError::Disconnected(_)) = self.jobs.try_send(Job::Wake) {
+            return Err(ModelError::Stopped);
+        }
+        rx.blocking_recv().map_err(|_| ModelError::Stopped)?
     }
 
     /// Submit images and return the receiver of the answer (for async callers: `.await` it).
@@ -153,6 +177,40 @@ mod tests {
         let out = handle.embed_images_blocking(batch).unwrap();
         assert_eq!((out.n, out.dim), (2, 8));
         assert_ne!(out.row(0), out.row(1));
+        drop(handle);
+        owner.join();
+    }
+
+    #[test]
+    fn a_text_job_goes_ahead_of_the_image_jobs_waiting() {
+        let mut fake = FakeBackend::new(8, 4);
+        fake.delay = std::time::Duration::from_millis(200);
+        let (owner, handle) = ModelOwner::spawn(move || Ok(fake), 2).unwrap();
+        let image = || {
+            let mut batch = ImageBatch::new(4);
+            batch.push(&[0.5; 48]);
+            batch
+        };
+        // One running, two waiting (the queue holds two): the batcher under load.
+        let mut waiting: Vec<_> = (0..3)
+            .map(|_| handle.submit_images(image()).unwrap())
+            .collect();
+        let texts = TokenBatch {
+            ids: vec![1, 2],
+            mask: vec![1, 1],
+            n: 1,
+            len: 2,
+        };
+        assert_eq!(handle.embed_texts_blocking(texts).unwrap().n, 1);
+        let mut last = waiting.pop().unwrap();
+        assert!(
+            matches!(last.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "the text was embedded before the last image batch waiting"
+        );
+        assert!(
+            matches!(last.blocking_recv(), Ok(Ok(_))),
+            "the images still get their answers"
+        );
         drop(handle);
         owner.join();
     }

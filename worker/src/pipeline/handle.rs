@@ -17,6 +17,7 @@ use super::{publish, Profile, Shared};
 use crate::config::DEFAULT_PROFILE;
 use crate::metrics;
 use crate::preprocess::Region;
+use crate::profiles::Catalog;
 use crate::proto::v1::{ErrorCode, InspectionRequest, SourceRecord, StageLatencies};
 use crate::request;
 use crate::score::Decision;
@@ -25,19 +26,20 @@ use crate::source;
 use crate::trace_context;
 use crate::verdict::{self, stage, Failure};
 
-/// One record to its verdict (and dead letter), published. Returns whether every record was
+/// One record to its verdict (and dead letter), published, routed and scored with `catalog`
+/// alone (the snapshot taken when the record was started). Returns whether every record was
 /// acknowledged by the broker.
-pub async fn handle(shared: &Shared, msg: &OwnedMessage) -> bool {
+pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> bool {
     let started = Instant::now();
     let source = source_record(msg);
     let trace = trace_context::continue_from(msg);
     let mut latencies = StageLatencies::default();
-    let outcome = decide(shared, msg, &mut latencies).await;
+    let outcome = decide(shared, catalog, msg, &mut latencies).await;
     latencies.total_seconds = started.elapsed().as_secs_f64();
     let now = SystemTime::now();
     let (verdict, failure) = match outcome {
         Ok((request, profile, decision)) => {
-            let v = verdict::decided(
+            let mut v = verdict::decided(
                 &request,
                 &profile.scorer,
                 &decision,
@@ -46,6 +48,7 @@ pub async fn handle(shared: &Shared, msg: &OwnedMessage) -> bool {
                 latencies,
                 now,
             );
+            v.profile_version = profile.version.clone();
             (v, None)
         }
         Err(Stop::Abandon) => return false,
@@ -208,7 +211,8 @@ enum Stop {
 }
 
 async fn decide<'a>(
-    shared: &'a Shared,
+    shared: &Shared,
+    catalog: &'a Catalog,
     msg: &OwnedMessage,
     lat: &mut StageLatencies,
 ) -> Result<Decided<'a>, Stop> {
@@ -238,14 +242,14 @@ async fn decide<'a>(
         width: r.width,
         height: r.height,
     });
-    let (routed, region) = shared.router.resolve(
+    let (routed, region) = catalog.router.resolve(
         &request.camera_id,
         &request.line_id,
         &request.profile,
         requested,
     );
     let name = routed.unwrap_or(DEFAULT_PROFILE);
-    let Some(profile) = shared.profiles.get(name) else {
+    let Some(profile) = catalog.profiles.get(name).map(AsRef::as_ref) else {
         return Err(failed(
             ErrorCode::UnknownProfile,
             stage::DECODE_REQUEST,
@@ -352,12 +356,14 @@ async fn decide<'a>(
     }
     lat.inference_seconds = t.elapsed().as_secs_f64();
     metrics::views(embeddings.len());
-    // One snapshot of the bank for the whole record.
+    // One snapshot of the bank for the whole record, indexed by this profile's classes (the
+    // bank may still be indexed by another version's until the follower has re-read it).
     let bank = shared.exemplars.load();
-    let decision =
-        profile
-            .scorer
-            .decide_views_with(&embeddings, &windows, origin, bank.profile(name));
+    let classes: Vec<&str> = profile.scorer.class_names().collect();
+    let bank = bank.profile(name).map(|b| b.for_classes(&classes));
+    let decision = profile
+        .scorer
+        .decide_views_with(&embeddings, &windows, origin, bank.as_deref());
     Ok((request, profile, decision))
 }
 

@@ -20,7 +20,10 @@
 //! a fatal error, or a dead-letter topic that refuses records do (after draining: `run`
 //! returns the reason, and the process exits non-zero for its orchestrator to restart it);
 //! on shutdown no new record is taken, in-flight ones finish within `drain_timeout`, the
-//! producer is flushed and the stored positions committed synchronously.
+//! producer is flushed and the stored positions committed synchronously. Each record takes
+//! one snapshot of the profiles and routes when it is started (in its partition's offset
+//! order) and is routed, preprocessed and scored against that snapshot alone, however the
+//! profiles change meanwhile ([`crate::profiles`]).
 
 mod ack;
 mod budget;
@@ -28,7 +31,7 @@ mod handle;
 mod infer;
 mod publish;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +61,8 @@ use infer::{BatchItem, Fatal};
 pub struct Profile {
     pub scorer: Scorer,
     pub preprocessor: Preprocessor,
+    /// [`crate::profiles::version`] of its definition, written into its verdicts.
+    pub version: String,
 }
 
 /// Everything the pipeline needs, built by the caller (`clipqc run`, tests).
@@ -65,7 +70,9 @@ pub struct Deps {
     pub kafka: KafkaSettings,
     pub batch: BatchConfig,
     pub pipeline: PipelineSettings,
-    pub profiles: HashMap<String, Profile>,
+    /// The profiles in service and the routes (profiles and regions for requests that name
+    /// none, by camera and line), swapped whole when the config file changes.
+    pub profiles: crate::profiles::Live,
     pub model: ModelHandle,
     pub model_info: ModelInfo,
     pub fetcher: Fetcher,
@@ -74,8 +81,6 @@ pub struct Deps {
     pub sink: Sink,
     /// Webhooks told of published verdicts ([`Notifier::disabled`] for none).
     pub notifier: Notifier,
-    /// Profiles and regions for requests that name none, by camera and line.
-    pub router: crate::routing::Router,
     /// The few-shot exemplar bank, read to the end of its topic and followed.
     pub exemplars: crate::exemplars::follow::Exemplars,
 }
@@ -96,8 +101,7 @@ struct Shared {
     /// Names this worker in each verdict's `clipqc-worker` header: the static member id, or
     /// host name and process id (the pod's name on Kubernetes).
     worker_id: String,
-    profiles: HashMap<String, Profile>,
-    router: crate::routing::Router,
+    profiles: crate::profiles::Live,
     exemplars: crate::exemplars::follow::SharedBank,
     model_info: ModelInfo,
     fetcher: Fetcher,
@@ -126,6 +130,8 @@ pub fn worker_id(kafka: &KafkaSettings) -> String {
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
     let size = deps
         .profiles
+        .load()
+        .profiles
         .values()
         .next()
         .map_or(224, |p| p.preprocessor.size());
@@ -145,7 +151,6 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         worker_id,
         kafka: deps.kafka,
         profiles: deps.profiles,
-        router: deps.router,
         exemplars: deps.exemplars.bank.clone(),
         model_info: deps.model_info,
         fetcher: deps.fetcher,
@@ -354,11 +359,14 @@ impl Intake {
         let ack =
             ack::Acknowledgement::new(self.ledger.clone(), self.consumer.clone(), p, offset, epoch);
         let shared = self.shared.clone();
+        // Taken here, in the partition's offset order, not in the task: tasks may run in any
+        // order, and a later record must never get an older catalog than an earlier one.
+        let catalog = shared.profiles.load_full();
         self.tasks.spawn(async move {
             // A panic anywhere in the record's handling (time arithmetic, a decoder, a
             // serialiser) is the record's failure: an ERROR verdict and a dead letter, never a
             // frozen partition. The state it leaves behind is the record's own.
-            let acked = match AssertUnwindSafe(handle::handle(&shared, &msg))
+            let acked = match AssertUnwindSafe(handle::handle(&shared, &catalog, &msg))
                 .catch_unwind()
                 .await
             {

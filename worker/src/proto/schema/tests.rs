@@ -112,6 +112,7 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
             class: "good_part".into(),
             similarity: 0.87,
         }),
+        profile_version: "5d41402abc4b".into(),
     };
     let json = serde_json::to_value(&verdict).unwrap();
     let v = validator("clipqc.v1.Verdict");
