@@ -289,3 +289,138 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
         assert!(w.terminate(Duration::from_secs(30)), "clean exit");
     }
 }
+
+/// With exemplars counting for much (alpha 50): the class of an exemplar identical to the part
+/// wins, whatever the random model's prompts say.
+const BANKED: &str = r#"
+[profiles.default]
+exemplars = { alpha = 50.0 }
+[[profiles.default.classes]]
+name = "scratch"
+prompts = ["a surface scratch"]
+defect = true
+[[profiles.default.classes]]
+name = "good"
+prompts = ["a clean part"]
+"#;
+
+/// A class inserted first: every class after it moves.
+fn with_dent() -> String {
+    BANKED.replace(
+        "[[profiles.default.classes]]\nname = \"scratch\"",
+        "[[profiles.default.classes]]\nname = \"dent\"\nprompts = [\"a dent\"]\ndefect = true\n\
+         [[profiles.default.classes]]\nname = \"scratch\"",
+    )
+}
+
+fn add_exemplar(config: &Path, class: &str, image: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipqc"))
+        .args(["exemplar", "add", "--profile", "default", "--class", class])
+        .arg("--config")
+        .arg(config)
+        .arg(fixtures().join("images").join(image))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A class added to a profile while the worker runs: the worker reads the exemplar bank again
+/// with the new classes, so an exemplar of the new class that it skipped before now counts,
+/// and the exemplars of the classes that moved keep their class.
+#[test]
+fn a_class_added_while_running_takes_its_exemplars_and_the_others_keep_theirs() {
+    let _serial = serial();
+    let broker = Broker::start();
+    broker.create_topic("clipqc.exemplars", 1);
+    let topics = Topics::create(&broker, "relearn", 1);
+    let images = ImageServer::start(&fixtures().join("images"));
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start_with(&broker, &topics, "relearn-1", true, dir.path(), BANKED);
+    let config = dir.path().join("relearn-1.toml");
+    wait_ready(&worker);
+    // A scratch exemplar the worker knows, and a dent one it skips (the CLI with the new
+    // profile publishes it).
+    add_exemplar(&config, "scratch", "part_640x480.png");
+    let cli = dir.path().join("cli.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&cli, text.replace(BANKED, &with_dent())).unwrap();
+    add_exemplar(&cli, "dent", "part_250.jpg");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while value(
+        &metrics(&worker),
+        "clipqc_exemplars_skipped_total{reason=\"unknown_class\"}",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "{}", worker.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // One request at a time, its verdict the newest one (one partition): each read ends once
+    // it has every verdict so far, so no reader outlives the broker.
+    let asked = std::cell::Cell::new(0);
+    let verdict_for = |image: &str| -> serde_json::Value {
+        produce(&broker, &topics.requests, 1, &images.url(image), 0);
+        asked.set(asked.get() + 1);
+        let all = read_all(
+            &broker,
+            &topics.verdicts,
+            asked.get(),
+            Duration::from_secs(60),
+        );
+        assert_eq!(all.len(), asked.get(), "{}", worker.log_tail());
+        let newest = all.into_iter().max_by_key(|r| r.offset).unwrap();
+        newest.verdict.unwrap()
+    };
+    let nearest = |v: &serde_json::Value| {
+        (
+            v["nearestExemplar"]["class"].as_str().unwrap().to_string(),
+            v["nearestExemplar"]["similarity"].as_f64().unwrap(),
+            v["topClass"].as_str().unwrap().to_string(),
+        )
+    };
+    let scratch = verdict_for("part_640x480.png");
+    let (class, similarity, top) = nearest(&scratch);
+    assert_eq!(
+        (class.as_str(), top.as_str()),
+        ("scratch", "scratch"),
+        "{scratch}"
+    );
+    assert!(similarity > 0.999);
+    let dent = verdict_for("part_250.jpg");
+    assert_eq!(
+        nearest(&dent).0,
+        "scratch",
+        "the dent exemplar is skipped: {dent}"
+    );
+
+    rewrite(&config, BANKED, &with_dent());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&worker.log)
+        .unwrap()
+        .contains("exemplar bank read again")
+    {
+        assert!(Instant::now() < deadline, "{}", worker.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let new = version_of(&with_dent());
+    let dent = verdict_for("part_250.jpg");
+    let (class, similarity, top) = nearest(&dent);
+    assert_eq!((class.as_str(), top.as_str()), ("dent", "dent"), "{dent}");
+    assert!(similarity > 0.999);
+    assert_eq!(dent["profileVersion"], serde_json::json!(new));
+    assert_eq!(dent["scores"][0]["name"], serde_json::json!("dent"));
+    // scratch moved from the first class to the second; its exemplar moved with it.
+    let scratch = verdict_for("part_640x480.png");
+    let (class, _, top) = nearest(&scratch);
+    assert_eq!(
+        (class.as_str(), top.as_str()),
+        ("scratch", "scratch"),
+        "{scratch}"
+    );
+    assert!(worker.terminate(Duration::from_secs(30)), "clean exit");
+}
