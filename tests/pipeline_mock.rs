@@ -440,3 +440,6 @@ async fn requests_without_a_profile_follow_their_cameras_route() {
     assert_eq!(got["unrouted"].views, 1);
     assert!(got["unrouted"].heatmap.is_none());
 }
+
+#[path = "pipeline_mock/line_memory.rs"]
+mod line_memory;

@@ -64,6 +64,13 @@ pub fn install() -> PrometheusHandle {
     for kind in crate::fetch::FetchError::KINDS {
         counter!("clipqc_fetch_errors_total", "kind" => kind).absolute(0);
     }
+    // Counted at their first event otherwise: the alerts and dashboard read them from 0.
+    for result in ["applied", "ignored", "refused"] {
+        counter!("clipqc_feedback_total", "result" => result).absolute(0);
+    }
+    for reason in crate::exemplars::ExemplarError::REASONS {
+        counter!("clipqc_exemplars_skipped_total", "reason" => reason).absolute(0);
+    }
     handle
 }
 

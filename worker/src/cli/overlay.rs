@@ -112,6 +112,8 @@ mod tests {
             probabilities: vec![0.9, 0.1],
             localization,
             nearest: None,
+            acceptable: 0.1,
+            line_memory_score: None,
         }
     }
 

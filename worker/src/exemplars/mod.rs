@@ -49,6 +49,15 @@ pub enum ExemplarError {
 }
 
 impl ExemplarError {
+    /// Every [`Self::reason`].
+    pub const REASONS: [&'static str; 5] = [
+        "unknown_profile",
+        "unknown_class",
+        "other_model",
+        "malformed",
+        "full",
+    ];
+
     /// The metric label of a skipped record.
     pub fn reason(&self) -> &'static str {
         match self {

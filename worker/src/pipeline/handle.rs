@@ -20,7 +20,8 @@ use crate::preprocess::Region;
 use crate::profiles::Catalog;
 use crate::proto::v1::{ErrorCode, InspectionRequest, SourceRecord, StageLatencies};
 use crate::request;
-use crate::score::Decision;
+use crate::score::line_memory::MemoryKey;
+use crate::score::{Decision, Outcome};
 use crate::sink::SendError;
 use crate::source;
 use crate::trace_context;
@@ -361,9 +362,25 @@ async fn decide<'a>(
     let bank = shared.exemplars.load();
     let classes: Vec<&str> = profile.scorer.class_names().collect();
     let bank = bank.profile(name).map(|b| b.for_classes(&classes));
-    let decision = profile
-        .scorer
-        .decide_views_with(&embeddings, &windows, origin, bank.as_deref());
+    let mut decision =
+        profile
+            .scorer
+            .decide_views_with(&embeddings, &windows, origin, bank.as_deref());
+    if let Some(memory) = &profile.scorer.profile.line_memory {
+        // Scored against the line's earlier parts, then remembered unless judged a defect.
+        let key = match memory.key {
+            MemoryKey::Line => &request.line_id,
+            MemoryKey::Camera => &request.camera_id,
+        };
+        let now = Instant::now();
+        let lines = &shared.line_memory;
+        if let Some(score) = lines.score(name, key, &embeddings, memory, now) {
+            decision = profile.scorer.with_line_memory(decision, score);
+        }
+        if decision.outcome != Outcome::Defect {
+            lines.remember(name, key, &embeddings, memory, now);
+        }
+    }
     Ok((request, profile, decision))
 }
 

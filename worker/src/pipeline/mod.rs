@@ -103,6 +103,8 @@ struct Shared {
     worker_id: String,
     profiles: crate::profiles::Live,
     exemplars: crate::exemplars::follow::SharedBank,
+    /// Profiles with `line_memory`: the recent parts of each line (or camera).
+    line_memory: crate::score::line_memory::LineMemory,
     model_info: ModelInfo,
     fetcher: Fetcher,
     sink: Sink,
@@ -152,6 +154,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         kafka: deps.kafka,
         profiles: deps.profiles,
         exemplars: deps.exemplars.bank.clone(),
+        line_memory: Default::default(),
         model_info: deps.model_info,
         fetcher: deps.fetcher,
         sink: deps.sink,

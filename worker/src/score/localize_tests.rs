@@ -21,6 +21,7 @@ fn profile() -> ProfileConfig {
         states: None,
         exemplars: Default::default(),
         feedback: Default::default(),
+        line_memory: None,
         classes: vec![
             class("scratch", true),
             class("chip", true),

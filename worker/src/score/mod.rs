@@ -15,6 +15,7 @@
 //! 3. a winning defect side whose top class has a threshold it did not reach → REVIEW;
 //!    otherwise defects → DEFECT, acceptable states → PASS.
 
+pub mod line_memory;
 mod localize;
 pub mod profile;
 
@@ -80,6 +81,11 @@ pub struct Decision {
     pub localization: Option<Localization>,
     /// The profile's exemplar nearest to the whole-frame view (none while its bank is empty).
     pub nearest: Option<NearestExemplar>,
+    /// The mass of the acceptable side the rules weighed the anomaly score against.
+    pub acceptable: f32,
+    /// The part's score against the line's recent parts (see [`line_memory`]), when the
+    /// profile remembers its line and enough parts are remembered.
+    pub line_memory_score: Option<f32>,
 }
 
 /// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
@@ -199,6 +205,31 @@ impl Scorer {
             logit_scale: manifest.logit_scale,
             logit_bias: manifest.logit_bias.unwrap_or(0.0),
         })
+    }
+
+    /// `decision` with the part's line-memory score: recorded, and with the profile's
+    /// `line_memory.weight` w > 0 blended in (`(1 − w) × anomaly + w × score`, the
+    /// acceptable side `(1 − w) × acceptable + w × (1 − score)`) and the outcome rules run
+    /// again on the blend.
+    pub fn with_line_memory(&self, decision: Decision, score: f32) -> Decision {
+        let w = self.profile.line_memory.as_ref().map_or(0.0, |m| m.weight);
+        let mut d = if w > 0.0 {
+            let anomaly = (1.0 - w) * decision.anomaly_score + w * score;
+            let acceptable = (1.0 - w) * decision.acceptable + w * (1.0 - score);
+            let mut d = decide_masses(
+                &self.profile,
+                decision.probabilities.clone(),
+                anomaly,
+                acceptable,
+            );
+            d.localization = decision.localization;
+            d.nearest = decision.nearest;
+            d
+        } else {
+            decision
+        };
+        d.line_memory_score = Some(score);
+        d
     }
 
     /// A scorer with placeholder class embeddings, for tests of what consumes decisions.
@@ -442,6 +473,8 @@ fn decide_masses(
         probabilities,
         localization: None,
         nearest: None,
+        acceptable,
+        line_memory_score: None,
     }
 }
 

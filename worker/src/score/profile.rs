@@ -51,6 +51,10 @@ pub struct ProfileConfig {
     /// Which operator feedback becomes exemplars of this profile.
     #[serde(default)]
     pub feedback: FeedbackPolicy,
+    /// Score each part against the line's own recent parts too (no labels, no prompts):
+    /// `line_memory_score` in verdicts, and with a `weight` in the anomaly score. Unset: off.
+    #[serde(default)]
+    pub line_memory: Option<super::line_memory::LineMemoryConfig>,
     pub classes: Vec<ClassConfig>,
 }
 
@@ -238,6 +242,9 @@ impl ProfileConfig {
         if let Some(t) = &self.tiles {
             t.validate().map_err(bad)?;
         }
+        if let Some(m) = &self.line_memory {
+            m.validate().map_err(bad)?;
+        }
         if let Some(st) = &self.states {
             if st.object.trim().is_empty() {
                 return Err(bad("states.object is empty".into()));
@@ -312,6 +319,7 @@ impl ProfileConfig {
             states: None,
             exemplars: ExemplarWeights::default(),
             feedback: FeedbackPolicy::default(),
+            line_memory: None,
             classes: vec![
                 class(
                     "surface_scratch",

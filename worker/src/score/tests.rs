@@ -10,6 +10,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         states: None,
         exemplars: Default::default(),
         feedback: Default::default(),
+        line_memory: None,
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {
@@ -337,4 +338,29 @@ fn exemplars_add_their_affinity_to_the_logits_as_hand_computed() {
         (nearest.similarity - 1.0).abs() < 1e-6,
         "the same image: similarity 1"
     );
+}
+
+#[test]
+fn a_weighted_line_memory_score_moves_the_outcome() {
+    let mut s = scorer(
+        vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        Scoring::Softmax,
+        10.0,
+        0.0,
+    );
+    let image = [0.0, 1.0]; // good by the prompts
+    let d = s.decide(&image);
+    assert_eq!(d.outcome, Outcome::Pass);
+    // Reported only (weight 0): same outcome, the score recorded.
+    s.profile.line_memory = Some(line_memory::LineMemoryConfig::default());
+    let reported = s.with_line_memory(d.clone(), 0.9);
+    assert_eq!(reported.outcome, Outcome::Pass);
+    assert_eq!(reported.anomaly_score, d.anomaly_score);
+    assert_eq!(reported.line_memory_score, Some(0.9));
+    // Weight 0.8: anomaly 0.2 × a + 0.8 × 0.9 ≥ 0.72: the part stands out from its line.
+    s.profile.line_memory.as_mut().unwrap().weight = 0.8;
+    let blended = s.with_line_memory(d.clone(), 0.9);
+    let expected = 0.2 * d.anomaly_score + 0.8 * 0.9;
+    assert!((blended.anomaly_score - expected).abs() < 1e-6);
+    assert_eq!(blended.outcome, Outcome::Defect);
 }

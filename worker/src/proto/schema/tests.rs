@@ -113,6 +113,7 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
             similarity: 0.87,
         }),
         profile_version: "5d41402abc4b".into(),
+        line_memory_score: Some(0.12),
     };
     let json = serde_json::to_value(&verdict).unwrap();
     let v = validator("clipqc.v1.Verdict");

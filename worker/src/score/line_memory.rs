@@ -1,0 +1,320 @@
+//! Line memory: a part is scored against the line's own recent parts, without prompts or
+//! labels (mutual scoring, as MuSc does for unlabeled images). On a production line almost
+//! every part is good, so a view of a new part that finds near-identical views among many
+//! recent parts is normal, and one that finds them only in a few is suspect.
+//!
+//! Score: for each view `v` of the new part (its whole frame and windows) and each part `m` in
+//! the memory, `s_m(v)` is the largest cosine between `v` and any view of `m`; the view's
+//! similarity is the mean of the highest `top_fraction` of those (MuSc's robust mean: a few
+//! defective parts in the memory do not make a defect look normal), and its score
+//! `1 − similarity`, clamped to [0, 1]; the part's `line_memory_score` is its worst view's.
+//! Parts judged DEFECT never enter the memory.
+//!
+//! Guarantees: per key (profile and line, or camera) at most `size` parts younger than
+//! `max_age_s` are kept, oldest out, and at most [`MAX_KEYS`] keys (the least recently used
+//! go); so memory is at most `MAX_KEYS × size × views × dim × 4` bytes (64 parts of 25
+//! views of 512 floats: 3.2 MiB per line). No score until `min_parts` other parts are in
+//! memory. Pure data and a mutex: no Kafka, no tokio.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// The most lines (or cameras) remembered at once, per worker.
+pub const MAX_KEYS: usize = 1024;
+
+/// A profile's `line_memory`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LineMemoryConfig {
+    /// Parts kept per line (or camera).
+    pub size: usize,
+    /// Parts older than this many seconds are forgotten.
+    pub max_age_s: u64,
+    /// Remember per `line` (line_id) or per `camera` (camera_id).
+    pub key: MemoryKey,
+    /// No score until this many other parts are remembered.
+    pub min_parts: usize,
+    /// The share of the most similar remembered parts a view's similarity is the mean of.
+    #[schemars(extend("default" = 0.3))]
+    pub top_fraction: f32,
+    /// How much of the anomaly score comes from the line memory, in [0, 1] (0: reported in
+    /// the verdict only; the outcome is the prompts' and exemplars').
+    pub weight: f32,
+}
+
+impl Default for LineMemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: 64,
+            max_age_s: 3600,
+            key: MemoryKey::Line,
+            min_parts: 8,
+            top_fraction: 0.3,
+            weight: 0.0,
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryKey {
+    #[default]
+    Line,
+    Camera,
+}
+
+impl LineMemoryConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size == 0 || self.min_parts == 0 || self.min_parts > self.size {
+            return Err(format!(
+                "line_memory.min_parts {} must be within 1..=line_memory.size ({})",
+                self.min_parts, self.size
+            ));
+        }
+        if !(self.top_fraction > 0.0 && self.top_fraction <= 1.0) {
+            return Err(format!(
+                "line_memory.top_fraction {} is not within (0, 1]",
+                self.top_fraction
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.weight) {
+            return Err(format!(
+                "line_memory.weight {} is not within [0, 1]",
+                self.weight
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct Part {
+    at: Instant,
+    /// Unit vectors.
+    views: Vec<Vec<f32>>,
+}
+
+#[derive(Default)]
+struct Ring {
+    parts: VecDeque<Part>,
+    used: u64,
+}
+
+impl Ring {
+    fn forget_old(&mut self, cfg: &LineMemoryConfig, now: Instant) {
+        let age = Duration::from_secs(cfg.max_age_s);
+        while self
+            .parts
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.at) > age)
+        {
+            self.parts.pop_front();
+        }
+    }
+
+    fn score(&self, views: &[Vec<f32>], cfg: &LineMemoryConfig) -> Option<f32> {
+        let n = self.parts.len();
+        if n < cfg.min_parts.max(1) || views.is_empty() {
+            return None;
+        }
+        let top = ((cfg.top_fraction * n as f32).ceil() as usize).clamp(1, n);
+        let mut per_part = Vec::with_capacity(n);
+        let worst = views
+            .iter()
+            .map(|v| {
+                per_part.clear();
+                per_part.extend(self.parts.iter().map(|m| {
+                    m.views
+                        .iter()
+                        .map(|r| dot(v, r))
+                        .fold(f32::NEG_INFINITY, f32::max)
+                }));
+                per_part.sort_by(|a, b| b.total_cmp(a));
+                let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
+                (1.0 - similarity).clamp(0.0, 1.0)
+            })
+            .fold(0f32, f32::max);
+        Some(worst)
+    }
+}
+
+/// Every line's memory, for one worker.
+#[derive(Default)]
+pub struct LineMemory {
+    rings: Mutex<HashMap<(String, String), Ring>>,
+    clock: std::sync::atomic::AtomicU64,
+}
+
+impl LineMemory {
+    /// The part's score against the remembered parts of `(profile, key)` (its own views are
+    /// not yet there), or `None` while fewer than `min_parts` are remembered. `views` are
+    /// the part's embeddings (not necessarily unit).
+    pub fn score(
+        &self,
+        profile: &str,
+        key: &str,
+        views: &[Vec<f32>],
+        cfg: &LineMemoryConfig,
+        now: Instant,
+    ) -> Option<f32> {
+        let units: Vec<Vec<f32>> = views.iter().map(|v| super::normalized(v)).collect();
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = rings.get_mut(&(profile.to_string(), key.to_string()))?;
+        ring.forget_old(cfg, now);
+        ring.score(&units, cfg)
+    }
+
+    /// Remembers a part judged not DEFECT.
+    pub fn remember(
+        &self,
+        profile: &str,
+        key: &str,
+        views: &[Vec<f32>],
+        cfg: &LineMemoryConfig,
+        now: Instant,
+    ) {
+        let units = views.iter().map(|v| super::normalized(v)).collect();
+        let tick = self
+            .clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        let id = (profile.to_string(), key.to_string());
+        if !rings.contains_key(&id) && rings.len() >= MAX_KEYS {
+            // The line not heard from for longest goes.
+            if let Some(old) = rings
+                .iter()
+                .min_by_key(|(_, r)| r.used)
+                .map(|(k, _)| k.clone())
+            {
+                rings.remove(&old);
+            }
+        }
+        let ring = rings.entry(id).or_default();
+        ring.used = tick;
+        ring.forget_old(cfg, now);
+        ring.parts.push_back(Part {
+            at: now,
+            views: units,
+        });
+        while ring.parts.len() > cfg.size.max(1) {
+            ring.parts.pop_front();
+        }
+    }
+
+    /// Lines (or cameras) remembered.
+    pub fn keys(&self) -> usize {
+        self.rings.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(min_parts: usize) -> LineMemoryConfig {
+        LineMemoryConfig {
+            min_parts,
+            ..Default::default()
+        }
+    }
+
+    fn vector() -> impl Strategy<Value = Vec<f32>> {
+        proptest::collection::vec(-1.0f32..1.0, 16)
+            .prop_filter("not zero", |v| v.iter().map(|x| x * x).sum::<f32>() > 0.01)
+    }
+
+    proptest! {
+        /// Whatever the embeddings (any weights): a part repeated many times scores as
+        /// normal against itself, and a different part among them scores higher.
+        #[test]
+        fn a_repeated_part_is_normal_and_a_different_one_scores_higher(
+            part in proptest::collection::vec(vector(), 1..4),
+            other in proptest::collection::vec(vector(), 1..4),
+        ) {
+            let m = LineMemory::default();
+            let c = cfg(4);
+            let now = Instant::now();
+            for _ in 0..10 {
+                m.remember("p", "line-1", &part, &c, now);
+            }
+            let same = m.score("p", "line-1", &part, &c, now).unwrap();
+            prop_assert!(same < 1e-5, "{}", same);
+            let odd = m.score("p", "line-1", &other, &c, now).unwrap();
+            let differs = other.iter().any(|o| {
+                let o = crate::score::normalized(o);
+                part.iter().all(|p| dot(&o, &crate::score::normalized(p)) < 0.999)
+            });
+            if differs {
+                prop_assert!(odd > same, "{} vs {}", odd, same);
+            }
+            // One odd part in the memory does not make the repeated part look suspect.
+            m.remember("p", "line-1", &other, &c, now);
+            let still = m.score("p", "line-1", &part, &c, now).unwrap();
+            prop_assert!(still < 1e-5, "{}", still);
+        }
+    }
+
+    #[test]
+    fn no_score_until_enough_parts_and_lines_are_apart() {
+        let m = LineMemory::default();
+        let c = cfg(3);
+        let now = Instant::now();
+        let v = vec![vec![1.0, 0.0]];
+        assert_eq!(m.score("p", "l1", &v, &c, now), None);
+        for _ in 0..2 {
+            m.remember("p", "l1", &v, &c, now);
+        }
+        assert_eq!(m.score("p", "l1", &v, &c, now), None, "two of three");
+        m.remember("p", "l1", &v, &c, now);
+        assert_eq!(m.score("p", "l1", &v, &c, now), Some(0.0));
+        assert_eq!(m.score("p", "l2", &v, &c, now), None, "another line");
+        assert_eq!(m.score("q", "l1", &v, &c, now), None, "another profile");
+    }
+
+    #[test]
+    fn the_memory_is_bounded_by_size_age_and_keys() {
+        let m = LineMemory::default();
+        let mut c = cfg(1);
+        c.size = 4;
+        c.max_age_s = 60;
+        let t0 = Instant::now();
+        for i in 0..10 {
+            m.remember("p", "l", &[vec![1.0, i as f32]], &c, t0);
+        }
+        let len = |m: &LineMemory| {
+            m.rings.lock().unwrap()[&("p".to_string(), "l".to_string())]
+                .parts
+                .len()
+        };
+        assert_eq!(len(&m), 4);
+        // A minute and a bit later the old parts are forgotten on the next look.
+        let later = t0 + Duration::from_secs(61);
+        m.remember("p", "l", &[vec![1.0, 0.0]], &c, later);
+        assert_eq!(len(&m), 1);
+        for k in 0..MAX_KEYS + 5 {
+            m.remember("p", &format!("line-{k}"), &[vec![1.0]], &c, t0);
+        }
+        assert_eq!(m.keys(), MAX_KEYS);
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        let mut c = cfg(100);
+        assert!(c.validate().unwrap_err().contains("line_memory.min_parts"));
+        c = cfg(8);
+        c.top_fraction = 0.0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("line_memory.top_fraction"));
+    }
+}
