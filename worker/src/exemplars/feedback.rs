@@ -272,6 +272,9 @@ async fn trim(
     let Some(b) = bank.profile(name) else {
         return Ok(());
     };
+    // Indexed by these classes, by name (the bank may be indexed by a newer version's).
+    let names: Vec<&str> = profile.classes.iter().map(|c| c.name.as_str()).collect();
+    let b = b.for_classes(&names);
     let mut ours: Vec<(i64, &str)> = b
         .entries()
         .iter()
