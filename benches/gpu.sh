@@ -49,10 +49,12 @@ WORK="$(cd "$WORK" && pwd)"
 if [ "$QUICK" = 1 ]; then
   PRESET=tiny; BASE_N=10; CLIPQC_N=40; PRE_REPEAT=2
   T_INSTALL=60; T_EXPORT=120; T_IMAGES=60; T_PRE=60; T_BASE=120; T_MAX=120; T_HALF=120
+  TILED_N=8; T_TILED=120
 else
-  # Caps add up to 450 s; a normal run takes far less (the export and the two benches dominate).
+  # Caps add up to 510 s; a normal run takes far less (the export and the two benches dominate).
   PRESET=vit-b-32; BASE_N=500; CLIPQC_N=4000; PRE_REPEAT=10
   T_INSTALL=40; T_EXPORT=110; T_IMAGES=30; T_PRE=30; T_BASE=90; T_MAX=90; T_HALF=60
+  TILED_N=800; T_TILED=60
 fi
 BASE_MAX_S=$((T_BASE * 2 / 3))  # the baseline stops timing here and reports what it did
 
@@ -241,6 +243,23 @@ print(f"{r:.1f}", max(20, min(int(sys.argv[2]), int(r * 15))))' "$RES/clipqc-max
         run_step "clipqc bench on $DEVICE at half that rate ($rate/s), $n2 requests" "$T_HALF" "$RES/clipqc-half.json" \
           "$bin" bench --model "$model" --device "$DEVICE" --requests "$n2" --rate "$rate" --image "$image" --json
       fi
+      # A tiled profile on 1080p frames: 25 views (windows at scales 1 and 0.5) per request,
+      # all model work: windows/s against the ceiling counted in views.
+      cat >"$WORK/tiled.toml" <<'TOML'
+[profiles.tiled]
+tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 32 }
+[[profiles.tiled.classes]]
+name = "scratch"
+prompts = ["a surface scratch"]
+defect = true
+[[profiles.tiled.classes]]
+name = "good"
+prompts = ["a clean part"]
+TOML
+      run_step "clipqc bench on $DEVICE, tiled profile (25 views per 1920x1080 frame), $TILED_N requests" \
+        "$T_TILED" "$RES/clipqc-tiled.json" \
+        "$bin" bench --model "$model" --device "$DEVICE" --config "$WORK/tiled.toml" --profile tiled \
+        --requests "$TILED_N" --image "$images/part_1920x1080.jpg" --json
     fi
   else
     warn "the bundle has no bin/clipqc.gz: clipqc runs skipped"
@@ -255,7 +274,7 @@ def load(name):
         return json.loads((res / name).read_text())
     except (OSError, ValueError):
         return None
-pre, base, cmax, chalf = (load(f) for f in ("baseline-preprocess.json", "baseline-e2e.json", "clipqc-max.json", "clipqc-half.json"))
+pre, base, cmax, chalf, tiled = (load(f) for f in ("baseline-preprocess.json", "baseline-e2e.json", "clipqc-max.json", "clipqc-half.json", "clipqc-tiled.json"))
 g = lambda d, *ks: (None if d is None else (d.get(ks[0]) if len(ks) == 1 else g(d.get(ks[0]), *ks[1:])))
 f = lambda x, fmt="{:.1f}": "n/a" if x is None else fmt.format(x)
 ceiling = g(cmax, "ceiling", "images_per_s")
@@ -272,6 +291,9 @@ summary = {
     "clipqc_p99_ms_at_max_rate": g(cmax, "latency_ms", "p99"),
     "clipqc_half_rate": g(chalf, "images_per_s"), "clipqc_p99_ms_at_half_rate": g(chalf, "latency_ms", "p99"),
     "clipqc_mean_batch": g(cmax, "batch", "mean_size"),
+    "tiled_images_per_s": g(tiled, "images_per_s"), "tiled_windows_per_s": g(tiled, "windows_per_s"),
+    "tiled_views_per_image": g(tiled, "views_per_image"), "tiled_ceiling_views_per_s": g(tiled, "ceiling", "images_per_s"),
+    "tiled_ratio_to_ceiling": g(tiled, "ratio_to_ceiling"),
     "clipqc_peak_rss_bytes": g(cmax, "peak_rss_bytes") or g(cmax, "memory", "peak_rss_bytes"),
     "baseline_peak_rss_bytes": g(base, "peak_rss_bytes"),
     "baseline_preprocess_ms_per_core": {r["image"]: r["ms_per_image"] for r in (pre or {}).get("images", [])} or None,
@@ -291,6 +313,9 @@ rows = [
     ("clipqc p99 ms at max rate", f(summary["clipqc_p99_ms_at_max_rate"])),
     (f"clipqc p99 ms at half rate ({f(g(chalf, 'images_per_s'))}/s)", f(summary["clipqc_p99_ms_at_half_rate"])),
     ("baseline p99 ms", f(summary["baseline_p99_ms"])),
+    (f"tiled 1080p ({f(summary['tiled_views_per_image'], '{}')} views): images/s, windows/s",
+     f"{f(summary['tiled_images_per_s'])}, {f(summary['tiled_windows_per_s'])}"),
+    ("tiled windows/s / ceiling views/s", f(summary["tiled_ratio_to_ceiling"], "{:.2f}")),
     ("peak RSS MiB, baseline / clipqc", " / ".join(f(x and x / 2**20, "{:.0f}") for x in
                                                   (summary["baseline_peak_rss_bytes"], summary["clipqc_peak_rss_bytes"]))),
 ]
