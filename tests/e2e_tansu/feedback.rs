@@ -97,6 +97,29 @@ fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
     let a = Worker::start_with(&broker, &topics, "fb-a", true, dir.path(), PROFILE);
     let b = Worker::start_with(&broker, &topics, "fb-b", true, dir.path(), PROFILE);
     let config = dir.path().join("fb-a.toml");
+    let images = ImageServer::start(&fixtures().join("images"));
+    let url = images.url("part_250.jpg");
+    let verdicts = follow(&broker, &topics.verdicts, 100_000, Duration::from_secs(90));
+    let take = |n: usize| -> Vec<(String, serde_json::Value)> {
+        (0..n)
+            .map(|_| {
+                verdicts
+                    .recv_timeout(Duration::from_secs(90))
+                    .expect("a verdict")
+            })
+            .map(|v| {
+                let worker = v.header("clipqc-worker").unwrap_or_default().to_string();
+                (worker, v.verdict.expect("JSON verdicts"))
+            })
+            .collect()
+    };
+    // Before any feedback: the zero-shot verdict of part_250.
+    produce(&broker, &topics.requests, 6, &url, 0);
+    let before = take(6);
+    assert!(before
+        .iter()
+        .all(|(_, v)| v.get("nearestExemplar").is_none()));
+    let zero_shot = before[0].1["anomalyScore"].as_f64().unwrap_or(0.0);
 
     let mut records: Vec<Feedback> = IMAGES
         .iter()
@@ -126,6 +149,24 @@ fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
         );
         std::thread::sleep(Duration::from_secs(1));
         bank = list(&config);
+    }
+    // The operator said part_250 is good: the next verdicts for that part, on both workers
+    // (each owns one partition), come with that exemplar and a lower anomaly score.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut changed = std::collections::HashSet::new();
+    while changed.len() < 2 {
+        assert!(Instant::now() < deadline, "only {changed:?} changed");
+        produce(&broker, &topics.requests, 10, &url, 0);
+        for (worker, v) in take(10) {
+            let Some(near) = v.get("nearestExemplar") else {
+                continue;
+            };
+            assert_eq!(near["class"], "good", "{v}");
+            assert!(near["similarity"].as_f64().unwrap() > 0.999, "{v}");
+            let anomaly = v["anomalyScore"].as_f64().unwrap_or(0.0);
+            assert!(anomaly < zero_shot, "{anomaly} vs {zero_shot}");
+            changed.insert(worker);
+        }
     }
     // The same feedback again (a replay, a second operator): still one exemplar per image.
     publish(&broker, &records[..IMAGES.len()]);

@@ -90,6 +90,9 @@ fn brokers(settings: &Settings) -> anyhow::Result<String> {
     )
 }
 
+/// Exemplars published at once by `add`.
+const IN_FLIGHT: usize = 64;
+
 /// How long reading the topic to its end may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -125,6 +128,26 @@ fn add(args: AddArgs) -> anyhow::Result<bool> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut failed = 0;
+    // Published IN_FLIGHT at a time and awaited together: one acknowledgement at a time
+    // made 500 exemplars take minutes on a broker that syncs each write.
+    let mut pending: Vec<(String, Exemplar)> = Vec::new();
+    let topic = settings.kafka.exemplar_topic.clone();
+    let flush = |pending: &mut Vec<(String, Exemplar)>| -> anyhow::Result<()> {
+        let keys: Vec<String> = pending
+            .iter()
+            .map(|(_, x)| format!("{}/{}", x.profile, x.id))
+            .collect();
+        runtime.block_on(futures_util::future::try_join_all(
+            pending
+                .iter()
+                .zip(&keys)
+                .map(|((_, x), key)| follow::send(&producer, &topic, key, Some(x))),
+        ))?;
+        for ((name, x), key) in pending.drain(..).zip(&keys) {
+            bar.suspend(|| println!("added {key} ({}) from {name}", x.class));
+        }
+        Ok(())
+    };
     for path in &args.images {
         let name = path.display().to_string();
         let made = (|| -> anyhow::Result<Exemplar> {
@@ -158,23 +181,18 @@ fn add(args: AddArgs) -> anyhow::Result<bool> {
             })
         })();
         match made {
-            Ok(x) => {
-                let key = format!("{}/{}", x.profile, x.id);
-                runtime.block_on(follow::send(
-                    &producer,
-                    &settings.kafka.exemplar_topic,
-                    &key,
-                    Some(&x),
-                ))?;
-                bar.suspend(|| println!("added {key} ({}) from {name}", x.class));
-            }
+            Ok(x) => pending.push((name, x)),
             Err(e) => {
                 failed += 1;
                 bar.suspend(|| eprintln!("error: {e:#}"));
             }
         }
+        if pending.len() >= IN_FLIGHT {
+            flush(&mut pending)?;
+        }
         bar.inc(1);
     }
+    flush(&mut pending)?;
     bar.finish_and_clear();
     drop(model);
     owner.join();
