@@ -99,7 +99,8 @@ pub fn system_time(t: &pbjson_types::Timestamp) -> SystemTime {
         })
 }
 
-fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
+/// A `SystemTime` as a protobuf timestamp (before the epoch: the epoch).
+pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     pbjson_types::Timestamp {
         seconds: d.as_secs() as i64,

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::config::{Settings, DEFAULT_PROFILE};
 use crate::exemplars::ProfileBank;
-use crate::model::{Artifact, DeviceSpec, ImageBatch, ModelHandle, ModelOwner, PromptTokenizer};
+use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner, PromptTokenizer};
 use crate::preprocess::{Preprocessor, Views};
 use crate::score::{self, Decision, ProfileConfig, Scorer};
 
@@ -190,19 +190,7 @@ pub(crate) fn classify_files(
                 v
             }));
         }
-        let mut embeddings: Vec<Vec<f32>> = Vec::with_capacity(tensors.len());
-        for part in tensors.chunks(BATCH) {
-            let mut batch = ImageBatch::new(pre.size());
-            for t in part {
-                batch.push(t);
-            }
-            embeddings.extend(
-                model
-                    .embed_images_blocking(batch)?
-                    .rows()
-                    .map(<[f32]>::to_vec),
-            );
-        }
+        let embeddings = model.embed_all_blocking(pre.size(), &tensors, BATCH)?;
         let mut next = embeddings.into_iter();
         for (path, row) in chunk.iter().zip(rows) {
             let decision = row.map(|views| {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::config::Settings;
 use crate::exemplars::{follow, id_of};
-use crate::model::{DeviceSpec, ImageBatch};
+use crate::model::DeviceSpec;
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::Exemplar;
 
@@ -153,19 +153,7 @@ fn add(args: AddArgs) -> anyhow::Result<bool> {
         let made = (|| -> anyhow::Result<Exemplar> {
             let bytes = std::fs::read(path).with_context(|| format!("{name}: cannot read"))?;
             let views = pre.views(&name, &bytes, None)?;
-            let mut rows = Vec::with_capacity(views.tensors.len());
-            for part in views.tensors.chunks(16) {
-                let mut batch = ImageBatch::new(pre.size());
-                for t in part {
-                    batch.push(t);
-                }
-                rows.extend(
-                    model
-                        .embed_images_blocking(batch)?
-                        .rows()
-                        .map(<[f32]>::to_vec),
-                );
-            }
+            let rows = model.embed_all_blocking(pre.size(), &views.tensors, 16)?;
             let dim = artifact.manifest.embedding_dim;
             Ok(Exemplar {
                 id: id_of(&bytes),
@@ -177,7 +165,7 @@ fn add(args: AddArgs) -> anyhow::Result<bool> {
                 model_hash: artifact.model_hash(),
                 source: name.clone(),
                 added_by: by.clone(),
-                added_at: Some(timestamp(SystemTime::now())),
+                added_at: Some(crate::verdict::timestamp(SystemTime::now())),
             })
         })();
         match made {
@@ -275,12 +263,4 @@ fn remove(args: RemoveArgs) -> anyhow::Result<bool> {
         }
     }
     Ok(missing == 0)
-}
-
-fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    pbjson_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
 }

@@ -27,7 +27,7 @@ use super::{id_of, FEEDBACK_SOURCE};
 use crate::config::KafkaSettings;
 use crate::fetch::Fetcher;
 use crate::metrics;
-use crate::model::{ImageBatch, ModelHandle};
+use crate::model::ModelHandle;
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::{feedback, inspection_request, Exemplar, Feedback, SourceRecord};
 use crate::score::{Learn, ProfileConfig};
@@ -214,18 +214,9 @@ async fn handle(
     let (pre, model, raw) = (pre.clone(), deps.model.clone(), bytes.clone());
     let embedded = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, String> {
         let views = pre.views(&input, &raw, None).map_err(|e| e.to_string())?;
-        let mut rows = Vec::with_capacity(views.tensors.len());
-        for part in views.tensors.chunks(16) {
-            let mut batch = ImageBatch::new(pre.size());
-            for t in part {
-                batch.push(t);
-            }
-            let e = model
-                .embed_images_blocking(batch)
-                .map_err(|e| e.to_string())?;
-            rows.extend(e.rows().map(<[f32]>::to_vec));
-        }
-        Ok(rows)
+        model
+            .embed_all_blocking(pre.size(), &views.tensors, 16)
+            .map_err(|e| e.to_string())
     })
     .await?;
     let rows = match embedded {
@@ -246,7 +237,9 @@ async fn handle(
             source.topic, source.partition, source.offset, fb.request_id
         ),
         added_by: fb.operator.clone(),
-        added_at: fb.decided_at.or_else(|| Some(now())),
+        added_at: fb
+            .decided_at
+            .or_else(|| Some(crate::verdict::timestamp(SystemTime::now()))),
     };
     let key = format!("{}/{}", x.profile, x.id);
     publish(deps, &key, Some(&x), shutdown).await?;
@@ -378,14 +371,4 @@ fn content_type<'a>(msg: &'a BorrowedMessage<'_>) -> Option<&'a str> {
         .iter()
         .find(|h| h.key.eq_ignore_ascii_case("content-type"))
         .and_then(|h| std::str::from_utf8(h.value?).ok())
-}
-
-fn now() -> pbjson_types::Timestamp {
-    let d = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    pbjson_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
 }

@@ -123,6 +123,26 @@ impl ModelHandle {
         &self.description
     }
 
+    /// Every tensor's embedding, in order, in batches of at most `batch` (offline commands:
+    /// classify, eval, exemplars; the worker batches through the dynamic batcher instead).
+    /// Each tensor holds 3 × `size`² floats.
+    pub fn embed_all_blocking(
+        &self,
+        size: usize,
+        tensors: &[Vec<f32>],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut rows = Vec::with_capacity(tensors.len());
+        for part in tensors.chunks(batch.max(1)) {
+            let mut b = ImageBatch::new(size);
+            for t in part {
+                b.push(t);
+            }
+            rows.extend(self.embed_images_blocking(b)?.rows().map(<[f32]>::to_vec));
+        }
+        Ok(rows)
+    }
+
     fn submit(
         &self,
         make: impl FnOnce(Reply) -> Job,
