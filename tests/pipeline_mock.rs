@@ -208,60 +208,68 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     assert_eq!(sum as usize, total);
 }
 
-/// SIGTERM while records are in flight (a slow model): the worker stops taking records but
-/// finishes those it took, and commits exactly up to them: every committed offset has its
-/// verdict, and every verdict's offset is committed.
+/// SIGTERM while records are in flight: the worker stops taking records but finishes those
+/// it took, and commits exactly up to them: every committed offset has its verdict, and every
+/// verdict's offset is committed. The model holds its batches at a gate, so what is in flight
+/// at the shutdown is fixed by the test, not by the machine's speed: one batch done, the next
+/// one inside the model, at most `max_in_flight` records taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_records_and_commits_them() {
     let (_mock, mut settings, brokers) = cluster("clipqc-drain");
     settings.batch.max_size = 4;
     let total = 60;
     publish_inline(&brokers, "d", total).await;
-    // The real tokenizer and profiles, a fake model that takes 300 ms a batch of 4.
+    // The real tokenizer and profiles, a fake model that lets batches through one at a time.
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let (owner, model) = slow_model(Duration::from_millis(300));
+    let gate = clipqc::model::fake::Gate::new();
+    let (owner, model) = gated_model(gate.clone());
+    let mut deps = deps(&settings, &brokers, &artifact, &model);
+    let max_in_flight = deps.pipeline.max_in_flight;
+    // A bound on a hung drain, far beyond what it takes: nothing is abandoned for time.
+    deps.pipeline.drain_timeout_ms = 120_000;
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(
-        deps(&settings, &brokers, &artifact, &model),
-        shutdown.clone(),
-    ));
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
 
-    let verdicts_in = reader(&brokers, "clipqc.verdicts");
+    // The waits are bounds on a hung test, not expectations.
+    let wait = |passed| {
+        let gate = gate.clone();
+        tokio::task::spawn_blocking(move || gate.wait_for_a_batch(passed, Duration::from_secs(120)))
+    };
+    let first = wait(0).await.unwrap();
+    assert!(first > 0, "a first batch reached the model");
+    gate.release(1);
+    let held = wait(first).await.unwrap();
+    assert!(held > 0, "a second batch reached the model after the first");
+    // Now: `first` records done (or being published), `held` inside the model.
+    shutdown.cancel();
+    gate.open();
+    worker.await.unwrap().unwrap();
+    drop(model);
+    owner.join();
+
+    // What the topic holds, read to its end (not what a reader got within some time).
     let mut verdict_offsets: HashMap<i32, Vec<i64>> = HashMap::new();
-    let mut record = |msg: &rdkafka::message::BorrowedMessage| {
-        let src = Verdict::decode(msg.payload().unwrap())
-            .unwrap()
-            .source
-            .unwrap();
+    for (_, _, v) in read_all(&brokers, "clipqc.verdicts", |b| Verdict::decode(b).unwrap()) {
+        let src = v.source.unwrap();
         verdict_offsets
             .entry(src.partition)
             .or_default()
             .push(src.offset);
-    };
-    let first = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    record(&first);
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
-    drop(model);
-    owner.join();
-    // Everything published before the worker stopped.
-    while let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(3), verdicts_in.recv()).await {
-        record(&msg);
     }
     let verdicts: usize = verdict_offsets.values().map(Vec::len).sum();
     eprintln!(
-        "shutdown after the first verdict: {verdicts} of {total} records finished and published"
+        "shutdown with {first} records through the model and {held} inside it: {verdicts} of \
+         {total} records finished and published"
     );
-    assert!(
-        verdicts < total,
-        "the shutdown came early enough to leave records untaken ({verdicts} verdicts)"
+    assert_eq!(
+        verdicts,
+        gate.passed(),
+        "every record the model saw got its verdict, the batch held at the shutdown included"
     );
+    assert!(verdicts >= first + held);
     assert!(
-        verdicts > 1,
-        "records in flight at the shutdown were finished, not dropped"
+        verdicts <= first + max_in_flight + 1 && verdicts < total,
+        "records not yet taken at the shutdown stay untaken ({verdicts} verdicts)"
     );
 
     let mut committed_total = 0;

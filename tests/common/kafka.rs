@@ -99,6 +99,19 @@ pub fn slow_model(delay: Duration) -> (ModelOwner, clipqc::model::ModelHandle) {
     .unwrap()
 }
 
+/// The fake backend holding each image batch at `gate` until the test lets it through.
+pub fn gated_model(gate: clipqc::model::fake::Gate) -> (ModelOwner, clipqc::model::ModelHandle) {
+    ModelOwner::spawn(
+        move || {
+            let mut fake = clipqc::model::fake::FakeBackend::new(32, 224);
+            fake.gate = Some(gate);
+            Ok(fake)
+        },
+        2,
+    )
+    .unwrap()
+}
+
 /// The group's committed position on every input partition (0 where nothing is committed).
 pub fn committed(brokers: &str, group: &str) -> std::collections::BTreeMap<i32, i64> {
     super::committed_positions(brokers, group, "clipqc.requests", PARTITIONS)

@@ -3,8 +3,11 @@
 //! Deterministic: equal inputs give equal embeddings, different images give different ones
 //! (each output is a mean over an interleaved slice of the pixels), and texts hash to
 //! pseudo-random directions. It can be told to fail or to take time, to test faults and
-//! back-pressure without a model.
+//! back-pressure without a model, or to hold image batches at a [`Gate`] until the test lets
+//! them through, so that what is in flight at a given moment is the test's choice, not the
+//! scheduler's.
 
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{Backend, Embeddings, ImageBatch, ModelError, TokenBatch};
@@ -24,6 +27,8 @@ pub struct FakeBackend {
     /// Fail every batch holding an image whose mean input value is above this (one image
     /// the model cannot take, whatever else is in its batch).
     pub fail_bright: Option<f32>,
+    /// Hold each image batch here until the test lets it through.
+    pub gate: Option<Gate>,
 }
 
 impl FakeBackend {
@@ -36,7 +41,87 @@ impl FakeBackend {
             short_by_one: false,
             fail_first: 0,
             fail_bright: None,
+            gate: None,
         }
+    }
+}
+
+/// Image batches wait here until the test lets them through: [`Gate::release`] some,
+/// [`Gate::open`] for good. Shared by the test and the backend (clones are one gate).
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<(Mutex<GateState>, Condvar)>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Batches that may still pass before the gate closes again.
+    permits: usize,
+    open: bool,
+    /// Images of the batches waiting at the gate now.
+    waiting: usize,
+    /// Images that have passed.
+    passed: usize,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Let `batches` more batches through.
+    pub fn release(&self, batches: usize) {
+        self.update(|s| s.permits += batches);
+    }
+
+    /// Let every batch through from now on.
+    pub fn open(&self) {
+        self.update(|s| s.open = true);
+    }
+
+    /// Images that have passed the gate so far.
+    pub fn passed(&self) -> usize {
+        self.lock().passed
+    }
+
+    /// Wait until `passed` images have passed and a batch waits at the gate (or `within`
+    /// passes: a bound on a hung test, not an expectation); returns the images waiting, 0
+    /// when none came.
+    pub fn wait_for_a_batch(&self, passed: usize, within: Duration) -> usize {
+        let (lock, changed) = &*self.0;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = changed
+            .wait_timeout_while(state, within, |s| s.passed < passed || s.waiting == 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if state.passed < passed {
+            0
+        } else {
+            state.waiting
+        }
+    }
+
+    /// The backend's side: wait for a permit (or the open gate) for a batch of `n` images.
+    fn pass(&self, n: usize) {
+        let (lock, changed) = &*self.0;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        state.waiting += n;
+        changed.notify_all();
+        state = changed
+            .wait_while(state, |s| !s.open && s.permits == 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if !state.open {
+            state.permits -= 1;
+        }
+        state.waiting -= n;
+        state.passed += n;
+        changed.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut GateState)) {
+        f(&mut self.lock());
+        self.0 .1.notify_all();
     }
 }
 
@@ -49,6 +134,9 @@ impl Backend for FakeBackend {
     }
 
     fn embed_images(&mut self, batch: &ImageBatch) -> Result<Embeddings, ModelError> {
+        if let Some(gate) = &self.gate {
+            gate.pass(batch.n);
+        }
         std::thread::sleep(self.delay);
         if let Some(msg) = &self.fail_images {
             return Err(ModelError::Inference(msg.clone()));
@@ -127,5 +215,35 @@ impl Backend for FakeBackend {
             n: batch.n,
             dim: self.dim,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gate_holds_each_batch_until_released_and_lets_all_through_once_open() {
+        let gate = Gate::new();
+        let mut fake = FakeBackend::new(4, 2);
+        fake.gate = Some(gate.clone());
+        let mut batch = ImageBatch::new(2);
+        batch.push(&[0.5; 12]);
+        batch.push(&[0.25; 12]);
+        let model = std::thread::spawn(move || {
+            (0..3)
+                .map(|_| fake.embed_images(&batch).unwrap().n)
+                .collect::<Vec<_>>()
+        });
+        // The bounds are for a hung test only.
+        let long = Duration::from_secs(60);
+        assert_eq!(gate.wait_for_a_batch(0, long), 2, "held, not passed");
+        assert_eq!(gate.passed(), 0);
+        gate.release(1);
+        assert_eq!(gate.wait_for_a_batch(2, long), 2, "the next one is held");
+        assert_eq!(gate.passed(), 2);
+        gate.open();
+        assert_eq!(model.join().unwrap(), [2, 2, 2]);
+        assert_eq!(gate.passed(), 6);
     }
 }
