@@ -275,23 +275,37 @@ async fn a_broken_model_stops_the_worker_instead_of_failing_every_record() {
     )
     .unwrap();
     let err = stops_by_itself(&settings, &brokers, (owner, model), |d| {
-        d.pipeline.max_model_failures = 3
+        d.pipeline.max_model_failures = 3;
+        // The records the model failed publish their verdicts in the drain: no time limit
+        // may cut it short (this bound is far beyond what it takes).
+        d.pipeline.drain_timeout_ms = 100_000;
     })
     .await;
     assert!(err.to_string().contains("illegal memory access"), "{err}");
 
-    let verdicts = reader(&brokers, "clipqc.verdicts");
-    let seen = collect(&verdicts, total, Duration::from_secs(5))
-        .await
-        .by_source;
+    // What the topic holds, read to its end after the worker stopped (a reader given a few
+    // seconds could see nothing, and every check below would pass on nothing).
+    let seen: HashMap<(i32, i64), Verdict> =
+        read_all(&brokers, "clipqc.verdicts", |b| Verdict::decode(b).unwrap())
+            .into_iter()
+            .map(|(_, _, v)| {
+                let src = v.source.clone().unwrap();
+                ((src.partition, src.offset), v)
+            })
+            .collect();
     eprintln!(
         "broken model: {} of {total} records got MODEL_FAILED verdicts before the worker stopped",
         seen.len()
     );
     assert!(seen.values().all(|v| v.outcome() == Outcome::Error
         && v.error.as_ref().unwrap().code() == ErrorCode::ModelFailed));
-    // Two failed batches of at most 4 are the record's own errors; the rest are left alone.
-    assert!(seen.len() <= 2 * 4, "{} error verdicts", seen.len());
+    // The first two failed batches (of 1 to 4 images) are taken for the records' own errors;
+    // the third in a row declares the model broken, and the rest are left alone.
+    assert!(
+        (2..=2 * 4).contains(&seen.len()),
+        "{} error verdicts",
+        seen.len()
+    );
     // Only offsets with a verdict are committed: the rest wait for a healthy worker.
     let committed = committed(&brokers, "clipqc-broken");
     for (partition, position) in committed {
