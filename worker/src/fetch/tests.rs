@@ -75,11 +75,8 @@ async fn serve_at(ip: &str, trap: Option<SocketAddr>) -> Server {
             }),
         )
         .route(
-            "/slow.jpg",
-            get(|| async {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                vec![1u8]
-            }),
+            "/never.jpg",
+            get(std::future::pending::<Vec<u8>>),
         );
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -106,7 +103,9 @@ async fn trap() -> (SocketAddr, Arc<AtomicUsize>) {
 fn settings() -> FetchSettings {
     FetchSettings {
         max_bytes: 1024,
-        timeout_ms: 500,
+        // Generous: on a loaded machine a slow answer must not become a timeout, which would
+        // be retried and change the counts the tests assert.
+        timeout_ms: 30_000,
         retries: 3,
         allowed_hosts: vec!["127.0.0.1".into()],
         allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
@@ -165,13 +164,15 @@ async fn http_fetches_retries_transient_errors_and_stops_on_permanent_ones() {
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
 
+    // A server that never answers: the timeout is the only way out, however short.
     let no_retry = Fetcher::new(FetchSettings {
         retries: 0,
+        timeout_ms: 200,
         ..settings()
     })
     .unwrap();
     let err = no_retry
-        .fetch(&uri(format!("{}/slow.jpg", s.base)))
+        .fetch(&uri(format!("{}/never.jpg", s.base)))
         .await
         .unwrap_err();
     assert!(

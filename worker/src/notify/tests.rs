@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
@@ -40,7 +40,8 @@ fn hook(url: String) -> WebhookConfig {
         defect_rate: None,
         lines: vec![],
         max_per_minute: 1000,
-        timeout_ms: 300,
+        // Generous: a slow answer on a loaded machine must not turn into a failed attempt.
+        timeout_ms: 30_000,
         retries: 2,
         queue: 16,
         headers: BTreeMap::from([("x-token".to_string(), "s3cret".to_string())]),
@@ -50,8 +51,21 @@ fn hook(url: String) -> WebhookConfig {
 /// A server whose first `fail_first` requests get 503; every body (and the x-token header)
 /// goes to the returned channel.
 async fn recorder(fail_first: usize) -> (String, UnboundedReceiver<(Value, String)>) {
+    let (url, rx, _) = counting_recorder(fail_first).await;
+    (url, rx)
+}
+
+/// As [`recorder`], with the number of requests it got.
+async fn counting_recorder(
+    fail_first: usize,
+) -> (
+    String,
+    UnboundedReceiver<(Value, String)>,
+    Arc<AtomicUsize>,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
     let app = Router::new().route(
         "/hook",
         post(
@@ -73,7 +87,7 @@ async fn recorder(fail_first: usize) -> (String, UnboundedReceiver<(Value, Strin
             },
         ),
     );
-    (serve(app).await, rx)
+    (serve(app).await, rx, counted)
 }
 
 async fn serve(app: Router) -> String {
@@ -96,6 +110,9 @@ async fn a_defect_is_posted_as_generic_json_with_the_configured_headers() {
     let n = Notifier::start(&[hook(url)], "worker-a").unwrap();
     n.observe(&verdict("L1", Outcome::Pass));
     n.observe(&verdict("L1", Outcome::Defect));
+    let mut after = verdict("L1", Outcome::Defect);
+    after.request_id = "req-2".into();
+    n.observe(&after);
     let (body, token) = next(&mut rx).await;
     assert_eq!(token, "s3cret");
     assert_eq!(body["event"], "defect");
@@ -103,19 +120,27 @@ async fn a_defect_is_posted_as_generic_json_with_the_configured_headers() {
     assert_eq!(body["class"], "surface_scratch");
     assert_eq!(body["source"]["offset"], 40);
     assert_eq!(body["worker"], "worker-a");
-    // The PASS verdict was not notified: nothing else arrives.
-    assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
-        .await
-        .is_err());
+    // Deliveries keep the order of the verdicts: the PASS one, had it been notified, would
+    // have come before this.
+    let (body, _) = next(&mut rx).await;
+    assert_eq!(
+        (&body["event"], &body["request_id"]),
+        (&json!("defect"), &json!("req-2"))
+    );
 }
 
 #[tokio::test]
 async fn failed_deliveries_are_retried() {
-    let (url, mut rx) = recorder(2).await;
+    let (url, mut rx, calls) = counting_recorder(2).await;
     let n = Notifier::start(&[hook(url)], "w").unwrap();
     n.observe(&verdict("L1", Outcome::Defect));
     let (body, _) = next(&mut rx).await;
     assert_eq!(body["request_id"], "req-1");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "two 503s, each retried, then the delivery"
+    );
 }
 
 #[tokio::test]
@@ -175,16 +200,25 @@ async fn defect_notifications_are_rate_limited() {
     let mut config = hook(url);
     config.max_per_minute = 3;
     config.queue = 100;
+    // Rate alerts are not rate-limited: the 20th verdict's alert comes after whatever defect
+    // notifications got through, in order, and shows there were no more.
+    config.defect_rate = Some(DefectRateRule {
+        min_verdicts: 20,
+        ..rule()
+    });
     let n = Notifier::start(&[config], "w").unwrap();
     for _ in 0..20 {
         n.observe(&verdict("L1", Outcome::Defect));
     }
-    for _ in 0..3 {
-        next(&mut rx).await;
+    let mut events = Vec::new();
+    for _ in 0..4 {
+        events.push(next(&mut rx).await.0["event"].clone());
     }
-    assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
-        .await
-        .is_err());
+    assert_eq!(
+        events,
+        ["defect", "defect", "defect", "defect_rate_firing"],
+        "3 of 20 defects within the minute's allowance, then the rate alert"
+    );
 }
 
 #[tokio::test]
