@@ -417,3 +417,6 @@ mod feedback;
 
 #[path = "e2e_tansu/reload.rs"]
 mod reload;
+
+#[path = "e2e_tansu/exactly_once.rs"]
+mod exactly_once;

@@ -451,3 +451,6 @@ async fn requests_without_a_profile_follow_their_cameras_route() {
 
 #[path = "pipeline_mock/line_memory.rs"]
 mod line_memory;
+
+#[path = "pipeline_mock/exactly_once.rs"]
+mod exactly_once;

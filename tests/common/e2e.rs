@@ -306,6 +306,21 @@ listen = "127.0.0.1:0"
         }
     }
 
+    /// Wait (up to `within`) for the worker to exit by itself; its exit status, or `None` if
+    /// it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The address of the worker's `/metrics` endpoint, from its log (`http.listen` port 0).
     pub fn http_addr(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);

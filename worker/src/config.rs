@@ -99,6 +99,25 @@ pub struct KafkaSettings {
     /// "/var/run/secrets/kafka/password" }` for a mounted Kubernetes secret: the file's
     /// content, without its trailing newline, is the value.
     pub property_files: BTreeMap<String, PathBuf>,
+    /// `at_least_once` (the default): a verdict is published, then its request's offset is
+    /// committed; a crash between the two repeats the request. `exactly_once`: each
+    /// transaction holds a run of finished requests' verdicts and dead letters together with
+    /// their input offsets, so a reader with `isolation.level=read_committed` sees each
+    /// request's verdict once, crashes included. Needs a broker with transactions (Apache
+    /// Kafka ≥ 2.5, Redpanda; not tansu 0.6.0) and should have `instance_id` set.
+    pub delivery: Delivery,
+    /// Exactly-once: how often the finished requests are committed in a transaction. Verdicts
+    /// become visible to read_committed readers at that pace; shorter means more transactions.
+    pub transaction_interval_ms: u64,
+}
+
+/// How verdicts and input offsets are committed: see [`KafkaSettings::delivery`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 /// librdkafka properties the worker sets itself, and why they cannot be overridden.
@@ -147,6 +166,8 @@ impl Default for KafkaSettings {
             verdict_encoding: Encoding::Protobuf,
             properties: BTreeMap::new(),
             property_files: BTreeMap::new(),
+            delivery: Delivery::AtLeastOnce,
+            transaction_interval_ms: 100,
         }
     }
 }

@@ -207,6 +207,15 @@ fn describe() {
         "Records whose handling panicked (each became an ERROR verdict and a dead letter)."
     );
     describe_counter!(
+        "clipqc_transactions_total",
+        "Exactly-once transactions (verdicts, dead letters and input offsets together), by result (committed, aborted)."
+    );
+    describe_histogram!(
+        "clipqc_transaction_seconds",
+        Unit::Seconds,
+        "Time to write and commit one exactly-once transaction."
+    );
+    describe_counter!(
         "clipqc_publish_refused_total",
         "Records the broker refused for good (too large, unknown topic, not authorised), by topic."
     );
@@ -274,6 +283,12 @@ pub fn verdict(outcome: &str, class: &str, profile: &str, line: &str) {
 
 pub fn record_panicked() {
     counter!("clipqc_record_panics_total").increment(1);
+}
+
+/// An exactly-once transaction ended (`committed` or `aborted`) after `took`.
+pub fn transaction(result: &'static str, took: Duration) {
+    counter!("clipqc_transactions_total", "result" => result).increment(1);
+    histogram!("clipqc_transaction_seconds").record(took.as_secs_f64());
 }
 
 pub fn publish_refused(topic: &str) {

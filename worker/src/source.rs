@@ -11,7 +11,7 @@
 //! next owner starts where this worker stopped, not at the last auto-commit. Knows nothing
 //! of CLIP.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -22,10 +22,11 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::config::KafkaSettings;
+use crate::config::{Delivery, KafkaSettings};
 use crate::http::Readiness;
 use crate::metrics;
 use crate::offsets::{Ledger, Partition};
+use crate::sink::transaction::Transactions;
 
 /// The worker's consumer.
 pub type Source = StreamConsumer<SourceContext>;
@@ -34,6 +35,9 @@ pub type Source = StreamConsumer<SourceContext>;
 pub struct SourceContext {
     pub ledger: Arc<Ledger>,
     pub readiness: Arc<Readiness>,
+    /// Exactly-once delivery: revoked partitions' finished records are committed in a
+    /// transaction instead of by a consumer commit (set by the pipeline).
+    pub transactions: OnceLock<Arc<Transactions>>,
     drain_timeout: Duration,
 }
 
@@ -83,6 +87,9 @@ impl ConsumerContext for SourceContext {
                 // revocation: forget every partition now, so a later assignment starts from
                 // the committed positions instead of tripping over records seen before.
                 let lost = self.ledger.lost_all();
+                if let Some(txn) = self.transactions.get() {
+                    txn.forget(&lost);
+                }
                 self.released(&lost);
                 tracing::error!(error = %e, ?lost, "rebalance error: every partition dropped; their records in flight will be processed again by their next owner");
                 return;
@@ -105,6 +112,22 @@ impl ConsumerContext for SourceContext {
         self.released(&partitions);
         if left > 0 {
             tracing::warn!(left, "drain bound reached on revocation: those records will be processed again by the partitions' next owner");
+        }
+        if let Some(txn) = self.transactions.get() {
+            // What finished is committed with its verdicts now; the rest (and all of it if
+            // this fails) is redone by the partitions' next owner, never shown twice.
+            match txn.commit(Some(&partitions), || consumer.group_metadata()) {
+                Ok(answered) => tracing::info!(
+                    answered,
+                    ?positions,
+                    "revoked partitions committed in a transaction"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "transaction on revocation failed: the partitions' next owner redoes their records")
+                }
+            }
+            txn.forget(&partitions);
+            return;
         }
         if positions.is_empty() {
             return;
@@ -161,10 +184,14 @@ pub fn consumer(
     drain_timeout: Duration,
     readiness: Arc<Readiness>,
 ) -> KafkaResult<Source> {
+    let exactly_once = settings.delivery == Delivery::ExactlyOnce;
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", &settings.group_id)
-        .set("enable.auto.commit", "true")
+        // Exactly-once: offsets are committed by the verdicts' transactions. (Requests
+        // written in transactions upstream are read once committed either way:
+        // librdkafka's default isolation.level is read_committed.)
+        .set("enable.auto.commit", (!exactly_once).to_string())
         // Commit what was stored every second (librdkafka's default is 5 s): after a crash,
         // the work done again is about a second's worth plus what was in flight.
         .set("auto.commit.interval.ms", "1000")
@@ -182,6 +209,7 @@ pub fn consumer(
     let context = SourceContext {
         ledger: Arc::new(Ledger::new()),
         readiness,
+        transactions: OnceLock::new(),
         drain_timeout,
     };
     let consumer: Source = cfg.create_with_context(context)?;
@@ -220,6 +248,7 @@ mod tests {
         SourceContext {
             ledger: Arc::new(Ledger::new()),
             readiness: Arc::new(Readiness::default()),
+            transactions: OnceLock::new(),
             drain_timeout: Duration::from_millis(10),
         }
     }

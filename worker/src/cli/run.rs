@@ -14,7 +14,7 @@ use anyhow::Context;
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{Delivery, Settings};
 use crate::exemplars::feedback::{self, FeedbackDeps};
 use crate::fetch::Fetcher;
 use crate::http::{self, Readiness};
@@ -25,6 +25,7 @@ use crate::notify::Notifier;
 use crate::pipeline::{self, Deps, Profile};
 use crate::profiles;
 use crate::proto::v1::ModelInfo;
+use crate::sink::transaction::Transactions;
 use crate::sink::Sink;
 use crate::source;
 
@@ -109,7 +110,26 @@ pub fn deps(
             &settings.notify.webhooks,
             &pipeline::worker_id(&settings.kafka),
         )?,
+        transactions: match settings.kafka.delivery {
+            Delivery::AtLeastOnce => None,
+            Delivery::ExactlyOnce => Some(Arc::new(Transactions::start(
+                &settings.kafka,
+                brokers,
+                &transactional_id(&settings.kafka),
+            )?)),
+        },
     })
+}
+
+/// The transactional id of this worker: fixed per instance, so a restarted worker fences its
+/// predecessor and aborts what it left open. Without `kafka.instance_id` it changes with each
+/// process (host name and pid), and a killed worker's open transaction holds back
+/// read_committed readers until the broker times it out (`transaction.timeout.ms`).
+pub fn transactional_id(kafka: &crate::config::KafkaSettings) -> String {
+    if kafka.instance_id.is_none() {
+        tracing::warn!("exactly-once delivery without kafka.instance_id: a killed worker's open transaction blocks readers until the broker times it out; set it (the pod name on Kubernetes)");
+    }
+    format!("clipqc-{}-{}", kafka.group_id, pipeline::worker_id(kafka))
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {

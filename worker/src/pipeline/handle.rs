@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::oneshot;
 
+use super::ack::Delivered;
 use super::infer::{BatchItem, Embedded};
 use super::{publish, Profile, Shared};
 use crate::config::DEFAULT_PROFILE;
@@ -22,15 +23,15 @@ use crate::proto::v1::{ErrorCode, InspectionRequest, SourceRecord, StageLatencie
 use crate::request;
 use crate::score::line_memory::MemoryKey;
 use crate::score::{Decision, Outcome};
+use crate::sink::outbox::Staged;
 use crate::sink::SendError;
 use crate::source;
 use crate::trace_context;
 use crate::verdict::{self, stage, Failure};
 
 /// One record to its verdict (and dead letter), published, routed and scored with `catalog`
-/// alone (the snapshot taken when the record was started). Returns whether every record was
-/// acknowledged by the broker.
-pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> bool {
+/// alone (the snapshot taken when the record was started). Returns how its delivery ended.
+pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> Delivered {
     let started = Instant::now();
     let source = source_record(msg);
     let trace = trace_context::continue_from(msg);
@@ -52,7 +53,7 @@ pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> b
             v.profile_version = profile.version.clone();
             (v, None)
         }
-        Err(Stop::Abandon) => return false,
+        Err(Stop::Abandon) => return Delivered::NotAcknowledged,
         Err(Stop::Failed(request, failure)) => {
             let trace_id = trace.as_ref().map(|t| t.trace_id.to_string());
             tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset,
@@ -74,7 +75,7 @@ pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> b
 
 /// The record's handling panicked: its ERROR verdict (echoing the request when it decodes)
 /// and dead letter, as for any other failure of the record.
-pub async fn panicked(shared: &Shared, msg: &OwnedMessage, panic: String) -> bool {
+pub async fn panicked(shared: &Shared, msg: &OwnedMessage, panic: String) -> Delivered {
     metrics::record_panicked();
     let source = source_record(msg);
     tracing::error!(topic = %source.topic, partition = source.partition, offset = source.offset,
@@ -112,10 +113,92 @@ fn source_record(msg: &OwnedMessage) -> SourceRecord {
     }
 }
 
-/// Publish the verdict and, for a failure, the dead letter. A verdict the broker refuses for
-/// good is replaced by a small ERROR verdict (and the record dead-lettered); a verdict or
-/// dead-letter topic that refuses even that stops the worker: every record would fail alike.
+/// Publish the verdict and, for a failure, the dead letter (exactly-once: stage them for the
+/// next transaction). A verdict the broker refuses for good is replaced by a small ERROR
+/// verdict (and the record dead-lettered); a verdict or dead-letter topic that refuses even
+/// that stops the worker: every record would fail alike.
 async fn deliver(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    source: &SourceRecord,
+    verdict: crate::proto::v1::Verdict,
+    failure: Option<Failure>,
+    trace: Vec<(String, Vec<u8>)>,
+) -> Delivered {
+    if shared.transactions.is_some() {
+        return stage(shared, msg, source, verdict, failure, trace);
+    }
+    if publish_acknowledged(shared, msg, source, verdict, failure, trace).await {
+        Delivered::Acknowledged
+    } else {
+        Delivered::NotAcknowledged
+    }
+}
+
+/// Exactly-once: the records for the next transaction, with the small ERROR verdict and
+/// payload-less dead letter to publish instead if the broker refuses them (used at once
+/// when they are over the producer's size limit).
+fn stage(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    source: &SourceRecord,
+    verdict: crate::proto::v1::Verdict,
+    failure: Option<Failure>,
+    trace: Vec<(String, Vec<u8>)>,
+) -> Delivered {
+    let refusal = Failure::new(
+        ErrorCode::PublishFailed,
+        stage::PUBLISH,
+        "the verdict could not be published: the broker refused it".to_string(),
+    );
+    let small = verdict::shrunk(&verdict, &refusal);
+    let mut fallback = Vec::new();
+    // Encoding fails only for JSON that serde refuses; the small verdict has no scores left.
+    if let Ok(r) = publish::verdict_record(shared, &small, trace.clone()) {
+        fallback.push(r);
+        fallback.push(publish::dead_letter_record(
+            shared,
+            msg,
+            source,
+            failure.as_ref().unwrap_or(&refusal),
+            false,
+        ));
+    }
+    let mut records = Vec::new();
+    let primary = publish::verdict_record(shared, &verdict, trace);
+    if let Ok(r) = &primary {
+        records.push(r.clone());
+        if let Some(f) = &failure {
+            records.push(publish::dead_letter_record(shared, msg, source, f, true));
+        }
+    }
+    let txn = shared
+        .transactions
+        .as_ref()
+        .expect("checked by the caller. This is a bug.");
+    let on_fallback = primary.is_err() || !txn.fits(&records);
+    if on_fallback {
+        tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset,
+            "verdict too large or not encodable: staging a small ERROR verdict instead");
+        metrics::publish_refused(&shared.kafka.verdict_topic);
+    }
+    let published = if on_fallback { small } else { verdict };
+    count(&published, SystemTime::now());
+    shared.notifier.observe(&published);
+    if on_fallback || failure.is_some() {
+        metrics::dead_letter(failure.as_ref().map_or(stage::PUBLISH, |f| f.stage));
+    }
+    Delivered::Staged(Staged {
+        records,
+        fallback,
+        on_fallback,
+        hold: None,
+    })
+}
+
+/// At-least-once: publish and wait for the broker's acknowledgement. Returns whether every
+/// record was acknowledged.
+async fn publish_acknowledged(
     shared: &Shared,
     msg: &OwnedMessage,
     source: &SourceRecord,

@@ -30,6 +30,7 @@ mod budget;
 mod handle;
 mod infer;
 mod publish;
+mod transaction;
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -52,6 +53,7 @@ use crate::offsets::{Ledger, Partition};
 use crate::preprocess::Preprocessor;
 use crate::proto::v1::ModelInfo;
 use crate::score::Scorer;
+use crate::sink::transaction::Transactions;
 use crate::sink::Sink;
 use crate::source::{self, Source};
 use budget::ByteBudget;
@@ -83,6 +85,9 @@ pub struct Deps {
     pub notifier: Notifier,
     /// The few-shot exemplar bank, read to the end of its topic and followed.
     pub exemplars: crate::exemplars::follow::Exemplars,
+    /// Exactly-once delivery (`kafka.delivery`): verdicts, dead letters and input offsets
+    /// committed together. `None`: at-least-once through `sink`.
+    pub transactions: Option<Arc<Transactions>>,
 }
 
 /// What a run did, for tests and the exit log.
@@ -94,6 +99,8 @@ pub struct RunStats {
     pub peak_in_flight_bytes: u64,
     /// Records still unfinished when the drain time ran out (processed again after restart).
     pub abandoned: usize,
+    /// Exactly-once: transactions committed.
+    pub transactions: u64,
 }
 
 struct Shared {
@@ -108,6 +115,7 @@ struct Shared {
     model_info: ModelInfo,
     fetcher: Fetcher,
     sink: Sink,
+    transactions: Option<Arc<Transactions>>,
     notifier: Notifier,
     to_batcher: mpsc::Sender<BatchItem>,
     budget: ByteBudget,
@@ -158,6 +166,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         model_info: deps.model_info,
         fetcher: deps.fetcher,
         sink: deps.sink,
+        transactions: deps.transactions.clone(),
         notifier: deps.notifier,
         to_batcher,
         budget: ByteBudget::new(settings.max_in_flight_bytes),
@@ -173,6 +182,18 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         .set_stall_after(Duration::from_millis(settings.stall_timeout_ms));
     let max = settings.max_in_flight.max(1);
     let slots = Arc::new(Semaphore::new(max));
+    let committer = deps.transactions.clone().map(|txn| {
+        // Revoked partitions are committed by the rebalance callback, in their last moments here.
+        let _ = consumer.context().transactions.set(txn.clone());
+        tokio::spawn(transaction::commit_loop(
+            txn,
+            consumer.clone(),
+            Duration::from_millis(shared.kafka.transaction_interval_ms.max(1)),
+            slots.clone(),
+            max,
+            fatal.clone(),
+        ))
+    });
     let mut intake = Intake {
         consumer: consumer.clone(),
         ledger: ledger.clone(),
@@ -204,6 +225,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
                 fatal.declare(why);
                 break;
             }
+            // Exactly-once: records waiting for their transaction hold slots, and the
+            // committer frees them, not a task ending: wake up to resume then.
+            _ = slots.acquire_many(max.div_ceil(2) as u32), if intake.paused && intake.waiting.is_empty() => {}
             Some(joined) = intake.tasks.join_next() => {
                 if let Err(e) = joined {
                     // Panics inside a record's handling are caught in the task; this is one in
@@ -275,7 +299,14 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
     if let Err(e) = shared.sink.flush(Duration::from_secs(10)) {
         tracing::warn!(error = %e, "producer flush");
     }
-    final_commit(&consumer).await;
+    match (&shared.transactions, committer) {
+        (Some(txn), Some(committer)) => {
+            committer.abort();
+            transaction::final_commit(txn, &consumer, &fatal).await;
+        }
+        _ => final_commit(&consumer).await,
+    }
+    stats.transactions = shared.transactions.as_ref().map_or(0, |t| t.committed());
     if consumer.client().fatal_error().is_some() {
         // Closing a consumer after a fatal error never finishes (rdkafka's drop polls for a
         // close that librdkafka refuses): leak it, the process is on its way out.
@@ -359,8 +390,14 @@ impl Intake {
         };
         self.stats.records += 1;
         metrics::record_consumed(&p.topic);
-        let ack =
-            ack::Acknowledgement::new(self.ledger.clone(), self.consumer.clone(), p, offset, epoch);
+        let ack = ack::Acknowledgement::new(
+            self.ledger.clone(),
+            self.consumer.clone(),
+            self.shared.transactions.clone(),
+            p,
+            offset,
+            epoch,
+        );
         let shared = self.shared.clone();
         // Taken here, in the partition's offset order, not in the task: tasks may run in any
         // order, and a later record must never get an older catalog than an earlier one.
@@ -369,15 +406,25 @@ impl Intake {
             // A panic anywhere in the record's handling (time arithmetic, a decoder, a
             // serialiser) is the record's failure: an ERROR verdict and a dead letter, never a
             // frozen partition. The state it leaves behind is the record's own.
-            let acked = match AssertUnwindSafe(handle::handle(&shared, &catalog, &msg))
+            let delivered = match AssertUnwindSafe(handle::handle(&shared, &catalog, &msg))
                 .catch_unwind()
                 .await
             {
-                Ok(acked) => acked,
+                Ok(delivered) => delivered,
                 Err(panic) => handle::panicked(&shared, &msg, panic_message(panic.as_ref())).await,
             };
-            ack.resolve(acked);
-            drop(slot);
+            match delivered {
+                // Exactly-once: the record keeps its slot until its transaction commits, so
+                // a broker that stops committing pauses the intake (see `max_in_flight`).
+                ack::Delivered::Staged(mut staged) => {
+                    staged.hold = Some(crate::sink::outbox::Hold(Box::new(slot)));
+                    ack.resolve(ack::Delivered::Staged(staged));
+                }
+                delivered => {
+                    ack.resolve(delivered);
+                    drop(slot);
+                }
+            }
         });
         metrics::records_in_flight(self.tasks.len());
     }

@@ -14,7 +14,8 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use super::Shared;
 use crate::proto::v1::{SourceRecord, Verdict};
 use crate::request::Encoding;
-use crate::sink::{Record, SendError};
+use crate::sink::outbox::OwnedRecord;
+use crate::sink::SendError;
 use crate::verdict::{self, Failure};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,12 +33,13 @@ impl PublishError {
     }
 }
 
-/// `trace` continues the request's trace context (see [`crate::trace_context`]).
-pub async fn verdict(
+/// The verdict's record; `trace` continues the request's trace context (see
+/// [`crate::trace_context`]).
+pub fn verdict_record(
     shared: &Shared,
     v: &Verdict,
     trace: Vec<(String, Vec<u8>)>,
-) -> Result<(), PublishError> {
+) -> Result<OwnedRecord, PublishError> {
     let encoding = shared.kafka.verdict_encoding;
     let payload = match encoding {
         Encoding::Protobuf => v.encode_to_vec(),
@@ -68,22 +70,33 @@ pub async fn verdict(
         ),
     ];
     headers.extend(trace);
-    let key = (!v.camera_id.is_empty()).then_some(v.camera_id.as_bytes());
-    let record = Record {
-        topic: &shared.kafka.verdict_topic,
-        key,
-        payload: &payload,
+    Ok(OwnedRecord {
+        topic: shared.kafka.verdict_topic.clone(),
+        key: (!v.camera_id.is_empty()).then(|| v.camera_id.as_bytes().to_vec()),
+        payload,
         headers,
-    };
-    Ok(shared.sink.send(&record, &shared.abort).await?)
+    })
 }
 
-pub async fn dead_letter(
+/// Publish the verdict, acknowledged.
+pub async fn verdict(
+    shared: &Shared,
+    v: &Verdict,
+    trace: Vec<(String, Vec<u8>)>,
+) -> Result<(), PublishError> {
+    let record = verdict_record(shared, v, trace)?;
+    Ok(shared.sink.send_owned(&record, &shared.abort).await?)
+}
+
+/// The dead letter of `msg`; without its payload when `with_payload` is false (header
+/// `clipqc-payload-dropped`: the payload's size).
+pub fn dead_letter_record(
     shared: &Shared,
     msg: &OwnedMessage,
     source: &SourceRecord,
     failure: &Failure,
-) -> Result<(), SendError> {
+    with_payload: bool,
+) -> OwnedRecord {
     let mut headers: Vec<(String, Vec<u8>)> = msg
         .headers()
         .map(|h| {
@@ -98,21 +111,38 @@ pub async fn dead_letter(
             .map(|(k, v)| (k.to_string(), v.into_bytes())),
     );
     let payload = msg.payload().unwrap_or_default();
-    let mut record = Record {
-        topic: &shared.kafka.dlq_topic,
-        key: msg.key(),
-        payload,
+    if !with_payload && !payload.is_empty() {
+        headers.push((
+            "clipqc-payload-dropped".into(),
+            payload.len().to_string().into_bytes(),
+        ));
+    }
+    OwnedRecord {
+        topic: shared.kafka.dlq_topic.clone(),
+        key: msg.key().map(<[u8]>::to_vec),
+        payload: if with_payload {
+            payload.to_vec()
+        } else {
+            Vec::new()
+        },
         headers,
-    };
-    match shared.sink.send(&record, &shared.abort).await {
-        Err(e) if e.too_large() && !payload.is_empty() => {
-            tracing::warn!(topic = %record.topic, bytes = payload.len(), "dead letter too large for its topic: sending it without the payload");
-            record.payload = &[];
-            record.headers.push((
-                "clipqc-payload-dropped".into(),
-                payload.len().to_string().into_bytes(),
-            ));
-            shared.sink.send(&record, &shared.abort).await
+    }
+}
+
+/// Publish the dead letter, acknowledged; without its payload if the topic refuses it for
+/// its size.
+pub async fn dead_letter(
+    shared: &Shared,
+    msg: &OwnedMessage,
+    source: &SourceRecord,
+    failure: &Failure,
+) -> Result<(), SendError> {
+    let record = dead_letter_record(shared, msg, source, failure, true);
+    match shared.sink.send_owned(&record, &shared.abort).await {
+        Err(e) if e.too_large() && !record.payload.is_empty() => {
+            tracing::warn!(topic = %record.topic, bytes = record.payload.len(), "dead letter too large for its topic: sending it without the payload");
+            let record = dead_letter_record(shared, msg, source, failure, false);
+            shared.sink.send_owned(&record, &shared.abort).await
         }
         other => other,
     }

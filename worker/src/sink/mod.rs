@@ -10,6 +10,13 @@
 //! [`Sink::STALL_AFTER`] shows on `/readyz` and in `clipqc_publish_stalled_records`.
 //! Verdicts are keyed by camera id (one camera's verdicts stay in order) and carry their
 //! source coordinates in headers.
+//!
+//! With `kafka.delivery = "exactly_once"` the pipeline's verdicts and dead letters go through
+//! [`transaction`] instead: staged in an [`outbox`], then written with their input offsets in
+//! one transaction.
+
+pub mod outbox;
+pub mod transaction;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -83,6 +90,16 @@ pub fn is_permanent(e: &KafkaError) -> bool {
                 | SaslAuthenticationFailed
                 | Fatal
         )
+}
+
+/// Headers as librdkafka takes them.
+fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v),
+        })
+    })
 }
 
 /// Counts one stalled send while it lives.
@@ -170,6 +187,21 @@ impl Sink {
         done
     }
 
+    /// [`Self::send`] for an owned record.
+    pub async fn send_owned(
+        &self,
+        record: &outbox::OwnedRecord,
+        abort: &CancellationToken,
+    ) -> Result<(), SendError> {
+        let borrowed = Record {
+            topic: &record.topic,
+            key: record.key.as_deref(),
+            payload: &record.payload,
+            headers: record.headers.clone(),
+        };
+        self.send(&borrowed, abort).await
+    }
+
     async fn send_until_acknowledged(
         &self,
         record: &Record<'_>,
@@ -177,16 +209,9 @@ impl Sink {
     ) -> Result<(), SendError> {
         let mut delay = Duration::from_millis(100);
         loop {
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in &record.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
             let mut r = FutureRecord::to(record.topic)
                 .payload(record.payload)
-                .headers(headers);
+                .headers(owned_headers(&record.headers));
             if let Some(k) = record.key {
                 r = r.key(k);
             }

@@ -1,0 +1,133 @@
+//! Exactly-once delivery (`kafka.delivery = "exactly_once"`) on librdkafka's mock cluster.
+//!
+//! What the mock can show: the transactional producer's whole protocol (init, begin, produce,
+//! send_offsets_to_transaction, commit) against a broker that speaks it, each request's
+//! verdict (and dead letter) written once, and a fenced worker stopping. What it cannot: it
+//! does not fence a zombie by itself (every InitProducerId gets a new producer id), it
+//! accepts TxnOffsetCommit without storing the offsets, and it never reports aborted
+//! transactions to read_committed readers; so the crash guarantee itself is shown by
+//! `sink::outbox`'s property test, not here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clipqc::config::Delivery;
+use clipqc::model::tch_backend::TchBackend;
+use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
+use clipqc::pipeline;
+use clipqc::proto::v1::Verdict;
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use super::common;
+use super::common::kafka::*;
+
+fn tiny() -> (Artifact, ModelOwner, clipqc::model::ModelHandle) {
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let for_thread = artifact.clone();
+    let (owner, model) =
+        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    (artifact, owner, model)
+}
+
+async fn publish_garbage(brokers: &str, n: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for i in 0..n {
+        let payload = format!("\u{1}not a request {i}");
+        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// Verdicts (by source partition and offset) on the verdict topic, until `n` are there.
+async fn verdicts(brokers: &str, n: usize) -> Vec<(i32, i64)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = tokio::task::block_in_place(|| {
+            read_all(brokers, "clipqc.verdicts", |b| Verdict::decode(b).unwrap())
+        });
+        if all.len() >= n || std::time::Instant::now() > deadline {
+            return all
+                .into_iter()
+                .map(|(_, _, v)| {
+                    let s = v.source.unwrap();
+                    (s.partition, s.offset)
+                })
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_mode_writes_each_verdict_once_in_transactions() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-eos");
+    settings.kafka.delivery = Delivery::ExactlyOnce;
+    settings.kafka.instance_id = Some("eos-1".into());
+    publish_inline(&brokers, "eos", 24).await;
+    publish_garbage(&brokers, 6).await;
+    let (artifact, _owner, model) = tiny();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+
+    let seen = verdicts(&brokers, 30).await;
+    shutdown.cancel();
+    let stats = worker.await.unwrap().unwrap();
+    let mut copies: HashMap<(i32, i64), usize> = HashMap::new();
+    for s in &seen {
+        *copies.entry(*s).or_default() += 1;
+    }
+    let duplicates: Vec<_> = copies.iter().filter(|(_, &n)| n > 1).collect();
+    assert_eq!(copies.len(), 30, "every request answered: {copies:?}");
+    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    let dead = tokio::task::block_in_place(|| read_all(&brokers, "clipqc.dlq", |b| b.len()));
+    assert_eq!(dead.len(), 6, "one dead letter per bad request");
+    assert!(
+        stats.transactions >= 1,
+        "the verdicts were written in transactions: {stats:?}"
+    );
+    assert_eq!(stats.records, 30);
+    println!(
+        "exactly-once on the mock: 30 requests, {} transactions, 0 duplicates",
+        stats.transactions
+    );
+}
+
+/// A zombie: the broker answers the worker's transaction with PRODUCER_FENCED (a newer
+/// worker with the same `instance_id`, and so the same transactional id, has started). The
+/// mock cannot fence by itself (it hands every InitProducerId a new producer id), so the
+/// answer is injected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_worker_stops_with_an_error_naming_it() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (mock, mut settings, brokers) = cluster("clipqc-eos-fence");
+    settings.kafka.delivery = Delivery::ExactlyOnce;
+    settings.kafka.instance_id = Some("eos-zombie".into());
+    publish_inline(&brokers, "first", 6).await;
+    let (artifact, _owner, model) = tiny();
+    let deps = deps(&settings, &brokers, &artifact, &model);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    assert_eq!(verdicts(&brokers, 6).await.len(), 6);
+
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 100],
+    );
+    publish_inline(&brokers, "second", 6).await;
+    let ended = tokio::time::timeout(Duration::from_secs(90), worker)
+        .await
+        .expect("the fenced worker stops by itself")
+        .unwrap();
+    let error = ended.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        error.contains("failed for good") && error.contains("clipqc-clipqc-eos-fence-eos-zombie"),
+        "{error}"
+    );
+}

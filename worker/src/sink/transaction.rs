@@ -1,0 +1,330 @@
+//! Exactly-once delivery (`kafka.delivery = "exactly_once"`): a transactional producer
+//! writes the verdicts and dead letters of a run of finished input records and commits those
+//! records' input offsets in the same transaction (`send_offsets_to_transaction`), so a
+//! reader with `isolation.level=read_committed` sees each request's verdict once, however
+//! the worker dies.
+//!
+//! Guarantees: what a transaction writes and commits comes from the [`Outbox`] (see its
+//! docs: exactly the verdicts of the offsets it commits). A failed transaction is aborted and
+//! its records wait for the next one; a record the broker refuses for good is replaced by its
+//! small fallback (an ERROR verdict and a payload-less dead letter) and the transaction
+//! retried, so one record cannot stall its partition; a topic that refuses even that, a
+//! fenced producer or a broker without transactions is [`TxnError::is_fatal`]: the worker
+//! stops (a restart resumes from the last committed transaction). Zombies are fenced: the
+//! transactional id is fixed per worker instance, so a restarted worker's
+//! `init_transactions` aborts what its predecessor left open and fences it, and the group
+//! metadata sent with the offsets lets the broker refuse a worker whose partitions have
+//! moved on (KIP-447). One transaction at a time: the committer's, a revocation's or the
+//! drain's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::outbox::{Batch, OwnedRecord, Staged};
+use super::{is_permanent, owned_headers};
+use crate::config::KafkaSettings;
+use crate::metrics;
+use crate::offsets::Partition;
+
+pub use super::outbox::Outbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    #[error(
+        "the broker does not support transactions ({0}): kafka.delivery = \"exactly_once\" \
+         needs a broker with Kafka transactions (Apache Kafka 2.5 or later; tansu 0.6.0 has no \
+         EndTxn); use \"at_least_once\""
+    )]
+    Unsupported(String),
+    #[error(
+        "transactional producer {id:?} failed for good ({detail}): another worker with the same \
+         kafka.instance_id took over, or this one was fenced out of its group; restart it"
+    )]
+    Fenced { id: String, detail: String },
+    #[error("the topic {topic:?} refuses records, even a small ERROR verdict: {error}")]
+    Refused { topic: String, error: KafkaError },
+    #[error("transaction not committed (its records wait for the next one): {0}")]
+    Failed(KafkaError),
+}
+
+impl TxnError {
+    /// The worker cannot go on: every later transaction would fail alike.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, Self::Failed(_))
+    }
+}
+
+/// How one attempt at a transaction ended, when it did not commit.
+enum Attempt {
+    /// These records (part, record index) were refused for good: retry with their fallback.
+    Refused(Vec<(usize, usize)>, String, Box<KafkaError>),
+    Retry(KafkaError),
+    Fatal(TxnError),
+}
+
+pub struct Transactions {
+    producer: FutureProducer,
+    outbox: Mutex<Outbox>,
+    /// One transaction at a time (the producer has one open at most).
+    committing: Mutex<()>,
+    id: String,
+    /// `message.max.bytes`: a record larger is refused by the producer itself.
+    max_message_bytes: usize,
+    timeout: Duration,
+    committed: AtomicU64,
+}
+
+impl Transactions {
+    /// A transactional producer named `id`, initialised: a transaction its previous
+    /// incarnation left open is aborted, and that incarnation fenced.
+    pub fn start(settings: &KafkaSettings, brokers: &str, id: &str) -> Result<Self, TxnError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers)
+            .set("transactional.id", id)
+            .set("linger.ms", "5");
+        for (k, v) in &settings.properties {
+            cfg.set(k, v);
+        }
+        let max_message_bytes = settings
+            .properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let producer: FutureProducer = cfg.create().map_err(TxnError::Failed)?;
+        let timeout = Duration::from_secs(30);
+        producer
+            .init_transactions(timeout)
+            .map_err(|e| classify(id, e))?;
+        tracing::info!(
+            transactional_id = id,
+            "exactly-once delivery: transactional producer ready"
+        );
+        Ok(Self {
+            producer,
+            outbox: Mutex::new(Outbox::new()),
+            committing: Mutex::new(()),
+            id: id.to_string(),
+            max_message_bytes,
+            timeout,
+            committed: AtomicU64::new(0),
+        })
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        // Plain bookkeeping: a panic elsewhere while it was held leaves it usable.
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether every record is small enough for the producer to take.
+    pub fn fits(&self, records: &[OwnedRecord]) -> bool {
+        records.iter().all(|r| r.size() <= self.max_message_bytes)
+    }
+
+    /// The input record at `offset` of `p` is finished; `staged`: what it publishes.
+    pub fn stage(&self, p: &Partition, epoch: u64, offset: i64, staged: Staged) {
+        self.outbox().stage(p, epoch, offset, staged);
+    }
+
+    /// Every offset of `p` below `position` is done.
+    pub fn advance(&self, p: &Partition, epoch: u64, position: i64) {
+        self.outbox().advance(p, epoch, position);
+    }
+
+    /// `partitions` left this worker: drop what they staged (their next owner redoes it).
+    pub fn forget(&self, partitions: &[Partition]) {
+        let mut outbox = self.outbox();
+        for p in partitions {
+            outbox.forget(p);
+        }
+    }
+
+    /// Records waiting for a transaction.
+    pub fn staged(&self) -> usize {
+        self.outbox().staged()
+    }
+
+    /// Transactions committed so far.
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    /// Commit what is done (of `only`, or of every partition) in one transaction, with the
+    /// input positions; `group` gives the consumer's current group metadata. Blocks (it waits
+    /// for the broker): call it off the async runtime. Returns the input records answered.
+    pub fn commit(
+        &self,
+        only: Option<&[Partition]>,
+        group: impl Fn() -> Option<ConsumerGroupMetadata>,
+    ) -> Result<usize, TxnError> {
+        let _one = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batch = self.outbox().take(only);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1.. {
+            let Some(group) = group() else {
+                self.outbox().restore(batch);
+                return Err(TxnError::Failed(KafkaError::ClientCreation(
+                    "the consumer has no group metadata (not in its group yet)".into(),
+                )));
+            };
+            let started = std::time::Instant::now();
+            match self.attempt(&batch, &group) {
+                Ok(()) => {
+                    metrics::transaction("committed", started.elapsed());
+                    let answered = batch.answered();
+                    self.outbox().committed(&batch);
+                    self.committed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(answered);
+                }
+                Err(Attempt::Refused(keys, topic, error)) => {
+                    let error = *error;
+                    metrics::transaction("aborted", started.elapsed());
+                    for (part, record) in keys {
+                        let (offset, staged) = &mut batch.parts[part].records[record];
+                        if staged.on_fallback {
+                            return Err(TxnError::Refused { topic, error });
+                        }
+                        tracing::warn!(topic, error = %error, offset = *offset,
+                            "record refused in a transaction: publishing its small ERROR verdict instead");
+                        metrics::publish_refused(&topic);
+                        staged.on_fallback = true;
+                    }
+                }
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(e)) => {
+                    metrics::transaction("aborted", started.elapsed());
+                    if attempt >= 3 {
+                        self.outbox().restore(batch);
+                        return Err(TxnError::Failed(e));
+                    }
+                    tracing::info!(error = %e, attempt, "transaction aborted; retrying");
+                    std::thread::sleep(delay);
+                    delay *= 4;
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn attempt(&self, batch: &Batch, group: &ConsumerGroupMetadata) -> Result<(), Attempt> {
+        self.producer.begin_transaction().map_err(|e| {
+            if is_fatal(&e) {
+                Attempt::Fatal(classify(&self.id, e))
+            } else {
+                Attempt::Retry(e)
+            }
+        })?;
+        let mut deliveries = Vec::new();
+        for (i, part) in batch.parts.iter().enumerate() {
+            for (j, (_, staged)) in part.records.iter().enumerate() {
+                for r in staged.current() {
+                    let mut record = FutureRecord::to(&r.topic)
+                        .payload(&r.payload)
+                        .headers(owned_headers(&r.headers));
+                    if let Some(k) = &r.key {
+                        record = record.key(k);
+                    }
+                    match self.producer.send_result(record) {
+                        Ok(delivery) => deliveries.push(((i, j), delivery)),
+                        Err((e, _)) => {
+                            let refused = is_permanent(&e).then(|| vec![(i, j)]);
+                            if let Err(abort) = self.abort() {
+                                return Err(Attempt::Fatal(classify(&self.id, abort)));
+                            }
+                            return Err(match refused {
+                                Some(keys) => Attempt::Refused(keys, r.topic.clone(), Box::new(e)),
+                                None => Attempt::Retry(e),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for part in &batch.parts {
+            let p = &part.partition;
+            offsets
+                .add_partition_offset(&p.topic, p.partition, Offset::Offset(part.position))
+                .map_err(Attempt::Retry)?;
+        }
+        self.producer
+            .send_offsets_to_transaction(&offsets, group, self.timeout)
+            .map_err(|e| self.abort_after(e, &mut deliveries))?;
+        self.producer
+            .commit_transaction(self.timeout)
+            .map_err(|e| self.abort_after(e, &mut deliveries))
+    }
+
+    /// A step of the transaction failed with `e`: find records refused for good (every
+    /// delivery has resolved once a commit failed: it flushes first), abort, and say what next.
+    fn abort_after(
+        &self,
+        e: KafkaError,
+        deliveries: &mut [((usize, usize), DeliveryFuture)],
+    ) -> Attempt {
+        if is_fatal(&e) {
+            return Attempt::Fatal(classify(&self.id, e));
+        }
+        let mut refused = Vec::new();
+        let mut refusal = None;
+        for (key, delivery) in deliveries.iter_mut() {
+            if let Some(Ok(Err((error, msg)))) = delivery.now_or_never() {
+                if is_permanent(&error) {
+                    refused.push(*key);
+                    refusal.get_or_insert((rdkafka::Message::topic(&msg).to_string(), error));
+                }
+            }
+        }
+        if let Err(abort) = self.abort() {
+            return Attempt::Fatal(classify(&self.id, abort));
+        }
+        match refusal {
+            Some((topic, error)) => Attempt::Refused(refused, topic, Box::new(error)),
+            None => Attempt::Retry(e),
+        }
+    }
+
+    fn abort(&self) -> Result<(), KafkaError> {
+        match self.producer.abort_transaction(self.timeout) {
+            Ok(()) => Ok(()),
+            Err(e) if is_fatal(&e) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "abort_transaction");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An error no later transaction can get past: fenced, unsupported, or fatal to the client.
+fn is_fatal(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => {
+            t.is_fatal() || t.code() == RDKafkaErrorCode::UnsupportedFeature
+        }
+        other => other.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
+    }
+}
+
+fn classify(id: &str, e: KafkaError) -> TxnError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion) => {
+            TxnError::Unsupported(e.to_string())
+        }
+        _ if is_fatal(&e) => TxnError::Fenced {
+            id: id.to_string(),
+            detail: e.to_string(),
+        },
+        _ => TxnError::Failed(e),
+    }
+}
