@@ -74,10 +74,7 @@ async fn serve_at(ip: &str, trap: Option<SocketAddr>) -> Server {
                 }
             }),
         )
-        .route(
-            "/never.jpg",
-            get(std::future::pending::<Vec<u8>>),
-        );
+        .route("/never.jpg", get(std::future::pending::<Vec<u8>>));
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -58,11 +58,7 @@ async fn recorder(fail_first: usize) -> (String, UnboundedReceiver<(Value, Strin
 /// As [`recorder`], with the number of requests it got.
 async fn counting_recorder(
     fail_first: usize,
-) -> (
-    String,
-    UnboundedReceiver<(Value, String)>,
-    Arc<AtomicUsize>,
-) {
+) -> (String, UnboundedReceiver<(Value, String)>, Arc<AtomicUsize>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
