@@ -11,6 +11,7 @@
 //! plain types and functions, used alike by the offline `classify` command and by the worker.
 
 pub mod batch;
+pub mod brokers;
 pub mod cli;
 pub mod config;
 pub mod exemplars;

@@ -197,6 +197,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             tracing::info!("shutdown requested");
             signal.cancel();
         });
+        if settings.kafka.brokers.is_some() {
+            // A refused login or TLS handshake is named here, at once, rather than surfacing
+            // later as a generic transport failure (or never, in the group consumer).
+            crate::brokers::check(&settings.kafka, &brokers, Duration::from_secs(60))?;
+        }
         let deps = deps(&settings, &brokers, &artifact, &model, profiles, readiness)?;
         // Stopped (dropped) before the model thread is joined: it embeds prompts with it.
         let _watcher = watch_config(&args, &settings, &artifact, &model, &deps)?;
