@@ -131,3 +131,50 @@ async fn a_fenced_worker_stops_with_an_error_naming_it() {
         "{error}"
     );
 }
+
+/// Throughput of exactly-once against at-least-once, measured in one run on the mock cluster
+/// with the fake model (so the delivery's cost is what differs). A benchmark, not a check:
+/// `cargo test --test pipeline_mock -- --ignored --nocapture delivery_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn delivery_throughput_exactly_once_against_at_least_once() {
+    const N: usize = 600;
+    let mut rates = Vec::new();
+    // Twice each, alternating, so neither mode alone gets the cold start or a busy moment.
+    let modes = [Delivery::AtLeastOnce, Delivery::ExactlyOnce];
+    for (round, delivery) in modes.iter().chain(&modes).copied().enumerate() {
+        let (_mock, mut settings, brokers) = cluster(&format!("clipqc-rate-{round}"));
+        settings.kafka.delivery = delivery;
+        settings.kafka.instance_id = Some(format!("rate-{delivery:?}"));
+        publish_inline(&brokers, "rate", N).await;
+        let (_owner, model) = slow_model(Duration::ZERO);
+        let artifact = Artifact::open(common::tiny_model()).unwrap();
+        let mut deps = deps(&settings, &brokers, &artifact, &model);
+        deps.pipeline.max_in_flight = 256;
+        let shutdown = CancellationToken::new();
+        let started = std::time::Instant::now();
+        let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+        loop {
+            let written: i64 = tokio::task::block_in_place(|| ends(&brokers, "clipqc.verdicts"))
+                .values()
+                .sum();
+            if written as usize >= N {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        shutdown.cancel();
+        let stats = worker.await.unwrap().unwrap();
+        println!(
+            "{delivery:?}: {N} requests in {seconds:.2} s = {:.0}/s ({} transactions)",
+            N as f64 / seconds,
+            stats.transactions
+        );
+        rates.push(N as f64 / seconds);
+    }
+    println!(
+        "exactly-once / at-least-once throughput: {:.2}",
+        (rates[1] + rates[3]) / (rates[0] + rates[2])
+    );
+}
