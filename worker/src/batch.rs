@@ -14,7 +14,9 @@ use tokio::time::{timeout_at, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
+    /// Most images (views) per model call.
     pub max_size: usize,
+    /// A batch closes this long after its first image at the latest, full or not.
     pub max_delay_ms: u64,
 }
 

@@ -73,9 +73,13 @@ pub struct KafkaSettings {
     /// Bootstrap servers, `host:port[,host:port]`. Unset: `clipqc run` starts an embedded
     /// in-process broker for trying things out.
     pub brokers: Option<String>,
+    /// The consumer group the workers share the input partitions in.
     pub group_id: String,
+    /// Topics the inspection requests are read from.
     pub input_topics: Vec<String>,
+    /// Where verdicts are published (keyed by camera id).
     pub verdict_topic: String,
+    /// Where failed requests go, unchanged, with error headers (the dead-letter topic).
     pub dlq_topic: String,
     /// The few-shot exemplar bank: a compacted topic (key `profile/id`) every worker reads
     /// from the beginning before taking requests, then follows.
@@ -112,7 +116,7 @@ pub struct KafkaSettings {
 }
 
 /// How verdicts and input offsets are committed: see [`KafkaSettings::delivery`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Delivery {
     #[default]
@@ -209,6 +213,7 @@ impl KafkaSettings {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FetchSettings {
+    /// URI schemes image references may use.
     pub allowed_schemes: Vec<String>,
     /// Hosts image URIs (and their redirects) may name: exact names or IP literals, `*.suffix`
     /// for a domain and its subdomains, `*` for any host; for object stores, bucket names.
@@ -227,6 +232,7 @@ pub struct FetchSettings {
     pub file_roots: Vec<PathBuf>,
     /// The largest image, in bytes (http(s), object stores, files and inline).
     pub max_bytes: u64,
+    /// Connecting to an image host, per attempt.
     pub connect_timeout_ms: u64,
     /// The whole fetch of one image, `file://` reads included.
     pub timeout_ms: u64,
@@ -282,6 +288,8 @@ fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>,
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifySettings {
+    /// Webhooks told of DEFECT verdicts and of lines' defect rates (Alertmanager or plain
+    /// JSON).
     pub webhooks: Vec<crate::notify::WebhookConfig>,
 }
 
@@ -446,5 +454,7 @@ impl Settings {
     }
 }
 
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::metrics;
 use crate::proto::v1::{Outcome, Verdict};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WebhookFormat {
     /// A JSON array of alerts, as Alertmanager's `POST /api/v2/alerts` takes it.
@@ -41,7 +41,10 @@ pub enum WebhookFormat {
 pub struct WebhookConfig {
     /// Names the webhook in logs and in `clipqc_webhook_notifications_total{webhook}`.
     pub name: String,
+    /// Where notifications are POSTed.
     pub url: String,
+    /// `alertmanager`: a JSON array of alerts as Alertmanager's `POST /api/v2/alerts` takes
+    /// it; `generic`: one JSON object per event.
     #[serde(default)]
     pub format: WebhookFormat,
     /// Notify on every DEFECT verdict (rate-limited by `max_per_minute`).
@@ -75,6 +78,7 @@ pub struct WebhookConfig {
 pub struct DefectRateRule {
     /// Fraction of a line's verdicts that are DEFECT, in (0, 1].
     pub threshold: f64,
+    /// The sliding window the rate is computed over, in seconds.
     #[serde(default = "default_window")]
     pub window_seconds: u64,
     /// Fewer verdicts than this in the window never fire (1 defect of 2 parts is no trend).

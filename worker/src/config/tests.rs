@@ -185,6 +185,44 @@ fn checked_in_schema_is_current() {
     );
 }
 
+/// `docs/configuration.md` is the reference rendered from the schema: every key, type,
+/// default and description. Refreshed with the schema (`CLIPQC_UPDATE_SCHEMAS=1`).
+#[test]
+fn the_configuration_reference_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+    let schema = serde_json::to_value(Settings::json_schema()).unwrap();
+    let generated = super::reference::markdown(&schema);
+    if std::env::var_os("CLIPQC_UPDATE_SCHEMAS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "{} is stale: run CLIPQC_UPDATE_SCHEMAS=1 cargo test --lib config",
+        path.display()
+    );
+    // Every key has a description (a field without a doc comment would leave it empty).
+    let undescribed: Vec<&str> = generated
+        .lines()
+        .filter(|l| l.starts_with("| `") && l.ends_with("|  |"))
+        .collect();
+    assert!(
+        undescribed.is_empty(),
+        "keys without a description: {undescribed:#?}"
+    );
+    // Every key of every section is there, nested ones included.
+    for key in [
+        "`kafka.delivery`",
+        "`fetch.allowed_networks`",
+        "`profiles.<name>.classes[].prompts`",
+        "`routes[].camera`",
+        "`notify.webhooks[].url`",
+    ] {
+        assert!(generated.contains(key), "{key} missing");
+    }
+}
+
 #[test]
 fn the_shipped_example_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/clipqc.example.toml");

@@ -13,7 +13,9 @@ use super::PreprocessError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DecodeLimits {
+    /// Widest image decoded, in pixels (its header is read first: wider is TOO_LARGE).
     pub max_width: u32,
+    /// Tallest image decoded, in pixels.
     pub max_height: u32,
     /// Largest single allocation a decoder may make, in bytes. Also bounds the decoded
     /// frame itself and the shortest-edge resize's target.

@@ -69,9 +69,13 @@ impl PreprocessError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Region {
+    /// Left edge, in pixels from the image's left.
     pub x: u32,
+    /// Top edge, in pixels from the image's top.
     pub y: u32,
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 

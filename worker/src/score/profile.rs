@@ -55,6 +55,7 @@ pub struct ProfileConfig {
     /// `line_memory_score` in verdicts, and with a `weight` in the anomaly score. Unset: off.
     #[serde(default)]
     pub line_memory: Option<super::line_memory::LineMemoryConfig>,
+    /// The classes a part is judged against (at least two; `defect = true` marks defects).
     pub classes: Vec<ClassConfig>,
 }
 
@@ -173,6 +174,8 @@ pub struct ClassConfig {
     /// Display name for people (`表面划痕`); defaults to the name.
     #[serde(default)]
     pub label: Option<String>,
+    /// Sentences describing the class; their text embeddings are averaged (a prompt
+    /// ensemble).
     pub prompts: Vec<String>,
     /// Whether this class is a defect (DEFECT) or an acceptable state (PASS).
     #[serde(default)]
