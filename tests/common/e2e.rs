@@ -53,6 +53,12 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Self {
+        Self::start_with_storage("sqlite://tansu.db")
+    }
+
+    /// As [`Broker::start`] on another storage engine (`memory://tansu/`: tansu 0.6.0's sqlite
+    /// engine has panicked under heavy produce loads of large records).
+    pub fn start_with_storage(storage: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
@@ -66,7 +72,7 @@ impl Broker {
                 &url,
             ])
             // sqlite paths are relative to tansu's working directory.
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", storage])
             .current_dir(dir.path())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -212,6 +218,20 @@ impl Worker {
         dir: &Path,
         extra: &str,
     ) -> Self {
+        Self::start_with_env(broker, topics, name, static_member, dir, extra, &[])
+    }
+
+    /// As [`Worker::start_with`], with `CLIPQC__…` variables in the worker's environment:
+    /// they override keys of sections the config file already has (`[fetch]`, `[pipeline]`).
+    pub fn start_with_env(
+        broker: &Broker,
+        topics: &Topics,
+        name: &str,
+        static_member: bool,
+        dir: &Path,
+        extra: &str,
+        env: &[(&str, String)],
+    ) -> Self {
         let instance_id = name;
         let membership = if static_member {
             format!("instance_id = \"{name}\"")
@@ -269,6 +289,7 @@ listen = "127.0.0.1:0"
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
