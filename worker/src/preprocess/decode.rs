@@ -225,7 +225,7 @@ fn decode_jpeg_libjpeg(
 ) -> Option<Result<DynamicImage, PreprocessError>> {
     let decoded = std::panic::catch_unwind(
         || -> std::io::Result<Option<Result<DynamicImage, PreprocessError>>> {
-            let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+            let mut d = mozjpeg::Decompress::with_err(super::libjpeg::strict()).from_mem(bytes)?;
             let (w, h) = d.size();
             if let Err(e) = check_dims(input, w as u64, h as u64, 3, limits) {
                 return Ok(Some(Err(e)));
@@ -255,9 +255,12 @@ fn decode_jpeg_libjpeg(
             input: input.into(),
             message: e.to_string(),
         })),
-        Err(_) => Some(Err(PreprocessError::Decode {
+        Err(panic) => Some(Err(PreprocessError::Decode {
             input: input.into(),
-            message: "libjpeg failed on this data".into(),
+            message: match panic.downcast::<super::libjpeg::LibjpegError>() {
+                Ok(e) => format!("libjpeg: {}", e.0),
+                Err(_) => "libjpeg failed on this data".into(),
+            },
         })),
     }
 }

@@ -21,6 +21,7 @@
 mod alloc_meter;
 mod clahe;
 mod decode;
+mod libjpeg;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
