@@ -456,5 +456,8 @@ mod feedback;
 #[path = "e2e_tansu/reload.rs"]
 mod reload;
 
+#[path = "e2e_tansu/hostile.rs"]
+mod hostile;
+
 #[path = "e2e_tansu/exactly_once.rs"]
 mod exactly_once;
