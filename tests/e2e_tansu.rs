@@ -456,6 +456,9 @@ mod feedback;
 #[path = "e2e_tansu/reload.rs"]
 mod reload;
 
+#[path = "e2e_tansu/security.rs"]
+mod security;
+
 #[path = "e2e_tansu/hostile.rs"]
 mod hostile;
 

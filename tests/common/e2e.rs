@@ -38,7 +38,7 @@ pub fn wait_for_port(port: u16, within: Duration, what: &str) {
 }
 
 /// tansu: `CLIPQC_TANSU`, else `tansu` on PATH (scripts/env.sh installs and exports it).
-fn tansu_bin() -> PathBuf {
+pub fn tansu_bin() -> PathBuf {
     std::env::var_os("CLIPQC_TANSU")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("tansu"))
@@ -47,9 +47,15 @@ fn tansu_bin() -> PathBuf {
 /// A tansu broker with sqlite storage in a temporary folder; killed on drop.
 pub struct Broker {
     child: Child,
+    /// Where clients connect (127.0.0.1).
     pub port: u16,
-    _dir: tempfile::TempDir,
+    /// librdkafka properties the test's own clients need: the security settings of a broker
+    /// that requires a login or TLS ([`Broker::start_in`]); none for a plain one.
+    pub client_properties: Vec<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
 }
+
+mod secured;
 
 impl Broker {
     pub fn start() -> Self {
@@ -87,7 +93,8 @@ impl Broker {
         Self {
             child,
             port,
-            _dir: dir,
+            client_properties: Vec::new(),
+            _dir: Some(dir),
         }
     }
 
@@ -427,6 +434,7 @@ pub fn produce_at(
 ) -> std::thread::JoinHandle<Vec<Published>> {
     let mut cmd = client();
     cmd.args(["produce", "--brokers", &broker.brokers(), "--topic", topic])
+        .args(broker.client_args())
         .args(["--count", &count.to_string(), "--image-url", url])
         .args([
             "--bad-every",
@@ -495,6 +503,7 @@ pub fn follow(
 ) -> mpsc::Receiver<ReadBack> {
     let mut child = client()
         .args(["consume", "--brokers", &broker.brokers(), "--topic", topic])
+        .args(broker.client_args())
         .args(["--expect", &expect.to_string()])
         .args(["--idle", &idle.as_secs_f64().to_string()])
         .stdout(Stdio::piped())

@@ -12,6 +12,9 @@
         Reads the topic from the beginning in a group of its own and prints one JSON line per
         record: its partition and offset, headers, and the verdict (JSON) when it is one. Stops
         after N records with distinct source coordinates, or after S seconds without a record.
+
+    Both take --property K=V (repeatable): more librdkafka properties, e.g. security.protocol,
+    sasl.* and ssl.ca.location for a broker that requires a login or TLS.
 """
 
 from __future__ import annotations
@@ -25,8 +28,14 @@ import uuid
 from confluent_kafka import Consumer, KafkaException, Producer
 
 
+def properties(args: argparse.Namespace) -> dict:
+    """The --property K=V pairs."""
+    return dict(kv.split("=", 1) for kv in args.property)
+
+
 def produce(args: argparse.Namespace) -> int:
-    producer = Producer({"bootstrap.servers": args.brokers, "enable.idempotence": True, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": args.brokers, "enable.idempotence": True, "linger.ms": 5,
+                         **properties(args)})
     failures = []
     traces = {}
 
@@ -71,7 +80,7 @@ def produce(args: argparse.Namespace) -> int:
 
 def consume(args: argparse.Namespace) -> int:
     consumer = Consumer({"bootstrap.servers": args.brokers, "group.id": f"e2e-reader-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False, **properties(args)})
     consumer.subscribe([args.topic])
     sources = set()
     last = time.time()
@@ -114,6 +123,8 @@ def main() -> int:
     co.add_argument("--topic", required=True)
     co.add_argument("--expect", type=int)
     co.add_argument("--idle", type=float, default=20.0)
+    for command in (pr, co):
+        command.add_argument("--property", action="append", default=[], metavar="K=V")
     args = p.parse_args()
     return produce(args) if args.command == "produce" else consume(args)
 
