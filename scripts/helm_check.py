@@ -277,6 +277,27 @@ def check_renders(r: Renderer):
         check("nvidia.com/gpu" not in (c["resources"].get("limits") or {}), "no GPU requested with gpu.enabled=false")
         cfg = yaml.safe_load(one(objs, "ConfigMap")["data"]["clipqc.yaml"])
         check(cfg["model"]["device"] == "cpu" and cfg["pipeline"]["drain_timeout_ms"] == 60500, "config carries the overrides")
+    print("== Kafka SASL/TLS with the password from a mounted Secret")
+    values = {
+        "config": {"kafka": {
+            "properties": {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                           "sasl.username": "clipqc", "ssl.ca.location": "/var/run/secrets/kafka/ca.pem"},
+            "property_files": {"sasl.password": "/var/run/secrets/kafka/password"}}},
+        "extraVolumes": [{"name": "kafka-secret", "secret": {"secretName": "clipqc-kafka"}}],
+        "extraVolumeMounts": [{"name": "kafka-secret", "mountPath": "/var/run/secrets/kafka", "readOnly": True}],
+    }
+    objs, err = r.render(values)
+    if check(err is None, "renders" + (f": {err}" if err else "")):
+        pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in pod["volumes"]}
+        check(vols.get("kafka-secret", {}).get("secret", {}).get("secretName") == "clipqc-kafka", "the Secret as a volume")
+        mounts = {m["name"]: m for m in container(one(objs, "Deployment"))["volumeMounts"]}
+        check(mounts.get("kafka-secret", {}).get("mountPath") == "/var/run/secrets/kafka", "mounted at /var/run/secrets/kafka")
+        cfg = yaml.safe_load(one(objs, "ConfigMap")["data"]["clipqc.yaml"])
+        check(cfg["kafka"]["property_files"] == {"sasl.password": "/var/run/secrets/kafka/password"}
+              and "sasl.password" not in cfg["kafka"]["properties"], "config names the file, not the password")
+        errors = [e.message for e in jsonschema.Draft202012Validator(worker_schema).iter_errors(cfg)]
+        check(not errors, "valid against the worker's config schema" + (f": {errors[:3]}" if errors else ""))
     objs, err = r.render({"terminationGracePeriodSeconds": 90})
     if check(err is None, "renders with terminationGracePeriodSeconds 90" + (f": {err}" if err else "")):
         check(one(objs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90, "explicit grace kept")
