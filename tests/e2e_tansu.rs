@@ -176,10 +176,7 @@ fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
 fn a_worker_killed_mid_batch_loses_nothing() {
     const TOTAL: usize = 2000;
     const MAX_IN_FLIGHT: usize = 32;
-    let env = [(
-        "CLIPQC__PIPELINE__MAX_IN_FLIGHT",
-        MAX_IN_FLIGHT.to_string(),
-    )];
+    let env = [("CLIPQC__PIPELINE__MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string())];
     let start = |dir: &std::path::Path, broker: &Broker, topics: &Topics| {
         Worker::start_with_env(broker, topics, "crash-1", true, dir, "", &env)
     };
@@ -360,7 +357,11 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
     assert_eq!(lost, 0, "{}", a.log_tail());
     // Partitions change hands only after their records are done and committed (revocation
     // waits and commits; B drains and commits on SIGTERM): nothing is repeated.
-    assert_eq!(tally.duplicates(), 0, "duplicates in a handover without a crash");
+    assert_eq!(
+        tally.duplicates(),
+        0,
+        "duplicates in a handover without a crash"
+    );
     assert!(a.terminate(Duration::from_secs(30)));
     assert_eq!(committed(&broker, &topics, 4), ends(&published));
 }

@@ -73,7 +73,7 @@ async fn with_worker<F: std::future::Future>(
     model: &clipqc::model::ModelHandle,
     tune: impl FnOnce(&mut pipeline::Deps),
     until: F,
-) -> (anyhow::Result<RunStats>, F::Output) {
+) -> (Result<RunStats, pipeline::RunError>, F::Output) {
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let mut deps = deps(settings, brokers, &artifact, model);
     tune(&mut deps);
@@ -91,7 +91,7 @@ async fn stops_by_itself(
     brokers: &str,
     (owner, model): (ModelOwner, clipqc::model::ModelHandle),
     tune: impl FnOnce(&mut pipeline::Deps),
-) -> anyhow::Error {
+) -> pipeline::RunError {
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let mut deps = deps(settings, brokers, &artifact, &model);
     tune(&mut deps);

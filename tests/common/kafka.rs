@@ -38,12 +38,14 @@ pub fn deps(
     artifact: &Artifact,
     model: &clipqc::model::ModelHandle,
 ) -> Deps {
-    let profiles =
-        tokio::task::block_in_place(|| clipqc::cli::run::load_profiles(settings, artifact, model))
-            .unwrap();
+    let profiles = tokio::task::block_in_place(|| {
+        clipqc::pipeline::build::load_profiles(settings, artifact, model)
+    })
+    .unwrap();
     let readiness = std::sync::Arc::new(clipqc::http::Readiness::default());
     let mut deps =
-        clipqc::cli::run::deps(settings, brokers, artifact, model, profiles, readiness).unwrap();
+        clipqc::pipeline::build::deps(settings, brokers, artifact, model, profiles, readiness)
+            .unwrap();
     deps.pipeline.max_in_flight = 16;
     deps.pipeline.drain_timeout_ms = 10_000;
     deps

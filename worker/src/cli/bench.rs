@@ -26,16 +26,15 @@ use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
-use super::run::{deps, load_profiles, warm_up};
 use super::ConfigArgs;
 use crate::http::Readiness;
 use crate::metrics;
 use crate::model::{DeviceSpec, ImageBatch, ModelHandle};
 use crate::pipeline;
+use crate::pipeline::build::{deps, load_profiles, warm_up};
 use crate::proto::v1::{inspection_request::Image, InspectionRequest, Outcome, Verdict};
 
 mod report;
@@ -168,15 +167,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
             b.clone()
         }
         None => {
-            let mock = MockCluster::new(1).context("start the embedded broker")?;
-            for t in [
-                &settings.kafka.input_topics[0],
-                &settings.kafka.verdict_topic,
-                &settings.kafka.dlq_topic,
-            ] {
-                mock.create_topic(t, partitions as i32, 1)?;
-            }
-            let servers = mock.bootstrap_servers();
+            let mock = crate::pipeline::build::Embedded::start(&settings.kafka, partitions as i32)?;
+            let servers = mock.brokers.clone();
             embedded = Some(mock);
             servers
         }

@@ -222,10 +222,11 @@ async fn publish_acknowledged(
                 Ok(()) => Some(small),
                 Err(e) => {
                     if e.is_refusal() {
-                        shared.fatal.declare(format!(
-                            "the verdict topic {:?} refuses records: {e}",
-                            shared.kafka.verdict_topic
-                        ));
+                        shared.fatal.declare(super::RunError::TopicRefuses {
+                            what: "verdict",
+                            topic: shared.kafka.verdict_topic.clone(),
+                            detail: e.to_string(),
+                        });
                     }
                     None
                 }
@@ -246,10 +247,11 @@ async fn publish_acknowledged(
             Ok(()) => metrics::dead_letter(failure.stage),
             Err(e) => {
                 if matches!(e, SendError::Refused { .. }) {
-                    shared.fatal.declare(format!(
-                        "the dead-letter topic {:?} refuses records: {e}",
-                        shared.kafka.dlq_topic
-                    ));
+                    shared.fatal.declare(super::RunError::TopicRefuses {
+                        what: "dead-letter",
+                        topic: shared.kafka.dlq_topic.clone(),
+                        detail: e.to_string(),
+                    });
                 }
                 acked = false;
             }

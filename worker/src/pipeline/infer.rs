@@ -41,15 +41,15 @@ pub struct BatchItem {
 #[derive(Default)]
 pub struct Fatal {
     pub token: CancellationToken,
-    pub reason: Mutex<Option<String>>,
+    pub reason: Mutex<Option<super::RunError>>,
 }
 
 impl Fatal {
-    /// The first reason wins; `reason` is a whole sentence for the exit message.
-    pub fn declare(&self, reason: String) {
+    /// The first reason wins.
+    pub fn declare(&self, reason: super::RunError) {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if r.is_none() {
-            tracing::error!(reason, "draining and stopping the worker");
+            tracing::error!(reason = %reason, "draining and stopping the worker");
             *r = Some(reason);
         }
         self.token.cancel();
@@ -218,9 +218,9 @@ fn settle(
             };
             let broken = is_broken(e) || n >= max_failures;
             if broken {
-                fatal.declare(format!(
-                    "the model is broken: {e} ({n} failed batches in a row)"
-                ));
+                fatal.declare(super::RunError::ModelBroken(format!(
+                    "{e} ({n} failed batches in a row)"
+                )));
             } else {
                 tracing::warn!(error = %e, failed_in_a_row = n, "model batch failed");
             }

@@ -6,7 +6,8 @@
 //!    └── offsets ◀── sink (verdict + dead letter, acknowledged) ◀── score ◀┘
 //! ```
 //!
-//! Files: this one takes records in (intake, pause/resume, drain); [`handle`] takes one record
+//! Files: [`build`] assembles the dependencies from the settings; this one takes records in
+//! (intake, pause/resume, drain); [`handle`] takes one record
 //! to its verdict; [`infer`] batches for the model; [`publish`] writes verdicts and dead
 //! letters.
 //!
@@ -27,6 +28,7 @@
 
 mod ack;
 mod budget;
+pub mod build;
 mod handle;
 mod infer;
 mod publish;
@@ -90,6 +92,27 @@ pub struct Deps {
     pub transactions: Option<Arc<Transactions>>,
 }
 
+/// Why a run stopped by itself: the worker cannot go on, and its orchestrator should restart
+/// it (a new process rejoins the group, reloads the model, starts a new transactional
+/// producer). Each is a whole sentence for the exit message.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the model is broken: {0}")]
+    ModelBroken(String),
+    #[error("the batcher ended: {0}")]
+    Batcher(String),
+    #[error("{0}")]
+    Consumer(String),
+    #[error("the {what} topic {topic:?} refuses records: {detail}")]
+    TopicRefuses {
+        what: &'static str,
+        topic: String,
+        detail: String,
+    },
+    #[error(transparent)]
+    Transactions(#[from] crate::sink::transaction::TxnError),
+}
+
 /// What a run did, for tests and the exit log.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RunStats {
@@ -137,7 +160,7 @@ pub fn worker_id(kafka: &KafkaSettings) -> String {
 }
 
 /// Run until `shutdown` fires (or the model breaks), then drain. Errors when the model broke.
-pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, RunError> {
     let size = deps
         .profiles
         .load()
@@ -219,10 +242,10 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
             // The batcher ends only when the pipeline does: records would wait for it forever.
             ended = &mut batcher => {
                 let why = match ended {
-                    Err(e) if e.is_panic() => format!("the batcher panicked: {}", panic_message(e.into_panic().as_ref())),
-                    _ => "the batcher stopped".to_string(),
+                    Err(e) if e.is_panic() => format!("it panicked: {}", panic_message(e.into_panic().as_ref())),
+                    _ => "it stopped".to_string(),
                 };
-                fatal.declare(why);
+                fatal.declare(RunError::Batcher(why));
                 break;
             }
             // Exactly-once: records waiting for their transaction hold slots, and the
@@ -250,7 +273,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
                         // state) leaves a consumer that never gets records again: a worker
                         // that goes on polling it looks alive and does nothing.
                         if let Some(why) = fatal_consumer_error(&consumer, &e) {
-                            fatal.declare(why);
+                            fatal.declare(RunError::Consumer(why));
                             break;
                         }
                         tracing::warn!(error = %e, "consumer error");
@@ -320,7 +343,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<RunS
         .unwrap_or_else(|e| e.into_inner())
         .take();
     match reason {
-        Some(reason) => anyhow::bail!("{reason}"),
+        Some(reason) => Err(reason),
         None => Ok(stats),
     }
 }

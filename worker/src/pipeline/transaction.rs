@@ -56,7 +56,7 @@ pub async fn commit_loop(
         match commit(&txn, &consumer).await {
             Ok(n) => answered = n,
             Err(e) if e.is_fatal() => {
-                fatal.declare(e.to_string());
+                fatal.declare(e.into());
                 return;
             }
             Err(e) => {
@@ -75,7 +75,7 @@ pub async fn final_commit(txn: &Arc<Transactions>, consumer: &Arc<Source>, fatal
         Err(e) => {
             tracing::warn!(error = %e, "last transaction not committed: its records are processed again after a restart");
             if e.is_fatal() {
-                fatal.declare(e.to_string());
+                fatal.declare(e.into());
             }
         }
     }

@@ -1,0 +1,169 @@
+//! Assembly: `Settings` and a loaded model turned into the pipeline's dependencies, in one
+//! place for `clipqc run`, `clipqc bench` and the tests (the CLI only parses and calls it).
+//!
+//! Order matters and is kept here: profiles are embedded with the model before anything
+//! consumes; the exemplar bank is read to the end of its topic before the consumer joins its
+//! group (the first verdict already sees every exemplar published before the start); the
+//! exactly-once producer is initialised (fencing its predecessor) before the first record.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::mocking::MockCluster;
+
+use super::{Deps, Profile};
+use crate::config::{Delivery, KafkaSettings, Settings};
+use crate::fetch::Fetcher;
+use crate::http::Readiness;
+use crate::model::artifact::TOKENIZER;
+use crate::model::{Artifact, ImageBatch, ModelHandle, PromptTokenizer};
+use crate::notify::Notifier;
+use crate::profiles;
+use crate::proto::v1::ModelInfo;
+use crate::sink::transaction::Transactions;
+use crate::sink::Sink;
+use crate::source;
+
+/// Build every profile's scorer (text embeddings computed once, here) and preprocessor.
+pub fn load_profiles(
+    settings: &Settings,
+    artifact: &Artifact,
+    model: &ModelHandle,
+) -> anyhow::Result<HashMap<String, Profile>> {
+    let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
+    let builder = profiles::Builder {
+        manifest: &artifact.manifest,
+        tokenizer: &tokenizer,
+        model,
+        preprocess: &settings.preprocess,
+    };
+    settings
+        .profiles()
+        .into_iter()
+        .map(|(name, p)| Ok((name.clone(), builder.build(&name, &p)?)))
+        .collect()
+}
+
+/// The pipeline's dependencies for `settings`, with the profiles already loaded.
+pub fn deps(
+    settings: &Settings,
+    brokers: &str,
+    artifact: &Artifact,
+    model: &ModelHandle,
+    profiles: HashMap<String, Profile>,
+    readiness: Arc<Readiness>,
+) -> anyhow::Result<Deps> {
+    Ok(Deps {
+        sink: Sink::new(&settings.kafka, brokers)?
+            .reporting_to(readiness.clone(), Sink::STALL_AFTER),
+        consumer: source::consumer(
+            &settings.kafka,
+            brokers,
+            Duration::from_millis(settings.pipeline.drain_timeout_ms),
+            readiness,
+        )?,
+        kafka: settings.kafka.clone(),
+        batch: settings.batch,
+        pipeline: settings.pipeline,
+        profiles: profiles::Catalog::new(profiles, settings.router().map_err(anyhow::Error::msg)?)
+            .live(),
+        model_info: ModelInfo {
+            name: artifact.manifest.name.clone(),
+            hash: artifact.model_hash(),
+        },
+        model: model.clone(),
+        fetcher: Fetcher::new(settings.fetch.clone())?,
+        // Read to the end before the consumer joins its group: the first verdict already
+        // sees every exemplar published before the worker started.
+        exemplars: crate::exemplars::follow::Exemplars::start(
+            &settings.kafka,
+            brokers,
+            crate::exemplars::follow::BankContext {
+                profiles: settings.profiles().into_iter().collect(),
+                model_hash: artifact.model_hash(),
+                dim: artifact.manifest.embedding_dim,
+                settings: settings.exemplars,
+            },
+            Duration::from_secs(120),
+        )?,
+        notifier: Notifier::start(
+            &settings.notify.webhooks,
+            &super::worker_id(&settings.kafka),
+        )?,
+        transactions: match settings.kafka.delivery {
+            Delivery::AtLeastOnce => None,
+            Delivery::ExactlyOnce => Some(Arc::new(Transactions::start(
+                &settings.kafka,
+                brokers,
+                &transactional_id(&settings.kafka),
+            )?)),
+        },
+    })
+}
+
+/// The transactional id of this worker: fixed per instance, so a restarted worker fences its
+/// predecessor and aborts what it left open. Without `kafka.instance_id` it changes with each
+/// process (host name and pid), and a killed worker's open transaction holds back
+/// read_committed readers until the broker times it out (`transaction.timeout.ms`).
+pub fn transactional_id(kafka: &crate::config::KafkaSettings) -> String {
+    if kafka.instance_id.is_none() {
+        tracing::warn!("exactly-once delivery without kafka.instance_id: a killed worker's open transaction blocks readers until the broker times it out; set it (the pod name on Kubernetes)");
+    }
+    format!("clipqc-{}-{}", kafka.group_id, super::worker_id(kafka))
+}
+
+/// Full batches through the model before the worker reports ready: the first passes
+/// allocate and (on CUDA) pick kernels, which must not land on the first parts' latency.
+pub fn warm_up(
+    model: &ModelHandle,
+    profiles: &HashMap<String, Profile>,
+    max_size: usize,
+) -> anyhow::Result<Duration> {
+    let size = profiles
+        .values()
+        .next()
+        .map_or(224, |p| p.preprocessor.size());
+    let zeros = vec![0.0f32; 3 * size * size];
+    let started = Instant::now();
+    for _ in 0..2 {
+        let batch = ImageBatch::repeated(size, &zeros, max_size.max(1));
+        model.embed_images_blocking(batch).context("warm-up pass")?;
+    }
+    let took = started.elapsed();
+    tracing::info!(?took, batch = max_size, "model warmed up");
+    Ok(took)
+}
+
+/// The embedded broker (librdkafka's mock cluster on 127.0.0.1) with the worker's topics, for
+/// trying things out without Kafka: any client can connect to [`Embedded::brokers`]. Not for
+/// production: it keeps only the newest 5 MiB of each partition. Lives as long as the value.
+pub struct Embedded {
+    _mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pub brokers: String,
+    pub topics: Vec<String>,
+}
+
+impl Embedded {
+    /// Start it with `partitions` partitions for each of the worker's topics.
+    pub fn start(kafka: &KafkaSettings, partitions: i32) -> anyhow::Result<Self> {
+        let mock = MockCluster::new(1).context("start the embedded broker")?;
+        let mut topics = kafka.input_topics.clone();
+        topics.push(kafka.verdict_topic.clone());
+        topics.push(kafka.dlq_topic.clone());
+        topics.push(kafka.exemplar_topic.clone());
+        if !kafka.feedback_topic.is_empty() {
+            topics.push(kafka.feedback_topic.clone());
+        }
+        for t in &topics {
+            mock.create_topic(t, partitions, 1)
+                .with_context(|| format!("create topic {t}"))?;
+        }
+        Ok(Self {
+            brokers: mock.bootstrap_servers(),
+            _mock: mock,
+            topics,
+        })
+    }
+}
