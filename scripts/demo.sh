@@ -16,7 +16,7 @@ done
 if [ -z "$MODEL" ]; then
   MODEL="$ROOT/target/models/tiny"
   ensure_model tiny "$MODEL"
-  echo "==> random tiny model: the classes it picks are meaningless; export a real one (README) for real verdicts" >&2
+  echo "==> random tiny model: the classes it picks are meaningless; export a real one (docs/model.md) for real verdicts" >&2
 fi
 # The dev profile optimises dependencies (Cargo.toml) and shares its build with the tests.
 cargo build --quiet --bin clipqc

@@ -45,7 +45,7 @@ pub struct ProfileConfig {
     /// every view's anomaly score. Unset: the anomaly score is the defect classes' mass.
     #[serde(default)]
     pub states: Option<StatesConfig>,
-    /// How the few-shot exemplar bank weighs in (see the README's Exemplars).
+    /// How the few-shot exemplar bank weighs in (see docs/profiles.md, Exemplars).
     #[serde(default)]
     pub exemplars: ExemplarWeights,
     /// Which operator feedback becomes exemplars of this profile.
