@@ -58,8 +58,8 @@ pub fn install() -> PrometheusHandle {
     ] {
         gauge!(name).set(0.0);
     }
-    for stage in crate::verdict::stage::ALL {
-        counter!("clipqc_dead_letters_total", "stage" => stage).absolute(0);
+    for stage in crate::verdict::Stage::ALL {
+        counter!("clipqc_dead_letters_total", "stage" => stage.as_str()).absolute(0);
     }
     for kind in crate::fetch::FetchError::KINDS {
         counter!("clipqc_fetch_errors_total", "kind" => kind).absolute(0);
@@ -299,8 +299,8 @@ pub fn publish_stalled(records: usize) {
     gauge!("clipqc_publish_stalled_records").set(records as f64);
 }
 
-pub fn dead_letter(stage: &'static str) {
-    counter!("clipqc_dead_letters_total", "stage" => stage).increment(1);
+pub fn dead_letter(stage: crate::verdict::Stage) {
+    counter!("clipqc_dead_letters_total", "stage" => stage.as_str()).increment(1);
 }
 
 pub fn fetch_error(kind: &'static str) {

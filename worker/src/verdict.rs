@@ -20,13 +20,12 @@ use crate::score::{Decision, Outcome, Scorer};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub code: ErrorCode,
-    /// `decode_request`, `fetch`, `decode_image`, `model`, `deadline`.
-    pub stage: &'static str,
+    pub stage: Stage,
     pub message: String,
 }
 
 impl Failure {
-    pub fn new(code: ErrorCode, stage: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, stage: Stage, message: impl Into<String>) -> Self {
         Self {
             code,
             stage,
@@ -44,7 +43,7 @@ impl From<&RequestError> for Failure {
     fn from(e: &RequestError) -> Self {
         Self::new(
             ErrorCode::InvalidRequest,
-            stage::DECODE_REQUEST,
+            Stage::DecodeRequest,
             e.to_string(),
         )
     }
@@ -52,38 +51,64 @@ impl From<&RequestError> for Failure {
 
 impl From<&PreprocessError> for Failure {
     fn from(e: &PreprocessError) -> Self {
-        let code = match e {
-            PreprocessError::TooLarge { .. } => ErrorCode::TooLarge,
-            _ => ErrorCode::DecodeFailed,
-        };
-        Self::new(code, stage::DECODE_IMAGE, e.to_string())
+        Self::new(e.code(), Stage::DecodeImage, e.to_string())
+    }
+}
+
+impl From<&crate::fetch::FetchError> for Failure {
+    fn from(e: &crate::fetch::FetchError) -> Self {
+        Self::new(e.code(), Stage::Fetch, e.to_string())
     }
 }
 
 /// The stages a record can fail at: a failed verdict's `error.stage`, its dead letter's
 /// `__connect.errors.stage` header and the `stage` label of `clipqc_dead_letters_total`.
-pub mod stage {
-    pub const DECODE_REQUEST: &str = "decode_request";
-    pub const FETCH: &str = "fetch";
-    pub const DECODE_IMAGE: &str = "decode_image";
-    pub const DEADLINE: &str = "deadline";
-    pub const MODEL: &str = "model";
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    DecodeRequest,
+    Fetch,
+    DecodeImage,
+    Deadline,
+    Model,
     /// A panic caught while handling the record.
-    pub const INTERNAL: &str = "internal";
+    Internal,
     /// The broker refused the record's verdict for good.
-    pub const PUBLISH: &str = "publish";
+    Publish,
     /// Operator feedback that cannot become an exemplar (its dead letter).
-    pub const FEEDBACK: &str = "feedback";
-    pub const ALL: [&str; 8] = [
-        DECODE_REQUEST,
-        FETCH,
-        DECODE_IMAGE,
-        DEADLINE,
-        MODEL,
-        INTERNAL,
-        PUBLISH,
-        FEEDBACK,
+    Feedback,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 8] = [
+        Self::DecodeRequest,
+        Self::Fetch,
+        Self::DecodeImage,
+        Self::Deadline,
+        Self::Model,
+        Self::Internal,
+        Self::Publish,
+        Self::Feedback,
     ];
+
+    /// Its name in verdicts, headers and metric labels: `decode_image`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DecodeRequest => "decode_request",
+            Self::Fetch => "fetch",
+            Self::DecodeImage => "decode_image",
+            Self::Deadline => "deadline",
+            Self::Model => "model",
+            Self::Internal => "internal",
+            Self::Publish => "publish",
+            Self::Feedback => "feedback",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A protobuf timestamp as a `SystemTime`: negative parts clamp to the epoch, and one past
@@ -212,7 +237,7 @@ pub fn failed(
     v.error = Some(VerdictError {
         code: failure.code as i32,
         message: failure.message.clone(),
-        stage: failure.stage.into(),
+        stage: failure.stage.as_str().into(),
     });
     v
 }
@@ -239,7 +264,7 @@ pub fn shrunk(v: &Verdict, failure: &Failure) -> Verdict {
         error: Some(VerdictError {
             code: failure.code as i32,
             message: truncate(&failure.message, 4 * SHRUNK_FIELD_BYTES).to_string(),
-            stage: failure.stage.into(),
+            stage: failure.stage.as_str().into(),
         }),
         ..Default::default()
     }
@@ -263,7 +288,7 @@ pub fn dlq_headers(source: &SourceRecord, failure: &Failure) -> Vec<(&'static st
         ("__connect.errors.topic", source.topic.clone()),
         ("__connect.errors.partition", source.partition.to_string()),
         ("__connect.errors.offset", source.offset.to_string()),
-        ("__connect.errors.stage", failure.stage.to_string()),
+        ("__connect.errors.stage", failure.stage.as_str().to_string()),
         (
             "__connect.errors.class.name",
             failure.code_name().to_string(),
@@ -361,7 +386,7 @@ mod tests {
             source: Some(source()),
             ..Default::default()
         };
-        let failure = Failure::new(ErrorCode::PublishFailed, stage::PUBLISH, "too large");
+        let failure = Failure::new(ErrorCode::PublishFailed, Stage::Publish, "too large");
         let small = shrunk(&big, &failure);
         assert!(small.encoded_len() < 4096, "{} bytes", small.encoded_len());
         assert_eq!(
@@ -384,7 +409,7 @@ mod tests {
         };
         let f = Failure::from(&err);
         assert_eq!(
-            (f.code, f.stage, f.code_name()),
+            (f.code, f.stage.as_str(), f.code_name()),
             (ErrorCode::DecodeFailed, "decode_image", "DECODE_FAILED")
         );
         let model = ModelInfo::default();

@@ -331,7 +331,7 @@ async fn dead_letter(
         .unwrap_or_default();
     let failure = crate::verdict::Failure::new(
         crate::proto::v1::ErrorCode::InvalidRequest,
-        crate::verdict::stage::FEEDBACK,
+        crate::verdict::Stage::Feedback,
         reason,
     );
     headers.extend(
@@ -347,7 +347,7 @@ async fn dead_letter(
     };
     match deps.sink.send(&record, shutdown).await {
         Ok(()) => {
-            metrics::dead_letter(crate::verdict::stage::FEEDBACK);
+            metrics::dead_letter(crate::verdict::Stage::Feedback);
             true
         }
         Err(e) => {

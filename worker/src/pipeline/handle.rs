@@ -27,7 +27,7 @@ use crate::sink::outbox::Staged;
 use crate::sink::SendError;
 use crate::source;
 use crate::trace_context;
-use crate::verdict::{self, stage, Failure};
+use crate::verdict::{self, Failure, Stage};
 
 /// One record to its verdict (and dead letter), published, routed and scored with `catalog`
 /// alone (the snapshot taken when the record was started). Returns how its delivery ended.
@@ -57,7 +57,7 @@ pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> D
         Err(Stop::Failed(request, failure)) => {
             let trace_id = trace.as_ref().map(|t| t.trace_id.to_string());
             tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset,
-                trace_id, code = failure.code_name(), stage = failure.stage, error = %failure.message, "request failed");
+                trace_id, code = failure.code_name(), stage = %failure.stage, error = %failure.message, "request failed");
             let v = verdict::failed(
                 request.as_deref(),
                 &failure,
@@ -82,7 +82,7 @@ pub async fn panicked(shared: &Shared, msg: &OwnedMessage, panic: String) -> Del
         panic, "handling the record panicked: it gets an ERROR verdict and a dead letter");
     let failure = Failure::new(
         ErrorCode::Internal,
-        stage::INTERNAL,
+        Stage::Internal,
         format!("the worker failed on this record (a bug, please report it): {panic}"),
     );
     // Decoding may have been what panicked: this answer must not panic again.
@@ -148,7 +148,7 @@ fn stage(
 ) -> Delivered {
     let refusal = Failure::new(
         ErrorCode::PublishFailed,
-        stage::PUBLISH,
+        Stage::Publish,
         "the verdict could not be published: the broker refused it".to_string(),
     );
     let small = verdict::shrunk(&verdict, &refusal);
@@ -186,7 +186,7 @@ fn stage(
     count(&published, SystemTime::now());
     shared.notifier.observe(&published);
     if on_fallback || failure.is_some() {
-        metrics::dead_letter(failure.as_ref().map_or(stage::PUBLISH, |f| f.stage));
+        metrics::dead_letter(failure.as_ref().map_or(Stage::Publish, |f| f.stage));
     }
     Delivered::Staged(Staged {
         records,
@@ -211,7 +211,7 @@ async fn publish_acknowledged(
         Err(e) if e.is_refusal() => {
             let refusal = Failure::new(
                 ErrorCode::PublishFailed,
-                stage::PUBLISH,
+                Stage::Publish,
                 format!("the verdict could not be published: {e}"),
             );
             tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset,
@@ -338,14 +338,14 @@ async fn decide<'a>(
     let Some(profile) = catalog.profiles.get(name).map(AsRef::as_ref) else {
         return Err(failed(
             ErrorCode::UnknownProfile,
-            stage::DECODE_REQUEST,
+            Stage::DecodeRequest,
             format!("unknown profile {name:?}"),
         ));
     };
     if past_deadline(&request) {
         return Err(failed(
             ErrorCode::DeadlineExceeded,
-            stage::DEADLINE,
+            Stage::Deadline,
             "deadline passed before fetching".into(),
         ));
     }
@@ -356,7 +356,7 @@ async fn decide<'a>(
     let t = Instant::now();
     let bytes = shared.fetcher.fetch(&image).await.map_err(|e| {
         metrics::fetch_error(e.kind());
-        failed(e.code(), stage::FETCH, e.to_string())
+        Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e))
     })?;
     lat.fetch_seconds = t.elapsed().as_secs_f64();
 
@@ -388,7 +388,7 @@ async fn decide<'a>(
             };
             return Err(failed(
                 ErrorCode::DecodeFailed,
-                stage::DECODE_IMAGE,
+                Stage::DecodeImage,
                 format!(
                     "request {}: the image decoder failed on this image: {why}",
                     request.request_id
@@ -400,7 +400,7 @@ async fn decide<'a>(
     if past_deadline(&request) {
         return Err(failed(
             ErrorCode::DeadlineExceeded,
-            stage::DEADLINE,
+            Stage::Deadline,
             "deadline passed before inference".into(),
         ));
     }
@@ -438,7 +438,7 @@ async fn decide<'a>(
         }
     }
     if let Some(message) = failure {
-        return Err(failed(ErrorCode::ModelFailed, stage::MODEL, message));
+        return Err(failed(ErrorCode::ModelFailed, Stage::Model, message));
     }
     lat.inference_seconds = t.elapsed().as_secs_f64();
     metrics::views(embeddings.len());

@@ -565,7 +565,7 @@ mod tests {
         };
         let err = decode("wide.jpg", &bytes, &limits).unwrap_err();
         assert!(matches!(err, PreprocessError::TooLarge { .. }), "{err}");
-        assert_eq!(err.code(), "TOO_LARGE");
+        assert_eq!(err.code(), crate::proto::v1::ErrorCode::TooLarge);
     }
 
     #[test]

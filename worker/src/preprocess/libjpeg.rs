@@ -107,7 +107,7 @@ mod tests {
             sof[7..9].copy_from_slice(&2000u16.to_be_bytes());
         });
         let err = decode("lying.jpg", &lying, &DecodeLimits::default()).unwrap_err();
-        assert_eq!(err.code(), "DECODE_FAILED");
+        assert_eq!(err.code(), crate::proto::v1::ErrorCode::DecodeFailed);
         assert!(
             err.to_string()
                 .contains("the image data ends before the frame does"),

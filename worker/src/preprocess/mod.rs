@@ -55,13 +55,14 @@ pub enum PreprocessError {
 }
 
 impl PreprocessError {
-    /// Stable code for verdicts, DLQ headers and metric labels.
-    pub fn code(&self) -> &'static str {
+    /// Its code in verdicts, DLQ headers and metric labels.
+    pub fn code(&self) -> crate::proto::v1::ErrorCode {
+        use crate::proto::v1::ErrorCode;
         match self {
             Self::UnsupportedFormat { .. } | Self::Decode { .. } | Self::Invalid { .. } => {
-                "DECODE_FAILED"
+                ErrorCode::DecodeFailed
             }
-            Self::TooLarge { .. } => "TOO_LARGE",
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
         }
     }
 }

@@ -127,7 +127,7 @@ fn check(pre: &Preprocessor, name: &str, bytes: &[u8], region: Option<Region>) -
 
 fn too_large(result: Result<impl std::fmt::Debug, PreprocessError>) -> String {
     let err = result.unwrap_err();
-    assert_eq!(err.code(), "TOO_LARGE", "{err}");
+    assert_eq!(err.code(), crate::proto::v1::ErrorCode::TooLarge, "{err}");
     err.to_string()
 }
 

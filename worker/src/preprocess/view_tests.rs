@@ -208,7 +208,11 @@ fn one_pixel_wide_and_high_frames_within_the_aspect_limit() {
     let wide = png(DynamicImage::ImageRgb8(RgbImage::new(33, 1)));
     for view in [View::Pad, View::CenterCrop, View::Squash] {
         let err = pre(view).run("33x1", &wide, None).unwrap_err();
-        assert_eq!(err.code(), "TOO_LARGE", "{view:?}: {err}");
+        assert_eq!(
+            err.code(),
+            crate::proto::v1::ErrorCode::TooLarge,
+            "{view:?}: {err}"
+        );
     }
 }
 

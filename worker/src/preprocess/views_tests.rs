@@ -138,7 +138,7 @@ fn a_frame_that_would_make_too_many_windows_is_refused_before_decoding() {
     assert!((1.0..1.5).contains(&ratio), "{ratio}");
     let bytes = png(pattern(1920, 1080));
     let err = pre.plan("request r-9", &bytes, None).unwrap_err();
-    assert_eq!(err.code(), "TOO_LARGE");
+    assert_eq!(err.code(), crate::proto::v1::ErrorCode::TooLarge);
     let msg = err.to_string();
     assert!(msg.starts_with("request r-9: "), "{msg}");
     assert!(
@@ -219,6 +219,6 @@ fn bad_regions_and_frames_are_errors_naming_the_request() {
     // A 1×16384 line: refused by its aspect ratio before any pixel is decoded.
     let line = png(RgbImage::new(1, 16384));
     let err = pre.plan("request r-4", &line, None).unwrap_err();
-    assert_eq!(err.code(), "TOO_LARGE");
+    assert_eq!(err.code(), crate::proto::v1::ErrorCode::TooLarge);
     assert!(err.to_string().starts_with("request r-4: "), "{err}");
 }
