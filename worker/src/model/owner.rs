@@ -2,8 +2,10 @@
 //!
 //! libtorch modules are not meant to be shared across threads, and a GPU is best fed from one
 //! place, so the backend is built on this thread and never leaves it. Work arrives through a
-//! bounded channel (a full channel makes callers wait: back-pressure, not a growing queue);
-//! each job carries a one-shot channel for its answer, usable from blocking and async code.
+//! bounded channel (a full channel makes callers wait: back-pressure, not a growing queue),
+//! which async callers wait on with `.await` (no blocking of a runtime worker) and blocking
+//! callers with a blocking send; each job carries a one-shot channel for its answer, usable
+//! from blocking and async code.
 //!
 //! Guarantees: image jobs run in arrival order; a text job (a profile's prompts, built at
 //! start or when a profile changes while running: rare and small) goes ahead of the image
@@ -31,7 +33,7 @@ enum Job {
 /// A cheap, cloneable way to submit work to the model thread.
 #[derive(Clone)]
 pub struct ModelHandle {
-    jobs: mpsc::SyncSender<Job>,
+    jobs: tokio::sync::mpsc::Sender<Job>,
     /// Text jobs, taken before the next image job: a sender blocked on the full `jobs`
     /// queue beside the batcher could wait for seconds under load.
     texts: mpsc::Sender<Job>,
@@ -50,7 +52,7 @@ impl ModelOwner {
         B: Backend,
         F: FnOnce() -> Result<B, ModelError> + Send + 'static,
     {
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(queue.max(1));
+        let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<Job>(queue.max(1));
         let (texts_tx, texts_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
         let thread = std::thread::Builder::new()
@@ -65,7 +67,7 @@ impl ModelOwner {
                 };
                 let _ = ready_tx.send(Ok(backend.describe()));
                 // Ends when every handle (every sender) is gone and the queue is drained.
-                for job in jobs_rx {
+                while let Some(job) = jobs_rx.blocking_recv() {
                     for text in texts_rx.try_iter() {
                         run(&mut backend, text);
                     }
@@ -148,7 +150,9 @@ impl ModelHandle {
         make: impl FnOnce(Reply) -> Job,
     ) -> Result<oneshot::Receiver<Result<Embeddings, ModelError>>, ModelError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(make(tx)).map_err(|_| ModelError::Stopped)?;
+        self.jobs
+            .blocking_send(make(tx))
+            .map_err(|_| ModelError::Stopped)?;
         Ok(rx)
     }
 
@@ -166,19 +170,36 @@ impl ModelHandle {
             .send(Job::Texts(batch, tx))
             .map_err(|_| ModelError::Stopped)?;
         // A full queue means a busy thread, which takes the text before its next image job.
-        if let Err(mpsc::TrySendError::Disconnected(_)) = self.jobs.try_send(Job::Wake) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+            self.jobs.try_send(Job::Wake)
+        {
             return Err(ModelError::Stopped);
         }
         rx.blocking_recv().map_err(|_| ModelError::Stopped)?
     }
 
-    /// Submit images and return the receiver of the answer (for async callers: `.await` it).
-    /// Blocks only while the bounded job queue is full.
+    /// Submit images and return the receiver of the answer, waiting on this thread while the
+    /// bounded job queue is full. Not for use on an async runtime's workers.
     pub fn submit_images(
         &self,
         batch: ImageBatch,
     ) -> Result<oneshot::Receiver<Result<Embeddings, ModelError>>, ModelError> {
         self.submit(|r| Job::Images(batch, r))
+    }
+
+    /// Submit images from async code: waits (without blocking the runtime) while the bounded
+    /// job queue is full, which is the back-pressure on the batcher. `.await` the receiver
+    /// for the answer.
+    pub async fn submit_images_async(
+        &self,
+        batch: ImageBatch,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, ModelError>>, ModelError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Images(batch, tx))
+            .await
+            .map_err(|_| ModelError::Stopped)?;
+        Ok(rx)
     }
 }
 
@@ -186,6 +207,26 @@ impl ModelHandle {
 mod tests {
     use super::*;
     use crate::model::fake::FakeBackend;
+
+    /// Async submission waits for room in the queue without blocking the runtime, so it works
+    /// on a current-thread runtime too (the blocking send it replaced, wrapped in
+    /// `block_in_place`, panics there).
+    #[tokio::test(flavor = "current_thread")]
+    async fn async_submission_waits_for_room_on_a_current_thread_runtime() {
+        let (owner, handle) = ModelOwner::spawn(|| Ok(FakeBackend::new(8, 4)), 1).unwrap();
+        let mut answers = Vec::new();
+        for i in 0..6 {
+            let mut batch = ImageBatch::new(4);
+            batch.push(&[i as f32 / 10.0; 48]);
+            answers.push(handle.submit_images_async(batch).await.unwrap());
+        }
+        for answer in answers {
+            let out = answer.await.unwrap().unwrap();
+            assert_eq!((out.n, out.dim), (1, 8));
+        }
+        drop(handle);
+        owner.join();
+    }
 
     #[test]
     fn answers_in_order_and_stops_with_its_handles() {

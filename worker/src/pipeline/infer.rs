@@ -80,9 +80,8 @@ pub async fn batch_loop(
             }
             continue;
         }
-        // Blocks only while the model thread's bounded queue is full: that is the back-pressure.
-        let submitted =
-            tokio::task::block_in_place(|| model.submit_images(batch_of(size, &pixels)));
+        // Waits only while the model thread's bounded queue is full: that is the back-pressure.
+        let submitted = model.submit_images_async(batch_of(size, &pixels)).await;
         let (failures, fatal, model) = (failures.clone(), fatal.clone(), model.clone());
         let started = std::time::Instant::now();
         tokio::spawn(async move {
@@ -157,7 +156,7 @@ async fn bisect(
     let n = pixels.len();
     if n == 1 && !is_broken(&error) && !fatal.token.is_cancelled() {
         // Nothing to split: one more try alone.
-        let submitted = tokio::task::block_in_place(|| model.submit_images(batch_of(size, pixels)));
+        let submitted = model.submit_images_async(batch_of(size, pixels)).await;
         return vec![answer(submitted, 1).await.map(|e| e.row(0).to_vec())];
     }
     let mut answers: Vec<Option<Result<Vec<f32>, ModelError>>> = vec![None; n];
@@ -171,8 +170,9 @@ async fn bisect(
         }
         let mid = from + (to - from) / 2;
         for (a, b) in [(from, mid), (mid, to)] {
-            let submitted =
-                tokio::task::block_in_place(|| model.submit_images(batch_of(size, &pixels[a..b])));
+            let submitted = model
+                .submit_images_async(batch_of(size, &pixels[a..b]))
+                .await;
             match answer(submitted, b - a).await {
                 Ok(embeddings) => {
                     for (row, slot) in answers[a..b].iter_mut().enumerate() {
