@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Checks the monitoring files under deploy/: Prometheus config and rules (promtool check,
-# promtool's unit tests of every alert), Alertmanager config and routing (amtool), the Grafana
-# dashboard (valid JSON, fixed uid, every panel and target on the ${datasource} variable) and
-# that every series the dashboard and rules query is one the worker defines
-# (worker/src/metrics.rs).
+# promtool's unit tests of every alert), Alertmanager config and routing (amtool), then the
+# Python checks with pytest (scripts/tests/test_monitoring.py, and test_promql.py for the
+# extraction they rely on): the Grafana dashboard (valid JSON, fixed uid, every panel and target
+# on the ${datasource} variable, whose default is the provisioned data source) and that every
+# series the dashboard and the rules query is one the worker defines (worker/src). The queries
+# are read with a real PromQL parser (promql-parser, scripts/dashboard_metrics.py).
 #
 #   scripts/check-monitoring.sh [METRICS_OUT]
 #
@@ -12,18 +14,19 @@
 #
 # promtool and amtool come from Debian's `prometheus` and `prometheus-alertmanager` packages,
 # installed when missing (root, or sudo). On a host with systemd the package also starts a
-# prometheus service; CI containers have none.
+# prometheus service; CI containers have none. The Python environment is
+# scripts/checks-env.sh's (cached in ~/.cache/clipqc/checks-venv).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT_FILE="${1:-}"
+source scripts/checks-env.sh
 
 PROM=deploy/prometheus/prometheus.yml
 RULES_DIR=deploy/prometheus/rules
 TESTS_DIR=deploy/prometheus/tests
 AM=deploy/alertmanager/alertmanager.yml
 DASHBOARDS=deploy/grafana/dashboards
-DS_PROVISIONING=deploy/grafana/provisioning/datasources/prometheus.yml
 
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
@@ -72,45 +75,16 @@ step "alertmanager: severity=critical reaches page" route page severity=critical
 step "alertmanager: severity=warning reaches default" route default severity=warning alertname=ClipqcConsumerLagGrowing
 step "alertmanager: no severity reaches default" route default alertname=Other
 
-check_dashboard() { python3 scripts/dashboard_metrics.py --check "$1" >/dev/null; }
-for dash in "$DASHBOARDS"/*.json; do
-  step "dashboard $dash (JSON, uid, \${datasource})" check_dashboard "$dash"
-done
-
-# The provisioned data source is the dashboard variable's default.
-ds_default() {
-  python3 - "$DASHBOARDS/clipqc.json" "$DS_PROVISIONING" <<'EOF'
-import json, re, sys
-dash = json.load(open(sys.argv[1]))
-var = [v for v in dash["templating"]["list"] if v["name"] == "datasource"][0]
-default = (var.get("current") or {}).get("value")
-uids = re.findall(r"^\s*uid:\s*['\"]?([\w-]+)", open(sys.argv[2]).read(), re.M)
-print("dashboard default %r, provisioned uids %r" % (default, uids))
-sys.exit(0 if default in uids else 1)
-EOF
-}
-step "grafana: provisioned data source uid = dashboard default" ds_default
-
-# Every series queried is one the worker defines (histogram series by their base name).
-known_series() {
-  local missing=0 name base
-  while read -r name; do
-    base="$name"
-    for suffix in _bucket _sum _count; do base="${base%"$suffix"}"; done
-    if ! grep -rqF "\"$base\"" worker/src; then
-      echo "$name: no \"$base\" in worker/src"
-      missing=1
-    fi
-  done < <({ python3 scripts/dashboard_metrics.py "$DASHBOARDS/clipqc.json"
-             for r in "$RULES_DIR"/*.yml; do python3 scripts/dashboard_metrics.py --rules "$r"; done; } |
-           sort -u)
-  [ "$missing" -eq 0 ] && echo "every queried series is defined in worker/src"
-}
-step "queried series exist in worker/src" known_series
+echo "==> pytest scripts/tests/test_promql.py scripts/tests/test_monitoring.py"
+"$CHECKS_PY" -m pytest -q --tb=short -p no:cacheprovider scripts/tests/test_promql.py scripts/tests/test_monitoring.py ||
+  failed+=("pytest")
 
 echo "==> series the dashboard queries${OUT_FILE:+ (also in $OUT_FILE)}"
-python3 scripts/dashboard_metrics.py "$DASHBOARDS/clipqc.json" >"$TMP/metrics.txt"
-sed 's/^/    /' "$TMP/metrics.txt"
+if "$CHECKS_PY" scripts/dashboard_metrics.py "$DASHBOARDS/clipqc.json" >"$TMP/metrics.txt"; then
+  sed 's/^/    /' "$TMP/metrics.txt"
+else
+  failed+=("dashboard_metrics.py")
+fi
 [ -z "$OUT_FILE" ] || cp "$TMP/metrics.txt" "$OUT_FILE"
 
 if [ ${#failed[@]} -gt 0 ]; then

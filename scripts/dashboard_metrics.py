@@ -1,242 +1,256 @@
 #!/usr/bin/env python3
-"""The metric names a Grafana dashboard or a Prometheus rules file queries (python3 stdlib only).
+"""The metric names a Grafana dashboard or a Prometheus rules file queries.
 
     dashboard_metrics.py DASHBOARD.json            sorted unique series names, one a line
     dashboard_metrics.py --rules RULES.yml         the same for the rules' expressions
-    dashboard_metrics.py --check DASHBOARD.json    also validates the dashboard (exit 1 if not)
+    dashboard_metrics.py --with-where FILE         'name<TAB>where' for every use
 
 Names are printed exactly as queried (clipqc_capture_to_verdict_seconds_bucket, not the
-histogram's base name), so they can be compared with the names a live /metrics exposes.
-Left out: PromQL functions and keywords, label names, `up` (Prometheus' own series) and, for a
+histogram's base name), so they can be compared with the names a live /metrics exposes
+(tests/ops_stack.rs does) or with the names the worker's code defines
+(scripts/tests/test_monitoring.py does). Left out: `up` (Prometheus' own series) and, for a
 rules file, the series its recording rules define.
 
-The PromQL "parser" is lexical: strings, label matchers {...}, ranges [...], grouping label
-lists (by/without/on/ignoring/group_left/group_right (...)) and Grafana variables are cut out,
-then every identifier not followed by "(" is a metric name. It covers the queries these files
-use; it is not a full PromQL grammar.
+Expressions are parsed with promql-parser (the Python binding of GreptimeTeam's Rust PromQL
+parser), so a name is what Prometheus would select: a vector selector's name or its
+`__name__` matcher, never a function, keyword, label or string. Grafana's additions are
+resolved first: a variable's query `label_values(EXPR, label)` is EXPR, and `$variables`
+outside strings become something PromQL accepts in their place (see `substitute_variables`).
+Needs promql-parser and PyYAML (scripts/checks-requirements.txt; tests/requirements.txt for
+the Rust tests that run this script).
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import re
 import sys
+from collections.abc import Iterable, Iterator
 
-DASHBOARD_UID = "clipqc-overview"
-DATASOURCE = "${datasource}"
+import promql_parser
+import yaml
 
-KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and",
-    "or", "unless", "inf", "nan", "atan2", "start", "end",
-}
+# Series that are not the worker's: Prometheus' own per-target health.
 NOT_WORKER = {"up"}
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_IDENT = re.compile(r"(?<![\w.:$])([A-Za-z_:][A-Za-z0-9_:]*)(?![\w:])(\s*\()?")
-_GRAFANA_VAR = re.compile(r"\$\{[^}]*\}|\$\w+|\[\[[^\]]*\]\]")
-_LABEL_VALUES = re.compile(r"\blabel_values\s*\(\s*(.*?)\s*,\s*[A-Za-z_]\w*\s*\)\s*$", re.S)
-_LABEL_VALUES_BARE = re.compile(r"\blabel_values\s*\(\s*[A-Za-z_]\w*\s*\)")
+# A Grafana variable: ${name}, ${name:format}, $name, or the deprecated [[name]].
+_GRAFANA_VAR = re.compile(r"\$\{[^}]*\}|\$\w+|\[\[\w+(?::\w+)?\]\]")
+# Where a variable stands for a label name (grouping lists): by/without/on/ignoring/group_*(...).
+_GROUPING_OPEN = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*$")
+_NAME_CHAR = re.compile(r"[A-Za-z0-9_:]")
+# Grafana's variable-query functions (Prometheus data source): the wrapper of a variable query.
+_VARIABLE_QUERY = re.compile(r"^\s*(label_values|query_result|metrics|label_names)\s*\((.*)\)\s*$", re.S)
+_LABEL_NAME = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*\s*$")
+
+# What a variable becomes, by where it stands: a duration in a range or after `offset`, a
+# label name in a grouping list, a number anywhere else (topk($n, ...), x > $threshold).
+DURATION_PLACEHOLDER = "5m"
+LABEL_PLACEHOLDER = "grafana_variable"
+NUMBER_PLACEHOLDER = "1"
 
 
-def _strip_brackets(expr, open_ch, close_ch):
-    out, depth = [], 0
-    for ch in expr:
-        if ch == open_ch:
-            depth += 1
-            out.append(" ")
-        elif ch == close_ch and depth:
-            depth -= 1
-            out.append(" ")
-        elif depth:
-            out.append(" ")
-        else:
+class QueryError(ValueError):
+    """An expression that does not parse, or whose metric names cannot be known statically."""
+
+
+def substitute_variables(expr: str) -> str:
+    """`expr` with Grafana's variables replaced by placeholders PromQL accepts.
+
+    Variables inside string literals stay as they are: there they are label values or regexes
+    (`job=~"$job"`), which the parser takes as any other string. Outside strings a variable
+    stands for a range duration (`[$__rate_interval]`), an offset, a grouping label or a
+    number; it becomes a placeholder of that kind. A variable glued to a name
+    (`clipqc_${kind}_total`) is refused: the metric it selects is not known until Grafana
+    expands it, so the check could not vouch for it.
+    """
+    out: list[str] = []
+    i, n = 0, len(expr)
+    quote: str | None = None
+    bracket_depth = 0
+    while i < n:
+        ch = expr[i]
+        if quote:
             out.append(ch)
+            if ch == "\\" and quote != "`" and i + 1 < n:
+                out.append(expr[i + 1])
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+            i += 1
+            continue
+        if ch in "\"'`":
+            quote = ch
+            out.append(ch)
+            i += 1
+            continue
+        m = _GRAFANA_VAR.match(expr, i)
+        if m:
+            before = expr[i - 1] if i else ""
+            after = expr[m.end()] if m.end() < n else ""
+            if _NAME_CHAR.match(before or " ") or _NAME_CHAR.match(after or " "):
+                raise QueryError(f"variable {m.group()} is part of a name in {expr!r}")
+            prefix = "".join(out).rstrip()
+            if bracket_depth > 0 or re.search(r"\boffset$", prefix):
+                out.append(DURATION_PLACEHOLDER)
+            elif _GROUPING_OPEN.search(prefix):
+                out.append(LABEL_PLACEHOLDER)
+            else:
+                out.append(NUMBER_PLACEHOLDER)
+            i = m.end()
+            continue
+        if ch == "[":
+            bracket_depth += 1
+        elif ch == "]" and bracket_depth:
+            bracket_depth -= 1
+        elif ch == "#":  # a comment runs to the end of the line
+            end = expr.find("\n", i)
+            end = n if end < 0 else end
+            out.append(expr[i:end])
+            i = end
+            continue
+        out.append(ch)
+        i += 1
     return "".join(out)
 
 
-def promql_metric_names(expr):
-    """The metric names one PromQL expression selects (a set)."""
-    e = _STRING.sub(" ", expr)  # strings (label values, label_replace arguments) first:
-    e = re.sub(r"#[^\n]*", " ", e)  # a '#' inside a string would otherwise start a comment
-    e = _GRAFANA_VAR.sub(" ", e)
-    e = _strip_brackets(e, "{", "}")
-    e = _strip_brackets(e, "[", "]")
-    e = _GROUPING.sub(" ", e)
-    names = set()
-    for m in _IDENT.finditer(e):
-        name, call = m.group(1), m.group(2)
-        if call or name.lower() in KEYWORDS:
+def _selector_names(selector: promql_parser.VectorSelector, expr: str) -> set[str]:
+    """The metric names one vector selector selects: its name, or its `__name__` matcher.
+
+    An equality matcher names one metric; a regex matcher that is a plain alternation of names
+    (`__name__=~"a_total|b_total"`) names those. A selector whose names are open (any other
+    regex, or no name at all, as in `{job="x"}`) is refused: nothing could be checked.
+    """
+    if selector.name:
+        return {selector.name}
+    names: set[str] = set()
+    for matcher in selector.matchers.matchers:
+        if matcher.name != "__name__":
             continue
-        names.add(name)
+        if matcher.op == promql_parser.MatchOp.Equal:
+            names.add(matcher.value)
+        elif matcher.op == promql_parser.MatchOp.Re and all(
+                re.fullmatch(r"[A-Za-z_:][A-Za-z0-9_:]*", alt) for alt in matcher.value.split("|")):
+            names.update(matcher.value.split("|"))
+    if not names:
+        raise QueryError(f"selector {selector} in {expr!r} selects no one named metric")
     return names
 
 
-def grafana_query(q):
-    """A template variable's query as PromQL: label_values(EXPR, label) -> EXPR."""
-    if isinstance(q, dict):
-        q = q.get("query", "")
-    q = q or ""
-    m = _LABEL_VALUES.search(q)
-    if m:
-        return m.group(1)
-    q = _LABEL_VALUES_BARE.sub(" ", q)
-    for fn in ("query_result", "metrics", "label_names"):
-        q = re.sub(r"\b%s\s*\(" % fn, "(", q)
-    return q
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names one PromQL expression selects (Grafana variables allowed)."""
+    text = substitute_variables(expr)
+    try:
+        tree = promql_parser.parse(text)
+    except ValueError as e:
+        shown = expr if text == expr else f"{expr!r} (as {text!r})"
+        raise QueryError(f"not PromQL: {shown}: {e}") from e
+    names: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector):
+            names.update(_selector_names(node, expr))
+
+    promql_parser.walk(tree, visit)
+    return names
 
 
-def walk_panels(panels):
+def grafana_variable_query(query) -> str | None:
+    """A template variable's query as PromQL, or None when it queries no series.
+
+    `label_values(EXPR, label)` and `query_result(EXPR)` are EXPR; `label_values(label)`,
+    `label_names()` and `metrics(regex)` ask Prometheus for names, not series. Anything else
+    is a PromQL expression as it stands.
+    """
+    if isinstance(query, dict):
+        query = query.get("query", "")
+    query = query or ""
+    m = _VARIABLE_QUERY.match(query)
+    if not m:
+        return query or None
+    function, args = m.group(1), m.group(2)
+    if function == "query_result":
+        return args
+    if function == "label_values":
+        expr, _, label = args.rpartition(",")
+        return expr if expr and _LABEL_NAME.match(label) else None
+    return None
+
+
+def walk_panels(panels: Iterable[dict] | None) -> Iterator[dict]:
+    """Every panel, those inside collapsed rows included."""
     for p in panels or []:
         yield p
         yield from walk_panels(p.get("panels"))
 
 
-def dashboard_queries(dash):
+def dashboard_queries(dash: dict) -> Iterator[tuple[str, str]]:
     """(where, PromQL) for every panel target and every query template variable."""
     for p in walk_panels(dash.get("panels")):
         for t in p.get("targets") or []:
             if t.get("expr"):
-                yield "panel %r target %s" % (p.get("title"), t.get("refId")), t["expr"]
+                yield f"panel {p.get('title')!r} target {t.get('refId')}", t["expr"]
     for v in (dash.get("templating") or {}).get("list") or []:
         if v.get("type") == "query":
-            yield "variable %s" % v.get("name"), grafana_query(v.get("query"))
+            expr = grafana_variable_query(v.get("query"))
+            if expr:
+                yield f"variable {v.get('name')}", expr
 
 
-def check_dashboard(dash):
-    """Problems with the dashboard (a list of strings; empty when it is fine)."""
-    errors = []
-    if dash.get("uid") != DASHBOARD_UID:
-        errors.append("uid is %r, not %r" % (dash.get("uid"), DASHBOARD_UID))
-    variables = (dash.get("templating") or {}).get("list") or []
-    ds = [v for v in variables if v.get("name") == "datasource"]
-    if not ds or ds[0].get("type") != "datasource" or ds[0].get("query") != "prometheus":
-        errors.append("no template variable 'datasource' of type datasource (query prometheus)")
-    names = {v.get("name") for v in variables}
-    for want in ("line", "profile"):
-        if want not in names:
-            errors.append("no template variable %r" % want)
-
-    def uses_variable(obj, what):
-        d = obj.get("datasource")
-        if not isinstance(d, dict) or d.get("uid") != DATASOURCE or d.get("type") != "prometheus":
-            errors.append("%s: datasource is %r, not the ${datasource} variable" % (what, d))
-
-    for v in variables:
-        if v.get("type") == "query":
-            uses_variable(v, "variable %s" % v.get("name"))
-    ids = set()
-    panels = list(walk_panels(dash.get("panels")))
-    if not panels:
-        errors.append("no panels")
-    for p in panels:
-        what = "panel %r" % p.get("title")
-        if p.get("id") in ids:
-            errors.append("%s: duplicate id %r" % (what, p.get("id")))
-        ids.add(p.get("id"))
-        if p.get("type") == "row":
-            continue
-        uses_variable(p, what)
-        targets = p.get("targets") or []
-        if not targets:
-            errors.append("%s: no targets" % what)
-        for t in targets:
-            uses_variable(t, "%s target %s" % (what, t.get("refId")))
-            if not t.get("expr"):
-                errors.append("%s target %s: no expr" % (what, t.get("refId")))
-    return errors
-
-
-def _load_yaml_rules(path):
-    """[(where, expr)] and the recorded names, from a rules file (PyYAML if present)."""
-    text = open(path, encoding="utf-8").read()
-    try:
-        import yaml  # noqa: WPS433 (optional)
-    except ImportError:
-        return _scan_yaml_rules(text)
-    doc = yaml.safe_load(text) or {}
-    exprs, recorded = [], set()
+def rules_queries(doc: dict) -> tuple[list[tuple[str, str]], set[str]]:
+    """(where, PromQL) for every rule of a rules file, and the names its recording rules define."""
+    queries, recorded = [], set()
     for group in doc.get("groups") or []:
         for rule in group.get("rules") or []:
-            name = rule.get("alert") or rule.get("record")
             if rule.get("record"):
                 recorded.add(rule["record"])
-            exprs.append(("rule %s" % name, str(rule.get("expr", ""))))
-    return exprs, recorded
+            queries.append((f"rule {rule.get('alert') or rule.get('record')}", str(rule.get("expr", ""))))
+    return queries, recorded
 
 
-def _scan_yaml_rules(text):
-    """The same without PyYAML: `expr:` values, inline or as block scalars (| or >)."""
-    exprs, recorded, current = [], set(), "?"
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        m = re.match(r"^(\s*)(?:-\s+)?(alert|record|expr)\s*:\s*(.*?)\s*$", line)
-        i += 1
-        if not m:
-            continue
-        indent, key, value = len(m.group(1)), m.group(2), m.group(3)
-        if key in ("alert", "record"):
-            current = value.strip("'\"")
-            if key == "record":
-                recorded.add(current)
-            continue
-        if value[:1] in ("|", ">"):
-            block = []
-            while i < len(lines) and (not lines[i].strip() or
-                                      len(lines[i]) - len(lines[i].lstrip()) > indent):
-                block.append(lines[i])
-                i += 1
-            value = "\n".join(block)
-        elif value[:1] in ("'", '"'):
-            q = value[0]
-            value = value[1:-1] if value.endswith(q) else value[1:]
-            if q == "'":
-                value = value.replace("''", "'")
-        exprs.append(("rule %s" % current, value))
-    return exprs, recorded
+def metric_uses(queries: Iterable[tuple[str, str]], exclude: set[str] = frozenset()) -> set[tuple[str, str]]:
+    """(name, where) for every metric the queries select, less `up` and `exclude`."""
+    uses = set()
+    for where, expr in queries:
+        try:
+            names = promql_metric_names(expr)
+        except QueryError as e:
+            raise QueryError(f"{where}: {e}") from None  # the message says it all
+        uses.update((name, where) for name in names if name not in NOT_WORKER | set(exclude))
+    return uses
 
 
-def main(argv=None):
+def dashboard_metric_uses(path: str) -> set[tuple[str, str]]:
+    """(name, where) for a Grafana dashboard JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return metric_uses(dashboard_queries(json.load(f)))
+
+
+def rules_metric_uses(path: str) -> set[tuple[str, str]]:
+    """(name, where) for a Prometheus rules file, the series it records itself left out."""
+    with open(path, encoding="utf-8") as f:
+        queries, recorded = rules_queries(yaml.safe_load(f) or {})
+    return metric_uses(queries, recorded)
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("file", help="a Grafana dashboard JSON, or with --rules a rules YAML")
     ap.add_argument("--rules", action="store_true", help="FILE is a Prometheus rules file")
-    ap.add_argument("--check", action="store_true",
-                    help="validate the dashboard (uid, ${datasource} everywhere) first")
     ap.add_argument("--with-where", action="store_true",
                     help="print 'name<TAB>where' (every use) instead of the unique names")
     args = ap.parse_args(argv)
-
-    if args.rules:
-        queries, exclude = _load_yaml_rules(args.file)
-    else:
-        try:
-            dash = json.load(open(args.file, encoding="utf-8"))
-        except ValueError as e:
-            print("%s: not valid JSON: %s" % (args.file, e), file=sys.stderr)
-            return 1
-        if args.check:
-            errors = check_dashboard(dash)
-            for e in errors:
-                print("%s: %s" % (args.file, e), file=sys.stderr)
-            if errors:
-                return 1
-            panels = [p for p in walk_panels(dash.get("panels")) if p.get("type") != "row"]
-            print("%s: OK: uid %s, %d panels and %d targets on ${datasource}" % (
-                args.file, dash["uid"], len(panels),
-                sum(len(p.get("targets") or []) for p in panels)), file=sys.stderr)
-        queries, exclude = list(dashboard_queries(dash)), set()
-
-    uses = []
-    for where, expr in queries:
-        for name in promql_metric_names(expr):
-            if name not in NOT_WORKER and name not in exclude:
-                uses.append((name, where))
+    try:
+        uses = rules_metric_uses(args.file) if args.rules else dashboard_metric_uses(args.file)
+    except (QueryError, ValueError, OSError) as e:
+        print(f"{args.file}: {e}", file=sys.stderr)
+        return 1
     if args.with_where:
-        for name, where in sorted(set(uses)):
-            print("%s\t%s" % (name, where))
+        for name, where in sorted(uses):
+            print(f"{name}\t{where}")
     else:
-        for name in sorted({n for n, _ in uses}):
+        for name in sorted({name for name, _ in uses}):
             print(name)
     return 0
 
