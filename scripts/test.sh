@@ -24,9 +24,10 @@ if [ ! -f "$test_reqs_stamp" ]; then
   pip install --quiet -r tests/requirements.txt
   touch "$test_reqs_stamp"
 fi
-# Deployment and monitoring files: promtool (rules + unit tests), amtool, the dashboard; the
-# Helm chart linted and rendered with its values schema (helm-sdkpy); the compose file. The
-# first also installs Debian's Prometheus and Alertmanager, which tests/ops_stack.rs runs.
+# Deployment and monitoring files: promtool (rules + unit tests), amtool, then pytest
+# (scripts/tests/) on the dashboard and the series it and the rules query (promql-parser), the
+# Helm chart linted and rendered as `helm template` does (helm-python-sdk), the compose file.
+# The first also installs Debian's Prometheus and Alertmanager, which tests/ops_stack.rs runs.
 scripts/check-monitoring.sh
 scripts/check-helm.sh
 export CLIPQC_TEST_MODEL="$MODEL" CLIPQC_TEST_FIXTURES="$FIXTURES"
