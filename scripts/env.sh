@@ -71,3 +71,17 @@ ensure_model() { # preset dir
     echo "$stamp" >"$dir/.stamp"
   fi
 }
+
+# The same for a random Segment Anything model (export.py --random-sam). Export it after the
+# CLIP model when it lives inside that one's directory: a new CLIP export removes the folder.
+ensure_sam_model() { # preset dir
+  local preset="$1" dir="$2"
+  local stamp
+  stamp="$(cat "$ROOT"/deploy/model/*.py "$REQS" | sha256sum | cut -c1-16)-sam-$preset"
+  if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    echo "==> exporting random SAM $preset to $dir" >&2
+    rm -rf "$dir"
+    python "$ROOT/deploy/model/export.py" --random-sam "$preset" --out "$dir" >&2
+    echo "$stamp" >"$dir/.stamp"
+  fi
+}

@@ -8,11 +8,13 @@ cd "$ROOT"
 MODEL="$ROOT/target/models/tiny"
 FIXTURES="$ROOT/target/fixtures"
 ensure_model tiny "$MODEL"
-stamp="$(cat "$MODEL/.stamp" tests/reference/*.py deploy/samples/*.py | sha256sum | cut -c1-16)"
+# Segment Anything's tiny random model beside it (tests/model_fidelity/sam.rs finds it there).
+ensure_sam_model tiny "$MODEL/sam"
+stamp="$(cat "$MODEL/.stamp" "$MODEL/sam/.stamp" tests/reference/*.py deploy/samples/*.py | sha256sum | cut -c1-16)"
 if [ "$(cat "$FIXTURES/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "==> computing reference outputs (transformers, open_clip) into $FIXTURES" >&2
   rm -rf "$FIXTURES"
-  python tests/reference/make_fixtures.py --model "$MODEL" --out "$FIXTURES"
+  python tests/reference/make_fixtures.py --model "$MODEL" --sam "$MODEL/sam" --out "$FIXTURES"
   echo "$stamp" >"$FIXTURES/.stamp"
 fi
 

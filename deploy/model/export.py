@@ -3,6 +3,8 @@
 
     python deploy/model/export.py --checkpoint ID_OR_DIR --out DIR
     python deploy/model/export.py --random tiny|vit-b-32 --out DIR
+    python deploy/model/export.py --sam ID_OR_DIR --out DIR/sam       (Segment Anything)
+    python deploy/model/export.py --random-sam tiny|vit-b --out DIR/sam
 
 The artifact directory holds:
   image_encoder.pt   TorchScript, float [B,3,H,W] (normalised pixels) -> [B,D] (unnormalised)
@@ -20,6 +22,9 @@ seed's Chinese defect prompts). `--random` builds randomly initialised CLIP mode
 architectures, offline: `tiny` for tests (seconds on CPU), `vit-b-32` for benchmarks (the
 compute of the real ViT-B/32). Their tokenizer is CLIP's real BPE tokenizer, built from the
 vocabulary that ships inside open_clip_torch.
+
+`--sam` and `--random-sam` export a Segment Anything model for the segment stage instead: see
+sam_export.py for its artifact.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clip_bpe  # noqa: E402
+import sam_export  # noqa: E402
 
 MANIFEST = "clipqc-model.json"
 FORMAT_VERSION = 1
@@ -257,12 +263,26 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="Hugging Face hub id or local directory of a CLIP/SigLIP/Chinese-CLIP model")
     src.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="randomly initialised model, offline")
+    src.add_argument("--sam", metavar="CHECKPOINT_OR_DIR", help="Hugging Face hub id or local directory of a "
+                     "Segment Anything model (transformers' SamModel)")
+    src.add_argument("--random-sam", choices=sorted(sam_export.RANDOM_SAM),
+                     help="randomly initialised Segment Anything model, offline")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed for --random (same seed, same weights)")
     p.add_argument("--name", help="model name recorded in the manifest and in every verdict")
     args = p.parse_args(argv)
 
     torch.set_grad_enabled(False)
+    if args.sam or args.random_sam:
+        if args.random_sam:
+            model, processor = sam_export.random_sam(args.random_sam, args.seed)
+            source, name = f"random:{args.random_sam}:seed={args.seed}", args.name or f"sam-{args.random_sam}-random"
+        else:
+            model, processor = sam_export.load_sam(args.sam)
+            source, name = args.sam, args.name or args.sam.rstrip("/").split("/")[-1]
+        manifest = sam_export.export_sam(model, processor, source, name, args.out, sha256)
+        print(f"exported {manifest['name']} (sam, input {manifest['image']['size']}) to {args.out}")
+        return 0
     with tempfile.TemporaryDirectory() as work:
         if args.random:
             model, processor, family, tokenizer_json = random_clip(args.random, args.seed, Path(work))

@@ -16,7 +16,8 @@ Writes:
   fixtures.json    the index: images, shapes, test profile prompts and reference probabilities
                    (`probabilities`: the processor's center crop; `probabilities_pad`: pad_view;
                    `tiles`: the tiled profile's windows, per-view and aggregated probabilities,
-                   anomaly score and heatmap, see `tiled_reference`)
+                   anomaly score and heatmap, see `tiled_reference`); with `--sam DIR`, `sam`:
+                   Segment Anything's masks and IoUs by transformers (sam_reference.py)
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sam", type=Path, help="a SAM artifact (export.py --random-sam): its reference as well")
     args = p.parse_args()
     rng = random.Random(0)
     torch.manual_seed(0)
@@ -302,6 +304,11 @@ def main() -> int:
             entry["tiles"] = tiled_reference(pil_proc, model, text, img, px_pad, stem, manifest["image"]["size"],
                                              profile_tiled, out / "ref")
         index["images"].append(entry)
+    if args.sam:
+        from sam_reference import write_sam_reference
+
+        images = [(e["file"], Image.open(out / e["file"])) for e in index["images"]]
+        index["sam"] = write_sam_reference(args.sam, images, out)
     (out / "fixtures.json").write_text(json.dumps(index, indent=1, ensure_ascii=False))
     print(f"wrote {len(strings)} token cases and {len(index['images'])} images to {out}")
     return 0
