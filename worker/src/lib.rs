@@ -29,6 +29,7 @@ pub mod proto;
 pub mod request;
 pub mod routing;
 pub mod score;
+pub mod segment;
 pub mod sink;
 pub mod source;
 pub mod trace_context;

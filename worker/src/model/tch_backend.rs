@@ -44,7 +44,7 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<Device, ModelError> {
 /// Not `CModule::to(device, Kind::Half)`: TorchScript's `Module::to` converts every buffer,
 /// integer ones included, and CLIP's `position_ids` buffer then breaks the embedding lookup
 /// (PyTorch's Python `nn.Module.to` converts floating-point tensors only; this does the same).
-fn to_half(module: &CModule) -> Result<(), tch::TchError> {
+pub(crate) fn to_half(module: &CModule) -> Result<(), tch::TchError> {
     let _guard = tch::no_grad_guard();
     for (_, mut p) in module.named_parameters()? {
         if p.kind() == Kind::Float {

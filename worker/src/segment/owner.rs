@@ -1,0 +1,237 @@
+//! The one OS thread that owns the SAM models, beside (never instead of) the classification
+//! model's thread ([`crate::model::owner`]).
+//!
+//! Guarantees: frames are segmented in arrival order; [`SegmentHandle::try_submit`] never
+//! waits — when `queue` frames are already waiting it returns [`SegmentError::QueueFull`] at
+//! once, so a caller on the classification path can send its verdict without a mask instead of
+//! slowing down; the thread stops when every handle is dropped, after the frames already
+//! queued; a segmenter that fails to load is reported by [`SegmentOwner::spawn`] and no handle
+//! is ever returned for it.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::prepare::SamInput;
+use super::{Segment, SegmentError, Segmenter};
+
+/// The answer to one frame: a segment per box, in the order of the boxes.
+pub type SegmentReply = oneshot::Receiver<Result<Vec<Segment>, SegmentError>>;
+
+struct Job {
+    input: SamInput,
+    reply: oneshot::Sender<Result<Vec<Segment>, SegmentError>>,
+}
+
+/// A cheap, cloneable way to submit frames to the segmentation thread.
+#[derive(Clone)]
+pub struct SegmentHandle {
+    jobs: mpsc::SyncSender<Job>,
+    capacity: usize,
+    description: Arc<str>,
+}
+
+pub struct SegmentOwner {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SegmentOwner {
+    /// Start the segmentation thread; `build` runs on it and loads the segmenter. Returns once
+    /// it is loaded (or failed to load). `queue` bounds the frames waiting (at least 1).
+    pub fn spawn<S, F>(build: F, queue: usize) -> Result<(Self, SegmentHandle), SegmentError>
+    where
+        S: Segmenter,
+        F: FnOnce() -> Result<S, SegmentError> + Send + 'static,
+    {
+        let capacity = queue.max(1);
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(capacity);
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, SegmentError>>();
+        let thread = std::thread::Builder::new()
+            .name("clipqc-segment".into())
+            .spawn(move || {
+                let mut segmenter = match build() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(segmenter.describe()));
+                // Ends when every handle is gone and the queue is drained.
+                for job in jobs_rx {
+                    // A caller that stopped waiting does not need the answer; still cheaper
+                    // to run it than to check (the receiver may be dropped mid-run anyway).
+                    let _ = job.reply.send(segmenter.segment(&job.input));
+                }
+            })
+            .map_err(|e| {
+                SegmentError::Inference(format!("cannot start the segmentation thread: {e}"))
+            })?;
+        let description = match ready_rx.recv() {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(SegmentError::Inference(
+                    "the segmentation thread panicked while loading".into(),
+                ));
+            }
+        };
+        Ok((
+            Self {
+                thread: Some(thread),
+            },
+            SegmentHandle {
+                jobs: jobs_tx,
+                capacity,
+                description: description.into(),
+            },
+        ))
+    }
+
+    /// Wait for the thread to finish; it finishes once every handle is dropped.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SegmentHandle {
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// How many frames may wait for the thread.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Queue a frame without waiting: the receiver of its answer (`.await` it, or
+    /// `blocking_recv` off the async runtime), or [`SegmentError::QueueFull`] at once.
+    pub fn try_submit(&self, input: SamInput) -> Result<SegmentReply, SegmentError> {
+        let (reply, rx) = oneshot::channel();
+        match self.jobs.try_send(Job { input, reply }) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::TrySendError::Full(_)) => Err(SegmentError::QueueFull {
+                capacity: self.capacity,
+            }),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(SegmentError::Stopped),
+        }
+    }
+
+    /// Segment a frame, waiting for room in the queue and for the answer (offline commands
+    /// and tests). Not for use on an async runtime's workers.
+    pub fn segment_blocking(&self, input: SamInput) -> Result<Vec<Segment>, SegmentError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { input, reply })
+            .map_err(|_| SegmentError::Stopped)?;
+        rx.blocking_recv().map_err(|_| SegmentError::Stopped)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::Mask;
+    use std::time::Duration;
+
+    /// Marks the top-left pixel of a frame-sized mask per box, after `delay`.
+    struct Fake {
+        delay: Duration,
+    }
+
+    impl Segmenter for Fake {
+        fn describe(&self) -> String {
+            "fake segmenter".into()
+        }
+
+        fn segment(&mut self, input: &SamInput) -> Result<Vec<Segment>, SegmentError> {
+            std::thread::sleep(self.delay);
+            let (w, h) = input.frame;
+            let mut bits = vec![false; (w * h) as usize];
+            bits[0] = true;
+            let mask = Mask::new(w, h, bits)?;
+            Ok(input
+                .boxes
+                .iter()
+                .map(|b| Segment {
+                    mask: mask.clone(),
+                    iou: b[0],
+                })
+                .collect())
+        }
+    }
+
+    fn input(first_box_x: f32) -> SamInput {
+        SamInput {
+            pixels: vec![],
+            size: 4,
+            frame: (3, 2),
+            resized: (4, 3),
+            boxes: vec![[first_box_x, 0.0, 1.0, 1.0], [9.0, 0.0, 1.0, 1.0]],
+        }
+    }
+
+    #[test]
+    fn answers_a_segment_per_box_in_order_and_stops_with_its_handles() {
+        let fake = Fake {
+            delay: Duration::ZERO,
+        };
+        let (owner, handle) = SegmentOwner::spawn(move || Ok(fake), 2).unwrap();
+        assert_eq!(handle.describe(), "fake segmenter");
+        let out = handle.segment_blocking(input(0.25)).unwrap();
+        assert_eq!(
+            out.iter().map(|s| s.iou).collect::<Vec<_>>(),
+            vec![0.25, 9.0]
+        );
+        assert_eq!(out[0].mask.area(), 1);
+        let rx = handle.try_submit(input(0.5)).unwrap();
+        assert_eq!(rx.blocking_recv().unwrap().unwrap()[0].iou, 0.5);
+        drop(handle);
+        owner.join();
+    }
+
+    #[test]
+    fn a_full_queue_is_refused_at_once_and_the_queued_frames_still_answered() {
+        let fake = Fake {
+            delay: Duration::from_millis(200),
+        };
+        let (owner, handle) = SegmentOwner::spawn(move || Ok(fake), 1).unwrap();
+        // One running (taken off the queue), one waiting: the queue of one is full.
+        let first = handle.try_submit(input(1.0)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let second = handle.try_submit(input(2.0)).unwrap();
+        let started = std::time::Instant::now();
+        let err = handle.try_submit(input(3.0)).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "try_submit waited"
+        );
+        assert!(
+            matches!(err, SegmentError::QueueFull { capacity: 1 }),
+            "{err}"
+        );
+        assert_eq!(first.blocking_recv().unwrap().unwrap()[0].iou, 1.0);
+        assert_eq!(second.blocking_recv().unwrap().unwrap()[0].iou, 2.0);
+        drop(handle);
+        owner.join();
+    }
+
+    #[test]
+    fn a_failed_load_is_reported_and_gives_no_handle() {
+        let err = SegmentOwner::spawn(
+            || Err::<Fake, _>(SegmentError::Inference("no weights".into())),
+            1,
+        )
+        .err()
+        .expect("the load failed");
+        assert!(err.to_string().contains("no weights"));
+    }
+}
