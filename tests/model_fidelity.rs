@@ -5,9 +5,12 @@
 //! probabilities vs transformers' CLIPModel under both views; and a tiled profile's window
 //! geometry, window pixels and embeddings, aggregated scores and heatmap vs the same windows
 //! cut and resized with PIL and scored by CLIPModel.
-//! The references were computed by tests/reference/make_fixtures.py.
+//! The references were computed by tests/reference/make_fixtures.py. Segment Anything's
+//! masks against transformers' SAM: model_fidelity/sam.rs.
 
 mod common;
+#[path = "model_fidelity/sam.rs"]
+mod sam;
 
 use clipqc::config::PreprocessSettings;
 use clipqc::model::artifact::TOKENIZER;
