@@ -351,6 +351,10 @@ impl Default for PipelineSettings {
 pub struct ModelSettings {
     /// The exported artifact directory (deploy/model/export.py).
     pub dir: Option<PathBuf>,
+    /// The Segment Anything artifact directory (deploy/model/export.py --sam), for profiles
+    /// with `segment = true`; it runs on `device` too. Unset: no profile may segment.
+    #[serde(default)]
+    pub sam_dir: Option<PathBuf>,
     #[serde(default)]
     pub device: DeviceSpec,
 }
@@ -424,6 +428,12 @@ impl Settings {
         settings.kafka.resolve_properties().map_err(invalid)?;
         for (name, profile) in &settings.profiles {
             profile.validate(name).map_err(|e| invalid(e.to_string()))?;
+            if profile.segment && settings.model.sam_dir.is_none() {
+                return Err(invalid(format!(
+                    "profile {name:?} has segment = true, but model.sam_dir is not set (the \
+                     Segment Anything artifact: deploy/model/export.py --sam)"
+                )));
+            }
             if let Some(t) = &profile.tiles {
                 t.resolve_aspect_ratio(&settings.preprocess.limits)
                     .map_err(|e| invalid(format!("profile {name:?}: {e}")))?;

@@ -257,3 +257,26 @@ fn typos_and_bad_profiles_are_refused_naming_the_file() {
         .to_string();
     assert!(err.contains("/nonexistent.toml: file not found"), "{err}");
 }
+
+#[test]
+fn a_segmenting_profile_needs_the_sam_artifact() {
+    let profile = "[profiles.welds]\nsegment = true\n\
+                   [[profiles.welds.classes]]\nname = \"crack\"\nprompts = [\"a crack\"]\ndefect = true\n\
+                   [[profiles.welds.classes]]\nname = \"ok\"\nprompts = [\"a weld\"]\n";
+    let (_d, path) = write(profile);
+    let err = Settings::load_with_env(Some(&path), [])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("profile \"welds\" has segment = true") && err.contains("model.sam_dir"),
+        "{err}"
+    );
+    let env = [(
+        "CLIPQC__MODEL__SAM_DIR".to_string(),
+        "/models/sam".to_string(),
+    )];
+    let s = Settings::load_with_env(Some(&path), env).unwrap();
+    assert_eq!(s.model.sam_dir.as_deref(), Some(Path::new("/models/sam")));
+    assert!(s.profiles()["welds"].segment);
+    assert!(!s.profiles()["default"].segment, "off unless asked for");
+}

@@ -22,6 +22,7 @@ fn profile() -> ProfileConfig {
         exemplars: Default::default(),
         feedback: Default::default(),
         line_memory: None,
+        segment: false,
         classes: vec![
             class("scratch", true),
             class("chip", true),

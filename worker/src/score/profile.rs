@@ -55,6 +55,12 @@ pub struct ProfileConfig {
     /// `line_memory_score` in verdicts, and with a `weight` in the anomaly score. Unset: off.
     #[serde(default)]
     pub line_memory: Option<super::line_memory::LineMemoryConfig>,
+    /// Outline the defect of DEFECT and REVIEW verdicts with Segment Anything, prompted by
+    /// the worst region's box: the verdict's `masks` (COCO RLE, area, box, SAM's predicted
+    /// IoU). Needs `model.sam_dir`. Checked, not yet acted on: the pipeline's segment stage
+    /// is being built (issue 15).
+    #[serde(default)]
+    pub segment: bool,
     /// The classes a part is judged against (at least two; `defect = true` marks defects).
     pub classes: Vec<ClassConfig>,
 }
@@ -323,6 +329,7 @@ impl ProfileConfig {
             exemplars: ExemplarWeights::default(),
             feedback: FeedbackPolicy::default(),
             line_memory: None,
+            segment: false,
             classes: vec![
                 class(
                     "surface_scratch",

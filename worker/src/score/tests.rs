@@ -11,6 +11,7 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         exemplars: Default::default(),
         feedback: Default::default(),
         line_memory: None,
+        segment: false,
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {
