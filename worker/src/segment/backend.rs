@@ -24,6 +24,7 @@ pub struct SamBackend {
     device: Device,
     encoder_kind: Kind,
     manifest: SamManifest,
+    dir: std::path::PathBuf,
     name: String,
     /// Time spent in the encoder, the decoder and post-processing by the last frame.
     pub last_timings: Timings,
@@ -73,6 +74,7 @@ impl SamBackend {
             device,
             encoder_kind: Kind::Float,
             manifest: artifact.manifest.clone(),
+            dir: artifact.dir.clone(),
             name: artifact.model_id(),
             last_timings: Timings::default(),
         };
@@ -87,7 +89,7 @@ impl SamBackend {
     /// encoder's memory traffic; on CPU for tests of that path).
     pub fn with_half_encoder(mut self) -> Result<Self, SegmentError> {
         to_half(&self.encoder).map_err(|e| SegmentError::Artifact {
-            dir: std::path::PathBuf::from(&self.name),
+            dir: self.dir.clone(),
             message: format!("cannot convert {IMAGE_ENCODER} to half precision: {e}"),
         })?;
         self.encoder_kind = Kind::Half;

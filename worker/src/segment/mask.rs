@@ -173,7 +173,8 @@ impl Mask {
         }
     }
 
-    /// The mask an RLE describes. Refuses one whose runs do not add up to its size.
+    /// The mask an RLE describes. Refuses one whose runs do not add up to its size. Holds a
+    /// byte per pixel of the size: bound the sizes of RLEs from outside before decoding them.
     pub fn from_rle(rle: &Rle) -> Result<Self, SegmentError> {
         let [height, width] = rle.size;
         let pixels = u64::from(width) * u64::from(height);

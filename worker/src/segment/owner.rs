@@ -1,7 +1,8 @@
 //! The one OS thread that owns the SAM models, beside (never instead of) the classification
 //! model's thread ([`crate::model::owner`]).
 //!
-//! Guarantees: frames are segmented in arrival order; [`SegmentHandle::try_submit`] never
+//! Guarantees: frames are segmented in arrival order, except that a frame whose caller has
+//! dropped the receiver before its turn is skipped; [`SegmentHandle::try_submit`] never
 //! waits — when `queue` frames are already waiting it returns [`SegmentError::QueueFull`] at
 //! once, so a caller on the classification path can send its verdict without a mask instead of
 //! slowing down; the thread stops when every handle is dropped, after the frames already
@@ -61,8 +62,11 @@ impl SegmentOwner {
                 let _ = ready_tx.send(Ok(segmenter.describe()));
                 // Ends when every handle is gone and the queue is drained.
                 for job in jobs_rx {
-                    // A caller that stopped waiting does not need the answer; still cheaper
-                    // to run it than to check (the receiver may be dropped mid-run anyway).
+                    // The caller gave up waiting (its verdict went out without a mask): the
+                    // frame is skipped rather than segmented for nobody.
+                    if job.reply.is_closed() {
+                        continue;
+                    }
                     let _ = job.reply.send(segmenter.segment(&job.input));
                 }
             })
@@ -142,9 +146,17 @@ mod tests {
     use crate::segment::Mask;
     use std::time::Duration;
 
-    /// Marks the top-left pixel of a frame-sized mask per box, after `delay`.
+    /// Marks the top-left pixel of a frame-sized mask per box, after `delay`; counts frames.
     struct Fake {
         delay: Duration,
+        frames: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    fn fake(delay_ms: u64) -> Fake {
+        Fake {
+            delay: Duration::from_millis(delay_ms),
+            frames: Arc::default(),
+        }
     }
 
     impl Segmenter for Fake {
@@ -154,6 +166,8 @@ mod tests {
 
         fn segment(&mut self, input: &SamInput) -> Result<Vec<Segment>, SegmentError> {
             std::thread::sleep(self.delay);
+            self.frames
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (w, h) = input.frame;
             let mut bits = vec![false; (w * h) as usize];
             bits[0] = true;
@@ -181,9 +195,7 @@ mod tests {
 
     #[test]
     fn answers_a_segment_per_box_in_order_and_stops_with_its_handles() {
-        let fake = Fake {
-            delay: Duration::ZERO,
-        };
+        let fake = fake(0);
         let (owner, handle) = SegmentOwner::spawn(move || Ok(fake), 2).unwrap();
         assert_eq!(handle.describe(), "fake segmenter");
         let out = handle.segment_blocking(input(0.25)).unwrap();
@@ -200,9 +212,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_is_refused_at_once_and_the_queued_frames_still_answered() {
-        let fake = Fake {
-            delay: Duration::from_millis(200),
-        };
+        let fake = fake(200);
         let (owner, handle) = SegmentOwner::spawn(move || Ok(fake), 1).unwrap();
         // One running (taken off the queue), one waiting: the queue of one is full.
         let first = handle.try_submit(input(1.0)).unwrap();
@@ -222,6 +232,23 @@ mod tests {
         assert_eq!(second.blocking_recv().unwrap().unwrap()[0].iou, 2.0);
         drop(handle);
         owner.join();
+    }
+
+    #[test]
+    fn a_frame_whose_caller_gave_up_is_skipped() {
+        let fake = fake(100);
+        let frames = fake.frames.clone();
+        // Room for all three, whether or not the thread has taken the first yet.
+        let (owner, handle) = SegmentOwner::spawn(move || Ok(fake), 3).unwrap();
+        let first = handle.try_submit(input(1.0)).unwrap();
+        // Dropped while the first (100 ms) is still running or waiting.
+        drop(handle.try_submit(input(2.0)).unwrap());
+        let third = handle.try_submit(input(3.0)).unwrap();
+        assert_eq!(first.blocking_recv().unwrap().unwrap()[0].iou, 1.0);
+        assert_eq!(third.blocking_recv().unwrap().unwrap()[0].iou, 3.0);
+        drop(handle);
+        owner.join();
+        assert_eq!(frames.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
