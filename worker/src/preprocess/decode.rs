@@ -7,6 +7,7 @@ use image::metadata::Orientation;
 use image::{ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
 
+use super::tiff::{self, Ifd, JpegFrame};
 use super::PreprocessError;
 
 /// Bounds on what a decoder may allocate: an image header is untrusted input.
@@ -61,6 +62,9 @@ pub(crate) struct Header {
     pub jpeg: Option<JpegLayout>,
     /// TIFF only: the first image's compression tag, when it could be read.
     pub tiff_compression: Option<u16>,
+    /// JPEG-compressed TIFF only: the largest frame its strips' JPEG data could make the
+    /// decoder allocate, whatever size the TIFF gives them (see [`super::tiff`]).
+    pub tiff_jpeg: Option<JpegFrame>,
 }
 
 impl Header {
@@ -92,6 +96,20 @@ pub(crate) fn read_header(
     let head = jpeg.as_ref().map_or(bytes, |j| &bytes[..j.header_end]);
     let mut decoder = reader(input, head, limits)?.into_decoder().map_err(map)?;
     let (width, height) = decoder.dimensions();
+    let tiff = (format == ImageFormat::Tiff)
+        .then(|| Ifd::parse(bytes))
+        .flatten();
+    let tiff_compression = tiff.as_ref().and_then(Ifd::compression);
+    let tiff_jpeg = match &tiff {
+        Some(ifd) if tiff_compression.is_none_or(|c| c == tiff::JPEG) => {
+            ifd.largest_jpeg_frame()
+                .map_err(|message| PreprocessError::Decode {
+                    input: input.into(),
+                    message,
+                })?
+        }
+        _ => None,
+    };
     Ok(Header {
         format,
         width,
@@ -101,9 +119,8 @@ pub(crate) fn read_header(
         // A missing or broken EXIF block is not worth refusing the image for: assume upright.
         orientation: decoder.orientation().unwrap_or(Orientation::NoTransforms),
         jpeg,
-        tiff_compression: (format == ImageFormat::Tiff)
-            .then(|| tiff_compression(bytes))
-            .flatten(),
+        tiff_compression,
+        tiff_jpeg,
     })
 }
 
@@ -434,56 +451,6 @@ impl JpegLayout {
             .map(|&(h, v)| blocks(self.width, h, h_max) * blocks(self.height, v, v_max) * 128)
             .sum()
     }
-}
-
-/// The compression tag (259) of a TIFF's first image, read from its first IFD.
-fn tiff_compression(bytes: &[u8]) -> Option<u16> {
-    let big_endian = match bytes.get(..2)? {
-        b"II" => false,
-        b"MM" => true,
-        _ => return None,
-    };
-    let u16_at = |at: usize| {
-        let b: [u8; 2] = bytes.get(at..at.checked_add(2)?)?.try_into().ok()?;
-        Some(if big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        })
-    };
-    let u32_at = |at: usize| {
-        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        Some(if big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
-    };
-    let u64_at = |at: usize| {
-        let b: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
-        Some(if big_endian {
-            u64::from_be_bytes(b)
-        } else {
-            u64::from_le_bytes(b)
-        })
-    };
-    // Classic TIFF: 2-byte count, 12-byte entries; BigTIFF: 8-byte count, 20-byte entries.
-    let (count, first, entry, value) = match u16_at(2)? {
-        42 => {
-            let ifd = usize::try_from(u32_at(4)?).ok()?;
-            (u64::from(u16_at(ifd)?), ifd.checked_add(2)?, 12, 8)
-        }
-        43 => {
-            let ifd = usize::try_from(u64_at(8)?).ok()?;
-            (u64_at(ifd)?, ifd.checked_add(8)?, 20, 12)
-        }
-        _ => return None,
-    };
-    // A SHORT value sits at the start of the entry's value field.
-    (0..count.min(4096) as usize)
-        .map(|i| first + i * entry)
-        .find(|&at| u16_at(at) == Some(259))
-        .and_then(|at| u16_at(at + value))
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ mod libjpeg;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
+mod tiff;
 mod transform;
 #[cfg(test)]
 mod view_tests;

@@ -75,6 +75,26 @@ pub(super) fn plan(
         bpp.max(stored_bpp),
         &pre.limits,
     )?;
+    if let Some(f) = &header.tiff_jpeg {
+        // The JPEG decoder allocates the frame the strips' data declares, not the TIFF's.
+        check_dims(
+            input,
+            u64::from(f.width),
+            u64::from(f.height),
+            f.channels(),
+            &pre.limits,
+        )
+        .map_err(|e| match e {
+            PreprocessError::TooLarge { input, message } => PreprocessError::TooLarge {
+                input,
+                message: format!(
+                    "the JPEG data in its strips declares a {}×{} frame: {message}",
+                    f.width, f.height
+                ),
+            },
+            other => other,
+        })?;
+    }
     // libjpeg may decode scaled down in the DCT domain (never when `image` decodes it).
     let (dw, dh) = match pre.dct_min_short(region).filter(|_| libjpeg && !fallback) {
         Some(min) => {
@@ -189,8 +209,14 @@ fn decoder_bytes(
                 // None, CCITT, LZW, Deflate, PackBits: streamed into that buffer.
                 Some(1..=5 | 8 | 32946 | 32773) => base + 4 * stored_row + (512 << 10),
                 // JPEG (and the unknown): a chunk, which may be the whole image, is read
-                // whole, decoded into a buffer of its own with the decoder's coefficients.
-                _ => base + input_len + 3 * stored,
+                // whole, decoded into a buffer of its own with the decoder's coefficients,
+                // at the size the chunk's JPEG data declares, which may exceed the TIFF's;
+                // zune-jpeg's own buffers besides (a marker segment's copy, up to 64 KiB,
+                // made before it checks the bytes are there; its tables).
+                _ => {
+                    let frame = header.tiff_jpeg.map_or(0, |f| f.decoded_bytes());
+                    base + input_len + (256 << 10) + (3 * stored).max(frame)
+                }
             }
         }
         // Not compiled in (the decoder refuses it), but never count less than a copy.

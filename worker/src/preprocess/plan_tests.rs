@@ -435,3 +435,100 @@ fn plan_bounds_what_run_holds_under_every_view() {
         assert_eq!((plan.decoded_width, plan.decoded_height), (960, 540));
     }
 }
+
+/// A little-endian TIFF of `w`×`h` RGB pixels in one strip of JPEG data (compression 7, as
+/// libtiff writes it): `jpeg`, whatever frame it declares.
+fn tiff_with_jpeg_strip(w: u32, h: u32, jpeg: &[u8]) -> Vec<u8> {
+    let strip = 8u32;
+    let bits = strip + jpeg.len() as u32;
+    let ifd = bits + 6;
+    let mut out = b"II*\0".to_vec();
+    out.extend_from_slice(&ifd.to_le_bytes());
+    out.extend_from_slice(jpeg);
+    out.extend_from_slice(&[8, 0, 8, 0, 8, 0]);
+    // (tag, type, count, value): SHORT 3, LONG 4.
+    let entries: [(u16, u16, u32, u32); 10] = [
+        (256, 4, 1, w),
+        (257, 4, 1, h),
+        (258, 3, 3, bits),
+        (259, 3, 1, 7),
+        (262, 3, 1, 2),
+        (273, 4, 1, strip),
+        (277, 3, 1, 3),
+        (278, 4, 1, h),
+        (279, 4, 1, jpeg.len() as u32),
+        (284, 3, 1, 1),
+    ];
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, kind, count, value) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out
+}
+
+/// Found by `fuzz/`'s preprocess target: the `tiff` crate has zune-jpeg decode a JPEG strip at
+/// the size the JPEG data declares, not the TIFF's; `plan` must count that frame (and the
+/// limits refuse it) or the byte budget means nothing for a TIFF of a few kilobytes.
+#[test]
+fn a_tiff_whose_jpeg_strip_declares_a_larger_frame_is_planned_for_or_refused() {
+    let pre = pre();
+    let honest = mozjpeg(24, 16, mozjpeg::ColorSpace::JCS_RGB, false);
+    let tiff = tiff_with_jpeg_strip(24, 16, &honest);
+    check(&pre, "24x16 jpeg.tiff", &tiff, None);
+
+    // A 24×16 TIFF whose strip is a 4096×16 JPEG: 196 KB decoded.
+    let wide = mozjpeg(4096, 16, mozjpeg::ColorSpace::JCS_RGB, false);
+    let tiff = tiff_with_jpeg_strip(24, 16, &wide);
+    let plan = pre.plan("wide strip.tiff", &tiff, None).unwrap();
+    let (_, held) = peak_of(|| pre.run("wide strip.tiff", &tiff, None));
+    assert!(
+        held > 4096 * 16 * 3,
+        "the strip was not decoded: held {held}"
+    );
+    assert!(
+        held <= plan.peak_bytes,
+        "run held {held} bytes at once, the plan said {}",
+        plan.peak_bytes
+    );
+
+    // The same strip declaring 16000×16000 (768 MB to decode) in a file of 1 KB: refused
+    // before anything is decoded.
+    let mut bomb = honest.clone();
+    let sof = bomb.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0x3E, 0x80, 0x3E, 0x80]);
+    let tiff = tiff_with_jpeg_strip(24, 16, &bomb);
+    assert!(tiff.len() < 2048);
+    let err = too_large(pre.plan("bomb.tiff", &tiff, None));
+    assert!(err.contains("16000×16000"), "{err}");
+    let err = too_large(pre.run("bomb.tiff", &tiff, None));
+    assert!(err.contains("16000×16000"), "{err}");
+}
+
+/// Also found by the fuzz target: zune-jpeg copies a marker segment at the length its header
+/// declares (up to 64 KiB) before it checks the bytes are there. Under a 32-pixel model the
+/// resize holds little, so nothing else in the plan covered it.
+#[test]
+fn a_tiff_jpeg_strip_declaring_a_long_segment_is_planned_for() {
+    let mut image = ImageSettings::clip();
+    (image.size, image.resize_size) = (32, 32);
+    let pre = Preprocessor::new(&image, DecodeLimits::default(), None);
+    let jpeg = mozjpeg(24, 16, mozjpeg::ColorSpace::JCS_RGB, false);
+    // An ICC profile segment (APP2) declaring 65,000 bytes, right after the start of image.
+    let mut long = jpeg[..2].to_vec();
+    long.extend_from_slice(&[0xFF, 0xE2, 0xFD, 0xE8]);
+    long.extend_from_slice(b"ICC_PROFILE\0\x01\x01");
+    long.extend_from_slice(&jpeg[2..]);
+    let tiff = tiff_with_jpeg_strip(24, 16, &long);
+    let plan = pre.plan("long segment.tiff", &tiff, None).unwrap();
+    let (_, held) = peak_of(|| pre.run("long segment.tiff", &tiff, None));
+    assert!(held > 65_000, "the segment was not copied: held {held}");
+    assert!(
+        held <= plan.peak_bytes,
+        "run held {held} bytes at once, the plan said {}",
+        plan.peak_bytes
+    );
+}
