@@ -39,3 +39,9 @@ python benches/make_images.py --out "$ROOT/target/bench-images" >&2
 export CLIPQC_BENCH_MODEL="$MODEL" CLIPQC_BENCH_IMAGES="$ROOT/target/bench-images"
 # --nocapture: the fidelity tests print the measured differences.
 cargo test --workspace --all-targets "$@" -- --nocapture
+# Then a short coverage-guided fuzzing run of each fuzz target (scripts/fuzz.sh; its instrumented
+# build is separate, kept in ~/.cache/clipqc). CLIPQC_FUZZ_SECONDS: seconds per target, 0 to skip.
+fuzz_seconds="${CLIPQC_FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" != 0 ]; then
+  scripts/fuzz.sh "$fuzz_seconds"
+fi
