@@ -28,8 +28,8 @@ if [ ! -x "$tool/bin/cargo-fuzz" ]; then
 fi
 export PATH="$tool/bin:$PATH"
 
-# The instrumented build compiles the whole dependency tree again (21 minutes from nothing on
-# this 2-core machine under other work, 3.4 GB), so it is kept in the cache, like tansu: CI pays
+# The instrumented build compiles the whole dependency tree again (15 to 21 minutes from nothing
+# on this 2-core machine under other work, 3.4 GB), so it is kept in the cache, like tansu: CI pays
 # it once per machine and dependency set, and later runs rebuild only the worker and the targets
 # (about 5 minutes). A new toolchain or dependency set starts it afresh, since cargo never
 # removes what it stopped using. An explicit CARGO_TARGET_DIR is used as it is.
