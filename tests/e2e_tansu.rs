@@ -234,10 +234,10 @@ fn a_worker_killed_mid_batch_loses_nothing() {
         );
     }
     let rate = tally.distinct.len() as f64 / started.elapsed().as_secs_f64();
-    let commit_interval = 0.1; // source::consumer's auto.commit.interval.ms
+    let commit_interval = 1.0; // source::consumer's auto.commit.interval.ms
     let bound = kills.len() * (MAX_IN_FLIGHT + (rate * (commit_interval + 1.0)).ceil() as usize);
     eprintln!(
-        "crash test: duplicate bound {bound} = {} kills x ({MAX_IN_FLIGHT} in flight + {rate:.0} verdicts/s x 1.1 s)",
+        "crash test: duplicate bound {bound} = {} kills x ({MAX_IN_FLIGHT} in flight + {rate:.0} verdicts/s x 2 s)",
         kills.len()
     );
     assert!(
