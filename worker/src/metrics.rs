@@ -71,10 +71,24 @@ pub fn install() -> PrometheusHandle {
     for reason in crate::exemplars::ExemplarError::REASONS {
         counter!("clipqc_exemplars_skipped_total", "reason" => reason).absolute(0);
     }
+    for reason in crate::preprocess::device::Fallback::ALL {
+        counter!("clipqc_device_preprocess_fallbacks_total", "reason" => reason.as_str())
+            .absolute(0);
+    }
     handle
 }
 
 fn describe() {
+    describe_histogram!(
+        "clipqc_device_decode_seconds",
+        Unit::Seconds,
+        "JPEG decode time on the device preprocessing path (preprocess.device)."
+    );
+    describe_counter!(
+        "clipqc_device_preprocess_fallbacks_total",
+        "Images the device preprocessing path sent to the CPU path, by reason (not_jpeg, \
+         cmyk, clahe, over_budget, decode_error)."
+    );
     describe_counter!(
         "clipqc_records_consumed_total",
         "Input records taken for processing."
@@ -366,6 +380,16 @@ pub fn profile_version(profile: &str, version: &str, in_service: bool) {
 /// Whether the config file changed in keys that take a restart.
 pub fn config_restart_pending(pending: bool) {
     gauge!("clipqc_config_restart_pending").set(if pending { 1.0 } else { 0.0 });
+}
+
+/// One JPEG decoded by the device path (torchvision's operator, on the model's device).
+pub fn device_decode(seconds: f64) {
+    histogram!("clipqc_device_decode_seconds").record(seconds);
+}
+
+/// One image the device path sent to the CPU path, by reason (`Fallback::as_str`).
+pub fn device_fallback(reason: &'static str) {
+    counter!("clipqc_device_preprocess_fallbacks_total", "reason" => reason).increment(1);
 }
 
 /// A record decided on `n` views (its whole frame and its windows).

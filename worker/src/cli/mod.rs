@@ -83,6 +83,10 @@ pub fn spawn_model(
     let for_thread = artifact.clone();
     let (owner, model) = ModelOwner::spawn(move || TchBackend::load(&for_thread, device), 2)?;
     tracing::info!(model = model.describe(), "model loaded");
+    // The device preprocessing path follows the model's device (preprocess.device = auto),
+    // before any profile is built.
+    let on = crate::model::tch_backend::resolve_device(device)?;
+    crate::preprocess::device::install(&settings.preprocess, on)?;
     Ok((owner, model))
 }
 

@@ -21,6 +21,7 @@
 mod alloc_meter;
 mod clahe;
 mod decode;
+pub mod device;
 mod libjpeg;
 mod plan;
 #[cfg(test)]
@@ -117,6 +118,8 @@ pub struct Preprocessor {
     pub jpeg_dct_headroom: Option<f32>,
     /// The profile's multi-scale windows, if it is tiled.
     pub tiles: Option<Tiles>,
+    /// The device path (`preprocess.device`), tried first for each image; `None`: CPU only.
+    pub device: Option<std::sync::Arc<device::DevicePath>>,
 }
 
 /// A profile's windows, with the most elongated frame they take resolved.
@@ -170,6 +173,7 @@ impl Preprocessor {
             clahe,
             jpeg_dct_headroom: None,
             tiles: None,
+            device: None,
         }
     }
 
@@ -186,7 +190,15 @@ impl Preprocessor {
         if let Some(t) = &profile.tiles {
             pre.tiles = Some(Tiles::new(t.clone(), image, &settings.limits)?);
         }
+        pre.device = device::for_profile(settings, profile.clahe.is_some())
+            .map_err(|e| e.to_string())?;
         Ok(pre)
+    }
+
+    /// Images tried on `path` first (JPEGs; the rest, and what it cannot take, on the CPU).
+    pub fn with_device(mut self, path: Option<std::sync::Arc<device::DevicePath>>) -> Self {
+        self.device = path;
+        self
     }
 
     /// The square the model sees (the profile's `view`); [`View::Pad`] unless set.
@@ -243,6 +255,24 @@ impl Preprocessor {
     /// [`TileConfig::layout`] order), with their geometry. Holds no more than [`Self::plan`]
     /// says.
     pub fn views(
+        &self,
+        input: &str,
+        bytes: &[u8],
+        region: Option<Region>,
+    ) -> Result<Views, PreprocessError> {
+        if let Some(path) = &self.device {
+            if let device::Routed::Device(views) = path.views(self, input, bytes, region)? {
+                return views.into_host().map_err(|message| PreprocessError::Invalid {
+                    input: input.into(),
+                    message: format!("device preprocessing: {message}"),
+                });
+            }
+        }
+        self.views_cpu(input, bytes, region)
+    }
+
+    /// [`Self::views`] on the CPU path alone.
+    pub fn views_cpu(
         &self,
         input: &str,
         bytes: &[u8],

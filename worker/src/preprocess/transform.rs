@@ -114,6 +114,19 @@ impl Transform {
         self.view
     }
 
+    /// The resize's interpolation (the device path uses libtorch's kernel of the same name).
+    pub(super) fn interpolation(&self) -> Interpolation {
+        match self.filter {
+            fr::FilterType::CatmullRom => Interpolation::Bicubic,
+            _ => Interpolation::Bilinear,
+        }
+    }
+
+    /// Per channel, `(scale, offset)` with `pixel * scale + offset` the normalised value.
+    pub(super) fn normalisation(&self) -> ([f32; 3], [f32; 3]) {
+        (self.scale, self.offset)
+    }
+
     /// Bytes of the tensor [`Self::apply`] returns: 3 × size² floats.
     pub fn output_bytes(&self) -> u64 {
         3 * u64::from(self.size) * u64::from(self.size) * std::mem::size_of::<f32>() as u64
@@ -268,7 +281,7 @@ impl Transform {
     /// Where the resized `w`×`h` image lies in the output square: the image's column and row
     /// at the square's (0, 0) (negative where the image starts inside the square), and per
     /// channel the normalised value of the square's pixels it does not cover.
-    fn placement(&self, w: usize, h: usize) -> (i64, i64, [f32; 3]) {
+    pub(super) fn placement(&self, w: usize, h: usize) -> (i64, i64, [f32; 3]) {
         let s = i64::from(self.size);
         let (w, h) = (w as i64, h as i64);
         match self.view {
