@@ -9,6 +9,8 @@
 //! masks against transformers' SAM: model_fidelity/sam.rs.
 
 mod common;
+#[path = "model_fidelity/device.rs"]
+mod device;
 #[path = "model_fidelity/sam.rs"]
 mod sam;
 
