@@ -353,3 +353,78 @@ prompts = ["a clean part"]
         "no overlay for a failed image"
     );
 }
+
+#[test]
+fn a_segmenting_profile_outlines_defects_and_applies_its_area_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("segment.toml");
+    // Only defect classes (every image a DEFECT); no mask reaches a billion pixels, so each
+    // DEFECT passes under the area rule, saying what it was.
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[model]
+sam_dir = "{sam}"
+[profiles.welds]
+segment = true
+min_area_pixels = 1000000000
+below_min_area = "pass"
+[[profiles.welds.classes]]
+name = "spatter"
+prompts = ["weld spatter"]
+defect = true
+[[profiles.welds.classes]]
+name = "crack"
+prompts = ["a crack"]
+defect = true
+"#,
+            sam = tiny_model().join("sam").display()
+        ),
+    )
+    .unwrap();
+    let part = fixtures().join("images/part_640x480.png");
+    let overlays = dir.path().join("overlays");
+    let out = clipqc(&[
+        "classify",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--profile",
+        "welds",
+        "--mm-per-pixel",
+        "0.5",
+        "--json",
+        "--overlay",
+        overlays.to_str().unwrap(),
+        part.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = json_lines(&out);
+    let r = &rows[0];
+    assert_eq!(r["segmentation"], "OK", "{r}");
+    assert_eq!(r["outcome"], "PASS", "{r}");
+    assert_eq!(r["outcome_before_mask_rules"], "DEFECT", "{r}");
+    let masks = r["masks"].as_array().unwrap();
+    assert_eq!(masks.len(), 1, "no regions: the whole frame's box");
+    let m = &masks[0];
+    assert_eq!(m["rle"]["size"], serde_json::json!([480, 640]), "{m}");
+    let counts: Vec<u64> = m["rle"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 480 * 640);
+    let area = m["area"].as_u64().unwrap();
+    assert_eq!(counts.iter().skip(1).step_by(2).sum::<u64>(), area);
+    let mm2 = m["area_mm2"].as_f64().unwrap();
+    assert!((mm2 - area as f64 * 0.25).abs() < 1e-6, "{m}");
+    let drawn = image::open(overlays.join("part_640x480.png")).unwrap();
+    assert_eq!((drawn.width(), drawn.height()), (640, 480));
+}

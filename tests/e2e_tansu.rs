@@ -465,3 +465,6 @@ mod hostile;
 
 #[path = "e2e_tansu/exactly_once.rs"]
 mod exactly_once;
+
+#[path = "e2e_tansu/segment.rs"]
+mod segment;

@@ -454,3 +454,6 @@ mod line_memory;
 
 #[path = "pipeline_mock/exactly_once.rs"]
 mod exactly_once;
+
+#[path = "pipeline_mock/segment.rs"]
+mod segment;

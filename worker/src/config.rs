@@ -346,7 +346,7 @@ impl Default for PipelineSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     /// The exported artifact directory (deploy/model/export.py).
@@ -355,8 +355,28 @@ pub struct ModelSettings {
     /// with `segment = true`; it runs on `device` too. Unset: no profile may segment.
     #[serde(default)]
     pub sam_dir: Option<PathBuf>,
+    /// Frames that may wait for the segmentation thread. When that many wait, a DEFECT or
+    /// REVIEW verdict goes out at once without masks (`segmentation = "SEGMENT_QUEUE_FULL"`,
+    /// counted in `clipqc_segment_skipped_total`), so segmentation never slows classification.
+    #[serde(default = "default_sam_queue")]
+    pub sam_queue: usize,
     #[serde(default)]
     pub device: DeviceSpec,
+}
+
+fn default_sam_queue() -> usize {
+    4
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            sam_dir: None,
+            sam_queue: default_sam_queue(),
+            device: DeviceSpec::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]

@@ -45,6 +45,9 @@ pub fn install() -> PrometheusHandle {
     counter!("clipqc_model_batch_failures_total").absolute(0);
     counter!("clipqc_consumer_pauses_total").absolute(0);
     counter!("clipqc_record_panics_total").absolute(0);
+    for reason in SEGMENT_SKIP_REASONS {
+        counter!("clipqc_segment_skipped_total", "reason" => reason).absolute(0);
+    }
     counter!("clipqc_profile_reloads_total").absolute(0);
     for reason in PROFILE_RELOAD_FAILURES {
         counter!("clipqc_profile_reload_failures_total", "reason" => reason).absolute(0);
@@ -79,6 +82,17 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_counter!(
+        "clipqc_segment_skipped_total",
+        "DEFECT and REVIEW verdicts of segmenting profiles published without masks, by reason \
+         (queue_full, failed, input, model, stopped)."
+    );
+    describe_histogram!(
+        "clipqc_segment_seconds",
+        Unit::Seconds,
+        "Time to outline one verdict's defects with Segment Anything: frame decode, SAM's \
+         preprocessing, queue wait, encoder and mask decoder."
+    );
     describe_histogram!(
         "clipqc_device_decode_seconds",
         Unit::Seconds,
@@ -293,6 +307,19 @@ pub fn verdict(outcome: &str, class: &str, profile: &str, line: &str) {
         "outcome" => outcome.to_string(), "class" => classes.label(class),
         "profile" => profiles.label(profile), "line" => lines.label(line))
     .increment(1);
+}
+
+/// Why a verdict of a segmenting profile went out without masks (label values).
+pub const SEGMENT_SKIP_REASONS: [&str; 5] = ["queue_full", "failed", "input", "model", "stopped"];
+
+/// A verdict went out without masks, for `reason` (one of [`SEGMENT_SKIP_REASONS`]).
+pub fn segment_skipped(reason: &'static str) {
+    counter!("clipqc_segment_skipped_total", "reason" => reason).increment(1);
+}
+
+/// One verdict's defects outlined in `seconds`.
+pub fn segmented(seconds: f64) {
+    histogram!("clipqc_segment_seconds").record(seconds);
 }
 
 pub fn record_panicked() {

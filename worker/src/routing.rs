@@ -29,6 +29,10 @@ pub struct RouteConfig {
     /// EXIF orientation).
     #[serde(default)]
     pub region: Option<Region>,
+    /// The camera's calibration: millimetres per source-frame pixel, for mask areas in mm²
+    /// (`area_mm2` in verdicts, a profile's `min_area_mm2`). Unset: areas in pixels only.
+    #[serde(default)]
+    pub mm_per_pixel: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +41,7 @@ struct Route {
     line: Option<GlobMatcher>,
     profile: Option<String>,
     region: Option<Region>,
+    mm_per_pixel: Option<f64>,
 }
 
 /// The compiled `routes` table.
@@ -68,8 +73,15 @@ impl Router {
                          (use camera = \"*\" to say so)"
                     ));
                 }
-                if r.profile.is_none() && r.region.is_none() {
-                    return Err(format!("routes[{i}] sets neither profile nor region"));
+                if r.profile.is_none() && r.region.is_none() && r.mm_per_pixel.is_none() {
+                    return Err(format!(
+                        "routes[{i}] sets neither profile, region nor mm_per_pixel"
+                    ));
+                }
+                if let Some(m) = r.mm_per_pixel.filter(|m| !(m.is_finite() && *m > 0.0)) {
+                    return Err(format!(
+                        "routes[{i}].mm_per_pixel {m} is not a positive number"
+                    ));
                 }
                 if let Some(p) = r.profile.as_deref().filter(|p| !known(p)) {
                     return Err(format!("routes[{i}].profile {p:?} is not a profile"));
@@ -82,6 +94,7 @@ impl Router {
                     line: compile(i, "line", &r.line)?,
                     profile: r.profile.clone(),
                     region: r.region,
+                    mm_per_pixel: r.mm_per_pixel,
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -107,6 +120,16 @@ impl Router {
             .or_else(|| route.and_then(|r| r.profile.as_deref()));
         (profile, region.or_else(|| route.and_then(|r| r.region)))
     }
+
+    /// Millimetres per pixel of `camera` on `line`: the first matching route's (the same
+    /// route [`Router::resolve`] takes), when it sets one.
+    pub fn mm_per_pixel(&self, camera: &str, line: &str) -> Option<f64> {
+        let matches = |m: &Option<GlobMatcher>, id: &str| m.as_ref().is_none_or(|m| m.is_match(id));
+        self.routes
+            .iter()
+            .find(|r| matches(&r.camera, camera) && matches(&r.line, line))
+            .and_then(|r| r.mm_per_pixel)
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +142,7 @@ mod tests {
             line: line.map(Into::into),
             profile: Some(profile.into()),
             region: None,
+            mm_per_pixel: None,
         }
     }
 

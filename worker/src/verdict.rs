@@ -10,8 +10,9 @@ use std::time::SystemTime;
 
 use crate::preprocess::PreprocessError;
 use crate::proto::v1::{
-    ClassScore, DefectRegion, Error as VerdictError, ErrorCode, Heatmap, InspectionRequest,
-    ModelInfo, NearestExemplar, Outcome as ProtoOutcome, SourceRecord, StageLatencies, Verdict,
+    ClassScore, DefectMask, DefectRegion, Error as VerdictError, ErrorCode, Heatmap,
+    InspectionRequest, MaskBox, MaskRle, ModelInfo, NearestExemplar, Outcome as ProtoOutcome,
+    SourceRecord, StageLatencies, Verdict,
 };
 use crate::request::RequestError;
 use crate::score::{Decision, Outcome, Scorer};
@@ -168,11 +169,7 @@ pub fn decided(
 ) -> Verdict {
     let mut v = base(Some(request), model, source, latencies, now);
     v.profile = scorer.name.clone();
-    v.outcome = match decision.outcome {
-        Outcome::Pass => ProtoOutcome::Pass,
-        Outcome::Defect => ProtoOutcome::Defect,
-        Outcome::Review => ProtoOutcome::Review,
-    } as i32;
+    v.outcome = proto_outcome(decision.outcome) as i32;
     let classes = &scorer.profile.classes;
     v.top_class = classes[decision.class].name.clone();
     v.top_label = classes[decision.class].display().to_string();
@@ -219,7 +216,54 @@ pub fn decided(
             scores: h.scores.clone(),
         });
     }
+    if let Some(o) = &decision.outline {
+        outline(&mut v, o);
+    }
     v
+}
+
+/// The most RLE runs a verdict carries over all its masks: a mask as ragged as noise has
+/// millions, and a verdict the broker refuses would become an ERROR. Masks past it keep their
+/// area, box and IoU, without `rle`.
+pub const MAX_RLE_RUNS: usize = 65_536;
+
+/// A decision's outline into its verdict: masks (RLE within [`MAX_RLE_RUNS`]), status, and the
+/// outcome the mask rules replaced.
+fn outline(v: &mut Verdict, o: &crate::score::masks::Outline) {
+    v.segmentation = o.status.to_string();
+    v.outcome_before_mask_rules = o.outcome_before_rules.map(|b| proto_outcome(b) as i32);
+    let mut runs = 0;
+    v.masks = o
+        .masks
+        .iter()
+        .map(|m| {
+            runs += m.mask.rle.counts.len();
+            DefectMask {
+                rle: (runs <= MAX_RLE_RUNS).then(|| MaskRle {
+                    size: m.mask.rle.size.to_vec(),
+                    counts: m.mask.rle.counts.clone(),
+                }),
+                area: m.mask.area,
+                area_mm2: m.area_mm2,
+                r#box: m.mask.bbox.map(|b| MaskBox {
+                    x: b.x,
+                    y: b.y,
+                    width: b.width,
+                    height: b.height,
+                }),
+                iou: m.mask.iou,
+                region: m.region,
+            }
+        })
+        .collect();
+}
+
+fn proto_outcome(o: Outcome) -> ProtoOutcome {
+    match o {
+        Outcome::Pass => ProtoOutcome::Pass,
+        Outcome::Defect => ProtoOutcome::Defect,
+        Outcome::Review => ProtoOutcome::Review,
+    }
 }
 
 /// The ERROR verdict for a request that failed (`request` is `None` when even the payload

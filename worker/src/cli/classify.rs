@@ -36,9 +36,15 @@ pub struct ClassifyArgs {
     pub json: bool,
     /// Write each image into this folder as a PNG with its verdict drawn on it: a border in
     /// the outcome's colour and, for a tiled profile, the heatmap (translucent red) and the
-    /// regions' boxes.
+    /// regions' boxes; for a segmenting profile, each mask's outline (cyan).
     #[arg(long, value_name = "DIR")]
     pub overlay: Option<PathBuf>,
+    /// Millimetres per pixel of these images, for mask areas in mm² (`area_mm2`) and the
+    /// profile's `min_area_mm2`. (A profile with `segment = true` outlines DEFECT and REVIEW
+    /// images with the SAM artifact of model.sam_dir: `masks` in --json, outlines in
+    /// --overlay.)
+    #[arg(long, value_name = "MM")]
+    pub mm_per_pixel: Option<f64>,
     /// Score without the profile's few-shot exemplars (by default they are read from
     /// `kafka.exemplar_topic` when `kafka.brokers` is set, as `clipqc run` scores).
     #[arg(long)]
@@ -61,6 +67,15 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("--overlay {}: cannot create: {e}", dir.display()))?;
     }
+    if let Some(mm) = args.mm_per_pixel.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        anyhow::bail!("--mm-per-pixel {mm}: not a positive number");
+    }
+    let segmenter = super::segment::OfflineSegmenter::start(
+        &settings,
+        profile,
+        args.device,
+        args.mm_per_pixel,
+    )?;
     let bank = offline_bank(&settings, &artifact, &args.profile, args.zero_shot)?;
     let mut out = std::io::stdout().lock();
     let mut failures = 0usize;
@@ -74,6 +89,10 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
             let name = path.display().to_string();
             match result {
                 Ok(decision) => {
+                    let decision = match &segmenter {
+                        Some(s) => s.outline(profile, &pre, &name, decision),
+                        None => decision,
+                    };
                     print_decision(&mut out, args.json, &name, &scorer, &decision)?;
                     if let Some(dir) = &args.overlay {
                         if let Err(e) = super::overlay::write(
@@ -97,6 +116,9 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     )?;
     drop(model);
     owner.join();
+    if let Some(s) = segmenter {
+        s.join();
+    }
     if failures > 0 {
         tracing::error!(
             failures,
@@ -244,6 +266,20 @@ fn print_decision(
                 .collect();
             if let Some(h) = &l.heatmap {
                 row["heatmap"] = json!(h);
+            }
+        }
+        if let Some(o) = &d.outline {
+            row["segmentation"] = json!(o.status);
+            row["masks"] = o
+                .masks
+                .iter()
+                .map(|m| {
+                    json!({"rle": m.mask.rle, "area": m.mask.area, "area_mm2": m.area_mm2,
+                           "box": m.mask.bbox, "iou": m.mask.iou, "region": m.region})
+                })
+                .collect();
+            if let Some(before) = o.outcome_before_rules {
+                row["outcome_before_mask_rules"] = json!(before.as_str());
             }
         }
         writeln!(out, "{row}")

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod exemplar;
 mod overlay;
 pub mod run;
+mod segment;
 
 use std::path::PathBuf;
 

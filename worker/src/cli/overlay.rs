@@ -1,7 +1,8 @@
 //! `clipqc classify --overlay DIR`: each image with its verdict drawn on it, because people
 //! would rather look than read. A border in the outcome's colour (green PASS, red DEFECT,
 //! amber REVIEW); for a tiled profile the heatmap laid over the frame in translucent red (each
-//! pixel as red as the worst finest-scale window covering it) and each region's box.
+//! pixel as red as the worst finest-scale window covering it) and each region's box; for a
+//! segmenting profile, each mask's outline in cyan.
 
 use std::path::{Path, PathBuf};
 
@@ -69,12 +70,44 @@ pub fn draw(frame: &mut RgbImage, decision: &Decision) {
             );
         }
     }
+    if let Some(o) = &decision.outline {
+        for m in &o.masks {
+            outline(frame, &m.mask.rle, Rgb([0, 230, 255]));
+        }
+    }
     let colour = match decision.outcome {
         Outcome::Pass => Rgb([30, 180, 60]),
         Outcome::Defect => RED,
         Outcome::Review => Rgb([240, 160, 0]),
     };
     rectangle(frame, (0, 0, w, h), thick * 2, colour);
+}
+
+/// A mask's boundary: its pixels with a 4-neighbour outside it (or on the frame's edge).
+/// A mask of another size than the frame (not the verdict's frame) is skipped.
+fn outline(frame: &mut RgbImage, rle: &crate::segment::Rle, c: Rgb<u8>) {
+    let Ok(mask) = crate::segment::Mask::from_rle(rle) else {
+        return;
+    };
+    let (w, h) = frame.dimensions();
+    if (mask.width(), mask.height()) != (w, h) {
+        return;
+    }
+    let inside = |x: i64, y: i64| {
+        x >= 0 && y >= 0 && x < i64::from(w) && y < i64::from(h) && mask.get(x as u32, y as u32)
+    };
+    for y in 0..h {
+        for x in 0..w {
+            let (xi, yi) = (i64::from(x), i64::from(y));
+            if inside(xi, yi)
+                && [(1, 0), (-1, 0), (0, 1), (0, -1)]
+                    .iter()
+                    .any(|(dx, dy)| !inside(xi + dx, yi + dy))
+            {
+                frame.put_pixel(x, y, c);
+            }
+        }
+    }
 }
 
 fn blend(px: &mut Rgb<u8>, over: Rgb<u8>, alpha: f32) {
@@ -114,6 +147,7 @@ mod tests {
             nearest: None,
             acceptable: 0.1,
             line_memory_score: None,
+            outline: None,
         }
     }
 
@@ -150,6 +184,33 @@ mod tests {
         assert_eq!(*frame.get_pixel(250, 100), Rgb([255, 220, 0]));
         assert_ne!(*frame.get_pixel(300, 100), Rgb([255, 220, 0]));
         assert_eq!(*frame.get_pixel(0, 0), RED);
+    }
+
+    #[test]
+    fn a_masks_boundary_is_drawn_and_its_inside_left_alone() {
+        use crate::score::masks::Outline;
+        use crate::segment::Mask;
+        let (w, h) = (120, 100);
+        // A 20 × 10 block at (50, 40).
+        let bits = (0..w * h)
+            .map(|i| (50..70).contains(&(i % w)) && (40..50).contains(&(i / w)))
+            .collect();
+        let mask = Mask::new(w, h, bits).unwrap();
+        let summary = crate::segment::Segment { mask, iou: 0.9 }.summary();
+        let mut d = decision(Outcome::Defect, None);
+        d.outline = Some(Outline::segmented(vec![(0, summary)], None));
+        let mut frame = RgbImage::from_pixel(w, h, Rgb([100, 100, 100]));
+        draw(&mut frame, &d);
+        let cyan = Rgb([0, 230, 255]);
+        for (x, y) in [(50, 40), (69, 49), (60, 40), (50, 45)] {
+            assert_eq!(
+                *frame.get_pixel(x, y),
+                cyan,
+                "({x}, {y}) is on the boundary"
+            );
+        }
+        assert_eq!(*frame.get_pixel(60, 45), Rgb([100, 100, 100]), "inside");
+        assert_eq!(*frame.get_pixel(49, 45), Rgb([100, 100, 100]), "outside");
     }
 
     #[test]

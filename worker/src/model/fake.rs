@@ -99,7 +99,7 @@ impl Gate {
     }
 
     /// The backend's side: wait for a permit (or the open gate) for a batch of `n` images.
-    fn pass(&self, n: usize) {
+    pub fn pass(&self, n: usize) {
         let (lock, changed) = &*self.0;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         state.waiting += n;

@@ -18,6 +18,19 @@ fn regions(v: &crate::proto::v1::Verdict) -> Value {
         .collect()
 }
 
+/// A verdict's defect outlines as webhook JSON: area (pixels, and mm² where the camera is
+/// calibrated), box and SAM's IoU; never the mask itself (a webhook is a message, not a file).
+fn masks(v: &crate::proto::v1::Verdict) -> Value {
+    v.masks
+        .iter()
+        .map(|m| {
+            let b = m.r#box.as_ref();
+            json!({"region": m.region, "area": m.area, "area_mm2": m.area_mm2, "iou": m.iou,
+                   "box": b.map(|b| json!({"x": b.x, "y": b.y, "width": b.width, "height": b.height}))})
+        })
+        .collect()
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -48,6 +61,7 @@ pub(super) fn alertmanager(event: &Event, worker: &str) -> Value {
                     "label": v.top_label,
                     // Annotations are strings: the regions as JSON text.
                     "regions": regions(v).to_string(),
+                    "masks": masks(v).to_string(),
                     "worker": worker,
                 },
                 "startsAt": rfc3339(at),
@@ -95,6 +109,7 @@ pub(super) fn generic(event: &Event, worker: &str) -> Value {
             "probability": v.probability,
             "anomaly_score": v.anomaly_score,
             "regions": regions(v),
+            "masks": masks(v),
             "decided_at": timestamp(v.decided_at.as_ref()).map(rfc3339),
             "source": v.source.as_ref().map(|s| json!({"topic": s.topic, "partition": s.partition, "offset": s.offset})),
             "worker": worker,

@@ -338,3 +338,38 @@ async fn rate_windows_are_bounded_and_idle_lines_forgotten() {
     assert!(held.contains_key("new-line") && held.contains_key("line-7"));
     assert_eq!(held.len(), 2, "idle lines forgotten");
 }
+
+#[test]
+fn a_defect_body_carries_each_masks_area_and_box_but_not_the_mask() {
+    use crate::proto::v1::{DefectMask, MaskBox, MaskRle};
+    let mut v = verdict("line-1", Outcome::Defect);
+    v.masks = vec![DefectMask {
+        rle: Some(MaskRle {
+            size: vec![480, 640],
+            counts: vec![1000, 24, 306_176],
+        }),
+        area: 24,
+        area_mm2: Some(0.24),
+        r#box: Some(MaskBox {
+            x: 2,
+            y: 40,
+            width: 1,
+            height: 24,
+        }),
+        iou: 0.88,
+        region: 0,
+    }];
+    let event = Event::Defect(v.clone().into());
+    let generic = body::generic(&event, "w-1");
+    assert_eq!(
+        generic["masks"],
+        json!([{"region": 0, "area": 24, "area_mm2": 0.24, "iou": 0.88f32,
+                "box": {"x": 2, "y": 40, "width": 1, "height": 24}}])
+    );
+    assert!(!generic.to_string().contains("counts"), "{generic}");
+    let alert = body::alertmanager(&event, "w-1");
+    let masks: Value =
+        serde_json::from_str(alert[0]["annotations"]["masks"].as_str().unwrap()).unwrap();
+    assert_eq!(masks[0]["area"], 24);
+    assert!(!alert.to_string().contains("counts"));
+}

@@ -22,6 +22,7 @@ use crate::model::{Artifact, ImageBatch, ModelHandle, PromptTokenizer};
 use crate::notify::Notifier;
 use crate::profiles;
 use crate::proto::v1::ModelInfo;
+use crate::segment::{SamArtifact, SamBackend, SamPreprocessor, SegmentOwner};
 use crate::sink::transaction::Transactions;
 use crate::sink::Sink;
 use crate::source;
@@ -92,6 +93,7 @@ pub fn deps(
             &settings.notify.webhooks,
             &super::worker_id(&settings.kafka),
         )?,
+        segmenting: segmenting(settings)?,
         transactions: match settings.kafka.delivery {
             Delivery::AtLeastOnce => None,
             Delivery::ExactlyOnce => Some(Arc::new(Transactions::start(
@@ -101,6 +103,35 @@ pub fn deps(
             )?)),
         },
     })
+}
+
+/// The SAM thread, when `model.sam_dir` is set and a profile segments: its artifact checked
+/// and loaded on `model.device` (the encoder in half precision on CUDA), its queue
+/// `model.sam_queue` frames long. The thread ends with the last handle.
+pub fn segmenting(settings: &Settings) -> anyhow::Result<Option<super::Segmenting>> {
+    let Some(dir) = &settings.model.sam_dir else {
+        return Ok(None);
+    };
+    if !settings.profiles().values().any(|p| p.segment) {
+        tracing::info!(sam_dir = %dir.display(), "no profile has segment = true: SAM is not loaded");
+        return Ok(None);
+    }
+    let artifact = SamArtifact::open(dir)?;
+    let preprocessor = SamPreprocessor::new(&artifact.manifest.image);
+    let device = settings.model.device;
+    let (_owner, handle) = SegmentOwner::spawn(
+        move || SamBackend::load(&artifact, device),
+        settings.model.sam_queue,
+    )?;
+    tracing::info!(
+        sam = handle.describe(),
+        queue = handle.capacity(),
+        "segmentation ready"
+    );
+    Ok(Some(super::Segmenting {
+        handle,
+        preprocessor,
+    }))
 }
 
 /// The transactional id of this worker: fixed per instance, so a restarted worker fences its

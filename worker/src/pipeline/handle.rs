@@ -1,5 +1,6 @@
 //! One record's way to its verdict: request → profile → deadline → fetch → preprocess (on
-//! the blocking pool) → batch/model → score → publish.
+//! the blocking pool) → batch/model → score → segment (DEFECT and REVIEW verdicts of
+//! segmenting profiles) → publish.
 //!
 //! Guarantees: every record ends as exactly one verdict (ERROR for failures, with a dead
 //! letter too), except when the model is broken or the drain time ran out: then nothing is
@@ -371,9 +372,11 @@ async fn decide<'a>(
         .map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?;
     // Payload, image and all of that in one reservation, never waited for while holding a
     // part of it.
-    let _reserved = reserved
-        .grow_to(payload.len() + bytes.len() + plan.peak_bytes as usize)
-        .await;
+    let held = payload.len() + bytes.len();
+    let reserved = reserved.grow_to(held + plan.peak_bytes as usize).await;
+    // The segment stage decodes the frame again, at full size, for the verdicts it outlines
+    // (a count, not a copy: the bytes are shared).
+    let frame_bytes = bytes.clone();
     // Decoding and resizing are CPU work: off the async workers. A decoder that panics on
     // this image fails this image.
     let views = match tokio::task::spawn_blocking(move || pre.views(&input, &bytes, region)).await {
@@ -465,6 +468,27 @@ async fn decide<'a>(
         if decision.outcome != Outcome::Defect {
             lines.remember(name, key, &embeddings, memory, now);
         }
+    }
+    if super::segment::wanted(&profile.scorer.profile, &decision) {
+        let t = Instant::now();
+        let frame = super::segment::Frame {
+            input: format!("request {}", request.request_id),
+            bytes: frame_bytes,
+            preprocessor: &profile.preprocessor,
+            region,
+            mm_per_pixel: catalog
+                .router
+                .mm_per_pixel(&request.camera_id, &request.line_id),
+        };
+        decision = super::segment::outline(
+            shared.segmenting.as_ref(),
+            &profile.scorer.profile,
+            decision,
+            frame,
+            (reserved, held as u64),
+        )
+        .await;
+        lat.segment_seconds = t.elapsed().as_secs_f64();
     }
     Ok((request, profile, decision))
 }

@@ -8,8 +8,8 @@
 //!
 //! Files: [`build`] assembles the dependencies from the settings; this one takes records in
 //! (intake, pause/resume, drain); [`handle`] takes one record
-//! to its verdict; [`infer`] batches for the model; [`publish`] writes verdicts and dead
-//! letters.
+//! to its verdict; [`infer`] batches for the model; [`segment`] outlines defects with SAM;
+//! [`publish`] writes verdicts and dead letters.
 //!
 //! Guarantees: each record is handled by its own task, and a panic in it becomes the
 //! record's ERROR verdict and dead letter (its [`ack::Acknowledgement`] resolves whatever
@@ -32,6 +32,7 @@ pub mod build;
 mod handle;
 mod infer;
 mod publish;
+mod segment;
 mod transaction;
 
 use std::collections::VecDeque;
@@ -60,6 +61,7 @@ use crate::sink::Sink;
 use crate::source::{self, Source};
 use budget::ByteBudget;
 use infer::{BatchItem, Fatal};
+pub use segment::{prompts as segment_prompts, wanted as segment_wanted, Segmenting};
 
 /// A profile ready to serve: its scorer and its preprocessing (CLAHE is per profile).
 pub struct Profile {
@@ -90,6 +92,8 @@ pub struct Deps {
     /// Exactly-once delivery (`kafka.delivery`): verdicts, dead letters and input offsets
     /// committed together. `None`: at-least-once through `sink`.
     pub transactions: Option<Arc<Transactions>>,
+    /// The SAM thread, for profiles with `segment = true` (`None` without `model.sam_dir`).
+    pub segmenting: Option<Segmenting>,
 }
 
 /// Why a run stopped by itself: the worker cannot go on, and its orchestrator should restart
@@ -139,6 +143,7 @@ struct Shared {
     fetcher: Fetcher,
     sink: Sink,
     transactions: Option<Arc<Transactions>>,
+    segmenting: Option<Segmenting>,
     notifier: Notifier,
     to_batcher: mpsc::Sender<BatchItem>,
     budget: ByteBudget,
@@ -190,6 +195,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
         fetcher: deps.fetcher,
         sink: deps.sink,
         transactions: deps.transactions.clone(),
+        segmenting: deps.segmenting,
         notifier: deps.notifier,
         to_batcher,
         budget: ByteBudget::new(settings.max_in_flight_bytes),

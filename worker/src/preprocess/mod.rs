@@ -22,6 +22,7 @@ mod alloc_meter;
 mod clahe;
 mod decode;
 pub mod device;
+mod frame;
 mod libjpeg;
 mod plan;
 #[cfg(test)]
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 pub use clahe::ClaheSettings;
 pub use decode::{decode, decode_scaled, DecodeLimits};
+pub use frame::FramePlan;
 pub use plan::MemoryPlan;
 pub use transform::{as_gray8, pad_dims, to_rgb8, Transform};
 pub use windows::{Aggregate, TileConfig, Window};
@@ -190,8 +192,8 @@ impl Preprocessor {
         if let Some(t) = &profile.tiles {
             pre.tiles = Some(Tiles::new(t.clone(), image, &settings.limits)?);
         }
-        pre.device = device::for_profile(settings, profile.clahe.is_some())
-            .map_err(|e| e.to_string())?;
+        pre.device =
+            device::for_profile(settings, profile.clahe.is_some()).map_err(|e| e.to_string())?;
         Ok(pre)
     }
 
@@ -262,10 +264,12 @@ impl Preprocessor {
     ) -> Result<Views, PreprocessError> {
         if let Some(path) = &self.device {
             if let device::Routed::Device(views) = path.views(self, input, bytes, region)? {
-                return views.into_host().map_err(|message| PreprocessError::Invalid {
-                    input: input.into(),
-                    message: format!("device preprocessing: {message}"),
-                });
+                return views
+                    .into_host()
+                    .map_err(|message| PreprocessError::Invalid {
+                        input: input.into(),
+                        message: format!("device preprocessing: {message}"),
+                    });
             }
         }
         self.views_cpu(input, bytes, region)

@@ -73,7 +73,7 @@ fn mozjpeg(w: usize, h: usize, space: mozjpeg::ColorSpace, progressive: bool) ->
 }
 
 /// `jpeg` with an EXIF block saying "rotate 90° clockwise to view" (orientation 6).
-fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
+pub(crate) fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
     let mut app1 = vec![0xFF, 0xE1, 0, 34];
     app1.extend_from_slice(b"Exif\0\0MM\0\x2A\0\0\0\x08");
     app1.extend_from_slice(&[0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);

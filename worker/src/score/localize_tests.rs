@@ -23,6 +23,9 @@ fn profile() -> ProfileConfig {
         feedback: Default::default(),
         line_memory: None,
         segment: false,
+        min_area_mm2: None,
+        min_area_pixels: None,
+        below_min_area: Default::default(),
         classes: vec![
             class("scratch", true),
             class("chip", true),

@@ -17,6 +17,7 @@
 
 pub mod line_memory;
 mod localize;
+pub mod masks;
 pub mod profile;
 
 use serde::Serialize;
@@ -86,6 +87,8 @@ pub struct Decision {
     /// The part's score against the line's recent parts (see [`line_memory`]), when the
     /// profile remembers its line and enough parts are remembered.
     pub line_memory_score: Option<f32>,
+    /// Profiles with `segment = true`, DEFECT and REVIEW: the defect's outline ([`masks`]).
+    pub outline: Option<masks::Outline>,
 }
 
 /// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
@@ -475,6 +478,7 @@ fn decide_masses(
         nearest: None,
         acceptable,
         line_memory_score: None,
+        outline: None,
     }
 }
 

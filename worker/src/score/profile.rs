@@ -56,13 +56,38 @@ pub struct ProfileConfig {
     #[serde(default)]
     pub line_memory: Option<super::line_memory::LineMemoryConfig>,
     /// Outline the defect of DEFECT and REVIEW verdicts with Segment Anything, prompted by
-    /// the worst region's box: the verdict's `masks` (COCO RLE, area, box, SAM's predicted
-    /// IoU). Needs `model.sam_dir`. Checked, not yet acted on: the pipeline's segment stage
-    /// is being built (issue 15).
+    /// each region's box (the inspected area's for a profile without `tiles`): the verdict's
+    /// `masks` (COCO RLE in source-frame pixels, area, box, SAM's predicted IoU). Needs
+    /// `model.sam_dir`. PASS verdicts are never segmented; when the segmentation queue is
+    /// full the verdict goes out without masks (`segmentation = "SEGMENT_QUEUE_FULL"`).
     #[serde(default)]
     pub segment: bool,
+    /// A DEFECT whose every mask is smaller than this many square millimetres becomes
+    /// `below_min_area` (acceptance criteria such as "spots under 0.5 mm² accepted"). Needs
+    /// `segment = true`; applies to requests whose camera has `mm_per_pixel` (a route's),
+    /// and to no other. Unset: no area rule in millimetres.
+    #[serde(default)]
+    pub min_area_mm2: Option<f64>,
+    /// As `min_area_mm2`, in pixels of the source frame (for cameras without a calibration).
+    #[serde(default)]
+    pub min_area_pixels: Option<u64>,
+    /// What a DEFECT whose masks are all under the minimum area becomes: `review` (default: a
+    /// person looks) or `pass`.
+    #[serde(default)]
+    pub below_min_area: BelowMinArea,
     /// The classes a part is judged against (at least two; `defect = true` marks defects).
     pub classes: Vec<ClassConfig>,
+}
+
+/// What a DEFECT under a profile's minimum mask area becomes.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BelowMinArea {
+    #[default]
+    Review,
+    Pass,
 }
 
 /// A profile's `feedback`: which operator answers become exemplars, and how many per class.
@@ -254,6 +279,16 @@ impl ProfileConfig {
         if let Some(m) = &self.line_memory {
             m.validate().map_err(bad)?;
         }
+        let area_rule = self.min_area_mm2.is_some() || self.min_area_pixels.is_some();
+        if area_rule && !self.segment {
+            return Err(bad(
+                "min_area_mm2 and min_area_pixels need segment = true (the area is the mask's)"
+                    .into(),
+            ));
+        }
+        if let Some(a) = self.min_area_mm2.filter(|a| !(a.is_finite() && *a > 0.0)) {
+            return Err(bad(format!("min_area_mm2 {a} is not a positive number")));
+        }
         if let Some(st) = &self.states {
             if st.object.trim().is_empty() {
                 return Err(bad("states.object is empty".into()));
@@ -330,6 +365,9 @@ impl ProfileConfig {
             feedback: FeedbackPolicy::default(),
             line_memory: None,
             segment: false,
+            min_area_mm2: None,
+            min_area_pixels: None,
+            below_min_area: Default::default(),
             classes: vec![
                 class(
                     "surface_scratch",

@@ -12,6 +12,9 @@ fn profile(classes: &[(&str, bool, Option<f32>)]) -> ProfileConfig {
         feedback: Default::default(),
         line_memory: None,
         segment: false,
+        min_area_mm2: None,
+        min_area_pixels: None,
+        below_min_area: Default::default(),
         classes: classes
             .iter()
             .map(|(n, d, t)| ClassConfig {

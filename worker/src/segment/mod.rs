@@ -69,6 +69,18 @@ pub enum SegmentError {
 }
 
 impl SegmentError {
+    /// The `reason` label of `clipqc_segment_skipped_total` (one of
+    /// [`crate::metrics::SEGMENT_SKIP_REASONS`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Artifact { .. } | Self::Checksum { .. } | Self::Device(..) => "model",
+            Self::Input { .. } | Self::Rle(_) => "input",
+            Self::Inference(_) => "failed",
+            Self::QueueFull { .. } => "queue_full",
+            Self::Stopped => "stopped",
+        }
+    }
+
     /// Stable code for verdicts, logs and metric labels: why a verdict has no mask.
     pub fn code(&self) -> &'static str {
         match self {

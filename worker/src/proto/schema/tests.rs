@@ -2,8 +2,9 @@ use std::path::PathBuf;
 
 use super::json_schema;
 use crate::proto::v1::{
-    inspection_request::Image, ClassScore, DefectRegion, Error, Heatmap, InspectionRequest,
-    ModelInfo, NearestExemplar, Outcome, SourceRecord, StageLatencies, Verdict,
+    inspection_request::Image, ClassScore, DefectMask, DefectRegion, Error, Heatmap,
+    InspectionRequest, MaskBox, MaskRle, ModelInfo, NearestExemplar, Outcome, SourceRecord,
+    StageLatencies, Verdict,
 };
 use crate::request::{self, Encoding};
 
@@ -114,8 +115,33 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
         }),
         profile_version: "5d41402abc4b".into(),
         line_memory_score: Some(0.12),
+        masks: vec![DefectMask {
+            rle: Some(MaskRle {
+                size: vec![1080, 1920],
+                counts: vec![291_735, 12, 1068, 12],
+            }),
+            area: 24,
+            area_mm2: Some(0.06),
+            r#box: Some(MaskBox {
+                x: 270,
+                y: 135,
+                width: 2,
+                height: 12,
+            }),
+            iou: 0.91,
+            region: 0,
+        }],
+        segmentation: "OK".into(),
+        outcome_before_mask_rules: Some(Outcome::Defect as i32),
     };
     let json = serde_json::to_value(&verdict).unwrap();
+    // The contract: these names, as written, in the JSON verdict.
+    let mask = &json["masks"][0];
+    for key in ["rle", "area", "area_mm2", "box", "iou"] {
+        assert!(mask.get(key).is_some(), "masks[0].{key} missing: {mask}");
+    }
+    assert_eq!(mask["rle"]["size"], serde_json::json!([1080, 1920]));
+    assert_eq!(mask["rle"]["counts"][0], 291_735);
     let v = validator("clipqc.v1.Verdict");
     let errors: Vec<String> = v.iter_errors(&json).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "{errors:?}\n{json:#}");

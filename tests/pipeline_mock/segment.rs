@@ -1,0 +1,204 @@
+//! The segment stage through the pipeline: DEFECT and REVIEW verdicts of a segmenting
+//! profile carry masks at the upright frame's size, prompted by the region of interest; the
+//! profile's area rule turns a too-small defect into REVIEW; and when the segmentation queue
+//! is full the verdict goes out at once without masks, saying so, while SAM is still busy.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clipqc::model::fake::Gate;
+use clipqc::model::tch_backend::TchBackend;
+use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
+use clipqc::pipeline;
+use clipqc::proto::v1::{
+    inspection_request::Image, InspectionRequest, Outcome, RegionOfInterest, Verdict,
+};
+use clipqc::segment::{
+    Mask, SamArtifact, SamBox, SamInput, SamPreprocessor, Segment, SegmentError, SegmentOwner,
+    Segmenter,
+};
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use super::common;
+use super::common::kafka::*;
+
+/// Holds every frame at `gate`; then answers one mask per box with only the top-left pixel
+/// set (area 1), and records what it was given.
+struct GatedSegmenter {
+    gate: Gate,
+    seen: Arc<Mutex<Vec<SamInput>>>,
+}
+
+impl Segmenter for GatedSegmenter {
+    fn describe(&self) -> String {
+        "gated fake SAM".into()
+    }
+
+    fn segment(&mut self, input: &SamInput) -> Result<Vec<Segment>, SegmentError> {
+        self.gate.pass(1);
+        self.seen.lock().unwrap().push(input.clone());
+        let (w, h) = input.frame;
+        let mut bits = vec![false; (w * h) as usize];
+        bits[0] = true;
+        let mask = Mask::new(w, h, bits)?;
+        Ok(input
+            .boxes
+            .iter()
+            .map(|_| Segment {
+                mask: mask.clone(),
+                iou: 0.5,
+            })
+            .collect())
+    }
+}
+
+/// `jpeg` with an EXIF block saying "rotate 90° clockwise to view" (orientation 6).
+fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
+    let mut app1 = vec![0xFF, 0xE1, 0, 34];
+    app1.extend_from_slice(b"Exif\0\0MM\0\x2A\0\0\0\x08");
+    app1.extend_from_slice(&[0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+async fn next_verdict(verdicts: &StreamConsumer) -> Verdict {
+    let msg = tokio::time::timeout(Duration::from_secs(120), verdicts.recv())
+        .await
+        .expect("a verdict within 2 minutes (a bound on a hung test)")
+        .unwrap();
+    Verdict::decode(msg.payload().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_back() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-segment");
+    // Only defect classes: every part is a DEFECT. Masks under 2 pixels do not count as one.
+    let profile: clipqc::score::ProfileConfig = serde_json::from_value(serde_json::json!({
+        "segment": true,
+        "min_area_pixels": 2,
+        "classes": [
+            {"name": "dent", "prompts": ["a dent"], "defect": true},
+            {"name": "scratch", "prompts": ["a scratch"], "defect": true}
+        ]
+    }))
+    .unwrap();
+    settings.profiles.insert("default".into(), profile);
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let for_thread = artifact.clone();
+    let (owner, model) =
+        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    let mut deps = deps(&settings, &brokers, &artifact, &model);
+    let sam = SamArtifact::open(common::tiny_model().join("sam")).unwrap();
+    let sam_pre = SamPreprocessor::new(&sam.manifest.image);
+    let (gate, seen) = (Gate::new(), Arc::new(Mutex::new(Vec::new())));
+    let fake = GatedSegmenter {
+        gate: gate.clone(),
+        seen: seen.clone(),
+    };
+    // One frame at SAM, one waiting: the rest find the queue full.
+    let (sam_owner, handle) = SegmentOwner::spawn(move || Ok(fake), 1).unwrap();
+    deps.segmenting = Some(pipeline::Segmenting {
+        handle,
+        preprocessor: sam_pre.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+
+    // 150 × 100 stored, 100 × 150 upright; the region of interest is in upright pixels.
+    let jpeg = std::fs::read(common::fixtures().join("images/part_small_150x100.jpg")).unwrap();
+    let rotated = with_exif_rotation(&jpeg);
+    let roi = RegionOfInterest {
+        x: 10,
+        y: 20,
+        width: 50,
+        height: 60,
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    const N: usize = 6;
+    for i in 0..N {
+        let r = InspectionRequest {
+            request_id: format!("seg-{i}"),
+            image: Some(Image::InlineData(rotated.clone())),
+            region: Some(roi),
+            ..Default::default()
+        };
+        let payload = r.encode_to_vec();
+        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+
+    // SAM holds its first frame: at most two are at SAM, the others come out without masks.
+    let mut all = Vec::new();
+    let mut skipped = 0;
+    while skipped < N - 2 {
+        let v = next_verdict(&verdicts).await;
+        assert_eq!(
+            v.segmentation, "SEGMENT_QUEUE_FULL",
+            "only skipped verdicts can come out while SAM is held: {v:?}"
+        );
+        assert!(v.masks.is_empty());
+        assert_eq!(v.outcome(), Outcome::Defect, "no masks, no area rule");
+        skipped += 1;
+        all.push(v);
+    }
+    assert_eq!(gate.passed(), 0, "SAM was held the whole time");
+    gate.open();
+    while all.len() < N {
+        all.push(next_verdict(&verdicts).await);
+    }
+    let mut ids: Vec<&str> = all.iter().map(|v| v.request_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "one verdict per request");
+    let outlined: Vec<&Verdict> = all.iter().filter(|v| v.segmentation == "OK").collect();
+    let full = all
+        .iter()
+        .filter(|v| v.segmentation == "SEGMENT_QUEUE_FULL")
+        .count();
+    assert!(
+        (1..=2).contains(&outlined.len()) && outlined.len() + full == N,
+        "{} outlined, {full} skipped",
+        outlined.len()
+    );
+    for v in &outlined {
+        let m = &v.masks[0];
+        assert_eq!(v.masks.len(), 1, "one region: the region of interest");
+        let rle = m.rle.as_ref().unwrap();
+        assert_eq!(
+            rle.size,
+            vec![150, 100],
+            "[height, width] of the upright frame"
+        );
+        assert_eq!((m.area, m.iou), (1, 0.5));
+        assert_eq!(
+            v.outcome(),
+            Outcome::Review,
+            "1 pixel is under min_area_pixels"
+        );
+        assert_eq!(v.outcome_before_mask_rules, Some(Outcome::Defect as i32));
+        assert!(v.latencies.unwrap().segment_seconds > 0.0);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), outlined.len());
+    let roi_box = SamBox::new(10.0, 20.0, 59.0, 79.0);
+    for input in seen.iter() {
+        assert_eq!(input.frame, (100, 150));
+        assert_eq!(input.boxes, vec![sam_pre.map_box(roi_box, (100, 150))]);
+    }
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    drop(model);
+    owner.join();
+    sam_owner.join();
+}
