@@ -7,7 +7,12 @@
 //! embedded broker unless `--brokers`), each one's latency from its publish call to its
 //! verdict arriving at a consumer. Throughput is the steady state: verdicts between the 10th
 //! and the 90th percentile of arrival, over the time between them (start-up and tail
-//! excluded). Peak RSS is the process's (VmHWM), model included.
+//! excluded). Peak RSS is the process's (VmHWM), model included. CPU cores used is the
+//! process's CPU time (user and system, every thread: worker, embedded broker, producer and
+//! verdict consumer) over the wall time from the first publish to the last verdict: what a
+//! node must give one worker and its GPU, the in-process broker's share included.
+//! `--preprocess-device` picks the preprocessing path (`preprocess.device`), so host and
+//! device preprocessing are compared on the same model, image and profile.
 //!
 //! On the embedded broker the publisher spreads requests evenly over the partitions and keeps
 //! at most `max_outstanding` of each partition's requests unanswered: librdkafka's mock broker
@@ -35,6 +40,7 @@ use crate::metrics;
 use crate::model::{DeviceSpec, ImageBatch, ModelHandle};
 use crate::pipeline;
 use crate::pipeline::build::{deps, load_profiles, warm_up};
+use crate::preprocess::device::PreprocessDevice;
 use crate::proto::v1::{inspection_request::Image, InspectionRequest, Outcome, Verdict};
 
 mod report;
@@ -51,6 +57,9 @@ pub struct BenchArgs {
     /// auto, cpu, cuda or cuda:N (overrides model.device).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// auto, cpu or cuda (overrides preprocess.device): where JPEGs are decoded and windowed.
+    #[arg(long, value_parser = parse_preprocess_device)]
+    pub preprocess_device: Option<PreprocessDevice>,
     /// The image every request carries inline.
     #[arg(long)]
     pub image: PathBuf,
@@ -92,6 +101,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     if let Some(b) = args.batch_max {
         settings.batch.max_size = b;
     }
+    if let Some(d) = args.preprocess_device {
+        settings.preprocess.device = d;
+    }
     let image = std::fs::read(&args.image)
         .with_context(|| format!("read --image {}", args.image.display()))?;
     let metrics_handle = metrics::install();
@@ -107,6 +119,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         .views(&args.image.display().to_string(), &image, None)
         .with_context(|| format!("preprocess --image {}", args.image.display()))?;
     let views_per_image = views.tensors.len();
+    let preprocess = match &profile.preprocessor.device {
+        Some(d) => format!("device ({:?})", d.device()),
+        None => "host".to_string(),
+    };
     let ceiling = Ceiling {
         views_per_image,
         ..ceiling(
@@ -206,6 +222,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let cpu_at_start = process_cpu_seconds();
         let sent = Arc::new(Mutex::new(vec![None; n]));
         let answered: Answered = Arc::new((0..partitions).map(|_| AtomicUsize::new(0)).collect());
         let producer = tokio::spawn(publish(
@@ -230,17 +247,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
             producer.await.context("producer task")??;
         }
         rss.abort();
+        let cpu_seconds = process_cpu_seconds() - cpu_at_start;
         shutdown.cancel();
         let stats = worker.await.context("worker task")??;
-        anyhow::Ok((arrivals, stats))
+        anyhow::Ok((arrivals, stats, cpu_seconds))
     })?;
-    let (arrivals, _stats) = measured;
+    let (arrivals, _stats, cpu_seconds) = measured;
     let described = model.describe().to_string();
     drop(model);
     owner.join();
     drop(embedded);
 
-    let report = Report::new(
+    let mut report = Report::new(
         &args,
         described,
         n,
@@ -249,11 +267,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
         ceiling,
         &metrics_handle.render(),
     );
+    report.preprocess = preprocess;
+    report.cpu_cores_used = cpu_seconds / report.seconds;
     eprintln!("{}", report.table());
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(report.errors == 0 && report.received == n)
+}
+
+fn parse_preprocess_device(s: &str) -> Result<PreprocessDevice, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?}: expected auto, cpu or cuda"))
+}
+
+/// CPU time (user and system, all threads) this process has used so far, in seconds.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// The run's topics on a real cluster, through the admin API.

@@ -68,6 +68,11 @@ pub struct Report {
     pub memory: Memory,
     pub ceiling: Ceiling,
     pub ratio_to_ceiling: f64,
+    /// Where the profile's images were preprocessed: `host` or `device (Cuda(0))`.
+    pub preprocess: String,
+    /// Process CPU time over `seconds`: cores busy on average (worker, in-process broker,
+    /// producer and consumer together).
+    pub cpu_cores_used: f64,
 }
 
 impl Report {
@@ -133,6 +138,8 @@ impl Report {
             // Both in model inputs per second: a tiled profile's windows are model work.
             ratio_to_ceiling: images_per_s * views_per_image as f64 / ceiling.images_per_s,
             ceiling,
+            preprocess: "host".into(),
+            cpu_cores_used: f64::NAN,
         }
         .with_batch_fallback()
     }
@@ -188,6 +195,13 @@ impl Report {
             (
                 "of the ceiling",
                 format!("{:.1} %", self.ratio_to_ceiling * 100.0),
+            ),
+            (
+                "preprocessing",
+                format!(
+                    "{}; {:.2} CPU cores used (process CPU time / wall time)",
+                    self.preprocess, self.cpu_cores_used
+                ),
             ),
             (
                 "latency p50/p95/p99",
