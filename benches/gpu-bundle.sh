@@ -13,11 +13,16 @@
 #                                                  machine's own is used), for CPython 3.11-3.13
 #                                                  (3.10 cannot be served: transformers 5.23.0, regex,
 #                                                  filelock and httpx2 at these versions need 3.11+)
+#   OUT_DIR/tv/torchvision-ops.tar.gz              torchvision 0.26.0's operator library (image.so and
+#                                                  torchvision.libs: libjpeg, nvJPEG, cudart; 4.6 MiB)
+#                                                  for the device preprocessing path, used by gpu.sh
+#                                                  when the machine has no torchvision 0.26
 #   OUT_DIR/MANIFEST.txt                           what is inside, versions, sizes
 #
 # numpy and Pillow are not carried by default (16 + 7 MB per Python version; the GPU image has
-# both, see the device notes): --with-numpy-pillow adds them. torchvision is not carried either
-# (transformers 5's CLIPImageProcessor runs on it; the GPU image has 0.26.0).
+# both, see the device notes): --with-numpy-pillow adds them. torchvision's Python package is not
+# carried either (transformers 5's CLIPImageProcessor runs on it; the GPU image has 0.26.0), only
+# its operator library (tv/, above).
 # The bundle must stay under 60 MiB: the device tool carries at most 64 MiB with the work tree.
 # For the device tool: make it under an ignored path and carry it, e.g.
 #   benches/gpu-bundle.sh target/gpu-bundle
@@ -31,7 +36,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --with-numpy-pillow) WITH_NP=1 ;;
     --pythons) PYTHONS="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) [ -z "$OUT_DIR" ] || { echo "usage: $0 OUT_DIR [--with-numpy-pillow] [--pythons LIST]" >&2; exit 2; }; OUT_DIR="$1" ;;
   esac
   shift
@@ -95,6 +100,14 @@ fi
 cp "$ROOT/benches/gpu.sh" "$ROOT/benches/baseline.py" "$ROOT/benches/make_images.py" "$OUT_DIR/"
 chmod +x "$OUT_DIR/gpu.sh"
 cp "$ROOT/deploy/model/export.py" "$ROOT/deploy/model/clip_bpe.py" "$OUT_DIR/model/"
+
+# --- torchvision's operators, for the device preprocessing path (issue 16) ------------------
+# The GPU image has torchvision 0.26.0; this copy (the project venv's, built for the same torch
+# 2.11.0+cu130) is the fallback. image.so finds its libraries through $ORIGIN/../torchvision.libs.
+TV_SITE="$("$VPY" -c 'import os, torchvision; print(os.path.dirname(os.path.dirname(torchvision.__file__)))')"
+mkdir -p "$OUT_DIR/tv"
+tar czf "$OUT_DIR/tv/torchvision-ops.tar.gz" -C "$TV_SITE" torchvision/image.so torchvision.libs
+echo "==> torchvision $("$VPY" -c 'import torchvision; print(torchvision.__version__)') operators: $(du -h "$OUT_DIR/tv/torchvision-ops.tar.gz" | cut -f1)" >&2
 
 # --- wheels ---------------------------------------------------------------------------------
 # transformers' runtime closure as far as the export tool and the baseline import it

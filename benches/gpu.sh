@@ -16,8 +16,12 @@
 # into WORK/pylib (PYTHONPATH; torch stays the machine's), export the random ViT-B/32
 # (export.py --random vit-b-32), make the bench images, run the baseline (preprocess on one
 # core, then e2e: one image per forward pass), run `clipqc bench` at the maximum rate (it
-# measures the model-only ceiling in the same run), run it again at half the rate it reached,
-# print the table. Results (JSON, and gpu.log) go to $OUT when set, else ./gpu-results.
+# measures the model-only ceiling in the same run), compare host and device preprocessing
+# (issue 16: `--preprocess-device cpu` against `cuda` on 250x250, 1080p and 5 MP JPEGs, and on the
+# tiled profile: images/s, windows/s, the ceiling and CPU cores used per GPU), run it again at
+# half the rate it reached, print the tables. Results (JSON, and gpu.log) go to $OUT when set,
+# else ./gpu-results. Every step's time box is cut to what is left of DEADLINE_S (450 s), and a
+# step with under 15 s left is skipped, so the whole run stays within 8 minutes.
 #
 # With the device tool: bundle under an ignored path, carry it, e.g.
 #   benches/gpu-bundle.sh target/gpu-bundle
@@ -37,7 +41,7 @@ while [ $# -gt 0 ]; do
     --python) PY="$2"; shift ;;
     --image) IMAGE_NAME="$2"; shift ;;
     --work) WORK="$2"; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
   esac
   shift
@@ -50,13 +54,17 @@ if [ "$QUICK" = 1 ]; then
   PRESET=tiny; BASE_N=10; CLIPQC_N=40; PRE_REPEAT=2
   T_INSTALL=60; T_EXPORT=120; T_IMAGES=60; T_PRE=60; T_BASE=120; T_MAX=120; T_HALF=120
   TILED_N=8; T_TILED=120
+  PREP_N=(20 10 6); T_PREP_RUN=60
 else
   # Caps add up to 510 s; a normal run takes far less (the export and the two benches dominate).
   PRESET=vit-b-32; BASE_N=500; CLIPQC_N=4000; PRE_REPEAT=10
   T_INSTALL=40; T_EXPORT=110; T_IMAGES=30; T_PRE=30; T_BASE=90; T_MAX=90; T_HALF=60
   TILED_N=800; T_TILED=60
+  # Device vs host preprocessing, per image (250x250, 1080p, 5 MP): about 10 s of requests each.
+  PREP_N=(3000 1500 600); T_PREP_RUN=30
 fi
 BASE_MAX_S=$((T_BASE * 2 / 3))  # the baseline stops timing here and reports what it did
+DEADLINE_S=450  # 7.5 minutes: every time box is cut to what is left of it
 
 note() { printf '==> [%3ss] %s\n' "$SECONDS" "$*"; }
 warn() { printf '!!! %s\n' "$*"; }
@@ -176,6 +184,12 @@ EOF
 # Results of a step: JSON on stdout into a file, the table and logs on stderr into the log.
 run_step() { # name timeout outfile cmd...
   local name="$1" t="$2" out="$3"; shift 3
+  local left=$((DEADLINE_S - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    warn "$name: skipped (${left}s left of the ${DEADLINE_S}s deadline)"
+    return 1
+  fi
+  [ "$t" -le "$left" ] || t="$left"
   note "$name (time box ${t}s)"
   local rc=0
   timeout --kill-after=10 "$t" "$@" >"$out.tmp" || rc=$?
@@ -183,6 +197,63 @@ run_step() { # name timeout outfile cmd...
   [ "$rc" -eq 124 ] && warn "$name: ran past its ${t}s time box" || warn "$name: failed (exit $rc)"
   rm -f "$out.tmp"
   return 1
+}
+
+# Issue 16: the same bench with host (CPU) and device (nvJPEG + tensor ops) preprocessing, on
+# three JPEG sizes and the tiled profile. The device path needs torchvision's operator library
+# for this torch: the machine's torchvision 0.26 when it has one, else the bundle's copy
+# (tv/torchvision-ops.tar.gz); and the libpython it links (a shared build of the machine's
+# Python). Both are named in a config file, so nothing is guessed from paths.
+compare_preprocessing() { # bin model images
+  local bin="$1" model="$2" images="$3" tv pylib
+  if [ "$DEVICE" != cuda ]; then
+    warn "device preprocessing needs --device cuda: host vs device comparison skipped"
+    return 0
+  fi
+  tv="$("$PY" -c 'import os, torchvision
+assert torchvision.__version__.startswith("0.26"), torchvision.__version__
+print(os.path.join(os.path.dirname(torchvision.__file__), "image.so"))' 2>/dev/null)" || tv=""
+  if [ -z "$tv" ] || [ ! -f "$tv" ]; then
+    if [ -f "$HERE/tv/torchvision-ops.tar.gz" ]; then
+      mkdir -p "$WORK/tv" && tar xzf "$HERE/tv/torchvision-ops.tar.gz" -C "$WORK/tv"
+      tv="$WORK/tv/torchvision/image.so"
+      note "no torchvision 0.26 here: the bundle's operator library $tv"
+    else
+      warn "no torchvision 0.26 and none in the bundle: device preprocessing skipped"
+      return 0
+    fi
+  fi
+  pylib="$("$PY" -c 'import os, sysconfig
+d = sysconfig.get_config_var("LIBDIR") or ""
+for n in (sysconfig.get_config_var("INSTSONAME"), sysconfig.get_config_var("LDLIBRARY")):
+    if n and ".so" in n and os.path.exists(os.path.join(d, n)):
+        print(os.path.join(d, n)); break')"
+  [ -n "$pylib" ] || warn "no shared libpython for $PY (a static build?): the device path will name what is missing"
+  note "device preprocessing: operators $tv, libpython ${pylib:-?}"
+  {
+    echo "[preprocess]"
+    echo "device_ops_library = \"$tv\""
+    [ -z "$pylib" ] || echo "device_python_library = \"$pylib\""
+  } >"$WORK/prep.toml"
+  # The tiled profile with the same settings, for windows/s on both paths.
+  cat "$WORK/prep.toml" "$WORK/tiled-profile.toml" >"$WORK/prep-tiled.toml"
+  local i=0 name stem pd
+  for name in part_250.jpg part_1920x1080.jpg part_2592x1944.jpg; do
+    stem="${name%.jpg}"
+    for pd in cpu cuda; do
+      run_step "clipqc bench, $name, preprocessing on $pd, ${PREP_N[$i]} requests" "$T_PREP_RUN" \
+        "$RES/prep-$pd-$stem.json" \
+        "$bin" bench --model "$model" --device cuda --preprocess-device "$pd" --config "$WORK/prep.toml" \
+        --requests "${PREP_N[$i]}" --image "$images/$name" --json
+    done
+    i=$((i + 1))
+  done
+  for pd in cpu cuda; do
+    run_step "clipqc bench, tiled 1080p, preprocessing on $pd, $TILED_N requests" "$T_TILED" \
+      "$RES/prep-$pd-tiled.json" \
+      "$bin" bench --model "$model" --device cuda --preprocess-device "$pd" --config "$WORK/prep-tiled.toml" \
+      --profile tiled --requests "$TILED_N" --image "$images/part_1920x1080.jpg" --json
+  done
 }
 
 main() {
@@ -231,6 +302,21 @@ main() {
     else
       run_step "clipqc bench on $DEVICE at the maximum rate, $CLIPQC_N requests" "$T_MAX" "$RES/clipqc-max.json" \
         "$bin" bench --model "$model" --device "$DEVICE" --requests "$CLIPQC_N" --image "$image" --json
+      # A tiled profile on 1080p frames: 25 views (windows at scales 1 and 0.5) per request,
+      # all model work: windows/s against the ceiling counted in views.
+      cat >"$WORK/tiled-profile.toml" <<'TOML'
+[profiles.tiled]
+tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 32 }
+[[profiles.tiled.classes]]
+name = "scratch"
+prompts = ["a surface scratch"]
+defect = true
+[[profiles.tiled.classes]]
+name = "good"
+prompts = ["a clean part"]
+TOML
+      cp "$WORK/tiled-profile.toml" "$WORK/tiled.toml"
+      compare_preprocessing "$bin" "$model" "$images"
       if [ -s "$RES/clipqc-max.json" ]; then
         # Half the rate reached, for long enough to settle (~15 s) but no more requests than above.
         read -r rate n2 < <("$PY" -c '
@@ -243,19 +329,6 @@ print(f"{r:.1f}", max(20, min(int(sys.argv[2]), int(r * 15))))' "$RES/clipqc-max
         run_step "clipqc bench on $DEVICE at half that rate ($rate/s), $n2 requests" "$T_HALF" "$RES/clipqc-half.json" \
           "$bin" bench --model "$model" --device "$DEVICE" --requests "$n2" --rate "$rate" --image "$image" --json
       fi
-      # A tiled profile on 1080p frames: 25 views (windows at scales 1 and 0.5) per request,
-      # all model work: windows/s against the ceiling counted in views.
-      cat >"$WORK/tiled.toml" <<'TOML'
-[profiles.tiled]
-tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 32 }
-[[profiles.tiled.classes]]
-name = "scratch"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.tiled.classes]]
-name = "good"
-prompts = ["a clean part"]
-TOML
       run_step "clipqc bench on $DEVICE, tiled profile (25 views per 1920x1080 frame), $TILED_N requests" \
         "$T_TILED" "$RES/clipqc-tiled.json" \
         "$bin" bench --model "$model" --device "$DEVICE" --config "$WORK/tiled.toml" --profile tiled \
@@ -321,6 +394,32 @@ rows = [
 ]
 for k, v in rows:
     print(f"  {k:<48} {v:>10}")
+# Issue 16: host vs device preprocessing, per image and on the tiled profile.
+prep = []
+for stem in ("part_250", "part_1920x1080", "part_2592x1944", "tiled"):
+    for pd in ("cpu", "cuda"):
+        d = load(f"prep-{pd}-{stem}.json")
+        if d is None:
+            continue
+        cores = d.get("cpu_cores_used")
+        prep.append({
+            "image": stem, "preprocess_device": pd, "preprocess": d.get("preprocess"),
+            "images_per_s": d.get("images_per_s"), "windows_per_s": d.get("windows_per_s"),
+            "views_per_image": d.get("views_per_image"),
+            "ceiling_views_per_s": g(d, "ceiling", "images_per_s"),
+            "ratio_to_ceiling": d.get("ratio_to_ceiling"), "cpu_cores_used": cores,
+            "images_per_s_per_core": d.get("images_per_s") / cores if cores else None,
+            "p99_ms": g(d, "latency_ms", "p99"), "errors": d.get("errors"),
+        })
+if prep:
+    summary["preprocessing"] = prep
+    (res / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n== host vs device preprocessing (issue 16), max rate; CPU cores = process CPU time / wall time")
+    print(f"  {'image':<16} {'prep':<5} {'images/s':>9} {'windows/s':>10} {'ceiling':>9} {'of ceil':>8} {'CPU cores':>9} {'img/s/core':>10} {'p99 ms':>8}")
+    for r in prep:
+        print(f"  {r['image']:<16} {r['preprocess_device']:<5} {f(r['images_per_s']):>9} {f(r['windows_per_s']):>10} "
+              f"{f(r['ceiling_views_per_s']):>9} {f(r['ratio_to_ceiling'], '{:.2f}'):>8} {f(r['cpu_cores_used'], '{:.2f}'):>9} "
+              f"{f(r['images_per_s_per_core']):>10} {f(r['p99_ms']):>8}")
 print(f"(JSON in {res})")
 EOF
 }

@@ -9,6 +9,8 @@ Writes, deterministically for a given seed (numpy's PCG64 stream and Pillow's en
   part_1920x1080.jpg           1920x1080 RGB, JPEG quality 90 (a 1080p camera)
   part_2448x2048_16bit.png     2448x2048 16-bit greyscale PNG, the full 0..65535 range used
                                (a 5 MP machine-vision camera, e.g. a Sony IMX264 sensor)
+  part_2592x1944.jpg           2592x1944 RGB, JPEG quality 90 (a 5 MP colour camera: the device
+                               preprocessing comparison's largest JPEG)
 A stamp file (.stamp: this script's hash and the seed) skips regeneration when the files
 already exist and match. deploy/samples/make_samples.py draws flat shapes (small, fast-decoding
 JPEGs); a benchmark wants the texture and noise of a real photo, which decode and compress
@@ -29,6 +31,7 @@ FILES = {
     "part_250.jpg": (250, 250, "rgb8"),
     "part_1920x1080.jpg": (1920, 1080, "rgb8"),
     "part_2448x2048_16bit.png": (2448, 2048, "grey16"),
+    "part_2592x1944.jpg": (2592, 1944, "rgb8"),
 }
 
 
