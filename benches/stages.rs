@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the CPU stages, one core: preprocessing (decode + resize + crop +
 //! normalise, from the file's bytes) of the three bench images, tokenization of prompts, and
-//! scoring one image embedding against a profile.
+//! scoring one image embedding against a profile; the device preprocessing path on the CPU
+//! (torchvision's CPU kernel) against the host path on three JPEGs up to 5 MP.
 //!
 //! Run through `scripts/bench.sh micro`, which makes the images (benches/make_images.py),
 //! exports the random ViT-B/32 artifact, and sets:
@@ -15,6 +16,8 @@ use std::path::PathBuf;
 use clipqc::model::artifact::TOKENIZER;
 use clipqc::model::fake::FakeBackend;
 use clipqc::model::{Artifact, Backend, PromptTokenizer};
+use clipqc::config::PreprocessSettings;
+use clipqc::preprocess::device::DevicePath;
 use clipqc::preprocess::{DecodeLimits, Preprocessor, View};
 use clipqc::score::{ProfileConfig, Scorer};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -25,6 +28,13 @@ pub const IMAGES: [&str; 3] = [
     "part_250.jpg",
     "part_1920x1080.jpg",
     "part_2448x2048_16bit.png",
+];
+
+/// The JPEGs of the device preprocessing comparison: thumbnail, 1080p, 5 MP.
+const JPEGS: [&str; 3] = [
+    "part_250.jpg",
+    "part_1920x1080.jpg",
+    "part_2592x1944.jpg",
 ];
 
 fn dir(var: &str) -> PathBuf {
@@ -81,6 +91,29 @@ fn benches(c: &mut Criterion) {
                 b.iter(|| pre.run(name, bytes, None).unwrap())
             });
         }
+    }
+    group.finish();
+
+    // The device preprocessing path (preprocess.device) on the CPU, torchvision's CPU kernel,
+    // against the host path on the same JPEGs (pad view, whole frame): what the device path
+    // costs where there is no GPU. On a GPU the comparison is benches/gpu.sh's.
+    let device = std::sync::Arc::new(
+        DevicePath::open(&PreprocessSettings::default(), tch::Device::Cpu)
+            .expect("torchvision's operators (scripts/env.sh installs torchvision)"),
+    );
+    let on_device = padded.clone().with_device(Some(device));
+    let mut group = c.benchmark_group("preprocess_device_cpu");
+    for name in JPEGS {
+        let Ok(bytes) = std::fs::read(images.join(name)) else {
+            panic!("{name} is missing from CLIPQC_BENCH_IMAGES: run benches/make_images.py");
+        };
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::new("host", name), &bytes, |b, bytes| {
+            b.iter(|| padded.views_cpu(name, bytes, None).unwrap())
+        });
+        group.bench_with_input(BenchmarkId::new("device", name), &bytes, |b, bytes| {
+            b.iter(|| on_device.views(name, bytes, None).unwrap())
+        });
     }
     group.finish();
 
