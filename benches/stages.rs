@@ -13,10 +13,10 @@
 
 use std::path::PathBuf;
 
+use clipqc::config::PreprocessSettings;
 use clipqc::model::artifact::TOKENIZER;
 use clipqc::model::fake::FakeBackend;
 use clipqc::model::{Artifact, Backend, PromptTokenizer};
-use clipqc::config::PreprocessSettings;
 use clipqc::preprocess::device::DevicePath;
 use clipqc::preprocess::{DecodeLimits, Preprocessor, View};
 use clipqc::score::{ProfileConfig, Scorer};
@@ -31,11 +31,7 @@ pub const IMAGES: [&str; 3] = [
 ];
 
 /// The JPEGs of the device preprocessing comparison: thumbnail, 1080p, 5 MP.
-const JPEGS: [&str; 3] = [
-    "part_250.jpg",
-    "part_1920x1080.jpg",
-    "part_2592x1944.jpg",
-];
+const JPEGS: [&str; 3] = ["part_250.jpg", "part_1920x1080.jpg", "part_2592x1944.jpg"];
 
 fn dir(var: &str) -> PathBuf {
     let d = std::env::var_os(var)

@@ -55,7 +55,10 @@ fn device_path_pixels_and_embeddings_match_the_references() {
             let stem = img["stem"].as_str().unwrap();
             let bytes = std::fs::read(fixtures().join(img["file"].as_str().unwrap())).unwrap();
             let Some(views) = on_device(&pre, stem, &bytes) else {
-                assert!(!img["file"].as_str().unwrap().ends_with(".jpg"), "{stem} fell back");
+                assert!(
+                    !img["file"].as_str().unwrap().ends_with(".jpg"),
+                    "{stem} fell back"
+                );
                 // Through `views`: the CPU path's tensors, exactly.
                 let cpu = pre.views_cpu(stem, &bytes, None).unwrap();
                 assert_eq!(pre.views(stem, &bytes, None).unwrap().tensors, cpu.tensors);
@@ -113,7 +116,13 @@ fn device_path_windows_match_the_tiled_reference() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|w| w.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect())
+            .map(|w| {
+                w.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect()
+            })
             .collect();
         assert_eq!(ours, theirs, "{stem}: windows");
         for i in reference["checked_pixels"].as_array().unwrap() {
