@@ -457,3 +457,6 @@ mod exactly_once;
 
 #[path = "pipeline_mock/segment.rs"]
 mod segment;
+
+#[path = "pipeline_mock/device.rs"]
+mod device;
