@@ -392,7 +392,8 @@ pub struct PreprocessSettings {
     #[serde(default)]
     pub jpeg_dct_headroom: Option<f32>,
     /// Where JPEGs are decoded and windowed: `auto` (on the GPU when the model runs on one,
-    /// else the CPU path: the same verdicts as `cpu` on a machine without a GPU), `cpu`, or
+    /// else the CPU path: the same verdicts as `cpu` on a machine without a GPU; also the CPU
+    /// path, with a warning, when torchvision's operators cannot be loaded), `cpu`, or
     /// `cuda` (nvJPEG through torchvision's operators; refused at start without a GPU, and
     /// for a profile with CLAHE). Images the device path cannot take (PNG, TIFF, BMP, CMYK
     /// JPEGs, frames over `device_memory_bytes`) take the CPU path, counted in

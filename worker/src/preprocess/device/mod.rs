@@ -177,7 +177,8 @@ impl DevicePath {
         })
     }
 
-    /// What `settings.device` gives for a model on `model`: `None` for the CPU path.
+    /// What `settings.device` gives for a model on `model`: `None` for the CPU path (also
+    /// under `auto` when torchvision's operators cannot be loaded: logged as a warning).
     pub fn for_model(
         settings: &crate::config::PreprocessSettings,
         model: Device,
@@ -198,7 +199,20 @@ impl DevicePath {
                 Device::Cuda(0)
             }
         };
-        let path = Self::open(settings, device)?;
+        let path = match Self::open(settings, device) {
+            Ok(path) => path,
+            // `auto` must not stop a GPU worker that has no torchvision (the container image
+            // carries none yet): it keeps the CPU path, loudly. `cuda` asked for the device.
+            Err(e) if settings.device == PreprocessDevice::Auto => {
+                tracing::warn!(
+                    error = %e,
+                    "preprocess.device = \"auto\": the device path cannot start; JPEGs are \
+                     preprocessed on the CPU"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         tracing::info!(
             device = ?device,
             library = %path.ops.library.display(),
