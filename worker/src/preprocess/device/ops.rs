@@ -46,7 +46,9 @@ static LOADED: Mutex<Option<Result<Arc<DeviceOps>, DeviceError>>> = Mutex::new(N
 impl DeviceOps {
     /// Loads torchvision's operators (`library`: its `image.so`; `None`: found next to the
     /// libtorch this process runs on) and the module that calls them. `python`: the
-    /// `libpythonX.Y.so` to open first (`None`: found from the library's path).
+    /// `libpythonX.Y.so` to open first (`None`: found from the library's path). Once per
+    /// process: operators cannot be registered twice, so later calls get the first call's
+    /// result whatever paths they name.
     pub fn load(
         library: Option<&Path>,
         python: Option<&Path>,
