@@ -382,17 +382,26 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// or leaving) refuses commits for a moment, and every offset not committed now is processed
 /// again by the partition's next owner.
 async fn final_commit(consumer: &Source) {
+    use backon::{ConstantBuilder, Retryable};
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-    for attempt in 1..=5 {
+    let commit = || async {
         match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => return,
             // Nothing stored since the last commit.
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return,
-            Err(e) => {
-                tracing::info!(error = %e, attempt, "final commit refused; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(e) => Err(e),
         }
+    };
+    // Five tries in about two seconds: long enough for a rebalance's moment, short enough
+    // for the drain's budget.
+    let every = ConstantBuilder::default()
+        .with_delay(Duration::from_millis(500))
+        .with_max_times(4);
+    let result = commit
+        .retry(every)
+        .notify(|e, _| tracing::info!(error = %e, "final commit refused; retrying"))
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "final commit failed: the partitions' next owners redo what was not committed");
     }
 }
 

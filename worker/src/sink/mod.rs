@@ -207,46 +207,52 @@ impl Sink {
         record: &Record<'_>,
         abort: &CancellationToken,
     ) -> Result<(), SendError> {
-        let mut delay = Duration::from_millis(100);
-        loop {
+        use backon::{ExponentialBuilder, Retryable};
+        let send = || async {
             let mut r = FutureRecord::to(record.topic)
                 .payload(record.payload)
                 .headers(owned_headers(&record.headers));
             if let Some(k) = record.key {
                 r = r.key(k);
             }
-            let attempt = self
-                .producer
-                .send(r, Timeout::After(Duration::from_secs(5)));
-            let result = tokio::select! {
-                r = attempt => r,
-                _ = abort.cancelled() => return Err(SendError::Aborted),
-            };
-            match result {
-                Ok(d) => {
-                    tracing::debug!(
-                        topic = record.topic,
-                        partition = d.partition,
-                        offset = d.offset,
-                        "delivered"
-                    );
-                    return Ok(());
-                }
-                Err((e, _)) if is_permanent(&e) => {
-                    metrics::publish_refused(record.topic);
-                    return Err(SendError::Refused {
-                        topic: record.topic.to_string(),
-                        error: e,
-                    });
-                }
-                Err((e, _)) => {
-                    tracing::warn!(topic = record.topic, error = %e, retry_in = ?delay, "publish failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = abort.cancelled() => return Err(SendError::Aborted),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+            self.producer
+                .send(r, Timeout::After(Duration::from_secs(5)))
+                .await
+                .map_err(|(e, _)| e)
+        };
+        // A transient error is retried for as long as it lasts (the record's offset waits for
+        // its verdict; readiness reports a stall after `STALL_AFTER`), doubling from 100 ms to
+        // 5 s between tries; a permanent one is returned at once.
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times();
+        let retried = send
+            .retry(backoff)
+            .when(|e| !is_permanent(e))
+            .notify(|e, retry_in| {
+                tracing::warn!(topic = record.topic, error = %e, ?retry_in, "publish failed; retrying");
+            });
+        let result = tokio::select! {
+            r = retried => r,
+            _ = abort.cancelled() => return Err(SendError::Aborted),
+        };
+        match result {
+            Ok(d) => {
+                tracing::debug!(
+                    topic = record.topic,
+                    partition = d.partition,
+                    offset = d.offset,
+                    "delivered"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                metrics::publish_refused(record.topic);
+                Err(SendError::Refused {
+                    topic: record.topic.to_string(),
+                    error: e,
+                })
             }
         }
     }
