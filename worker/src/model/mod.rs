@@ -7,6 +7,7 @@
 
 pub mod artifact;
 pub mod fake;
+pub mod fake_artifact;
 pub mod owner;
 pub mod tch_backend;
 pub mod tokenizer;
