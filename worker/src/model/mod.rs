@@ -118,6 +118,29 @@ pub trait Backend {
     fn describe(&self) -> String;
     fn embed_images(&mut self, batch: &ImageBatch) -> Result<Embeddings, ModelError>;
     fn embed_texts(&mut self, batch: &TokenBatch) -> Result<Embeddings, ModelError>;
+
+    /// A batch already in a tensor (`n×3×S×S` float32, on any device: the device
+    /// preprocessing path's views), embedded without a trip through host memory where the
+    /// backend can. By default: copied to the host and embedded as an [`ImageBatch`].
+    fn embed_tensor(&mut self, batch: &tch::Tensor) -> Result<Embeddings, ModelError> {
+        let dims = batch.size();
+        if dims.len() != 4 || dims[1] != 3 || dims[2] != dims[3] {
+            return Err(ModelError::Inference(format!(
+                "an image batch tensor must be n×3×S×S, not {dims:?}"
+            )));
+        }
+        let flat = batch
+            .to_device(tch::Device::Cpu)
+            .to_kind(tch::Kind::Float)
+            .contiguous()
+            .view(-1);
+        let data = Vec::<f32>::try_from(&flat).map_err(|e| ModelError::Inference(e.to_string()))?;
+        self.embed_images(&ImageBatch {
+            data,
+            n: dims[0] as usize,
+            size: dims[2] as usize,
+        })
+    }
 }
 
 /// Where to run: `auto` (first CUDA device if there is one), `cpu`, `cuda` or `cuda:N`.

@@ -25,6 +25,8 @@ type Reply = oneshot::Sender<Result<Embeddings, ModelError>>;
 
 enum Job {
     Images(ImageBatch, Reply),
+    /// Images already in one `n×3×S×S` tensor (the device preprocessing path's).
+    Tensor(tch::Tensor, Reply),
     Texts(TokenBatch, Reply),
     /// Wakes an idle thread to take the text jobs waiting.
     Wake,
@@ -113,6 +115,9 @@ fn run(backend: &mut impl Backend, job: Job) {
         Job::Images(batch, reply) => {
             let _ = reply.send(backend.embed_images(&batch));
         }
+        Job::Tensor(batch, reply) => {
+            let _ = reply.send(backend.embed_tensor(&batch));
+        }
         Job::Texts(batch, reply) => {
             let _ = reply.send(backend.embed_texts(&batch));
         }
@@ -197,6 +202,20 @@ impl ModelHandle {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Job::Images(batch, tx))
+            .await
+            .map_err(|_| ModelError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// As [`Self::submit_images_async`], for a batch already in a tensor (`n×3×S×S`, on any
+    /// device): the device preprocessing path's views go to the model without a host copy.
+    pub async fn submit_tensor_async(
+        &self,
+        batch: tch::Tensor,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, ModelError>>, ModelError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Tensor(batch, tx))
             .await
             .map_err(|_| ModelError::Stopped)?;
         Ok(rx)

@@ -136,6 +136,19 @@ impl Backend for TchBackend {
         self.to_embeddings(out, batch.n)
     }
 
+    fn embed_tensor(&mut self, batch: &Tensor) -> Result<Embeddings, ModelError> {
+        let _guard = tch::no_grad_guard();
+        let failed = |e: tch::TchError| ModelError::Inference(e.to_string());
+        let n = batch.size().first().copied().unwrap_or(0) as usize;
+        // Already on the model's device when the device path made it: only the precision
+        // changes there (a no-op copy on the CPU).
+        let input = batch
+            .f_to_device_(self.device, self.kind, true, false)
+            .map_err(failed)?;
+        let out = self.image.forward_ts(&[input]).map_err(failed)?;
+        self.to_embeddings(out, n)
+    }
+
     fn embed_texts(&mut self, batch: &TokenBatch) -> Result<Embeddings, ModelError> {
         let _guard = tch::no_grad_guard();
         let shape = [batch.n as i64, batch.len as i64];

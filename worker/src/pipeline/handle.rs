@@ -14,7 +14,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::oneshot;
 
 use super::ack::Delivered;
-use super::infer::{BatchItem, Embedded};
+use super::infer::{BatchItem, Embedded, Pixels};
 use super::{publish, Profile, Shared};
 use crate::config::DEFAULT_PROFILE;
 use crate::metrics;
@@ -379,26 +379,26 @@ async fn decide<'a>(
     let frame_bytes = bytes.clone();
     // Decoding and resizing are CPU work: off the async workers. A decoder that panics on
     // this image fails this image.
-    let views = match tokio::task::spawn_blocking(move || pre.views(&input, &bytes, region)).await {
-        Ok(result) => {
-            result.map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?
-        }
-        Err(e) => {
-            metrics::record_panicked();
-            let why = match e.try_into_panic() {
-                Ok(panic) => super::panic_message(panic.as_ref()),
-                Err(e) => e.to_string(),
-            };
-            return Err(failed(
-                ErrorCode::DecodeFailed,
-                Stage::DecodeImage,
-                format!(
-                    "request {}: the image decoder failed on this image: {why}",
-                    request.request_id
-                ),
-            ));
-        }
-    };
+    let views =
+        match tokio::task::spawn_blocking(move || pre.views_any(&input, &bytes, region)).await {
+            Ok(result) => result
+                .map_err(|e| Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e)))?,
+            Err(e) => {
+                metrics::record_panicked();
+                let why = match e.try_into_panic() {
+                    Ok(panic) => super::panic_message(panic.as_ref()),
+                    Err(e) => e.to_string(),
+                };
+                return Err(failed(
+                    ErrorCode::DecodeFailed,
+                    Stage::DecodeImage,
+                    format!(
+                        "request {}: the image decoder failed on this image: {why}",
+                        request.request_id
+                    ),
+                ));
+            }
+        };
     lat.decode_seconds = t.elapsed().as_secs_f64();
     if past_deadline(&request) {
         return Err(failed(
@@ -411,12 +411,19 @@ async fn decide<'a>(
     // Every view (the whole frame, each window) is one batch item: the batcher, its batch
     // size and fill count windows, and a frame's windows share batches with other frames'.
     let t = Instant::now();
-    let crate::preprocess::Views {
-        origin,
-        windows,
-        tensors,
-        ..
-    } = views;
+    // The device path's views stay on the device, one `3×S×S` slice of its batch each.
+    let (origin, windows, tensors): (_, _, Vec<Pixels>) = match views {
+        crate::preprocess::AnyViews::Host(v) => (
+            v.origin,
+            v.windows,
+            v.tensors.into_iter().map(Pixels::Host).collect(),
+        ),
+        crate::preprocess::AnyViews::Device(d) => {
+            let n = d.tensor.size()[0];
+            let views = (0..n).map(|i| Pixels::Device(d.tensor.get(i))).collect();
+            (d.origin, d.windows, views)
+        }
+    };
     let mut answers = Vec::with_capacity(tensors.len());
     for pixels in tensors {
         let (reply, answer) = oneshot::channel();

@@ -29,8 +29,16 @@ pub enum Embedded {
     Broken,
 }
 
+/// One view's pixels: CHW floats on the host (the CPU path), or a `3×S×S` tensor where the
+/// device preprocessing path made it (the model's device), which reaches the model's batch
+/// without a trip through host memory.
+pub enum Pixels {
+    Host(Vec<f32>),
+    Device(tch::Tensor),
+}
+
 pub struct BatchItem {
-    pub pixels: Vec<f32>,
+    pub pixels: Pixels,
     /// When it was handed to the batcher (for the queue-wait metric).
     pub queued: std::time::Instant,
     pub reply: oneshot::Sender<Embedded>,
@@ -81,7 +89,8 @@ pub async fn batch_loop(
             continue;
         }
         // Waits only while the model thread's bounded queue is full: that is the back-pressure.
-        let submitted = model.submit_images_async(batch_of(size, &pixels)).await;
+        let job = prepare(size, &pixels);
+        let submitted = submit(&model, job).await;
         let (failures, fatal, model) = (failures.clone(), fatal.clone(), model.clone());
         let started = std::time::Instant::now();
         tokio::spawn(async move {
@@ -96,19 +105,57 @@ pub async fn batch_loop(
                 Err(e) if is_broken(&e) => vec![Err(e); pixels.len()],
                 // One failure may be the model's moment (a CUDA out-of-memory) or one image's
                 // fault: halve the batch down to the images that fail on their own.
-                Err(e) => bisect(&model, size, &pixels, e, &fatal).await,
+                Err(e) => bisect(&model, size, pixels, e, &fatal).await,
             };
             settle(answers, replies, &failures, max_failures, &fatal);
         });
     }
 }
 
-fn batch_of<'a>(size: usize, pixels: impl IntoIterator<Item = &'a Vec<f32>>) -> ImageBatch {
-    let mut batch = ImageBatch::new(size);
-    for p in pixels {
-        batch.push(p);
+/// A batch for the model thread: host views as an [`ImageBatch`]; with any view from the
+/// device path, one tensor on that device (host views uploaded to it).
+enum Job {
+    Images(ImageBatch),
+    Tensor(tch::Tensor),
+}
+
+/// `pixels` as one batch. Not async: no borrow of the views is held across an await (a
+/// tensor is `Send` but not `Sync`).
+fn prepare(size: usize, pixels: &[Pixels]) -> Result<Job, ModelError> {
+    let on = pixels.iter().find_map(|p| match p {
+        Pixels::Device(t) => Some(t.device()),
+        Pixels::Host(_) => None,
+    });
+    let Some(device) = on else {
+        let mut batch = ImageBatch::new(size);
+        for p in pixels {
+            if let Pixels::Host(v) = p {
+                batch.push(v);
+            }
+        }
+        return Ok(Job::Images(batch));
+    };
+    let s = size as i64;
+    let rows: Vec<tch::Tensor> = pixels
+        .iter()
+        .map(|p| match p {
+            Pixels::Host(v) => tch::Tensor::from_slice(v).view([3, s, s]).to_device(device),
+            Pixels::Device(t) => t.shallow_clone(),
+        })
+        .collect();
+    tch::Tensor::f_stack(&rows, 0)
+        .map(Job::Tensor)
+        .map_err(|e| ModelError::Inference(format!("cannot batch the device path's views: {e}")))
+}
+
+async fn submit(
+    model: &ModelHandle,
+    job: Result<Job, ModelError>,
+) -> Result<oneshot::Receiver<Result<crate::model::Embeddings, ModelError>>, ModelError> {
+    match job? {
+        Job::Images(batch) => model.submit_images_async(batch).await,
+        Job::Tensor(batch) => model.submit_tensor_async(batch).await,
     }
-    batch
 }
 
 /// The model's answer to a submitted batch of `n` images.
@@ -149,14 +196,15 @@ fn is_broken(e: &ModelError) -> bool {
 async fn bisect(
     model: &ModelHandle,
     size: usize,
-    pixels: &[Vec<f32>],
+    pixels: Vec<Pixels>,
     error: ModelError,
     fatal: &Fatal,
 ) -> Vec<Result<Vec<f32>, ModelError>> {
     let n = pixels.len();
     if n == 1 && !is_broken(&error) && !fatal.token.is_cancelled() {
         // Nothing to split: one more try alone.
-        let submitted = model.submit_images_async(batch_of(size, pixels)).await;
+        let job = prepare(size, &pixels);
+        let submitted = submit(model, job).await;
         return vec![answer(submitted, 1).await.map(|e| e.row(0).to_vec())];
     }
     let mut answers: Vec<Option<Result<Vec<f32>, ModelError>>> = vec![None; n];
@@ -170,9 +218,8 @@ async fn bisect(
         }
         let mid = from + (to - from) / 2;
         for (a, b) in [(from, mid), (mid, to)] {
-            let submitted = model
-                .submit_images_async(batch_of(size, &pixels[a..b]))
-                .await;
+            let job = prepare(size, &pixels[a..b]);
+            let submitted = submit(model, job).await;
             match answer(submitted, b - a).await {
                 Ok(embeddings) => {
                     for (row, slot) in answers[a..b].iter_mut().enumerate() {
@@ -233,5 +280,46 @@ fn settle(
             Err(_) if broken => Embedded::Broken,
             Err(e) => Embedded::Failed(e.to_string()),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fake::FakeBackend;
+    use crate::model::Backend;
+
+    /// Views from both paths in one batch: one tensor, in order, with the host views' pixels
+    /// unchanged; the model's embeddings of it are those of the same pixels as host views.
+    #[test]
+    fn a_batch_mixing_host_and_device_views_is_one_tensor_in_order() {
+        let size = 4;
+        let view = |v: f32| {
+            (0..3 * size * size)
+                .map(|i| v + i as f32)
+                .collect::<Vec<f32>>()
+        };
+        let (a, b, c) = (view(0.0), view(100.0), view(200.0));
+        let on_device = tch::Tensor::from_slice(&b).view([3, size as i64, size as i64]);
+        let pixels = [
+            Pixels::Host(a.clone()),
+            Pixels::Device(on_device),
+            Pixels::Host(c.clone()),
+        ];
+        let Ok(Job::Tensor(batch)) = prepare(size, &pixels) else {
+            panic!("a device view makes a tensor batch");
+        };
+        assert_eq!(batch.size(), [3, 3, size as i64, size as i64]);
+        let flat = Vec::<f32>::try_from(&batch.view(-1)).unwrap();
+        assert_eq!(flat, [a.clone(), b.clone(), c.clone()].concat());
+
+        let mut fake = FakeBackend::new(8, size);
+        let from_tensor = fake.embed_tensor(&batch).unwrap();
+        let Ok(Job::Images(host)) =
+            prepare(size, &[Pixels::Host(a), Pixels::Host(b), Pixels::Host(c)])
+        else {
+            panic!("host views make an ImageBatch");
+        };
+        assert_eq!(from_tensor.data, fake.embed_images(&host).unwrap().data);
     }
 }

@@ -152,6 +152,14 @@ impl Tiles {
     }
 }
 
+/// A frame's views from [`Preprocessor::views_any`]: on the host (the CPU path) or on the
+/// device path's device.
+#[derive(Debug)]
+pub enum AnyViews {
+    Host(Views),
+    Device(device::DeviceViews),
+}
+
 /// What a tiled (or plain) preprocessing produced for one frame.
 #[derive(Debug, Clone)]
 pub struct Views {
@@ -262,17 +270,31 @@ impl Preprocessor {
         bytes: &[u8],
         region: Option<Region>,
     ) -> Result<Views, PreprocessError> {
-        if let Some(path) = &self.device {
-            if let device::Routed::Device(views) = path.views(self, input, bytes, region)? {
-                return views
-                    .into_host()
-                    .map_err(|message| PreprocessError::Invalid {
-                        input: input.into(),
-                        message: format!("device preprocessing: {message}"),
-                    });
+        match self.views_any(input, bytes, region)? {
+            AnyViews::Host(views) => Ok(views),
+            AnyViews::Device(views) => {
+                views.into_host().map_err(|message| PreprocessError::Invalid {
+                    input: input.into(),
+                    message: format!("device preprocessing: {message}"),
+                })
             }
         }
-        self.views_cpu(input, bytes, region)
+    }
+
+    /// As [`Self::views`], the device path's views left on its device (for the model's
+    /// batch: no host copy).
+    pub fn views_any(
+        &self,
+        input: &str,
+        bytes: &[u8],
+        region: Option<Region>,
+    ) -> Result<AnyViews, PreprocessError> {
+        if let Some(path) = &self.device {
+            if let device::Routed::Device(views) = path.views(self, input, bytes, region)? {
+                return Ok(AnyViews::Device(views));
+            }
+        }
+        self.views_cpu(input, bytes, region).map(AnyViews::Host)
     }
 
     /// [`Self::views`] on the CPU path alone.
