@@ -273,10 +273,12 @@ impl Preprocessor {
         match self.views_any(input, bytes, region)? {
             AnyViews::Host(views) => Ok(views),
             AnyViews::Device(views) => {
-                views.into_host().map_err(|message| PreprocessError::Invalid {
-                    input: input.into(),
-                    message: format!("device preprocessing: {message}"),
-                })
+                views
+                    .into_host()
+                    .map_err(|message| PreprocessError::Invalid {
+                        input: input.into(),
+                        message: format!("device preprocessing: {message}"),
+                    })
             }
         }
     }
