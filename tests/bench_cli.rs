@@ -50,8 +50,43 @@ fn bench_reports_every_request_with_the_ceiling_and_latencies() {
     let size = r["batch"]["mean_size"].as_f64().unwrap();
     assert!((1.0..=8.0).contains(&size), "mean batch size {size}");
     assert!(r["memory"]["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    // No GPU here: preprocess.device = auto keeps the host path; the process did some work.
+    assert_eq!(r["preprocess"], "host");
+    let cores = r["cpu_cores_used"].as_f64().unwrap();
+    assert!(cores > 0.0, "CPU cores used {cores}");
     // The human table goes to stderr.
     assert!(stderr.contains("model-only ceiling"), "{stderr}");
+    assert!(stderr.contains("CPU cores used"), "{stderr}");
+}
+
+/// `--preprocess-device cuda`: refused, naming the setting, without a GPU; on one, the table
+/// says the images were preprocessed there.
+#[test]
+fn bench_preprocess_device_cuda_needs_a_gpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipqc"))
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--preprocess-device",
+            "cuda",
+            "--requests",
+            "1",
+        ])
+        .arg("--model")
+        .arg(common::tiny_model())
+        .arg("--image")
+        .arg(common::fixtures().join("images/part_250.jpg"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if tch::Cuda::is_available() {
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("device (Cuda(0))"), "{stderr}");
+    } else {
+        assert!(!out.status.success());
+        assert!(stderr.contains("preprocess.device = \"cuda\""), "{stderr}");
+    }
 }
 
 #[test]
