@@ -19,7 +19,8 @@
 //!   a corrupt JPEG gets the CPU path's DECODE_FAILED error, word for word.
 //! - Device memory is bounded: each frame reserves its peak ([`views::peak_bytes`]) from
 //!   `preprocess.device_memory_bytes` before decoding and waits for room; a frame needing more
-//!   than the whole budget falls back.
+//!   than the whole budget falls back. (nvJPEG's own working buffers, allocated once by
+//!   torchvision's decoder and reused, are not counted.)
 //! - Pixels: within one grey level of the CPU path before normalisation (both are
 //!   libjpeg-turbo with the same IDCT and chroma upsampling on the CPU; nvJPEG's IDCT may
 //!   differ by a level more).

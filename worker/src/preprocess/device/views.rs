@@ -41,7 +41,12 @@ pub fn crop(image: &Tensor, r: Region) -> Tensor {
 
 /// Fills `out` (`3×S×S` float, a slice of the batch) with `src` (`C×h×w` uint8, C 1 or 3)
 /// through `transform`: resized, rounded to 8 bits, placed in the square, normalised.
-pub fn render(transform: &Transform, src: &Tensor, out: &mut Tensor) -> Result<(), tch::TchError> {
+pub fn render(
+    transform: &Transform,
+    norm: &Normalisation,
+    src: &Tensor,
+    out: &mut Tensor,
+) -> Result<(), tch::TchError> {
     let dims = src.size();
     let (h, w) = (dims[1], dims[2]);
     let (rw, rh) = transform.resized_dims(w as u32, h as u32);
@@ -57,17 +62,11 @@ pub fn render(transform: &Transform, src: &Tensor, out: &mut Tensor) -> Result<(
         x = resize_pass(transform.interpolation(), &x, rh, rw)?;
     }
     let resized = x.f_squeeze_dim(0)?;
-    let (scale, offset) = transform.normalisation();
-    let device = src.device();
-    let scale = Tensor::from_slice(&scale).to_device(device).view([3, 1, 1]);
-    let offset = Tensor::from_slice(&offset)
-        .to_device(device)
-        .view([3, 1, 1]);
     // Grey is resized as one channel and replicated, as the CPU path does.
     let normalised = resized
         .f_expand([3, rh, rw], false)?
-        .f_mul(&scale)?
-        .f_add(&offset)?;
+        .f_mul(&norm.scale)?
+        .f_add(&norm.offset)?;
     let s = i64::from(transform.size);
     let (left, top, fill) = transform.placement(rw as usize, rh as usize);
     for (c, v) in fill.iter().enumerate() {
@@ -88,6 +87,24 @@ pub fn render(transform: &Transform, src: &Tensor, out: &mut Tensor) -> Result<(
             )?)?;
     }
     Ok(())
+}
+
+/// A transform's per-channel normalisation as `3×1×1` tensors on the frame's device: made
+/// once per frame, not once per view (each is a copy to the device).
+pub struct Normalisation {
+    scale: Tensor,
+    offset: Tensor,
+}
+
+impl Normalisation {
+    pub fn new(transform: &Transform, device: Device) -> Self {
+        let (scale, offset) = transform.normalisation();
+        let on = |v: [f32; 3]| Tensor::from_slice(&v).to_device(device).view([3, 1, 1]);
+        Self {
+            scale: on(scale),
+            offset: on(offset),
+        }
+    }
 }
 
 /// One antialiased resize of `x` (`1×C×h×w` float) to `h2`×`w2`, rounded and clipped to
@@ -122,13 +139,15 @@ pub fn batch(
     let s = i64::from(whole.size);
     let n = 1 + windows.len() as i64;
     let out = Tensor::f_empty([n, 3, s, s], (Kind::Float, device))?;
-    render(whole, frame, &mut out.f_get(0)?)?;
+    // Windows are squashed with the same checkpoint settings: the same normalisation.
+    let norm = Normalisation::new(whole, device);
+    render(whole, &norm, frame, &mut out.f_get(0)?)?;
     if let Some(t) = window {
         for (i, w) in windows.iter().enumerate() {
             let src = frame
                 .f_narrow(1, i64::from(w.y), i64::from(w.side))?
                 .f_narrow(2, i64::from(w.x), i64::from(w.side))?;
-            render(t, &src, &mut out.f_get(1 + i as i64)?)?;
+            render(t, &norm, &src, &mut out.f_get(1 + i as i64)?)?;
         }
     }
     Ok(out)
