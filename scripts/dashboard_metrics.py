@@ -7,7 +7,7 @@
 
 Names are printed exactly as queried (clipqc_capture_to_verdict_seconds_bucket, not the
 histogram's base name), so they can be compared with the names a live /metrics exposes
-(tests/ops_stack.rs does) or with the names the worker's code defines
+(tests/it/ops_stack.rs does) or with the names the worker's code defines
 (scripts/tests/test_monitoring.py does). Left out: `up` (Prometheus' own series) and, for a
 rules file, the series its recording rules define.
 

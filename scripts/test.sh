@@ -8,7 +8,7 @@ cd "$ROOT"
 MODEL="$ROOT/target/models/tiny"
 FIXTURES="$ROOT/target/fixtures"
 ensure_model tiny "$MODEL"
-# Segment Anything's tiny random model beside it (tests/model_fidelity/sam.rs finds it there).
+# Segment Anything's tiny random model beside it (tests/it/model_fidelity/sam.rs finds it there).
 ensure_sam_model tiny "$MODEL/sam"
 stamp="$(cat "$MODEL/.stamp" "$MODEL/sam/.stamp" tests/reference/*.py deploy/samples/*.py | sha256sum | cut -c1-16)"
 if [ "$(cat "$FIXTURES/.stamp" 2>/dev/null)" != "$stamp" ]; then
@@ -29,16 +29,25 @@ fi
 # Deployment and monitoring files: promtool (rules + unit tests), amtool, then pytest
 # (scripts/tests/) on the dashboard and the series it and the rules query (promql-parser), the
 # Helm chart linted and rendered as `helm template` does (helm-python-sdk), the compose file.
-# The first also installs Debian's Prometheus and Alertmanager, which tests/ops_stack.rs runs.
+# The first also installs Debian's Prometheus and Alertmanager, which tests/it/ops_stack.rs runs.
 scripts/check-monitoring.sh
 scripts/check-helm.sh
 export CLIPQC_TEST_MODEL="$MODEL" CLIPQC_TEST_FIXTURES="$FIXTURES"
-# `cargo test --all-targets` runs each criterion benchmark once, as a smoke test: on the tiny
-# model and the bench images (scripts/bench.sh runs them for figures, on ViT-B/32).
+# The criterion benchmarks' smoke run below uses the tiny model and the bench images
+# (scripts/bench.sh runs them for figures, on ViT-B/32).
 python benches/make_images.py --out "$ROOT/target/bench-images" >&2
 export CLIPQC_BENCH_MODEL="$MODEL" CLIPQC_BENCH_IMAGES="$ROOT/target/bench-images"
-# --nocapture: the fidelity tests print the measured differences.
-cargo test --workspace --all-targets "$@" -- --nocapture
+# One integration-test binary (tests/it). `--include-ignored`: the tests a plain `cargo test`
+# leaves out because they compare with Python or need the programs prepared above; not the
+# `measure_*` measurements. The suites that start a broker or Prometheus run by themselves
+# afterwards, as they did in binaries of their own, so they never share the 2 cores with the
+# in-process suites. --nocapture: the fidelity tests print the measured differences.
+cargo test --workspace --lib --bins --tests "$@" -- --nocapture --include-ignored \
+  --skip measure_ --skip e2e_tansu:: --skip ops_stack::
+cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ e2e_tansu::
+cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ ops_stack::
+# `cargo test --benches` runs each criterion benchmark once, as a smoke test.
+cargo test --workspace --benches "$@"
 # Then a short coverage-guided fuzzing run of each fuzz target (scripts/fuzz.sh; its instrumented
 # build is separate, kept in ~/.cache/clipqc). CLIPQC_FUZZ_SECONDS: seconds per target, 0 to skip.
 fuzz_seconds="${CLIPQC_FUZZ_SECONDS:-30}"

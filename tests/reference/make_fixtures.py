@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference outputs for the Rust fidelity tests (tests/model_fidelity.rs), computed offline
+"""Reference outputs for the Rust fidelity tests (tests/it/model_fidelity.rs), computed offline
 with the reference implementations on the same artifact the Rust side loads.
 
     python tests/reference/make_fixtures.py --model DIR --out DIR

@@ -1,4 +1,4 @@
-"""The Segment Anything reference for tests/model_fidelity/sam.rs: masks and predicted IoUs
+"""The Segment Anything reference for tests/it/model_fidelity/sam.rs: masks and predicted IoUs
 computed by transformers' own SamProcessor and SamModel on the checkpoint the SAM artifact was
 traced from (`hf/` inside the artifact), for every fixture image and a few boxes.
 

@@ -1,6 +1,6 @@
 //! The numbers of `clipqc eval`, as pure functions of (score, label) pairs.
 //!
-//! Guarantees, each checked against scikit-learn 1.8 in `tests/eval_cli.rs`:
+//! Guarantees, each checked against scikit-learn 1.8 in `tests/it/eval_cli.rs`:
 //! - a *positive* is a defective image, the score is its `anomaly_score`, and an image is
 //!   flagged at threshold `t` when its score is `>= t` (scikit-learn's convention);
 //! - the curves have one point per distinct score (tied scores move together), from the

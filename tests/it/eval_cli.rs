@@ -6,7 +6,7 @@
 //! The tiny model's weights are random, so nothing here expects good accuracy: correctness
 //! is checked by construction.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

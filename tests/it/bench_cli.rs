@@ -2,7 +2,7 @@
 //! Checks that the figures are there and consistent, not how fast they are (that is
 //! scripts/bench.sh's job, on a quiet machine).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -110,6 +110,7 @@ fn bench_names_a_missing_image() {
 
 /// Against a real broker process (tansu): the bench creates its topics there and measures.
 #[test]
+#[ignore = "needs the tansu broker (scripts/test.sh)"]
 fn bench_runs_against_a_given_broker() {
     let _serial = common::e2e::serial();
     let broker = common::e2e::Broker::start();

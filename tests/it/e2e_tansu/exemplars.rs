@@ -29,6 +29,7 @@ fn has_exemplar(v: &ReadBack) -> bool {
 }
 
 #[test]
+#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
     let _serial = serial();
     let broker = Broker::start();

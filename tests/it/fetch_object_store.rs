@@ -2,7 +2,7 @@
 //! object_store: the object's bytes, a missing key, an object over the size limit, a bucket
 //! outside the allowlist. The bucket is filled by boto3 (an independent client).
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -89,6 +89,7 @@ fn settings(moto: &Moto) -> FetchSettings {
 }
 
 #[tokio::test]
+#[ignore = "needs moto's S3 server, from PyPI (scripts/test.sh)"]
 async fn s3_objects_are_fetched_with_limits_and_allowlist() {
     let moto = Moto::start();
     let images = common::fixtures().join("images");

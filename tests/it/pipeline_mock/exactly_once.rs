@@ -134,10 +134,10 @@ async fn a_fenced_worker_stops_with_an_error_naming_it() {
 
 /// Throughput of exactly-once against at-least-once, measured in one run on the mock cluster
 /// with the fake model (so the delivery's cost is what differs). A benchmark, not a check:
-/// `cargo test --test pipeline_mock -- --ignored --nocapture delivery_throughput`.
+/// `cargo test --test it measure_delivery_throughput -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement; run by hand"]
-async fn delivery_throughput_exactly_once_against_at_least_once() {
+#[ignore = "a measurement, run by hand"]
+async fn measure_delivery_throughput_exactly_once_against_at_least_once() {
     const N: usize = 600;
     let mut rates = Vec::new();
     // Twice each, alternating, so neither mode alone gets the cold start or a busy moment.

@@ -2,7 +2,7 @@
 //! every request gets exactly one verdict, every bad one also a dead letter, and the group's
 //! committed offsets reach the end of every partition.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

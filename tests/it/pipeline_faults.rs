@@ -4,7 +4,7 @@
 //! coordinator holds every rebalance for a whole session timeout and sometimes loops.) The fake model (with a delay) stands in for CLIP: these tests are
 //! about records and offsets, not about scores.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -175,6 +175,7 @@ fn compare(backend: &mut SamBackend, label: &str) -> (f64, f32) {
 }
 
 #[test]
+#[ignore = "compares with Python's reference outputs (scripts/test.sh makes them)"]
 fn sam_masks_and_ious_match_transformers() {
     let artifact =
         SamArtifact::open(sam_dir()).expect("the tiny SAM exported by scripts/test.sh opens");
@@ -192,6 +193,7 @@ fn sam_masks_and_ious_match_transformers() {
 
 /// The encoder in half precision, as on CUDA, run here on the CPU: the masks stay close.
 #[test]
+#[ignore = "compares with Python's reference outputs (scripts/test.sh makes them)"]
 fn sam_half_precision_encoder_stays_close() {
     let artifact = SamArtifact::open(sam_dir()).unwrap();
     let mut backend = SamBackend::load(&artifact, DeviceSpec::Cpu)
@@ -211,6 +213,7 @@ fn sam_half_precision_encoder_stays_close() {
 
 /// Through the segmentation thread: the same segments as the backend called directly.
 #[test]
+#[ignore = "compares with Python's reference outputs (scripts/test.sh makes them)"]
 fn sam_through_its_thread_gives_the_backend_answer() {
     let artifact = SamArtifact::open(sam_dir()).unwrap();
     let pre = SamPreprocessor::new(&artifact.manifest.image);
@@ -251,10 +254,10 @@ fn sam_through_its_thread_gives_the_backend_answer() {
 /// stage's mean over 10 frames, with one box and with four. Ignored (a measurement, not a
 /// check); `CLIPQC_SAM_COST_DIR` names another SAM artifact (e.g. `export.py --random-sam
 /// vit-b`), default the tiny one:
-/// `cargo test --release --test model_fidelity sam_cost -- --ignored --nocapture`
+/// `cargo test --release --test it measure_sam_cost -- --ignored --nocapture`
 #[test]
-#[ignore]
-fn sam_cost_per_frame() {
+#[ignore = "a measurement, run by hand"]
+fn measure_sam_cost_per_frame() {
     use std::time::{Duration, Instant};
     let dir = std::env::var_os("CLIPQC_SAM_COST_DIR").map_or_else(sam_dir, PathBuf::from);
     let artifact = SamArtifact::open(&dir).unwrap();

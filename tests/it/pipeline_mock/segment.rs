@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clipqc::model::artifact::Interpolation;
 use clipqc::model::fake::Gate;
 use clipqc::model::tch_backend::TchBackend;
 use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
@@ -13,9 +14,9 @@ use clipqc::pipeline;
 use clipqc::proto::v1::{
     inspection_request::Image, InspectionRequest, Outcome, RegionOfInterest, Verdict,
 };
+use clipqc::segment::artifact::{SamImageSettings, SamPad, SamResize};
 use clipqc::segment::{
-    Mask, SamArtifact, SamBox, SamInput, SamPreprocessor, Segment, SegmentError, SegmentOwner,
-    Segmenter,
+    Mask, SamBox, SamInput, SamPreprocessor, Segment, SegmentError, SegmentOwner, Segmenter,
 };
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
@@ -95,8 +96,16 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
     let (owner, model) =
         ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
     let mut deps = deps(&settings, &brokers, &artifact, &model);
-    let sam = SamArtifact::open(common::tiny_model().join("sam")).unwrap();
-    let sam_pre = SamPreprocessor::new(&sam.manifest.image);
+    // The tiny SAM's input settings (no SAM runs here: the fake stands in for it).
+    let sam_pre = SamPreprocessor::new(&SamImageSettings {
+        size: 128,
+        resize: SamResize::LongestEdge,
+        interpolation: Interpolation::Bilinear,
+        pad: SamPad::BottomRight,
+        rescale_factor: 1.0 / 255.0,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    });
     let (gate, seen) = (Gate::new(), Arc::new(Mutex::new(Vec::new())));
     let fake = GatedSegmenter {
         gate: gate.clone(),
