@@ -7,7 +7,7 @@
 #   OUT_DIR/gpu.sh, baseline.py, make_images.py   the scripts
 #   OUT_DIR/bin/clipqc.gz                          target/release/clipqc (built first; CLIPQC_BIN=FILE
 #                                                  bundles another), debug info stripped, gzipped
-#   OUT_DIR/model/export.py, clip_bpe.py           the export tool (gpu.sh exports the random model there)
+#   OUT_DIR/model/export.py, clip_bpe.py, sam_export.py  the export tool (gpu.sh exports the random models there)
 #   OUT_DIR/wheels/*.whl + requirements.txt        transformers and its dependencies, at the exact
 #                                                  versions of the project venv (torch excluded: the
 #                                                  machine's own is used), for CPython 3.11-3.13
@@ -99,7 +99,9 @@ fi
 # --- scripts and the export tool ------------------------------------------------------------
 cp "$ROOT/benches/gpu.sh" "$ROOT/benches/baseline.py" "$ROOT/benches/make_images.py" "$OUT_DIR/"
 chmod +x "$OUT_DIR/gpu.sh"
-cp "$ROOT/deploy/model/export.py" "$ROOT/deploy/model/clip_bpe.py" "$OUT_DIR/model/"
+# export.py imports sam_export.py (the SAM export, also used by gpu.sh's segmentation step).
+cp "$ROOT/deploy/model/export.py" "$ROOT/deploy/model/clip_bpe.py" "$ROOT/deploy/model/sam_export.py" \
+  "$OUT_DIR/model/"
 
 # --- torchvision's operators, for the device preprocessing path (issue 16) ------------------
 # The GPU image has torchvision 0.26.0; this copy (the project venv's, built for the same torch

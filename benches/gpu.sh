@@ -19,7 +19,8 @@
 # measures the model-only ceiling in the same run), compare host and device preprocessing
 # (issue 16: `--preprocess-device cpu` against `cuda` on 250x250, 1080p and 5 MP JPEGs, and on the
 # tiled profile: images/s, windows/s, the ceiling and CPU cores used per GPU), run it again at
-# half the rate it reached, print the tables. Results (JSON, and gpu.log) go to $OUT when set,
+# half the rate it reached, measure SAM's cost per DEFECT verdict (issue 15, with the time
+# left), print the tables. Results (JSON, and gpu.log) go to $OUT when set,
 # else ./gpu-results. Every step's time box is cut to what is left of DEADLINE_S (450 s), and a
 # step with under 15 s left is skipped, so the whole run stays within 8 minutes.
 #
@@ -55,6 +56,7 @@ if [ "$QUICK" = 1 ]; then
   T_INSTALL=60; T_EXPORT=120; T_IMAGES=60; T_PRE=60; T_BASE=120; T_MAX=120; T_HALF=120
   TILED_N=8; T_TILED=120
   PREP_N=(20 10 6); T_PREP_RUN=60
+  SAM_PRESET=tiny; SEG_N=8; T_SAM_EXPORT=60; T_SEG=60
 else
   # Caps add up to 510 s; a normal run takes far less (the export and the two benches dominate).
   PRESET=vit-b-32; BASE_N=500; CLIPQC_N=4000; PRE_REPEAT=10
@@ -62,6 +64,8 @@ else
   TILED_N=800; T_TILED=60
   # Device vs host preprocessing, per image (250x250, 1080p, 5 MP): about 10 s of requests each.
   PREP_N=(3000 1500 600); T_PREP_RUN=30
+  # Issue 15, last and only with the time left: the random ViT-B-shaped SAM, 1080p DEFECTs.
+  SAM_PRESET=vit-b; SEG_N=200; T_SAM_EXPORT=60; T_SEG=40
 fi
 BASE_MAX_S=$((T_BASE * 2 / 3))  # the baseline stops timing here and reports what it did
 DEADLINE_S=450  # 7.5 minutes: every time box is cut to what is left of it
@@ -256,6 +260,48 @@ for n in (sysconfig.get_config_var("INSTSONAME"), sysconfig.get_config_var("LDLI
   done
 }
 
+# Issue 15: what outlining a DEFECT with SAM costs next to classifying it. The same 1080p
+# requests through a profile that always says DEFECT (two defect classes), without and with
+# `segment = true` (SAM's encoder in fp16 on CUDA; a queue long enough that no verdict skips
+# its mask): images/s of each, so SAM's cost per verdict is 1/images_per_s(segment) against
+# 1/images_per_s(classify).
+segment_cost() { # bin model images
+  local bin="$1" model="$2" images="$3" sam="$WORK/sam-$SAM_PRESET" stamp seg
+  stamp="$(cat "$HERE/model/export.py" "$HERE/model/sam_export.py" "$HERE/wheels/requirements.txt" | sha256sum | cut -c1-16)-$SAM_PRESET"
+  if [ "$(cat "$sam/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    local left=$((DEADLINE_S - SECONDS)) t="$T_SAM_EXPORT"
+    [ "$left" -ge 30 ] || { warn "SAM export: skipped (${left}s left)"; return 0; }
+    [ "$t" -le "$left" ] || t="$left"
+    rm -rf "$sam"
+    note "exporting the random $SAM_PRESET SAM to $sam (time box ${t}s)"
+    timeout "$t" "$PY" "$HERE/model/export.py" --random-sam "$SAM_PRESET" --out "$sam" ||
+      { warn "SAM export failed or ran out of time: segmentation cost skipped"; return 0; }
+    echo "$stamp" >"$sam/.stamp"
+  fi
+  for seg in false true; do
+    cat >"$WORK/segment-$seg.toml" <<TOML
+[model]
+sam_dir = "$sam"
+sam_queue = 100000
+
+[profiles.seg]
+segment = $seg
+[[profiles.seg.classes]]
+name = "dent"
+prompts = ["a dent"]
+defect = true
+[[profiles.seg.classes]]
+name = "scratch"
+prompts = ["a scratch"]
+defect = true
+TOML
+    run_step "clipqc bench on $DEVICE, 1080p DEFECTs, segment = $seg, $SEG_N requests" "$T_SEG" \
+      "$RES/segment-$seg.json" \
+      "$bin" bench --model "$model" --device "$DEVICE" --config "$WORK/segment-$seg.toml" \
+      --profile seg --requests "$SEG_N" --image "$images/part_1920x1080.jpg" --json
+  done
+}
+
 main() {
   note "clipqc GPU bench: device $DEVICE, $( [ "$QUICK" = 1 ] && echo quick || echo full ) run, work $WORK, results $RES"
   [ -f "$HERE/MANIFEST.txt" ] && head -3 "$HERE/MANIFEST.txt" | sed 's/^/    /'
@@ -333,6 +379,7 @@ print(f"{r:.1f}", max(20, min(int(sys.argv[2]), int(r * 15))))' "$RES/clipqc-max
         "$T_TILED" "$RES/clipqc-tiled.json" \
         "$bin" bench --model "$model" --device "$DEVICE" --config "$WORK/tiled.toml" --profile tiled \
         --requests "$TILED_N" --image "$images/part_1920x1080.jpg" --json
+      segment_cost "$bin" "$model" "$images"
     fi
   else
     warn "the bundle has no bin/clipqc.gz: clipqc runs skipped"
@@ -420,6 +467,20 @@ if prep:
         print(f"  {r['image']:<16} {r['preprocess_device']:<5} {f(r['images_per_s']):>9} {f(r['windows_per_s']):>10} "
               f"{f(r['ceiling_views_per_s']):>9} {f(r['ratio_to_ceiling'], '{:.2f}'):>8} {f(r['cpu_cores_used'], '{:.2f}'):>9} "
               f"{f(r['images_per_s_per_core']):>10} {f(r['p99_ms']):>8}")
+# Issue 15: SAM's cost per DEFECT verdict next to classifying it.
+plain, seg = load("segment-false.json"), load("segment-true.json")
+if plain and seg and plain.get("images_per_s") and seg.get("images_per_s"):
+    summary["segmentation"] = {
+        "classify_images_per_s": plain["images_per_s"], "segment_images_per_s": seg["images_per_s"],
+        "classify_ms_per_verdict": 1000 / plain["images_per_s"],
+        "segment_ms_per_verdict": 1000 / seg["images_per_s"],
+        "segment_p99_ms": g(seg, "latency_ms", "p99"),
+    }
+    (res / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    s = summary["segmentation"]
+    print("\n== SAM masks (issue 15): 1080p DEFECT verdicts, max rate")
+    print(f"  classified only            {s['classify_images_per_s']:8.1f} verdicts/s  {s['classify_ms_per_verdict']:8.1f} ms each")
+    print(f"  classified and outlined    {s['segment_images_per_s']:8.1f} verdicts/s  {s['segment_ms_per_verdict']:8.1f} ms each")
 print(f"(JSON in {res})")
 EOF
 }
