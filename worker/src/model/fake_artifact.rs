@@ -14,7 +14,8 @@
 //! - the tokenizer is byte-level BPE without merges: every UTF-8 byte one token, between a
 //!   start and an end token, so any text tokenizes and prompts that differ embed differently.
 //!
-//! Deterministic: the same `seed` writes the same weights.
+//! Deterministic: the same `seed` writes the same weights (drawing them holds a process-wide
+//! lock on libtorch's generator; nothing else in clipqc draws from it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -42,6 +43,10 @@ const END: &str = "<|endoftext|>";
 /// Write the artifact into `dir` (created if missing; files in it are replaced).
 pub fn write(dir: &Path, seed: i64) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
+    // libtorch's generator is one per process: two artifacts written side by side (tests run
+    // in parallel) would interleave their draws and neither would be the seed's.
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     let _no_grad = tch::no_grad_guard();
     let d = EMBEDDING_DIM as i64;
