@@ -46,8 +46,9 @@ cargo test --workspace --lib --bins --tests "$@" -- --nocapture --include-ignore
   --skip measure_ --skip e2e_tansu:: --skip ops_stack::
 cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ e2e_tansu::
 cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ ops_stack::
-# `cargo test --benches` runs each criterion benchmark once, as a smoke test.
-cargo test --workspace --benches "$@"
+# Each criterion benchmark once, as a smoke test (`--bench '*'`: the bench targets only; with
+# `--benches` cargo would run the library's unit tests a second time).
+cargo test --workspace --bench '*' "$@"
 # Then a short coverage-guided fuzzing run of each fuzz target (scripts/fuzz.sh; its instrumented
 # build is separate, kept in ~/.cache/clipqc). CLIPQC_FUZZ_SECONDS: seconds per target, 0 to skip.
 fuzz_seconds="${CLIPQC_FUZZ_SECONDS:-30}"
