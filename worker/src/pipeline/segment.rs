@@ -89,7 +89,7 @@ pub(super) async fn outline(
             dir: "model.sam_dir".into(),
             message: "no SAM model is loaded (model.sam_dir is unset)".into(),
         }),
-        Some(s) => segment(s, &decision, frame.clone_parts(), reserved).await,
+        Some(s) => segment(s, &decision, &frame, reserved).await,
     };
     let outline = match result {
         Ok(masks) => {
@@ -107,43 +107,24 @@ pub(super) async fn outline(
     with_outline(profile, decision, outline)
 }
 
-impl Frame<'_> {
-    fn clone_parts(
-        &self,
-    ) -> (
-        String,
-        Bytes,
-        crate::preprocess::Preprocessor,
-        Option<Region>,
-    ) {
-        (
-            self.input.clone(),
-            self.bytes.clone(),
-            self.preprocessor.clone(),
-            self.region,
-        )
-    }
-}
-
 /// Decode the frame (off the async workers), prompt SAM with the decision's boxes, wait for
 /// its masks. Each mask is paired with the index of its region.
 async fn segment(
     s: &Segmenting,
     decision: &Decision,
-    (input, bytes, pre, region): (
-        String,
-        Bytes,
-        crate::preprocess::Preprocessor,
-        Option<Region>,
-    ),
+    frame: &Frame<'_>,
     (reserved, held): (Reserved<'_>, u64),
 ) -> Result<Vec<(u32, crate::segment::MaskSummary)>, SegmentError> {
+    let input = &frame.input;
     let bad_frame = |e: crate::preprocess::PreprocessError| SegmentError::Input {
         input: input.clone(),
         message: e.to_string(),
     };
-    let plan = pre.frame_plan(&input, &bytes).map_err(bad_frame)?;
-    let boxes = prompts(decision, region, (plan.width, plan.height));
+    let plan = frame
+        .preprocessor
+        .frame_plan(input, &frame.bytes)
+        .map_err(bad_frame)?;
+    let boxes = prompts(decision, frame.region, (plan.width, plan.height));
     let pixels = u64::from(plan.width) * u64::from(plan.height);
     let square = u64::from(s.preprocessor.size()).pow(2);
     // The frame's decode, SAM's input (and its resize), one mask's float upscale at a time,
@@ -152,14 +133,14 @@ async fn segment(
     let _reserved = reserved
         .grow_to(usize::try_from(held + need).unwrap_or(usize::MAX))
         .await;
-    let sam = s.preprocessor.clone();
-    let (name, prompts) = (input.clone(), boxes.clone());
+    let (sam, pre) = (s.preprocessor.clone(), frame.preprocessor.clone());
+    let (name, bytes) = (input.clone(), frame.bytes.clone());
     let prepared = tokio::task::spawn_blocking(move || {
-        let frame = pre.frame(&name, &bytes).map_err(|e| SegmentError::Input {
+        let rgb = pre.frame(&name, &bytes).map_err(|e| SegmentError::Input {
             input: name.clone(),
             message: e.to_string(),
         })?;
-        sam.prepare(&name, &frame, &prompts)
+        sam.prepare(&name, &rgb, &boxes)
     })
     .await
     .map_err(|e| SegmentError::Inference(format!("{input}: preparing the frame failed: {e}")))??;
