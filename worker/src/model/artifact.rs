@@ -129,33 +129,26 @@ impl Artifact {
             dir: dir.clone(),
             message,
         };
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
-            fail(format!(
-                "cannot read {MANIFEST_FILE}: {e} (export one with deploy/model/export.py)"
-            ))
-        })?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| fail(format!("{MANIFEST_FILE} is not a valid manifest: {e}")))?;
-        manifest
-            .validate()
-            .map_err(|m| fail(format!("{MANIFEST_FILE}: {m}")))?;
-        for name in REQUIRED_FILES {
-            let expected = manifest
-                .files
-                .get(name)
-                .ok_or_else(|| fail(format!("{MANIFEST_FILE} lists no sha256 for {name}")))?;
-            let path = dir.join(name);
-            let actual =
-                sha256_file(&path).map_err(|e| fail(format!("cannot read {name}: {e}")))?;
-            if !actual.eq_ignore_ascii_case(expected) {
-                return Err(ModelError::Checksum {
+        let export = Export {
+            manifest: MANIFEST_FILE,
+            kind: "manifest",
+            command: "deploy/model/export.py",
+            required: &REQUIRED_FILES,
+        };
+        let manifest = export
+            .open(&dir, Manifest::validate, |m: &Manifest| &m.files)
+            .map_err(|e| match e {
+                FileMismatch::Unusable(message) => fail(message),
+                FileMismatch::Checksum {
                     path,
-                    expected: expected.clone(),
+                    expected,
                     actual,
-                });
-            }
-        }
+                } => ModelError::Checksum {
+                    path,
+                    expected,
+                    actual,
+                },
+            })?;
         Ok(Self { dir, manifest })
     }
 
@@ -170,15 +163,91 @@ impl Artifact {
     }
 
     pub fn model_hash(&self) -> String {
-        let mut h = Sha256::new();
-        for (name, sum) in &self.manifest.files {
-            h.update(name.as_bytes());
-            h.update(b"=");
-            h.update(sum.as_bytes());
-            h.update(b"\n");
-        }
-        hex::encode(&h.finalize()[..6])
+        files_hash(&self.manifest.files)
     }
+}
+
+/// Why an exported directory does not check out against its manifest (shared by the CLIP and
+/// the SAM artifacts, which map it into their own error).
+#[derive(Debug)]
+pub(crate) enum FileMismatch {
+    /// The manifest unreadable or invalid, or a file unlisted or unreadable: the message says
+    /// which and why.
+    Unusable(String),
+    /// Its bytes are not the ones the manifest hashed: a partial copy or a different export.
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// An exported directory as its manifest describes it (the CLIP model's, SAM's): which file is
+/// the manifest, what to call it in errors, the command that writes one, and the files it must
+/// list with their sha256.
+pub(crate) struct Export<'a> {
+    pub manifest: &'a str,
+    pub kind: &'a str,
+    pub command: &'a str,
+    pub required: &'a [&'a str],
+}
+
+impl Export<'_> {
+    /// Read the manifest from `dir`, `validate` it, and check that each required file is listed in
+    /// its `files` with the sha256 it has. Every byte is read: a copy cut short or a file from
+    /// another export is refused at start instead of loading weights nobody checked.
+    pub(crate) fn open<M: serde::de::DeserializeOwned>(
+        &self,
+        dir: &Path,
+        validate: impl FnOnce(&M) -> Result<(), String>,
+        files: impl FnOnce(&M) -> &BTreeMap<String, String>,
+    ) -> Result<M, FileMismatch> {
+        let Export {
+            manifest: file,
+            kind,
+            command,
+            required,
+        } = self;
+        let unusable = FileMismatch::Unusable;
+        let text = std::fs::read_to_string(dir.join(file)).map_err(|e| {
+            unusable(format!(
+                "cannot read {file}: {e} (export one with {command})"
+            ))
+        })?;
+        let manifest: M = serde_json::from_str(&text)
+            .map_err(|e| unusable(format!("{file} is not a valid {kind}: {e}")))?;
+        validate(&manifest).map_err(|m| unusable(format!("{file}: {m}")))?;
+        let listed = files(&manifest);
+        for name in required.iter() {
+            let expected = listed
+                .get(*name)
+                .ok_or_else(|| unusable(format!("{file} lists no sha256 for {name}")))?;
+            let path = dir.join(name);
+            let actual =
+                sha256_file(&path).map_err(|e| unusable(format!("cannot read {name}: {e}")))?;
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(FileMismatch::Checksum {
+                    path,
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(manifest)
+    }
+}
+
+/// The short hash in a model id: over every file's name and sha256, so two exports that differ
+/// in any weight get different ids, and the same export always the same one.
+pub(crate) fn files_hash(files: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    for (name, sum) in files {
+        h.update(name.as_bytes());
+        h.update(b"=");
+        h.update(sum.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(&h.finalize()[..6])
 }
 
 impl Manifest {

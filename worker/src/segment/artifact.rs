@@ -10,10 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::SegmentError;
-use crate::model::artifact::{sha256_file, Interpolation};
+use crate::model::artifact::{files_hash, Export, FileMismatch, Interpolation};
 
 pub const MANIFEST_FILE: &str = "clipqc-sam.json";
 pub const IMAGE_ENCODER: &str = "image_encoder.pt";
@@ -103,32 +102,26 @@ impl SamArtifact {
             dir: dir.clone(),
             message,
         };
-        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|e| {
-            fail(format!(
-                "cannot read {MANIFEST_FILE}: {e} (export one with deploy/model/export.py --sam)"
-            ))
-        })?;
-        let manifest: SamManifest = serde_json::from_str(&text)
-            .map_err(|e| fail(format!("{MANIFEST_FILE} is not a valid SAM manifest: {e}")))?;
-        manifest
-            .validate()
-            .map_err(|m| fail(format!("{MANIFEST_FILE}: {m}")))?;
-        for name in REQUIRED_FILES {
-            let expected = manifest
-                .files
-                .get(name)
-                .ok_or_else(|| fail(format!("{MANIFEST_FILE} lists no sha256 for {name}")))?;
-            let path = dir.join(name);
-            let actual =
-                sha256_file(&path).map_err(|e| fail(format!("cannot read {name}: {e}")))?;
-            if !actual.eq_ignore_ascii_case(expected) {
-                return Err(SegmentError::Checksum {
+        let export = Export {
+            manifest: MANIFEST_FILE,
+            kind: "SAM manifest",
+            command: "deploy/model/export.py --sam",
+            required: &REQUIRED_FILES,
+        };
+        let manifest = export
+            .open(&dir, SamManifest::validate, |m: &SamManifest| &m.files)
+            .map_err(|e| match e {
+                FileMismatch::Unusable(message) => fail(message),
+                FileMismatch::Checksum {
                     path,
-                    expected: expected.clone(),
+                    expected,
                     actual,
-                });
-            }
-        }
+                } => SegmentError::Checksum {
+                    path,
+                    expected,
+                    actual,
+                },
+            })?;
         Ok(Self { dir, manifest })
     }
 
@@ -139,14 +132,11 @@ impl SamArtifact {
     /// `name@hash`, the hash over every file's sha256: two exports that differ in any weight
     /// get different ids (as [`crate::model::Artifact::model_id`]).
     pub fn model_id(&self) -> String {
-        let mut h = Sha256::new();
-        for (name, sum) in &self.manifest.files {
-            h.update(name.as_bytes());
-            h.update(b"=");
-            h.update(sum.as_bytes());
-            h.update(b"\n");
-        }
-        format!("{}@{}", self.manifest.name, hex::encode(&h.finalize()[..6]))
+        format!(
+            "{}@{}",
+            self.manifest.name,
+            files_hash(&self.manifest.files)
+        )
     }
 }
 
@@ -201,6 +191,7 @@ impl SamManifest {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::artifact::sha256_file;
 
     pub(crate) fn manifest(files: BTreeMap<String, String>) -> SamManifest {
         SamManifest {
