@@ -298,7 +298,6 @@ fn slow_or_stuck(broker: &Broker, topics: &Topics, worker: &Worker) -> String {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn two_workers_share_the_partitions_and_hand_them_over() {
-    const TOTAL: usize = 900;
     let _serial = serial();
     let broker = Broker::start();
     let topics = Topics::create(&broker, "pair", 4);
@@ -306,48 +305,76 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
     let dir = tempfile::tempdir().unwrap();
     // Dynamic membership: a leaving member says so and tansu rebalances at once.
     let a = Worker::start(&broker, &topics, "pair-a", false, dir.path());
-    // 30 requests a second for 30 s, as cameras would: work keeps coming while the group changes.
-    let producer = produce_at(
+    // 30 requests a second, as cameras would, until the second worker has come and gone (at most
+    // 4 minutes): work keeps coming while the group changes, however long tansu takes to
+    // rebalance. (A fixed 30-second stream once ended before tansu gave B its partitions.)
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut producer = Some(produce_until(
         &broker,
         &topics.requests,
-        TOTAL,
         &images.url("part_250.jpg"),
-        0,
         30.0,
-    );
-    let verdicts = follow(&broker, &topics.verdicts, TOTAL, Duration::from_secs(60));
+        60,
+        stop.clone(),
+        Duration::from_secs(240),
+    ));
+    let verdicts = follow(&broker, &topics.verdicts, usize::MAX >> 1, Duration::from_secs(60));
+    let mut published: Option<Vec<Published>> = None;
     let mut tally = Tally::new();
     let mut b = None;
     let mut b_name = String::new();
     let mut b_stopped = false;
     let mut by_b = 0;
-    for r in verdicts.iter() {
-        tally.add(&r);
-        let worker = r.header("clipqc-worker").unwrap_or_default();
-        if !b_name.is_empty() && worker.ends_with(&b_name) {
-            by_b += 1;
+    loop {
+        match verdicts.recv_timeout(Duration::from_secs(1)) {
+            Ok(r) => {
+                tally.add(&r);
+                let worker = r.header("clipqc-worker").unwrap_or_default();
+                if !b_name.is_empty() && worker.ends_with(&b_name) {
+                    by_b += 1;
+                }
+                if b.is_none() && !b_stopped && tally.distinct.len() >= 50 {
+                    let w = Worker::start(&broker, &topics, "pair-b", false, dir.path());
+                    b_name = format!("/{}", w.pid());
+                    b = Some(w);
+                } else if !b_stopped && by_b >= 30 {
+                    // The second worker has partitions and is producing verdicts: stop it
+                    // mid-stream, then let the stream end.
+                    let w = b.take().unwrap();
+                    assert!(
+                        w.terminate(Duration::from_secs(30)),
+                        "B drains and exits cleanly"
+                    );
+                    b_stopped = true;
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // A minute without a verdict: whatever is missing is lost (counted below).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if b.is_none() && tally.distinct.len() >= 50 {
-            let w = Worker::start(&broker, &topics, "pair-b", false, dir.path());
-            b_name = format!("/{}", w.pid());
-            b = Some(w);
-        } else if !b_stopped && by_b >= 30 {
-            // The second worker has partitions and is producing verdicts: stop it mid-stream.
-            let w = b.take().unwrap();
-            assert!(
-                w.terminate(Duration::from_secs(30)),
-                "B drains and exits cleanly"
-            );
-            b_stopped = true;
+        if producer.as_ref().is_some_and(|p| p.is_finished()) {
+            published = Some(producer.take().unwrap().join().unwrap());
+        }
+        if published
+            .as_ref()
+            .is_some_and(|p| tally.distinct.len() >= p.len())
+        {
+            break;
         }
     }
-    let published = producer.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let published = match published {
+        Some(p) => p,
+        None => producer.take().unwrap().join().unwrap(),
+    };
     let lost = published
         .iter()
         .filter(|p| !tally.distinct.contains(&(p.partition, p.offset)))
         .count();
     eprintln!(
-        "two workers: {TOTAL} requests, {} lost, {} duplicates, verdicts by worker {:?}",
+        "two workers: {} requests, {} lost, {} duplicates, verdicts by worker {:?}",
+        published.len(),
         lost,
         tally.duplicates(),
         tally.by_worker

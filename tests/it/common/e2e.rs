@@ -432,6 +432,41 @@ pub fn produce_at(
     bad_every: usize,
     rate: f64,
 ) -> std::thread::JoinHandle<Vec<Published>> {
+    let mut cmd = produce_command(broker, topic, count, url, bad_every, rate);
+    std::thread::spawn(move || run_producer(&mut cmd))
+}
+
+/// As [`produce_at`] with no bad requests, in batches of `batch`, until `stop` is set or
+/// `within` has passed: for a stream that must last until something has happened (a group
+/// has rebalanced), however long that takes on a loaded machine, rather than for a fixed time.
+pub fn produce_until(
+    broker: &Broker,
+    topic: &str,
+    url: &str,
+    rate: f64,
+    batch: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    within: Duration,
+) -> std::thread::JoinHandle<Vec<Published>> {
+    let mut cmd = produce_command(broker, topic, batch, url, 0, rate);
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + within;
+        let mut all = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+            all.extend(run_producer(&mut cmd));
+        }
+        all
+    })
+}
+
+fn produce_command(
+    broker: &Broker,
+    topic: &str,
+    count: usize,
+    url: &str,
+    bad_every: usize,
+    rate: f64,
+) -> Command {
     let mut cmd = client();
     cmd.args(["produce", "--brokers", &broker.brokers(), "--topic", topic])
         .args(broker.client_args())
@@ -443,15 +478,17 @@ pub fn produce_at(
             &rate.to_string(),
         ])
         .stderr(Stdio::inherit());
-    std::thread::spawn(move || {
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "kafka_client.py produce failed");
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    })
+    cmd
+}
+
+fn run_producer(cmd: &mut Command) -> Vec<Published> {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "kafka_client.py produce failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// One end-to-end test at a time: each runs a broker, workers and clients, and on a small
