@@ -14,15 +14,10 @@ cd "$ROOT"
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=(licenses bans sources)
 
-CARGO_DENY_VERSION=0.20.2
-tool="$CACHE/cargo-deny-$CARGO_DENY_VERSION"
-if [ ! -x "$tool/bin/cargo-deny" ]; then
-  echo "==> installing cargo-deny $CARGO_DENY_VERSION into $tool (once; about 4 minutes)" >&2
-  cargo install --quiet --locked "cargo-deny@$CARGO_DENY_VERSION" --root "$tool" >&2
-fi
+tools="$(ensure_cargo_tool cargo-deny 0.20.2 "4 minutes")"
 offline=(--offline)
 for c in "${checks[@]}"; do
   [ "$c" = advisories ] && offline=()
 done
 echo "==> cargo deny check ${checks[*]}" >&2
-"$tool/bin/cargo-deny" "${offline[@]}" check "${checks[@]}"
+"$tools/cargo-deny" "${offline[@]}" check "${checks[@]}"

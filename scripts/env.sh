@@ -59,6 +59,19 @@ ensure_tansu() {
   export CLIPQC_TANSU
 }
 
+# A tool cargo installs from crates.io (cargo-fuzz, cargo-deny), built once per version into the
+# cache, as tansu is; prints the folder its binary is in. Call it in an assignment of its own, so
+# `set -e` sees a failed install.
+ensure_cargo_tool() { # crate version how-long
+  local root="$CACHE/$1-$2"
+  if [ ! -x "$root/bin/$1" ]; then
+    echo "==> installing $1 $2 into $root (once; about $3)" >&2
+    # `|| return`: a command substitution does not inherit `set -e`.
+    cargo install --quiet --locked "$1@$2" --root "$root" >&2 || return 1
+  fi
+  echo "$root/bin"
+}
+
 # Export a random model once per preset and export-tool version (a stamp records both).
 ensure_model() { # preset dir
   local preset="$1" dir="$2"

@@ -20,13 +20,8 @@ seconds="${1:-30}"
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(request preprocess config)
 
-CARGO_FUZZ_VERSION=0.13.2
-tool="$CACHE/cargo-fuzz-$CARGO_FUZZ_VERSION"
-if [ ! -x "$tool/bin/cargo-fuzz" ]; then
-  echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION into $tool (once; about a minute)" >&2
-  cargo install --quiet --locked "cargo-fuzz@$CARGO_FUZZ_VERSION" --root "$tool" >&2
-fi
-export PATH="$tool/bin:$PATH"
+tools="$(ensure_cargo_tool cargo-fuzz 0.13.2 "a minute")"
+export PATH="$tools:$PATH"
 
 # The instrumented build compiles the whole dependency tree again (15 to 21 minutes from nothing
 # on this 2-core machine under other work, 3.4 GB), so it is kept in the cache, like tansu: CI pays
