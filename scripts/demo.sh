@@ -3,6 +3,7 @@
 # --model DIR), start `clipqc run` with its embedded in-process broker, publish generated
 # sample part images as inspection requests, print the verdicts, stop the worker.
 set -euo pipefail
+started=$SECONDS
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 
@@ -43,3 +44,5 @@ kill -TERM $WORKER
 wait $WORKER
 trap - EXIT
 echo "==> worker drained and stopped" >&2
+elapsed=$((SECONDS - started))
+echo "==> demo done in $((elapsed / 60)) min $((elapsed % 60)) s (set-up and build included; a second run reuses them)" >&2

@@ -22,6 +22,12 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer
 
 
+def outcome_word(outcome):
+    """PASS, DEFECT, REVIEW or ERROR, as an operator says it: proto3 JSON spells the enum value
+    OUTCOME_DEFECT, and omits the enum's zero value (OUTCOME_UNSPECIFIED)."""
+    return (outcome or "OUTCOME_UNSPECIFIED").removeprefix("OUTCOME_")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--brokers", required=True)
@@ -67,7 +73,7 @@ def main() -> int:
         seen += 1
         scores = " ".join(f"{s['name']}={s.get('probability', 0):.3f}" for s in v.get("scores", []))
         err = v.get("error", {}).get("message", "")
-        print(f"{sent[v['requestId']]:<28} {v.get('outcome', '?'):<15} {v.get('topClass', ''):<16} {scores}{err}")
+        print(f"{sent[v['requestId']]:<28} {outcome_word(v.get('outcome')):<8} {v.get('topClass', ''):<16} {scores}{err}")
     consumer.close()
     if seen < len(sent):
         print(f"only {seen} of {len(sent)} verdicts within {args.timeout}s", file=sys.stderr)
