@@ -20,5 +20,9 @@ offline=(--offline)
 for c in "${checks[@]}"; do
   [ "$c" = advisories ] && offline=()
 done
+# cargo-deny reads `cargo metadata` for every platform, so it needs the crates of other
+# platforms too (android_system_properties, windows-*), which no build here downloads: on a fresh
+# machine `--offline` failed on them. `cargo fetch` takes every crate the lock file names, once.
+cargo fetch --locked >&2
 echo "==> cargo deny check ${checks[*]}" >&2
 "$tools/cargo-deny" "${offline[@]}" check "${checks[@]}"
