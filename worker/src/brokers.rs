@@ -21,7 +21,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
-use crate::config::KafkaSettings;
+use crate::kafka::KafkaSettings;
 
 /// Records the first security failure librdkafka reports (its error events, with their text).
 #[derive(Default)]

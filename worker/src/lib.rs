@@ -18,6 +18,7 @@ pub mod exemplars;
 pub mod fetch;
 pub mod gpu;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod notify;

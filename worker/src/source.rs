@@ -22,8 +22,8 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::config::{Delivery, KafkaSettings};
 use crate::http::Readiness;
+use crate::kafka::{Delivery, KafkaSettings};
 use crate::metrics;
 use crate::offsets::{Ledger, Partition};
 use crate::sink::transaction::Transactions;

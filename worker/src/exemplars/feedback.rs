@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::follow::{self, SharedBank};
 use super::{id_of, FEEDBACK_SOURCE};
-use crate::config::KafkaSettings;
 use crate::fetch::Fetcher;
+use crate::kafka::KafkaSettings;
 use crate::metrics;
 use crate::model::ModelHandle;
 use crate::preprocess::Preprocessor;

@@ -29,7 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Bank, ExemplarSettings};
-use crate::config::KafkaSettings;
+use crate::kafka::KafkaSettings;
 use crate::metrics;
 use crate::proto::v1::Exemplar;
 use crate::score::ProfileConfig;

@@ -29,8 +29,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaSettings;
 use crate::http::Readiness;
+use crate::kafka::KafkaSettings;
 use crate::metrics;
 
 #[derive(Clone)]

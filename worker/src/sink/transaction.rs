@@ -31,7 +31,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::outbox::{Batch, OwnedRecord, Staged};
 use super::{is_permanent, owned_headers};
-use crate::config::KafkaSettings;
+use crate::kafka::KafkaSettings;
 use crate::metrics;
 use crate::offsets::Partition;
 
