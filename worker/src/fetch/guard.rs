@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
 
-use crate::config::FetchSettings;
+use super::FetchSettings;
 
 /// What fetch.allowed_networks is for, appended to an address refusal.
 const NETWORKS_HINT: &str = "list its network in fetch.allowed_networks to allow it";

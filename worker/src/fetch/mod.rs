@@ -16,6 +16,7 @@
 
 mod guard;
 mod object;
+pub mod settings;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -27,9 +28,9 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 
-use crate::config::FetchSettings;
 use crate::proto::v1::ErrorCode;
 use crate::request::Image;
+pub use settings::FetchSettings;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {

@@ -19,7 +19,7 @@ use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use super::FetchError;
-use crate::config::FetchSettings;
+use super::FetchSettings;
 
 pub const SCHEMES: [&str; 3] = ["s3", "gs", "az"];
 
