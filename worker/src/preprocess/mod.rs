@@ -27,6 +27,7 @@ mod libjpeg;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
+pub mod settings;
 mod tiff;
 mod transform;
 #[cfg(test)]
@@ -41,6 +42,7 @@ pub use clahe::ClaheSettings;
 pub use decode::{decode, decode_scaled, DecodeLimits};
 pub use frame::FramePlan;
 pub use plan::MemoryPlan;
+pub use settings::PreprocessSettings;
 pub use transform::{as_gray8, pad_dims, to_rgb8, Transform};
 pub use windows::{Aggregate, TileConfig, Window};
 
@@ -191,7 +193,7 @@ impl Preprocessor {
     /// Errors (naming the key) when its windows do not fit `max_windows`.
     pub fn for_profile(
         image: &ImageSettings,
-        settings: &crate::config::PreprocessSettings,
+        settings: &PreprocessSettings,
         profile: &crate::score::ProfileConfig,
     ) -> Result<Self, String> {
         let mut pre = Self::new(image, settings.limits, profile.clahe.clone())

@@ -30,11 +30,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use sha2::Digest;
 
-use crate::config::PreprocessSettings;
 use crate::metrics;
 use crate::model::{Manifest, ModelHandle, PromptTokenizer};
 use crate::pipeline::Profile;
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{PreprocessSettings, Preprocessor};
 use crate::routing::Router;
 use crate::score::{ProfileConfig, Scorer};
 

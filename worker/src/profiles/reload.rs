@@ -28,9 +28,10 @@ use serde_json::Value;
 use sha2::Digest;
 
 use super::{Builder, Catalog, Live};
-use crate::config::{PreprocessSettings, Settings};
+use crate::config::Settings;
 use crate::metrics;
 use crate::model::{Manifest, ModelHandle, PromptTokenizer};
+use crate::preprocess::PreprocessSettings;
 use crate::routing::RouteConfig;
 use crate::score::ProfileConfig;
 

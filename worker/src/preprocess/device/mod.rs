@@ -43,7 +43,9 @@ use image::ImageFormat;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use super::{decode, plan, PreprocessError, Preprocessor, Region, Views, Window};
+use super::{
+    decode, plan, PreprocessError, PreprocessSettings, Preprocessor, Region, Views, Window,
+};
 pub use budget::Budget;
 pub use ops::DeviceOps;
 
@@ -162,10 +164,7 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 2 << 30;
 impl DevicePath {
     /// The path on `device` (CPU in tests and CI; `Cuda(n)` on a GPU), with `settings`'
     /// libraries and budget.
-    pub fn open(
-        settings: &crate::config::PreprocessSettings,
-        device: Device,
-    ) -> Result<Self, DeviceError> {
+    pub fn open(settings: &PreprocessSettings, device: Device) -> Result<Self, DeviceError> {
         let ops = DeviceOps::load(
             settings.device_ops_library.as_deref(),
             settings.device_python_library.as_deref(),
@@ -181,7 +180,7 @@ impl DevicePath {
     /// What `settings.device` gives for a model on `model`: `None` for the CPU path (also
     /// under `auto` when torchvision's operators cannot be loaded: logged as a warning).
     pub fn for_model(
-        settings: &crate::config::PreprocessSettings,
+        settings: &PreprocessSettings,
         model: Device,
     ) -> Result<Option<Self>, DeviceError> {
         let device = match (settings.device, model) {
@@ -338,10 +337,7 @@ fn fallback(reason: Fallback) -> Routed {
 /// Chooses the process's device path once the model's device is known (`clipqc run`,
 /// `bench`, `classify`, `exemplar` call it after loading the model); profiles built later
 /// take it ([`for_profile`]). Errors when `preprocess.device = "cuda"` cannot be served.
-pub fn install(
-    settings: &crate::config::PreprocessSettings,
-    model: Device,
-) -> Result<(), DeviceError> {
+pub fn install(settings: &PreprocessSettings, model: Device) -> Result<(), DeviceError> {
     if INSTALLED.get().is_some() {
         return Ok(());
     }
@@ -353,7 +349,7 @@ pub fn install(
 /// The installed path for a profile: `None` (the CPU path) when none is installed or the
 /// profile equalises with CLAHE under `auto`; an error for CLAHE under `cuda`.
 pub fn for_profile(
-    settings: &crate::config::PreprocessSettings,
+    settings: &PreprocessSettings,
     clahe: bool,
 ) -> Result<Option<Arc<DevicePath>>, DeviceError> {
     let Some(path) = INSTALLED.get().cloned().flatten() else {

@@ -10,7 +10,6 @@ use image::{DynamicImage, ImageFormat, RgbImage};
 use tch::Device;
 
 use super::*;
-use crate::config::PreprocessSettings;
 use crate::model::artifact::ImageSettings;
 use crate::preprocess::{Aggregate, ClaheSettings, DecodeLimits, TileConfig, Tiles, View};
 
