@@ -5,20 +5,22 @@
 //! silently fall back to a default on a production line).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::batch::BatchConfig;
 use crate::kafka::property_from_env;
-use crate::model::DeviceSpec;
 use crate::score::ProfileConfig;
 
 // Each stage owns its settings; these re-exports keep `config::KafkaSettings` and the like
 // working for the callers that gather settings (cli, pipeline, tests).
 pub use crate::fetch::FetchSettings;
+pub use crate::http::HttpSettings;
 pub use crate::kafka::{Delivery, KafkaSettings, RESERVED_PROPERTIES};
+pub use crate::model::ModelSettings;
+pub use crate::notify::NotifySettings;
 pub use crate::preprocess::PreprocessSettings;
 
 pub const DEFAULT_PROFILE: &str = "default";
@@ -72,32 +74,6 @@ pub struct Settings {
     pub exemplars: crate::exemplars::ExemplarSettings,
 }
 
-/// Alerting hooks: webhooks told of DEFECT verdicts and of lines' defect rates.
-#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct NotifySettings {
-    /// Webhooks told of DEFECT verdicts and of lines' defect rates (Alertmanager or plain
-    /// JSON).
-    pub webhooks: Vec<crate::notify::WebhookConfig>,
-}
-
-/// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
-#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpSettings {
-    /// Address to listen on; port 0 picks a free one (logged).
-    #[schemars(with = "String")]
-    pub listen: std::net::SocketAddr,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            listen: ([0, 0, 0, 0], 9400).into(),
-        }
-    }
-}
-
 /// How much work a worker holds at once, and how long it may take to finish it.
 #[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -130,39 +106,6 @@ impl Default for PipelineSettings {
             max_model_failures: 3,
             stall_timeout_ms: 300_000,
             config_reload_ms: 2_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSettings {
-    /// The exported artifact directory (deploy/model/export.py).
-    pub dir: Option<PathBuf>,
-    /// The Segment Anything artifact directory (deploy/model/export.py --sam), for profiles
-    /// with `segment = true`; it runs on `device` too. Unset: no profile may segment.
-    #[serde(default)]
-    pub sam_dir: Option<PathBuf>,
-    /// Frames that may wait for the segmentation thread. When that many wait, a DEFECT or
-    /// REVIEW verdict goes out at once without masks (`segmentation = "SEGMENT_QUEUE_FULL"`,
-    /// counted in `clipqc_segment_skipped_total`), so segmentation never slows classification.
-    #[serde(default = "default_sam_queue")]
-    pub sam_queue: usize,
-    #[serde(default)]
-    pub device: DeviceSpec,
-}
-
-fn default_sam_queue() -> usize {
-    4
-}
-
-impl Default for ModelSettings {
-    fn default() -> Self {
-        Self {
-            dir: None,
-            sam_dir: None,
-            sam_queue: default_sam_queue(),
-            device: DeviceSpec::default(),
         }
     }
 }

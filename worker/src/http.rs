@@ -13,7 +13,26 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use schemars::JsonSchema;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+
+/// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free one (logged).
+    #[schemars(with = "String")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 9400).into(),
+        }
+    }
+}
 
 /// What `/readyz` reports; set by the parts that know.
 #[derive(Debug, Default)]

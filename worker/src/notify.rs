@@ -25,6 +25,15 @@ use tokio::sync::mpsc;
 use crate::metrics;
 use crate::proto::v1::{Outcome, Verdict};
 
+/// Alerting hooks: webhooks told of DEFECT verdicts and of lines' defect rates.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifySettings {
+    /// Webhooks told of DEFECT verdicts and of lines' defect rates (Alertmanager or plain
+    /// JSON).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WebhookFormat {

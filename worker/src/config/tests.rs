@@ -1,4 +1,7 @@
+use std::path::PathBuf;
+
 use super::*;
+use crate::model::DeviceSpec;
 
 #[test]
 fn kafka_properties_come_from_the_environment_and_from_files_and_reserved_ones_are_refused() {
