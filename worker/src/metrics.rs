@@ -4,6 +4,12 @@
 //! `_bytes`), counters end in `_total`, label sets are small and fixed (outcome, class,
 //! profile, line, stage, kind, topic/partition): never request ids, URLs or offsets. Each
 //! event below is one function, so call sites cannot misspell a name or a label.
+//!
+//! The label values of the rare-event counters are vocabularies owned here (the `*_KINDS`,
+//! `*_REASONS` and `*_STAGES` lists), so that this module imports nothing from the stages
+//! (every stage reports through it: it must sit below them all). Each stage maps its errors
+//! onto these strings, and a unit test in the stage checks that every variant's label is in
+//! the list, so the two cannot drift.
 
 use std::collections::HashSet;
 use std::sync::{LazyLock, Mutex};
@@ -61,22 +67,21 @@ pub fn install() -> PrometheusHandle {
     ] {
         gauge!(name).set(0.0);
     }
-    for stage in crate::verdict::Stage::ALL {
-        counter!("clipqc_dead_letters_total", "stage" => stage.as_str()).absolute(0);
+    for stage in DEAD_LETTER_STAGES {
+        counter!("clipqc_dead_letters_total", "stage" => stage).absolute(0);
     }
-    for kind in crate::fetch::FetchError::KINDS {
+    for kind in FETCH_ERROR_KINDS {
         counter!("clipqc_fetch_errors_total", "kind" => kind).absolute(0);
     }
     // Counted at their first event otherwise: the alerts and dashboard read them from 0.
     for result in ["applied", "ignored", "refused"] {
         counter!("clipqc_feedback_total", "result" => result).absolute(0);
     }
-    for reason in crate::exemplars::ExemplarError::REASONS {
+    for reason in EXEMPLAR_SKIP_REASONS {
         counter!("clipqc_exemplars_skipped_total", "reason" => reason).absolute(0);
     }
-    for reason in crate::preprocess::device::Fallback::ALL {
-        counter!("clipqc_device_preprocess_fallbacks_total", "reason" => reason.as_str())
-            .absolute(0);
+    for reason in DEVICE_FALLBACK_REASONS {
+        counter!("clipqc_device_preprocess_fallbacks_total", "reason" => reason).absolute(0);
     }
     handle
 }
@@ -340,10 +345,29 @@ pub fn publish_stalled(records: usize) {
     gauge!("clipqc_publish_stalled_records").set(records as f64);
 }
 
-pub fn dead_letter(stage: crate::verdict::Stage) {
-    counter!("clipqc_dead_letters_total", "stage" => stage.as_str()).increment(1);
+/// Where a record can fail: the `stage` label of `clipqc_dead_letters_total` (what
+/// `verdict::Stage::as_str` gives).
+pub const DEAD_LETTER_STAGES: [&str; 8] = [
+    "decode_request",
+    "fetch",
+    "decode_image",
+    "deadline",
+    "model",
+    "internal",
+    "publish",
+    "feedback",
+];
+
+/// A record sent to the dead-letter topic, failed at `stage` (one of [`DEAD_LETTER_STAGES`]).
+pub fn dead_letter(stage: &'static str) {
+    counter!("clipqc_dead_letters_total", "stage" => stage).increment(1);
 }
 
+/// Why an image fetch failed: the `kind` label of `clipqc_fetch_errors_total` (what
+/// `fetch::FetchError::kind` gives).
+pub const FETCH_ERROR_KINDS: [&str; 3] = ["forbidden", "too_large", "failed"];
+
+/// A failed image fetch (`kind`: one of [`FETCH_ERROR_KINDS`]).
 pub fn fetch_error(kind: &'static str) {
     counter!("clipqc_fetch_errors_total", "kind" => kind).increment(1);
 }
@@ -361,8 +385,17 @@ pub fn batch(size: usize, max_size: usize) {
     histogram!("clipqc_batch_fill_ratio").record(size as f64 / max_size.max(1) as f64);
 }
 
-/// An exemplar record the bank refused (`reason`: unknown_profile, unknown_class,
-/// other_model, malformed, full).
+/// Why the bank refused an exemplar record: the `reason` label of
+/// `clipqc_exemplars_skipped_total` (what `exemplars::ExemplarError::reason` gives).
+pub const EXEMPLAR_SKIP_REASONS: [&str; 5] = [
+    "unknown_profile",
+    "unknown_class",
+    "other_model",
+    "malformed",
+    "full",
+];
+
+/// An exemplar record the bank refused (`reason`: one of [`EXEMPLAR_SKIP_REASONS`]).
 pub fn exemplar_skipped(reason: &'static str) {
     counter!("clipqc_exemplars_skipped_total", "reason" => reason).increment(1);
 }
@@ -414,7 +447,14 @@ pub fn device_decode(seconds: f64) {
     histogram!("clipqc_device_decode_seconds").record(seconds);
 }
 
-/// One image the device path sent to the CPU path, by reason (`Fallback::as_str`).
+/// Why the device preprocessing path sent an image to the CPU path: the `reason` label of
+/// `clipqc_device_preprocess_fallbacks_total` (what `preprocess::device::Fallback::as_str`
+/// gives).
+pub const DEVICE_FALLBACK_REASONS: [&str; 5] =
+    ["not_jpeg", "cmyk", "clahe", "over_budget", "decode_error"];
+
+/// One image the device path sent to the CPU path (`reason`: one of
+/// [`DEVICE_FALLBACK_REASONS`]).
 pub fn device_fallback(reason: &'static str) {
     counter!("clipqc_device_preprocess_fallbacks_total", "reason" => reason).increment(1);
 }

@@ -91,7 +91,8 @@ impl Stage {
         Self::Feedback,
     ];
 
-    /// Its name in verdicts, headers and metric labels: `decode_image`.
+    /// Its name in verdicts, headers and metric labels: `decode_image` (one of
+    /// [`crate::metrics::DEAD_LETTER_STAGES`], which a test checks).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::DecodeRequest => "decode_request",
@@ -405,6 +406,13 @@ mod tests {
             json["source"]["offset"], "1234",
             "int64 is a string in the proto3 JSON mapping"
         );
+    }
+
+    /// The metrics own the `stage` label's values (and start each at 0): every stage is one.
+    #[test]
+    fn every_stage_is_in_the_metrics_vocabulary() {
+        let names = Stage::ALL.map(Stage::as_str);
+        assert_eq!(names, crate::metrics::DEAD_LETTER_STAGES);
     }
 
     #[test]

@@ -347,7 +347,7 @@ async fn dead_letter(
     };
     match deps.sink.send(&record, shutdown).await {
         Ok(()) => {
-            metrics::dead_letter(crate::verdict::Stage::Feedback);
+            metrics::dead_letter(crate::verdict::Stage::Feedback.as_str());
             true
         }
         Err(e) => {

@@ -49,14 +49,9 @@ pub enum ExemplarError {
 }
 
 impl ExemplarError {
-    /// Every [`Self::reason`].
-    pub const REASONS: [&'static str; 5] = [
-        "unknown_profile",
-        "unknown_class",
-        "other_model",
-        "malformed",
-        "full",
-    ];
+    /// Every [`Self::reason`]: the metrics' vocabulary of the `reason` label (they own it),
+    /// which a test checks the variants map onto.
+    pub const REASONS: [&'static str; 5] = crate::metrics::EXEMPLAR_SKIP_REASONS;
 
     /// The metric label of a skipped record.
     pub fn reason(&self) -> &'static str {

@@ -57,6 +57,39 @@ fn adds_replaces_and_removes_by_key() {
     assert!(bank.profile("brackets").is_none(), "a tombstone removes it");
 }
 
+/// The metrics own the `reason` label's values (and start each at 0): every refusal is one.
+#[test]
+fn every_reason_is_in_the_metrics_vocabulary() {
+    let (key, profile) = (String::new(), String::new());
+    let errors = [
+        ExemplarError::UnknownProfile {
+            key: key.clone(),
+            profile: profile.clone(),
+        },
+        ExemplarError::UnknownClass {
+            key: key.clone(),
+            profile: profile.clone(),
+            class: String::new(),
+        },
+        ExemplarError::OtherModel {
+            key: key.clone(),
+            got: String::new(),
+            expected: String::new(),
+        },
+        ExemplarError::Malformed {
+            key: key.clone(),
+            message: String::new(),
+        },
+        ExemplarError::Full {
+            key,
+            profile,
+            max: 1,
+        },
+    ];
+    let reasons: Vec<&str> = errors.iter().map(ExemplarError::reason).collect();
+    assert_eq!(reasons, crate::metrics::EXEMPLAR_SKIP_REASONS);
+}
+
 #[test]
 fn refusals_name_the_exemplar_and_the_reason() {
     let mut bank = Bank::default();

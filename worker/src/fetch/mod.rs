@@ -55,8 +55,9 @@ impl FetchError {
         }
     }
 
-    /// Every [`FetchError::kind`], for the metrics to start each at 0.
-    pub const KINDS: [&'static str; 3] = ["forbidden", "too_large", "failed"];
+    /// Every [`FetchError::kind`]: the metrics' vocabulary of the `kind` label (they own it,
+    /// and start each at 0), which a test checks the variants map onto.
+    pub const KINDS: [&'static str; 3] = crate::metrics::FETCH_ERROR_KINDS;
 
     /// The metrics label of this error (one of [`FetchError::KINDS`]).
     pub fn kind(&self) -> &'static str {

@@ -187,7 +187,12 @@ fn stage(
     count(&published, SystemTime::now());
     shared.notifier.observe(&published);
     if on_fallback || failure.is_some() {
-        metrics::dead_letter(failure.as_ref().map_or(Stage::Publish, |f| f.stage));
+        metrics::dead_letter(
+            failure
+                .as_ref()
+                .map_or(Stage::Publish, |f| f.stage)
+                .as_str(),
+        );
     }
     Delivered::Staged(Staged {
         records,
@@ -245,7 +250,7 @@ async fn publish_acknowledged(
     };
     if let Some(failure) = failure {
         match publish::dead_letter(shared, msg, source, &failure).await {
-            Ok(()) => metrics::dead_letter(failure.stage),
+            Ok(()) => metrics::dead_letter(failure.stage.as_str()),
             Err(e) => {
                 if matches!(e, SendError::Refused { .. }) {
                     shared.fatal.declare(super::RunError::TopicRefuses {

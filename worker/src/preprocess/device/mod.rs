@@ -101,6 +101,7 @@ impl Fallback {
         Self::DecodeError,
     ];
 
+    /// The metric label: one of [`crate::metrics::DEVICE_FALLBACK_REASONS`] (a test checks).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NotJpeg => "not_jpeg",

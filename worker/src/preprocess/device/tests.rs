@@ -396,3 +396,10 @@ fn the_library_is_found_beside_torch_and_a_missing_one_is_named() {
         "{err}"
     );
 }
+
+/// The metrics own the `reason` label's values (and start each at 0): every fallback is one.
+#[test]
+fn every_fallback_is_in_the_metrics_vocabulary() {
+    let names = Fallback::ALL.map(Fallback::as_str);
+    assert_eq!(names, crate::metrics::DEVICE_FALLBACK_REASONS);
+}
