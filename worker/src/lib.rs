@@ -33,5 +33,6 @@ pub mod score;
 pub mod segment;
 pub mod sink;
 pub mod source;
+pub mod timestamps;
 pub mod trace_context;
 pub mod verdict;

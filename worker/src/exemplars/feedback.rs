@@ -239,7 +239,7 @@ async fn handle(
         added_by: fb.operator.clone(),
         added_at: fb
             .decided_at
-            .or_else(|| Some(crate::verdict::timestamp(SystemTime::now()))),
+            .or_else(|| Some(crate::timestamps::timestamp(SystemTime::now()))),
     };
     let key = format!("{}/{}", x.profile, x.id);
     publish(deps, &key, Some(&x), shutdown).await?;

@@ -36,7 +36,8 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn timestamp(t: Option<&pbjson_types::Timestamp>) -> Option<SystemTime> {
-    t.filter(|t| t.seconds > 0).map(crate::verdict::system_time)
+    t.filter(|t| t.seconds > 0)
+        .map(crate::timestamps::system_time)
 }
 
 pub(super) fn alertmanager(event: &Event, worker: &str) -> Value {
