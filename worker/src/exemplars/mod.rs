@@ -18,6 +18,9 @@ use std::collections::HashMap;
 
 use crate::proto::v1::Exemplar;
 use crate::score::{normalized, ProfileConfig};
+// The per-profile data the scorer reads lives in `score` (below this module); the bank here
+// fills it. Re-exported where its users have always found it.
+pub use crate::score::bank::{Affinity, Entry, ProfileBank};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ExemplarError {
@@ -81,130 +84,8 @@ impl Default for ExemplarSettings {
     }
 }
 
-/// One exemplar, ready to compare: unit vectors.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub id: String,
-    /// Index into the profile's classes.
-    pub class: usize,
-    pub whole: Vec<f32>,
-    pub windows: Vec<Vec<f32>>,
-    /// When it was added (seconds since the epoch; 0 when unknown).
-    pub added_at: i64,
-    /// Whether operator feedback made it (its source starts with [`FEEDBACK_SOURCE`]):
-    /// only those are removed to keep a class under the feedback policy's cap.
-    pub from_feedback: bool,
-}
-
 /// How an exemplar made from operator feedback names its source.
 pub const FEEDBACK_SOURCE: &str = "feedback:";
-
-/// One profile's exemplars.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ProfileBank {
-    entries: Vec<Entry>,
-    /// The class names [`Entry::class`] indexes: the profile's when its entries were applied.
-    classes: Vec<String>,
-}
-
-/// The class affinities of one view and its nearest exemplar.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Affinity {
-    /// Per class: `exp(−β (1 − s))` with `s` the class's nearest exemplar's cosine, 0 for a
-    /// class without exemplars.
-    pub per_class: Vec<f32>,
-    /// The nearest exemplar (index into the bank) and its cosine.
-    pub nearest: Option<(usize, f32)>,
-}
-
-impl ProfileBank {
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn entry(&self, i: usize) -> &Entry {
-        &self.entries[i]
-    }
-
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
-    }
-
-    /// The bank indexed by `classes` (a profile's class names in its order): itself when it
-    /// already is, else a copy with each entry's class found by name, and the entries of
-    /// classes not in `classes` left out. A profile changed while the worker runs is scored
-    /// against a bank indexed by its own classes before the follower has re-read the topic.
-    pub fn for_classes(&self, classes: &[&str]) -> std::borrow::Cow<'_, ProfileBank> {
-        if self.entries.is_empty()
-            || self
-                .classes
-                .iter()
-                .map(String::as_str)
-                .eq(classes.iter().copied())
-        {
-            return std::borrow::Cow::Borrowed(self);
-        }
-        let entries = self
-            .entries
-            .iter()
-            .filter_map(|e| {
-                let name = self.classes.get(e.class)?;
-                let class = classes.iter().position(|c| c == name)?;
-                Some(Entry { class, ..e.clone() })
-            })
-            .collect();
-        std::borrow::Cow::Owned(ProfileBank {
-            entries,
-            classes: classes.iter().map(|c| c.to_string()).collect(),
-        })
-    }
-
-    /// Affinities of a view whose unit embedding is `unit`, over `classes` classes. A window
-    /// is compared with the exemplars' windows (their whole views when they have none), a
-    /// whole-frame view with their whole views.
-    pub fn affinity(&self, unit: &[f32], window: bool, classes: usize, beta: f32) -> Affinity {
-        let mut best = vec![f32::NEG_INFINITY; classes];
-        let mut nearest: Option<(usize, f32)> = None;
-        for (i, e) in self.entries.iter().enumerate() {
-            let refs: &[Vec<f32>] = if window && !e.windows.is_empty() {
-                &e.windows
-            } else {
-                std::slice::from_ref(&e.whole)
-            };
-            let s = refs
-                .iter()
-                .map(|r| dot(unit, r))
-                .fold(f32::NEG_INFINITY, f32::max);
-            best[e.class] = best[e.class].max(s);
-            if nearest.is_none_or(|(_, n)| s > n) {
-                nearest = Some((i, s));
-            }
-        }
-        let per_class = best
-            .into_iter()
-            .map(|s| {
-                if s.is_finite() {
-                    (-beta * (1.0 - s)).exp()
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Affinity { per_class, nearest }
-    }
-
-    /// Bytes the bank's embeddings hold.
-    pub fn bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| (1 + e.windows.len()) * e.whole.len() * 4 + e.id.len() + 200)
-            .sum()
-    }
-}
 
 /// Every profile's bank.
 #[derive(Debug, Clone, Default)]
@@ -225,7 +106,7 @@ impl Bank {
         profiles.iter().flat_map(move |(name, p)| {
             let bank = self.profiles.get(name);
             p.classes.iter().enumerate().map(move |(c, class)| {
-                let n = bank.map_or(0, |b| b.entries.iter().filter(|e| e.class == c).count());
+                let n = bank.map_or(0, |b| b.entries().iter().filter(|e| e.class == c).count());
                 (name.as_str(), class.name.as_str(), n)
             })
         })
@@ -247,7 +128,7 @@ impl Bank {
             // A tombstone names its exemplar by key alone.
             if let Some((profile, id)) = key.split_once('/') {
                 if let Some(bank) = self.profiles.get_mut(profile) {
-                    bank.entries.retain(|e| e.id != id);
+                    bank.remove(id);
                 }
             }
             return Ok(());
@@ -313,26 +194,13 @@ impl Bank {
             from_feedback: x.source.starts_with(FEEDBACK_SOURCE),
         };
         let bank = self.profiles.entry(x.profile.clone()).or_default();
-        if !bank
-            .classes
-            .iter()
-            .eq(profile.classes.iter().map(|c| &c.name))
-        {
-            // A bank is applied with one profile definition throughout (the follower
-            // re-reads the topic when the classes change).
-            bank.classes = profile.classes.iter().map(|c| c.name.clone()).collect();
-        }
-        let full = bank.entries.len() >= max;
-        match bank.entries.iter_mut().find(|e| e.id == entry.id) {
-            Some(old) => *old = entry,
-            None if full => {
-                return Err(ExemplarError::Full {
-                    key: key.into(),
-                    profile: x.profile,
-                    max,
-                })
-            }
-            None => bank.entries.push(entry),
+        bank.index_by(profile.classes.iter().map(|c| c.name.as_str()));
+        if !bank.insert(entry, max) {
+            return Err(ExemplarError::Full {
+                key: key.into(),
+                profile: x.profile,
+                max,
+            });
         }
         Ok(())
     }
@@ -342,10 +210,6 @@ impl Bank {
 pub fn id_of(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(bytes)[..8])
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]

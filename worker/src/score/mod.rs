@@ -15,6 +15,7 @@
 //! 3. a winning defect side whose top class has a threshold it did not reach → REVIEW;
 //!    otherwise defects → DEFECT, acceptable states → PASS.
 
+pub mod bank;
 pub mod line_memory;
 mod localize;
 pub mod masks;
@@ -22,12 +23,12 @@ pub mod profile;
 
 use serde::Serialize;
 
+pub use bank::ProfileBank;
 pub use localize::{DefectRegion, Heatmap, Localization};
 pub use profile::{
     ClassConfig, ExemplarWeights, FeedbackPolicy, Learn, ProfileConfig, StatesConfig,
 };
 
-use crate::exemplars::ProfileBank;
 use crate::model::artifact::{Manifest, Scoring};
 use crate::model::{Embeddings, ModelError, PromptTokenizer, TokenBatch};
 use crate::preprocess::Window;

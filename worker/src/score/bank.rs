@@ -1,0 +1,162 @@
+//! One profile's exemplars as the scorer reads them: unit vectors by class, and a view's
+//! affinities to them. The exemplar bank (`exemplars`) fills a [`ProfileBank`] per profile
+//! from the exemplar topic; it lives here, with the scoring that reads it, so that `score`
+//! stays below `exemplars` (which builds on `score`'s profiles and normalisation).
+//!
+//! Guarantees: a bank never holds more entries than the bound its filler passes to
+//! [`ProfileBank::insert`], nor two with one id (a second insert replaces);
+//! [`ProfileBank::for_classes`] gives it indexed by another profile version's classes, by
+//! name, leaving out the entries of classes that version lacks.
+
+/// One exemplar, ready to compare: unit vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub id: String,
+    /// Index into the profile's classes.
+    pub class: usize,
+    pub whole: Vec<f32>,
+    pub windows: Vec<Vec<f32>>,
+    /// When it was added (seconds since the epoch; 0 when unknown).
+    pub added_at: i64,
+    /// Whether operator feedback made it (its source starts with `exemplars::FEEDBACK_SOURCE`):
+    /// only those are removed to keep a class under the feedback policy's cap.
+    pub from_feedback: bool,
+}
+
+/// One profile's exemplars.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileBank {
+    entries: Vec<Entry>,
+    /// The class names [`Entry::class`] indexes: the profile's when its entries were applied.
+    classes: Vec<String>,
+}
+
+/// The class affinities of one view and its nearest exemplar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Affinity {
+    /// Per class: `exp(−β (1 − s))` with `s` the class's nearest exemplar's cosine, 0 for a
+    /// class without exemplars.
+    pub per_class: Vec<f32>,
+    /// The nearest exemplar (index into the bank) and its cosine.
+    pub nearest: Option<(usize, f32)>,
+}
+
+impl ProfileBank {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn entry(&self, i: usize) -> &Entry {
+        &self.entries[i]
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The bank indexed by `classes` (a profile's class names in its order): itself when it
+    /// already is, else a copy with each entry's class found by name, and the entries of
+    /// classes not in `classes` left out. A profile changed while the worker runs is scored
+    /// against a bank indexed by its own classes before the follower has re-read the topic.
+    pub fn for_classes(&self, classes: &[&str]) -> std::borrow::Cow<'_, ProfileBank> {
+        if self.entries.is_empty()
+            || self
+                .classes
+                .iter()
+                .map(String::as_str)
+                .eq(classes.iter().copied())
+        {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let entries = self
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let name = self.classes.get(e.class)?;
+                let class = classes.iter().position(|c| c == name)?;
+                Some(Entry { class, ..e.clone() })
+            })
+            .collect();
+        std::borrow::Cow::Owned(ProfileBank {
+            entries,
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+        })
+    }
+
+    /// Affinities of a view whose unit embedding is `unit`, over `classes` classes. A window
+    /// is compared with the exemplars' windows (their whole views when they have none), a
+    /// whole-frame view with their whole views.
+    pub fn affinity(&self, unit: &[f32], window: bool, classes: usize, beta: f32) -> Affinity {
+        let mut best = vec![f32::NEG_INFINITY; classes];
+        let mut nearest: Option<(usize, f32)> = None;
+        for (i, e) in self.entries.iter().enumerate() {
+            let refs: &[Vec<f32>] = if window && !e.windows.is_empty() {
+                &e.windows
+            } else {
+                std::slice::from_ref(&e.whole)
+            };
+            let s = refs
+                .iter()
+                .map(|r| dot(unit, r))
+                .fold(f32::NEG_INFINITY, f32::max);
+            best[e.class] = best[e.class].max(s);
+            if nearest.is_none_or(|(_, n)| s > n) {
+                nearest = Some((i, s));
+            }
+        }
+        let per_class = best
+            .into_iter()
+            .map(|s| {
+                if s.is_finite() {
+                    (-beta * (1.0 - s)).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Affinity { per_class, nearest }
+    }
+
+    /// Index the entries inserted from now on by `classes` (a profile's class names, in its
+    /// order). The entries held are not re-indexed: a bank is applied with one profile
+    /// definition throughout (the follower re-reads the topic when the classes change).
+    pub fn index_by<'a>(&mut self, classes: impl Iterator<Item = &'a str> + Clone) {
+        if !self.classes.iter().map(String::as_str).eq(classes.clone()) {
+            self.classes = classes.map(str::to_string).collect();
+        }
+    }
+
+    /// Adds `entry`, or replaces the entry with its id. `false` (and the bank unchanged) when
+    /// it holds `max` entries already and none with that id.
+    #[must_use]
+    pub fn insert(&mut self, entry: Entry, max: usize) -> bool {
+        let full = self.entries.len() >= max;
+        match self.entries.iter_mut().find(|e| e.id == entry.id) {
+            Some(old) => *old = entry,
+            None if full => return false,
+            None => self.entries.push(entry),
+        }
+        true
+    }
+
+    /// Removes the entry with id `id`, if any (a tombstone).
+    pub fn remove(&mut self, id: &str) {
+        self.entries.retain(|e| e.id != id);
+    }
+
+    /// Bytes the bank's embeddings hold.
+    pub fn bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| (1 + e.windows.len()) * e.whole.len() * 4 + e.id.len() + 200)
+            .sum()
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
