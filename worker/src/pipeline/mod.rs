@@ -53,23 +53,16 @@ use crate::metrics;
 use crate::model::ModelHandle;
 use crate::notify::Notifier;
 use crate::offsets::{Ledger, Partition};
-use crate::preprocess::Preprocessor;
 use crate::proto::v1::ModelInfo;
-use crate::score::Scorer;
 use crate::sink::transaction::Transactions;
 use crate::sink::Sink;
 use crate::source::{self, Source};
 use budget::ByteBudget;
 use infer::{BatchItem, Fatal};
+// A profile in service is the profiles module's (its catalog holds them); re-exported here,
+// where the pipeline's callers have always found it.
+pub use crate::profiles::Profile;
 pub use segment::{prompts as segment_prompts, wanted as segment_wanted, Segmenting};
-
-/// A profile ready to serve: its scorer and its preprocessing (CLAHE is per profile).
-pub struct Profile {
-    pub scorer: Scorer,
-    pub preprocessor: Preprocessor,
-    /// [`crate::profiles::version`] of its definition, written into its verdicts.
-    pub version: String,
-}
 
 /// Everything the pipeline needs, built by the caller (`clipqc run`, tests).
 pub struct Deps {

@@ -1,12 +1,11 @@
 //! The profiles in service, and changing them while the worker runs.
 //!
-//! A [`Catalog`] is every profile ready to serve (its scorer, text embeddings computed, and its
-//! preprocessing) with the routes that pick one for a request, as one immutable snapshot
-//! behind an [`ArcSwap`] ([`Live`]). The intake loop takes the snapshot once per record, when
-//! it starts the record, and the record uses that snapshot for its route, its preprocessing
-//! and its scoring. A change ([`reload`]) builds a whole new catalog beside the one in
-//! service, re-embedding only the profiles whose definition changed, and swaps it in with one
-//! pointer store.
+//! A [`Catalog`] is every profile ready to serve ([`Profile`]: its scorer, text embeddings
+//! computed, and its preprocessing) with the routes that pick one for a request, as one immutable
+//! snapshot behind an [`ArcSwap`] ([`Live`]). The intake loop takes the snapshot once per record,
+//! when it starts the record, and the record uses that snapshot for its route, its preprocessing
+//! and its scoring. A change ([`reload`]) builds a whole new catalog beside the one in service,
+//! re-embedding only the profiles whose definition changed, and swaps it in with one pointer store.
 //!
 //! Guarantees: a record is scored against exactly one profile definition, never a mix of two
 //! and never one half built; records are started in their partition's offset order (and in
@@ -32,10 +31,17 @@ use sha2::Digest;
 
 use crate::metrics;
 use crate::model::{Manifest, ModelHandle, PromptTokenizer};
-use crate::pipeline::Profile;
 use crate::preprocess::{PreprocessSettings, Preprocessor};
 use crate::routing::Router;
 use crate::score::{ProfileConfig, Scorer};
+
+/// A profile ready to serve: its scorer and its preprocessing (CLAHE is per profile).
+pub struct Profile {
+    pub scorer: Scorer,
+    pub preprocessor: Preprocessor,
+    /// [`version`] of its definition, written into its verdicts.
+    pub version: String,
+}
 
 /// Every profile in service and the routes, swapped whole.
 pub struct Catalog {

@@ -169,7 +169,7 @@ fn running(path: &Path) -> Running {
     }
 }
 
-fn in_service(live: &Live, name: &str) -> Arc<crate::pipeline::Profile> {
+fn in_service(live: &Live, name: &str) -> Arc<Profile> {
     live.load().profiles[name].clone()
 }
 
