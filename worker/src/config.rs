@@ -180,6 +180,19 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The profiles and routes of the file at `path` as the profile reloader applies them (its
+    /// [`crate::profiles::reload::Load`]): loaded and validated as at start, the environment
+    /// included, with the built-in default profile.
+    pub fn reloadable(path: &Path) -> Result<crate::profiles::reload::Definitions, String> {
+        let settings = Self::load(Some(path)).map_err(|e| e.to_string())?;
+        let router = settings.router()?;
+        Ok(crate::profiles::reload::Definitions {
+            profiles: settings.profiles(),
+            routes: settings.routes,
+            router,
+        })
+    }
+
     /// The compiled `routes` table, checked against the profiles.
     pub fn router(&self) -> Result<crate::routing::Router, String> {
         let profiles = self.profiles();

@@ -157,9 +157,14 @@ fn watch_config(
         return Ok(None);
     };
     let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
+    let source = profiles::reload::Source {
+        load: Box::new(Settings::reloadable),
+        preprocess: settings.preprocess.clone(),
+        routes: settings.routes.clone(),
+    };
     let mut reloader = profiles::reload::Reloader::new(
         path,
-        settings,
+        source,
         artifact.manifest.clone(),
         tokenizer,
         model.clone(),

@@ -226,6 +226,29 @@ fn the_configuration_reference_is_current() {
     }
 }
 
+/// What `clipqc run` gives the profile reloader: the file's profiles (the built-in default
+/// added) and routes, validated as at start; a file that does not validate is refused with
+/// the message loading it gives.
+#[test]
+fn the_reloader_reads_profiles_and_routes_as_the_worker_loads_them() {
+    let route = "\n[[routes]]\nline = \"l1\"\nprofile = \"brackets\"\n";
+    let (_d, path) = write(&format!("{FILE}{route}"));
+    let d = Settings::reloadable(&path).unwrap();
+    let s = Settings::load(Some(&path)).unwrap();
+    assert_eq!(
+        d.profiles.keys().collect::<Vec<_>>(),
+        ["brackets", "default"]
+    );
+    assert_eq!(d.profiles["brackets"].review_threshold, 0.6);
+    assert_eq!(d.routes, s.routes);
+    assert_eq!(d.router.resolve("cam", "l1", "", None).0, Some("brackets"));
+    let (_d, bad) = write(&FILE.replace("a photo of {} on", "a photo on"));
+    let err = Settings::reloadable(&bad).err().unwrap();
+    let expected = Settings::load(Some(&bad)).unwrap_err().to_string();
+    assert_eq!(err, expected);
+    assert!(err.contains("\"brackets\""), "{err}");
+}
+
 #[test]
 fn the_shipped_example_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/clipqc.example.toml");

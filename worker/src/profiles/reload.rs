@@ -17,8 +17,12 @@
 //! built (a prompt too long for the tokenizer, the model failing) is refused whole: one log
 //! line naming the problem per distinct problem, `clipqc_profile_reload_failures_total`, and
 //! the catalog in service untouched.
+//!
+//! Reading and validating the file is the caller's ([`Load`]: `clipqc run` gives the
+//! settings' own loader, so a change is checked exactly as at start): this module sees the
+//! config only as profiles and routes, and stays below the module that gathers it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,16 +32,39 @@ use serde_json::Value;
 use sha2::Digest;
 
 use super::{Builder, Catalog, Live};
-use crate::config::Settings;
 use crate::metrics;
 use crate::model::{Manifest, ModelHandle, PromptTokenizer};
 use crate::preprocess::PreprocessSettings;
-use crate::routing::RouteConfig;
+use crate::routing::{RouteConfig, Router};
 use crate::score::ProfileConfig;
 
 /// Sends the exemplar follower the profiles in service after a change (it re-indexes the
 /// bank by their classes).
 pub type BankUpdates = std::sync::mpsc::Sender<HashMap<String, ProfileConfig>>;
+
+/// What the reloader applies from the config file: every profile (the built-in default
+/// included), the routes, and the router compiled from them, all validated.
+pub struct Definitions {
+    pub profiles: BTreeMap<String, ProfileConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub router: Router,
+}
+
+/// Reads the config file at a path into [`Definitions`], or says why it does not load or
+/// validate (the refusal's message). Given by the caller, which knows the whole config
+/// (`clipqc run` hands over the settings' own loader, environment included), so that this
+/// module needs no more of the config than profiles and routes.
+pub type Load = Box<dyn Fn(&Path) -> Result<Definitions, String> + Send>;
+
+/// What the reloader needs of the worker's config: how to read the file, and what the worker
+/// started with.
+pub struct Source {
+    pub load: Load,
+    /// Restart-only: profiles are always built with the settings the worker started with.
+    pub preprocess: PreprocessSettings,
+    /// The routes in service at start.
+    pub routes: Vec<RouteConfig>,
+}
 
 /// What one look at the file found.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +96,7 @@ pub struct Reloader {
     manifest: Manifest,
     tokenizer: PromptTokenizer,
     model: ModelHandle,
+    load: Load,
     /// Restart-only: profiles are always built with the settings the worker started with.
     preprocess: PreprocessSettings,
     live: Live,
@@ -85,10 +113,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// `settings` are those the worker runs with, loaded from `path`; `live` its catalog.
+    /// `source` is how the worker's config is read, and what it held when loaded from `path`
+    /// at start; `live` is the worker's catalog.
     pub fn new(
         path: PathBuf,
-        settings: &Settings,
+        source: Source,
         manifest: Manifest,
         tokenizer: PromptTokenizer,
         model: ModelHandle,
@@ -101,10 +130,11 @@ impl Reloader {
             manifest,
             tokenizer,
             model,
-            preprocess: settings.preprocess.clone(),
+            load: source.load,
+            preprocess: source.preprocess,
             live,
             bank: None,
-            routes: settings.routes.clone(),
+            routes: source.routes,
             started_with,
             // Not the file's hash at start: the first look parses it, so a change made while
             // the worker was loading is not missed.
@@ -178,9 +208,9 @@ impl Reloader {
     fn apply(&mut self) -> Checked {
         let started = Instant::now();
         let refused = |reason, message| Checked::Refused { reason, message };
-        let settings = match Settings::load(Some(&self.path)) {
-            Ok(s) => s,
-            Err(e) => return refused("invalid", e.to_string()),
+        let loaded = match (self.load)(&self.path) {
+            Ok(d) => d,
+            Err(e) => return refused("invalid", e),
         };
         self.warn_restart_keys();
         let current = self.live.load_full();
@@ -192,19 +222,19 @@ impl Reloader {
         };
         let mut profiles = HashMap::new();
         let mut applied = Applied::default();
-        for (name, config) in settings.profiles() {
-            let version = super::version(&config);
-            let old = current.profiles.get(&name);
+        for (name, config) in &loaded.profiles {
+            let version = super::version(config);
+            let old = current.profiles.get(name);
             if let Some(p) = old.filter(|p| p.version == version) {
-                profiles.insert(name, p.clone());
+                profiles.insert(name.clone(), p.clone());
                 continue;
             }
             // Built whole before anything is swapped: a failure leaves the catalog as it was.
-            match builder.build(&name, &config) {
+            match builder.build(name, config) {
                 Ok(p) => {
                     let old = old.map(|p| p.version.clone()).unwrap_or_default();
                     applied.changed.push((name.clone(), old, version));
-                    profiles.insert(name, Arc::new(p));
+                    profiles.insert(name.clone(), Arc::new(p));
                 }
                 Err(e) => return refused("build", format!("profile {name:?}: {e:#}")),
             }
@@ -216,14 +246,15 @@ impl Reloader {
             .cloned()
             .collect();
         applied.removed.sort();
-        applied.routes = settings.routes != self.routes;
+        applied.routes = loaded.routes != self.routes;
         if applied.changed.is_empty() && applied.removed.is_empty() && !applied.routes {
             return Checked::Unchanged;
         }
-        let router = match settings.router() {
-            Ok(r) => r,
-            Err(e) => return refused("invalid", e),
-        };
+        let Definitions {
+            profiles: configs,
+            routes,
+            router,
+        } = loaded;
         self.live.store(Arc::new(Catalog { profiles, router }));
         applied.took = started.elapsed();
         for (name, old, new) in &applied.changed {
@@ -235,10 +266,10 @@ impl Reloader {
         for name in &applied.removed {
             metrics::profile_version(name, &current.profiles[name].version, false);
         }
-        self.routes = settings.routes.clone();
+        self.routes = routes;
         if let Some(bank) = &self.bank {
             // The follower may have stopped (shutdown): nothing left to re-index then.
-            let _ = bank.send(settings.profiles().into_iter().collect());
+            let _ = bank.send(configs.into_iter().collect());
         }
         Checked::Applied(applied)
     }

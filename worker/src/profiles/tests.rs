@@ -1,19 +1,51 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::reload::{restart_keys, Checked, Reloader};
+use super::reload::{restart_keys, Checked, Definitions, Reloader, Source};
 use super::*;
-use crate::config::Settings;
 use crate::model::fake::FakeBackend;
 use crate::model::ModelOwner;
+use crate::routing::RouteConfig;
+
+/// The config file as the reloader is given it: profiles (the built-in default added) and
+/// routes, each profile validated and the routes checked against them, as the worker's
+/// settings do; other sections are not this module's and are left unread. (`clipqc run`
+/// gives the settings' own loader, `Settings::reloadable`, which the config's tests check.)
+fn load(path: &Path) -> Result<Definitions, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        profiles: BTreeMap<String, ProfileConfig>,
+        #[serde(default)]
+        routes: Vec<RouteConfig>,
+    }
+    let file: File = config::Config::builder()
+        .add_source(config::File::from(path).required(true))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| e.to_string())?;
+    let mut profiles = file.profiles;
+    for (name, p) in &profiles {
+        p.validate(name).map_err(|e| e.to_string())?;
+    }
+    profiles
+        .entry("default".into())
+        .or_insert_with(ProfileConfig::builtin_default);
+    let router = Router::new(&file.routes, |p| profiles.contains_key(p))?;
+    Ok(Definitions {
+        profiles,
+        routes: file.routes,
+        router,
+    })
+}
 
 fn profile(toml: &str) -> ProfileConfig {
     let dir = tempfile::tempdir().unwrap();
-    let s = Settings::load_with_env(Some(&write_temp(&dir, toml)), []).unwrap();
-    s.profiles["p"].clone()
+    let defined = load(&write_temp(&dir, toml)).unwrap();
+    defined.profiles["p"].clone()
 }
 
 fn write_temp(dir: &tempfile::TempDir, toml: &str) -> std::path::PathBuf {
@@ -135,7 +167,8 @@ struct Running {
 }
 
 fn running(path: &Path) -> Running {
-    let settings = Settings::load_with_env(Some(path), []).unwrap();
+    let defined = load(path).unwrap();
+    let preprocess = crate::preprocess::PreprocessSettings::default();
     let (owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(8, 4)), 2).unwrap();
     let manifest = manifest();
     let tokenizer = crate::model::tokenizer::tests::word_tokenizer();
@@ -143,18 +176,23 @@ fn running(path: &Path) -> Running {
         manifest: &manifest,
         tokenizer: &tokenizer,
         model: &model,
-        preprocess: &settings.preprocess,
+        preprocess: &preprocess,
     };
-    let profiles = settings
-        .profiles()
-        .into_iter()
-        .map(|(n, p)| (n.clone(), builder.build(&n, &p).unwrap()))
+    let profiles = defined
+        .profiles
+        .iter()
+        .map(|(n, p)| (n.clone(), builder.build(n, p).unwrap()))
         .collect();
-    let live = Catalog::new(profiles, settings.router().unwrap()).live();
+    let live = Catalog::new(profiles, defined.router).live();
     let (tx, bank) = std::sync::mpsc::channel();
+    let source = Source {
+        load: Box::new(load),
+        preprocess,
+        routes: defined.routes,
+    };
     let reloader = Reloader::new(
         path.to_path_buf(),
-        &settings,
+        source,
         manifest,
         tokenizer,
         model,
