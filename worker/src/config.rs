@@ -3,6 +3,14 @@
 //! Environment variables override the file: prefix `CLIPQC`, separator `__`, e.g.
 //! `CLIPQC__MODEL__DEVICE=cuda:1`. Unknown keys are refused (a typo in a threshold must not
 //! silently fall back to a default on a production line).
+//!
+//! Each section's settings struct lives with the stage that reads them (`fetch`, `kafka`,
+//! `preprocess`, `model`, `http`, `notify`, `score`, `exemplars`, `batch`, `routing`): a stage
+//! never imports this module, so the stages stay below it. This module only gathers the
+//! sections into [`Settings`] and validates what spans several of them (profiles against the
+//! SAM artifact and the decoding limits, routes against the profiles). Only `cli` and
+//! `pipeline`, which wire the stages, read [`Settings`]; `pipeline`'s own section
+//! ([`PipelineSettings`]) stays here, as that module sits above this one.
 
 use std::collections::BTreeMap;
 use std::path::Path;

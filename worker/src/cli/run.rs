@@ -102,8 +102,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         tracing::info!(brokers = %brokers, topics = ?settings.kafka.input_topics, "consuming");
         // Operator feedback into exemplars, beside the intake loop; its failure stops the
         // worker too (a worker that silently stopped learning would look healthy).
+        let feedback_settings = feedback::FeedbackSettings {
+            kafka: &settings.kafka,
+            fetch: &settings.fetch,
+            preprocess: &settings.preprocess,
+            profiles: settings.profiles(),
+        };
         let feedback = FeedbackDeps::new(
-            &settings,
+            feedback_settings,
             &brokers,
             &artifact,
             &model,

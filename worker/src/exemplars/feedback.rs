@@ -12,7 +12,7 @@
 //! "refused"}`, and the record on the dead-letter topic with the usual headers) and the loop
 //! goes on; a class over the policy's cap loses its oldest feedback exemplars (tombstones).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,14 +24,24 @@ use tokio_util::sync::CancellationToken;
 
 use super::follow::{self, SharedBank};
 use super::{id_of, FEEDBACK_SOURCE};
-use crate::fetch::Fetcher;
+use crate::fetch::{FetchSettings, Fetcher};
 use crate::kafka::KafkaSettings;
 use crate::metrics;
 use crate::model::ModelHandle;
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{PreprocessSettings, Preprocessor};
 use crate::proto::v1::{feedback, inspection_request, Exemplar, Feedback, SourceRecord};
 use crate::score::{Learn, ProfileConfig};
 use crate::sink::{Record, Sink};
+
+/// The settings the feedback loop reads: the worker's, handed over by `clipqc run` (the loop
+/// takes its sections, not the whole config, which sits above the stages).
+pub struct FeedbackSettings<'a> {
+    pub kafka: &'a KafkaSettings,
+    pub fetch: &'a FetchSettings,
+    pub preprocess: &'a PreprocessSettings,
+    /// Every profile, the built-in default included.
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
 
 /// What the feedback loop needs (built by `clipqc run`).
 pub struct FeedbackDeps {
@@ -50,7 +60,7 @@ pub struct FeedbackDeps {
 impl FeedbackDeps {
     /// `None` when `kafka.feedback_topic` is empty (feedback off).
     pub fn new(
-        settings: &crate::config::Settings,
+        settings: FeedbackSettings<'_>,
         brokers: &str,
         artifact: &crate::model::Artifact,
         model: &ModelHandle,
@@ -60,11 +70,11 @@ impl FeedbackDeps {
             return Ok(None);
         }
         let profiles = settings
-            .profiles()
+            .profiles
             .into_iter()
             .map(|(name, p)| {
                 let pre =
-                    Preprocessor::for_profile(&artifact.manifest.image, &settings.preprocess, &p)
+                    Preprocessor::for_profile(&artifact.manifest.image, settings.preprocess, &p)
                         .map_err(|e| anyhow::anyhow!("profile {name:?}: {e}"))?;
                 Ok((name, (p, pre)))
             })
@@ -78,7 +88,7 @@ impl FeedbackDeps {
             model_hash: artifact.model_hash(),
             dim: artifact.manifest.embedding_dim,
             bank,
-            sink: Sink::new(&settings.kafka, brokers)?,
+            sink: Sink::new(settings.kafka, brokers)?,
         }))
     }
 }
