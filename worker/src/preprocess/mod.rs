@@ -48,6 +48,18 @@ pub use windows::{Aggregate, TileConfig, Window};
 
 use crate::model::artifact::ImageSettings;
 
+/// What a profile's preprocessing reads of its definition. Profiles are defined in `score`
+/// (its `ProfileConfig` implements this), which builds on this stage's views and windows: the
+/// trait keeps this stage below it.
+pub trait ProfilePreprocessing {
+    /// Its CLAHE, when it equalises.
+    fn clahe(&self) -> Option<&ClaheSettings>;
+    /// The square the model sees.
+    fn view(&self) -> View;
+    /// Its windows, when it is tiled.
+    fn tiles(&self) -> Option<&TileConfig>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
     #[error("{input}: not a supported image format ({message}); supported: JPEG, PNG, BMP, TIFF")]
@@ -194,16 +206,16 @@ impl Preprocessor {
     pub fn for_profile(
         image: &ImageSettings,
         settings: &PreprocessSettings,
-        profile: &crate::score::ProfileConfig,
+        profile: &impl ProfilePreprocessing,
     ) -> Result<Self, String> {
-        let mut pre = Self::new(image, settings.limits, profile.clahe.clone())
-            .with_view(profile.view)
+        let mut pre = Self::new(image, settings.limits, profile.clahe().cloned())
+            .with_view(profile.view())
             .with_jpeg_dct_headroom(settings.jpeg_dct_headroom);
-        if let Some(t) = &profile.tiles {
+        if let Some(t) = profile.tiles() {
             pre.tiles = Some(Tiles::new(t.clone(), image, &settings.limits)?);
         }
         pre.device =
-            device::for_profile(settings, profile.clahe.is_some()).map_err(|e| e.to_string())?;
+            device::for_profile(settings, profile.clahe().is_some()).map_err(|e| e.to_string())?;
         Ok(pre)
     }
 

@@ -232,6 +232,20 @@ fn default_review_threshold() -> f32 {
     0.6
 }
 
+impl crate::preprocess::ProfilePreprocessing for ProfileConfig {
+    fn clahe(&self) -> Option<&ClaheSettings> {
+        self.clahe.as_ref()
+    }
+
+    fn view(&self) -> View {
+        self.view
+    }
+
+    fn tiles(&self) -> Option<&TileConfig> {
+        self.tiles.as_ref()
+    }
+}
+
 impl ProfileConfig {
     /// The prompts of one class after template expansion, in a stable order.
     pub fn expanded_prompts(&self, class: &ClassConfig) -> Vec<String> {
