@@ -4,6 +4,7 @@
 # checks and debug assertions included, catch what they catch, and any panic is a crash).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
+#   scripts/fuzz.sh --build-only
 #
 # Runs each target (default: request, preprocess, config; see fuzz/src/) for SECONDS (default
 # 30), starting from the checked-in seeds (fuzz/seeds/TARGET) and the corpus earlier runs grew
@@ -15,6 +16,11 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 
+build_only=false
+if [ "${1:-}" = --build-only ]; then
+  build_only=true
+  shift
+fi
 seconds="${1:-30}"
 [ $# -gt 0 ] && shift
 targets=("$@")
@@ -44,6 +50,9 @@ target="$CARGO_TARGET_DIR"
 flags=(--sanitizer none --debug-assertions)
 echo "==> building the fuzz targets (instrumented, into $target)" >&2
 cargo fuzz build "${flags[@]}" >&2
+if $build_only; then
+  exit 0
+fi
 
 dicts="$target/dicts"
 python "$ROOT/fuzz/make_dicts.py" "$dicts"
