@@ -13,6 +13,7 @@ pub mod tch_backend;
 pub mod tokenizer;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -61,12 +62,9 @@ impl Default for ModelSettings {
 pub enum ModelError {
     #[error("model directory {dir}: {message}")]
     Artifact { dir: PathBuf, message: String },
-    #[error("model file {path}: sha256 {actual} does not match the manifest's {expected}")]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    /// The directory does not check out against its manifest ([`Artifact::open`]).
+    #[error(transparent)]
+    Export(Arc<artifact::OpenError<artifact::ManifestError>>),
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("prompt {prompt:?} is {tokens} tokens long, over the model's context of {max}: it would be cut silently")]

@@ -7,12 +7,15 @@
 //! ([`crate::model::Artifact`]) is checked.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::SegmentError;
-use crate::model::artifact::{files_hash, Export, FileMismatch, Interpolation};
+use crate::model::artifact::{
+    check_std, Export, ExportManifest, Exported, Interpolation, NonPositiveStd,
+};
 
 pub const MANIFEST_FILE: &str = "clipqc-sam.json";
 pub const IMAGE_ENCODER: &str = "image_encoder.pt";
@@ -86,112 +89,101 @@ pub struct MaskSettings {
     pub multimask_output: bool,
 }
 
-/// A verified SAM directory.
-#[derive(Debug, Clone)]
-pub struct SamArtifact {
-    pub dir: PathBuf,
-    pub manifest: SamManifest,
-}
+/// A verified SAM directory (see [`Exported`]).
+pub type SamArtifact = Exported<SamManifest>;
 
 impl SamArtifact {
     /// Read and verify `dir`. Hashes both modules (SAM ViT-B's encoder is 360 MB: about a
     /// second); done once at start.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SegmentError> {
-        let dir = dir.as_ref().to_path_buf();
-        let fail = |message: String| SegmentError::Artifact {
-            dir: dir.clone(),
-            message,
-        };
-        let export = Export {
-            manifest: MANIFEST_FILE,
-            kind: "SAM manifest",
-            command: "deploy/model/export.py --sam",
-            required: &REQUIRED_FILES,
-        };
-        let manifest = export
-            .open(&dir, SamManifest::validate, |m: &SamManifest| &m.files)
-            .map_err(|e| match e {
-                FileMismatch::Unusable(message) => fail(message),
-                FileMismatch::Checksum {
-                    path,
-                    expected,
-                    actual,
-                } => SegmentError::Checksum {
-                    path,
-                    expected,
-                    actual,
-                },
-            })?;
-        Ok(Self { dir, manifest })
-    }
-
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-
-    /// `name@hash`, the hash over every file's sha256: two exports that differ in any weight
-    /// get different ids (as [`crate::model::Artifact::model_id`]).
-    pub fn model_id(&self) -> String {
-        format!(
-            "{}@{}",
-            self.manifest.name,
-            files_hash(&self.manifest.files)
-        )
+        Self::verify(dir).map_err(|e| SegmentError::Export(Arc::new(e)))
     }
 }
 
-impl SamManifest {
-    fn validate(&self) -> Result<(), String> {
-        if self.format_version != 1 {
-            return Err(format!(
-                "format_version {} is not supported (this build reads 1)",
-                self.format_version
-            ));
-        }
+/// Why a SAM manifest's settings are not ones this build serves.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamManifestError {
+    #[error("family {family:?} is not supported (this build serves sam)")]
+    Family { family: String },
+    #[error("image.size must be positive")]
+    ZeroImageSize,
+    #[error(transparent)]
+    Std(#[from] NonPositiveStd),
+    #[error("image.rescale_factor {rescale_factor} must be positive")]
+    RescaleFactor { rescale_factor: f32 },
+    #[error("embedding {embedding:?} must have positive dimensions")]
+    Embedding { embedding: EmbeddingShape },
+    #[error(
+        "mask.low_res_size {low_res_size} must be positive and mask.threshold {threshold} a number"
+    )]
+    Mask { low_res_size: u32, threshold: f32 },
+    #[error(
+        "mask.multimask_output is true: this build serves single-mask decoders (export again \
+         with this version's export.py)"
+    )]
+    Multimask,
+}
+
+impl ExportManifest for SamManifest {
+    const EXPORT: Export = Export {
+        what: "SAM model",
+        manifest: MANIFEST_FILE,
+        kind: "SAM manifest",
+        command: "deploy/model/export.py --sam",
+        required: &REQUIRED_FILES,
+    };
+    type Invalid = SamManifestError;
+
+    fn format_version(&self) -> u32 {
+        self.format_version
+    }
+
+    fn validate(&self) -> Result<(), SamManifestError> {
         if self.family != "sam" {
-            return Err(format!(
-                "family {:?} is not supported (this build serves sam)",
-                self.family
-            ));
+            return Err(SamManifestError::Family {
+                family: self.family.clone(),
+            });
         }
         let img = &self.image;
         if img.size == 0 {
-            return Err("image.size must be positive".into());
+            return Err(SamManifestError::ZeroImageSize);
         }
-        if img.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
-            return Err(format!("image.std {:?} must be positive", img.std));
-        }
+        check_std(img.std)?;
         if !(img.rescale_factor.is_finite() && img.rescale_factor > 0.0) {
-            return Err(format!(
-                "image.rescale_factor {} must be positive",
-                img.rescale_factor
-            ));
+            return Err(SamManifestError::RescaleFactor {
+                rescale_factor: img.rescale_factor,
+            });
         }
-        let e = &self.embedding;
+        let e = self.embedding;
         if e.channels == 0 || e.height == 0 || e.width == 0 {
-            return Err(format!("embedding {e:?} must have positive dimensions"));
+            return Err(SamManifestError::Embedding { embedding: e });
         }
-        if self.mask.low_res_size == 0 || !self.mask.threshold.is_finite() {
-            return Err(format!(
-                "mask.low_res_size {} must be positive and mask.threshold {} a number",
-                self.mask.low_res_size, self.mask.threshold
-            ));
+        let m = self.mask;
+        if m.low_res_size == 0 || !m.threshold.is_finite() {
+            return Err(SamManifestError::Mask {
+                low_res_size: m.low_res_size,
+                threshold: m.threshold,
+            });
         }
-        if self.mask.multimask_output {
-            return Err(
-                "mask.multimask_output is true: this build serves single-mask decoders (export \
-                 again with this version's export.py)"
-                    .into(),
-            );
+        if m.multimask_output {
+            return Err(SamManifestError::Multimask);
         }
         Ok(())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn files(&self) -> &BTreeMap<String, String> {
+        &self.files
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::artifact::sha256_file;
+    use crate::model::artifact::{check_verify, write_export, write_manifest, ExportError};
 
     pub(crate) fn manifest(files: BTreeMap<String, String>) -> SamManifest {
         SamManifest {
@@ -223,62 +215,37 @@ pub(crate) mod tests {
         }
     }
 
-    fn write(dir: &Path, manifest: &SamManifest) {
-        std::fs::write(
-            dir.join(MANIFEST_FILE),
-            serde_json::to_string(manifest).unwrap(),
-        )
-        .unwrap();
-    }
-
-    fn write_fake_artifact(dir: &Path) -> SamManifest {
-        let mut files = BTreeMap::new();
-        for name in REQUIRED_FILES {
-            std::fs::write(dir.join(name), name.as_bytes()).unwrap();
-            files.insert(name.to_string(), sha256_file(&dir.join(name)).unwrap());
-        }
-        let m = manifest(files);
-        write(dir, &m);
-        m
+    #[test]
+    fn verifies_a_sam_export() {
+        check_verify(manifest);
     }
 
     #[test]
-    fn opens_a_consistent_directory() {
+    fn open_refuses_in_the_segment_error() {
         let dir = tempfile::tempdir().unwrap();
-        let manifest = write_fake_artifact(dir.path());
-        let artifact = SamArtifact::open(dir.path()).unwrap();
-        assert_eq!(artifact.manifest, manifest);
-        let id = artifact.model_id();
-        assert!(id.starts_with("fake-sam@") && id.len() == "fake-sam@".len() + 12);
-    }
-
-    #[test]
-    fn refuses_a_modified_or_missing_file_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        write_fake_artifact(dir.path());
-        std::fs::write(dir.path().join(MASK_DECODER), b"swapped").unwrap();
-        let err = SamArtifact::open(dir.path()).unwrap_err();
-        assert!(matches!(err, SegmentError::Checksum { .. }), "{err}");
-        assert!(err.to_string().contains(MASK_DECODER), "{err}");
-        std::fs::remove_file(dir.path().join(IMAGE_ENCODER)).unwrap();
-        let err = SamArtifact::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains(IMAGE_ENCODER), "{err}");
-    }
-
-    #[test]
-    fn refuses_a_directory_without_a_manifest_or_a_clip_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = SamArtifact::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("cannot read clipqc-sam.json"), "{err}");
         std::fs::write(dir.path().join(MANIFEST_FILE), r#"{"format_version": 1}"#).unwrap();
-        let err = SamArtifact::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("not a valid SAM manifest"), "{err}");
+        let err = SamArtifact::open(dir.path()).unwrap_err();
+        let SegmentError::Export(refusal) = &err else {
+            panic!("not an export refusal: {err}");
+        };
+        assert!(
+            matches!(
+                refusal.export_error(),
+                Some(ExportError::ManifestMalformed { .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("not a valid SAM manifest"),
+            "{err}"
+        );
+        assert_eq!(err.code(), "SEGMENT_MODEL");
     }
 
     #[test]
     fn refuses_settings_it_cannot_serve() {
         let dir = tempfile::tempdir().unwrap();
-        let good = write_fake_artifact(dir.path());
+        let good = write_export(dir.path(), manifest);
         type Break = fn(&mut SamManifest);
         let cases: [(&str, Break); 4] = [
             ("image.std", |m| m.image.std[1] = 0.0),
@@ -289,9 +256,24 @@ pub(crate) mod tests {
         for (needle, break_it) in cases {
             let mut m = good.clone();
             break_it(&mut m);
-            write(dir.path(), &m);
-            let err = SamArtifact::open(dir.path()).unwrap_err().to_string();
-            assert!(err.contains(needle), "{needle}: {err}");
+            write_manifest(dir.path(), &m);
+            let err = SamArtifact::verify(dir.path()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+            assert!(
+                matches!(err.export_error(), Some(ExportError::Invalid { .. })),
+                "{err}"
+            );
         }
+        let mut m = good;
+        m.mask.multimask_output = true;
+        write_manifest(dir.path(), &m);
+        let err = SamArtifact::verify(dir.path()).unwrap_err();
+        assert!(matches!(
+            err.export_error(),
+            Some(ExportError::Invalid {
+                source: SamManifestError::Multimask,
+                ..
+            })
+        ));
     }
 }

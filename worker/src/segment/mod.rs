@@ -33,6 +33,7 @@ pub mod owner;
 pub mod prepare;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,12 +48,9 @@ pub use prepare::{SamInput, SamPreprocessor};
 pub enum SegmentError {
     #[error("SAM model directory {dir}: {message}")]
     Artifact { dir: PathBuf, message: String },
-    #[error("SAM model file {path}: sha256 {actual} does not match the manifest's {expected}")]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    /// The directory does not check out against its manifest ([`SamArtifact::open`]).
+    #[error(transparent)]
+    Export(Arc<crate::model::artifact::OpenError<artifact::SamManifestError>>),
     #[error("device {0:?}: {1}")]
     Device(String, String),
     /// A frame or box prompt that cannot be segmented.
@@ -73,7 +71,7 @@ impl SegmentError {
     /// [`crate::metrics::SEGMENT_SKIP_REASONS`]).
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Artifact { .. } | Self::Checksum { .. } | Self::Device(..) => "model",
+            Self::Artifact { .. } | Self::Export(_) | Self::Device(..) => "model",
             Self::Input { .. } | Self::Rle(_) => "input",
             Self::Inference(_) => "failed",
             Self::QueueFull { .. } => "queue_full",
@@ -84,7 +82,7 @@ impl SegmentError {
     /// Stable code for verdicts, logs and metric labels: why a verdict has no mask.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Artifact { .. } | Self::Checksum { .. } | Self::Device(..) => "SEGMENT_MODEL",
+            Self::Artifact { .. } | Self::Export(_) | Self::Device(..) => "SEGMENT_MODEL",
             Self::Input { .. } | Self::Rle(_) => "SEGMENT_INPUT",
             Self::Inference(_) => "SEGMENT_FAILED",
             Self::QueueFull { .. } => "SEGMENT_QUEUE_FULL",
