@@ -14,6 +14,7 @@
 //! after finishing the jobs already queued; a backend that fails to load is
 //! reported by [`ModelOwner::spawn`] and no handle is ever returned for it.
 
+use std::marker::PhantomData;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -42,64 +43,126 @@ pub struct ModelHandle {
     description: std::sync::Arc<str>,
 }
 
-pub struct ModelOwner {
-    thread: Option<JoinHandle<()>>,
-}
+/// The model thread, joined once every [`ModelHandle`] is dropped.
+pub type ModelOwner = OwnerThread<ModelHandle>;
 
 impl ModelOwner {
     /// Start the model thread; `build` runs on it and creates the backend. Returns once the
     /// backend is loaded (or failed to load). `queue` bounds the jobs waiting for the thread.
     pub fn spawn<B, F>(build: F, queue: usize) -> Result<(Self, ModelHandle), ModelError>
     where
-        B: Backend,
+        B: Backend + 'static,
         F: FnOnce() -> Result<B, ModelError> + Send + 'static,
     {
         let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<Job>(queue.max(1));
         let (texts_tx, texts_rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, ModelError>>();
+        let serve = move |mut backend: B| {
+            // Ends when every handle (every sender) is gone and the queue is drained.
+            while let Some(job) = jobs_rx.blocking_recv() {
+                for text in texts_rx.try_iter() {
+                    run(&mut backend, text);
+                }
+                run(&mut backend, job);
+            }
+        };
+        let handle = |description: String| ModelHandle {
+            jobs: jobs_tx,
+            texts: texts_tx,
+            description: description.into(),
+        };
+        Self::start("clipqc-model", "model", build, B::describe, serve, handle)
+            .map_err(|e| e.into_error(|e| ModelError::Inference(e.to_string())))
+    }
+}
+
+/// The one OS thread that owns a value libtorch code must not share (the model's backend,
+/// the segmenter), fed through handles `H`: built on the thread, described once, then served
+/// there until its work runs out. [`ModelOwner`] and [`crate::segment::SegmentOwner`] are
+/// one each.
+pub struct OwnerThread<H> {
+    thread: Option<JoinHandle<()>>,
+    handles: PhantomData<fn() -> H>,
+}
+
+/// Why an owner thread gave no value to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError<E> {
+    /// `build` failed on the thread: its own error.
+    #[error(transparent)]
+    Build(E),
+    #[error(transparent)]
+    Thread(ThreadError),
+}
+
+/// The owner thread itself failed, before its value was built.
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadError {
+    #[error("cannot start the {what} thread: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the {what} thread panicked while loading")]
+    Panicked { what: &'static str },
+}
+
+impl<E> StartError<E> {
+    /// `build`'s own error, or the one `thread` makes of the thread's failure.
+    pub fn into_error(self, thread: impl FnOnce(ThreadError) -> E) -> E {
+        match self {
+            Self::Build(e) => e,
+            Self::Thread(e) => thread(e),
+        }
+    }
+}
+
+impl<H> OwnerThread<H> {
+    /// Start the thread `name` (`what` in its errors); `build` runs on it. Returns once it has
+    /// built the value, with the handle `handle` makes of `describe`'s words for it, or failed
+    /// to (the thread joined then); `serve` then runs on the thread with the value, and the
+    /// thread ends when it returns.
+    pub fn start<T, E>(
+        name: &str,
+        what: &'static str,
+        build: impl FnOnce() -> Result<T, E> + Send + 'static,
+        describe: impl FnOnce(&T) -> String + Send + 'static,
+        serve: impl FnOnce(T) + Send + 'static,
+        handle: impl FnOnce(String) -> H,
+    ) -> Result<(Self, H), StartError<E>>
+    where
+        E: Send + 'static,
+    {
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, E>>();
         let thread = std::thread::Builder::new()
-            .name("clipqc-model".into())
+            .name(name.into())
             .spawn(move || {
-                let mut backend = match build() {
-                    Ok(b) => b,
+                let value = match build() {
+                    Ok(v) => v,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(backend.describe()));
-                // Ends when every handle (every sender) is gone and the queue is drained.
-                while let Some(job) = jobs_rx.blocking_recv() {
-                    for text in texts_rx.try_iter() {
-                        run(&mut backend, text);
-                    }
-                    run(&mut backend, job);
-                }
+                let _ = ready_tx.send(Ok(describe(&value)));
+                serve(value);
             })
-            .map_err(|e| ModelError::Inference(format!("cannot start the model thread: {e}")))?;
+            .map_err(|source| StartError::Thread(ThreadError::Spawn { what, source }))?;
         let description = match ready_rx.recv() {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(e);
+                return Err(StartError::Build(e));
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(ModelError::Inference(
-                    "the model thread panicked while loading".into(),
-                ));
+                return Err(StartError::Thread(ThreadError::Panicked { what }));
             }
         };
-        Ok((
-            Self {
-                thread: Some(thread),
-            },
-            ModelHandle {
-                jobs: jobs_tx,
-                texts: texts_tx,
-                description: description.into(),
-            },
-        ))
+        let owner = Self {
+            thread: Some(thread),
+            handles: PhantomData,
+        };
+        Ok((owner, handle(description)))
     }
 
     /// Wait for the thread to finish; it finishes once every handle is dropped.
@@ -304,5 +367,44 @@ mod tests {
         .err()
         .expect("the load failed");
         assert!(err.to_string().contains("boom"));
+    }
+
+    #[test]
+    fn an_owner_thread_reports_its_build_failing_or_panicking() {
+        let describe = |_: &u8| String::new();
+        let start = OwnerThread::<()>::start;
+        let err = start(
+            "clipqc-test",
+            "test",
+            || Err::<u8, _>(7),
+            describe,
+            drop,
+            drop,
+        )
+        .err()
+        .expect("the build failed");
+        assert!(matches!(err, StartError::Build(7)), "{err:?}");
+        let err = OwnerThread::<()>::start(
+            "clipqc-test",
+            "test",
+            || -> Result<u8, ModelError> { panic!("while loading") },
+            describe,
+            drop,
+            drop,
+        )
+        .err()
+        .expect("the build panicked");
+        assert!(
+            matches!(
+                err,
+                StartError::Thread(ThreadError::Panicked { what: "test" })
+            ),
+            "{err}"
+        );
+        let err = err.into_error(|e| ModelError::Inference(e.to_string()));
+        assert_eq!(
+            err.to_string(),
+            "inference failed: the test thread panicked while loading"
+        );
     }
 }

@@ -11,12 +11,12 @@
 
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
 use super::prepare::SamInput;
 use super::{Segment, SegmentError, Segmenter};
+use crate::model::owner::OwnerThread;
 
 /// The answer to one frame: a segment per box, in the order of the boxes.
 pub type SegmentReply = oneshot::Receiver<Result<Vec<Segment>, SegmentError>>;
@@ -34,75 +34,38 @@ pub struct SegmentHandle {
     description: Arc<str>,
 }
 
-pub struct SegmentOwner {
-    thread: Option<JoinHandle<()>>,
-}
+/// The segmentation thread, joined once every [`SegmentHandle`] is dropped.
+pub type SegmentOwner = OwnerThread<SegmentHandle>;
 
 impl SegmentOwner {
     /// Start the segmentation thread; `build` runs on it and loads the segmenter. Returns once
     /// it is loaded (or failed to load). `queue` bounds the frames waiting (at least 1).
     pub fn spawn<S, F>(build: F, queue: usize) -> Result<(Self, SegmentHandle), SegmentError>
     where
-        S: Segmenter,
+        S: Segmenter + 'static,
         F: FnOnce() -> Result<S, SegmentError> + Send + 'static,
     {
         let capacity = queue.max(1);
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(capacity);
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, SegmentError>>();
-        let thread = std::thread::Builder::new()
-            .name("clipqc-segment".into())
-            .spawn(move || {
-                let mut segmenter = match build() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(segmenter.describe()));
-                // Ends when every handle is gone and the queue is drained.
-                for job in jobs_rx {
-                    // The caller gave up waiting (its verdict went out without a mask): the
-                    // frame is skipped rather than segmented for nobody.
-                    if job.reply.is_closed() {
-                        continue;
-                    }
-                    let _ = job.reply.send(segmenter.segment(&job.input));
+        let serve = move |mut segmenter: S| {
+            // Ends when every handle is gone and the queue is drained.
+            for job in jobs_rx {
+                // The caller gave up waiting (its verdict went out without a mask): the
+                // frame is skipped rather than segmented for nobody.
+                if job.reply.is_closed() {
+                    continue;
                 }
-            })
-            .map_err(|e| {
-                SegmentError::Inference(format!("cannot start the segmentation thread: {e}"))
-            })?;
-        let description = match ready_rx.recv() {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(SegmentError::Inference(
-                    "the segmentation thread panicked while loading".into(),
-                ));
+                let _ = job.reply.send(segmenter.segment(&job.input));
             }
         };
-        Ok((
-            Self {
-                thread: Some(thread),
-            },
-            SegmentHandle {
-                jobs: jobs_tx,
-                capacity,
-                description: description.into(),
-            },
-        ))
-    }
-
-    /// Wait for the thread to finish; it finishes once every handle is dropped.
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let handle = |description: String| SegmentHandle {
+            jobs: jobs_tx,
+            capacity,
+            description: description.into(),
+        };
+        let name = "clipqc-segment";
+        Self::start(name, "segmentation", build, S::describe, serve, handle)
+            .map_err(|e| e.into_error(|e| SegmentError::Inference(e.to_string())))
     }
 }
 
