@@ -39,6 +39,65 @@ pub struct SourceContext {
     /// transaction instead of by a consumer commit (set by the pipeline).
     pub transactions: OnceLock<Arc<Transactions>>,
     drain_timeout: Duration,
+    /// librdkafka's view of the group and of each partition, from its last statistics: what
+    /// the pipeline's probe shows for a record that never left the consumer.
+    last_stats: std::sync::Mutex<Option<ConsumerStats>>,
+}
+
+/// The consumer as librdkafka last reported it (every `statistics.interval.ms`).
+#[derive(Debug, Clone)]
+pub struct ConsumerStats {
+    pub at: std::time::Instant,
+    /// The group's state and join state (`up`, `steady`…), and how many rebalances so far.
+    pub group: Option<(String, String, i64)>,
+    pub partitions: Vec<PartitionStats>,
+}
+
+/// One partition in librdkafka's statistics: whether it is being fetched, what is fetched
+/// and not yet handed to the worker, and the offsets along the way.
+#[derive(Debug, Clone)]
+pub struct PartitionStats {
+    pub topic: String,
+    pub partition: i32,
+    /// `active`, `stopped`, `offset-query`, `none`…
+    pub fetch_state: String,
+    /// Messages fetched and queued for the worker, not yet taken by it.
+    pub fetchq_cnt: i64,
+    /// The next offset to fetch, the next the worker takes, the last stored and committed.
+    pub next_offset: i64,
+    pub app_offset: i64,
+    pub stored_offset: i64,
+    pub committed_offset: i64,
+    pub hi_offset: i64,
+}
+
+impl std::fmt::Display for ConsumerStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "librdkafka {:.1} s ago:",
+            self.at.elapsed().as_secs_f64()
+        )?;
+        if let Some((state, join, rebalances)) = &self.group {
+            write!(f, " group {state}/{join}, {rebalances} rebalances;")?;
+        }
+        for p in &self.partitions {
+            write!(
+                f,
+                " {}[{}] fetch {} queued {} next {} app {} stored {} committed {} high {};",
+                p.topic,
+                p.partition,
+                p.fetch_state,
+                p.fetchq_cnt,
+                p.next_offset,
+                p.app_offset,
+                p.stored_offset,
+                p.committed_offset,
+                p.hi_offset
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -50,10 +109,47 @@ impl ClientContext for SourceContext {
                 .iter()
                 .map(move |(id, p)| (topic.as_str(), *id, p.consumer_lag))
         }));
+        let partitions = statistics
+            .topics
+            .iter()
+            .flat_map(|(topic, t)| {
+                t.partitions
+                    .values()
+                    // -1 is librdkafka's internal partition.
+                    .filter(|p| p.partition >= 0)
+                    .map(move |p| PartitionStats {
+                        topic: topic.clone(),
+                        partition: p.partition,
+                        fetch_state: p.fetch_state.clone(),
+                        fetchq_cnt: p.fetchq_cnt,
+                        next_offset: p.next_offset,
+                        app_offset: p.app_offset,
+                        stored_offset: p.stored_offset,
+                        committed_offset: p.committed_offset,
+                        hi_offset: p.hi_offset,
+                    })
+            })
+            .collect();
+        let kept = ConsumerStats {
+            at: std::time::Instant::now(),
+            group: statistics
+                .cgrp
+                .map(|g| (g.state, g.join_state, g.rebalance_cnt)),
+            partitions,
+        };
+        *self.last_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
     }
 }
 
 impl SourceContext {
+    /// librdkafka's last statistics of this consumer, if any came yet.
+    pub fn last_stats(&self) -> Option<ConsumerStats> {
+        self.last_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Lag gauges for the partitions this worker owns. librdkafka keeps reporting a lag for a
     /// partition after it moved to another worker (frozen at its last value), which would
     /// count that partition twice in a sum over workers: only owned partitions are reported.
@@ -167,6 +263,36 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
         .collect()
 }
 
+/// How often [`recv`] looks at the consumer's queue without being woken.
+pub const REPOLL: Duration = Duration::from_secs(1);
+
+/// The next message or error of `consumer`, as `consumer.recv()`, but never parked on a
+/// wakeup that does not come.
+///
+/// rust-rdkafka's stream sleeps until librdkafka's "queue non-empty" callback, which fires only
+/// on the queue's empty → non-empty edge; when that edge is missed (a known race: rust-rdkafka
+/// issue 665) the stream is woken only by its fallback timer, every `max.poll.interval.ms / 2`
+/// (150 s by default), while records sit fetched in the queue. Here the queue is polled again
+/// every [`REPOLL`] besides: one look a second at a local queue, and a missed wakeup costs at
+/// most that. Cancel-safe, as `recv()` is: a message is taken from the queue only when it is
+/// returned.
+pub async fn recv<C: ConsumerContext + 'static, R>(
+    consumer: &StreamConsumer<C, R>,
+) -> KafkaResult<rdkafka::message::BorrowedMessage<'_>> {
+    use futures_util::StreamExt;
+    let mut stream = consumer.stream();
+    let mut repoll = tokio::time::interval_at(tokio::time::Instant::now() + REPOLL, REPOLL);
+    repoll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            next = stream.next() => return next.expect("Kafka message streams never end"),
+            // Polling `stream.next()` again looks at the queue first, woken or not.
+            _ = repoll.tick() => {}
+        }
+    }
+}
+
 /// Pause (`true`) or resume every assigned partition. Polling goes on either way, so the
 /// group keeps this member and its rebalance callbacks run.
 pub fn set_paused(consumer: &Source, paused: bool) -> KafkaResult<()> {
@@ -213,6 +339,7 @@ pub fn consumer(
         readiness,
         transactions: OnceLock::new(),
         drain_timeout,
+        last_stats: Default::default(),
     };
     let consumer: Source = cfg.create_with_context(context)?;
     let topics: Vec<&str> = settings.input_topics.iter().map(String::as_str).collect();
@@ -252,6 +379,7 @@ mod tests {
             readiness: Arc::new(Readiness::default()),
             transactions: OnceLock::new(),
             drain_timeout: Duration::from_millis(10),
+            last_stats: Default::default(),
         }
     }
 

@@ -67,6 +67,15 @@ impl ByteBudget {
         (bytes as u64).div_ceil(1024).min(self.total_kib as u64) as u32
     }
 
+    /// Bytes held now, and the whole budget (in whole KiB per reservation).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        u64::from(self.total_kib) * 1024
+    }
+
     /// Most bytes held at once so far (in whole KiB per reservation).
     pub fn peak(&self) -> u64 {
         self.peak.load(Ordering::Relaxed)

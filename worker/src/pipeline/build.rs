@@ -94,6 +94,7 @@ pub fn deps(
             &super::worker_id(&settings.kafka),
         )?,
         segmenting: segmenting(settings)?,
+        probe: Default::default(),
         transactions: match settings.kafka.delivery {
             Delivery::AtLeastOnce => None,
             Delivery::ExactlyOnce => Some(Arc::new(Transactions::start(

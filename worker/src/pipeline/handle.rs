@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::ack::Delivered;
 use super::infer::{BatchItem, Embedded, Pixels};
+use super::probe::{Step, Tracked};
 use super::{publish, Profile, Shared};
 use crate::config::DEFAULT_PROFILE;
 use crate::metrics;
@@ -32,12 +33,18 @@ use crate::verdict::{self, Failure, Stage};
 
 /// One record to its verdict (and dead letter), published, routed and scored with `catalog`
 /// alone (the snapshot taken when the record was started). Returns how its delivery ended.
-pub async fn handle(shared: &Shared, catalog: &Catalog, msg: &OwnedMessage) -> Delivered {
+pub async fn handle(
+    shared: &Shared,
+    catalog: &Catalog,
+    msg: &OwnedMessage,
+    tracked: &Tracked,
+) -> Delivered {
     let started = Instant::now();
     let source = source_record(msg);
     let trace = trace_context::continue_from(msg);
     let mut latencies = StageLatencies::default();
-    let outcome = decide(shared, catalog, msg, &mut latencies).await;
+    let outcome = decide(shared, catalog, msg, &mut latencies, tracked).await;
+    tracked.step(Step::Publish);
     latencies.total_seconds = started.elapsed().as_secs_f64();
     let now = SystemTime::now();
     let (verdict, failure) = match outcome {
@@ -307,9 +314,11 @@ async fn decide<'a>(
     catalog: &'a Catalog,
     msg: &OwnedMessage,
     lat: &mut StageLatencies,
+    tracked: &Tracked,
 ) -> Result<Decided<'a>, Stop> {
     let payload = msg.payload().unwrap_or_default();
     let reserved = shared.budget.reserve(payload.len()).await;
+    tracked.step(Step::Request);
     let request = request::parse(
         payload,
         source::header(msg, "content-type"),
@@ -360,6 +369,7 @@ async fn decide<'a>(
         .clone()
         .expect("validated requests have an image. This is a bug.");
     let t = Instant::now();
+    tracked.step(Step::Fetch);
     let bytes = shared.fetcher.fetch(&image).await.map_err(|e| {
         metrics::fetch_error(e.kind());
         Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e))
@@ -378,7 +388,9 @@ async fn decide<'a>(
     // Payload, image and all of that in one reservation, never waited for while holding a
     // part of it.
     let held = payload.len() + bytes.len();
+    tracked.step(Step::FrameBytes((held + plan.peak_bytes as usize) as u64));
     let reserved = reserved.grow_to(held + plan.peak_bytes as usize).await;
+    tracked.step(Step::Decode);
     // The segment stage decodes the frame again, at full size, for the verdicts it outlines
     // (a count, not a copy: the bytes are shared).
     let frame_bytes = bytes.clone();
@@ -430,6 +442,7 @@ async fn decide<'a>(
         }
     };
     let mut answers = Vec::with_capacity(tensors.len());
+    tracked.step(Step::Model(tensors.len()));
     for pixels in tensors {
         let (reply, answer) = oneshot::channel();
         let item = BatchItem {
@@ -483,6 +496,7 @@ async fn decide<'a>(
     }
     if super::segment::wanted(&profile.scorer.profile, &decision) {
         let t = Instant::now();
+        tracked.step(Step::Segment);
         let frame = super::segment::Frame {
             input: format!("request {}", request.request_id),
             bytes: frame_bytes,

@@ -31,6 +31,7 @@ mod budget;
 pub mod build;
 mod handle;
 mod infer;
+pub mod probe;
 mod publish;
 mod segment;
 mod transaction;
@@ -59,6 +60,7 @@ use crate::sink::Sink;
 use crate::source::{self, Source};
 use budget::ByteBudget;
 use infer::{BatchItem, Fatal};
+pub use probe::{Probe, Snapshot};
 // A profile in service is the profiles module's (its catalog holds them); re-exported here,
 // where the pipeline's callers have always found it.
 pub use crate::profiles::Profile;
@@ -87,6 +89,9 @@ pub struct Deps {
     pub transactions: Option<Arc<Transactions>>,
     /// The SAM thread, for profiles with `segment = true` (`None` without `model.sam_dir`).
     pub segmenting: Option<Segmenting>,
+    /// Where each record in flight is, for a dump when something waits too long: keep a
+    /// clone to take [`Probe::snapshot`]s of the run.
+    pub probe: Arc<Probe>,
 }
 
 /// Why a run stopped by itself: the worker cannot go on, and its orchestrator should restart
@@ -146,6 +151,7 @@ struct Shared {
     /// Declared when the worker cannot go on (the model broke, the dead-letter topic refuses
     /// records): it drains and `run` returns the reason.
     fatal: Arc<Fatal>,
+    probe: Arc<Probe>,
 }
 
 /// Names this worker in verdict headers and notifications: the static member id, or host
@@ -194,6 +200,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
         budget: ByteBudget::new(settings.max_in_flight_bytes),
         abort: CancellationToken::new(),
         fatal: fatal.clone(),
+        probe: deps.probe.clone(),
     });
     let consumer = Arc::new(deps.consumer);
     let ledger = consumer.context().ledger.clone();
@@ -204,6 +211,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
         .set_stall_after(Duration::from_millis(settings.stall_timeout_ms));
     let max = settings.max_in_flight.max(1);
     let slots = Arc::new(Semaphore::new(max));
+    shared.probe.attach(&consumer, &shared, max);
     let committer = deps.transactions.clone().map(|txn| {
         // Revoked partitions are committed by the rebalance callback, in their last moments here.
         let _ = consumer.context().transactions.set(txn.clone());
@@ -226,6 +234,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
         stats: RunStats::default(),
     };
 
+    let mut repoll =
+        tokio::time::interval_at(tokio::time::Instant::now() + source::REPOLL, source::REPOLL);
+    repoll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Resume once the waiting records are taken and half the slots are free again.
         if intake.paused
@@ -234,6 +245,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
         {
             intake.set_paused(false);
         }
+        shared.probe.intake(
+            intake.waiting.len(),
+            intake.paused,
+            slots.available_permits(),
+        );
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -264,6 +280,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
                 metrics::records_waiting(intake.waiting.len());
                 intake.start(msg, epoch, slot);
             }
+            // Polled again every `REPOLL` whether or not librdkafka woke it (a missed wakeup
+            // left fetched records waiting for 150 s: see `source::recv`).
+            _ = repoll.tick() => {}
             msg = consumer.recv() => {
                 let msg = match msg {
                     Ok(m) => m.detach(),
@@ -308,7 +327,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
     })
     .await;
     if drained.is_err() {
-        // Out of time: make the stragglers give up publishing; their offsets stay uncommitted.
+        // Out of time: say what the stragglers were doing (a stall shows here), then make
+        // them give up publishing; their offsets stay uncommitted.
+        tracing::warn!(state = %shared.probe.snapshot(), "the drain time ran out");
         shared.abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while intake.tasks.join_next().await.is_some() {}
@@ -421,6 +442,7 @@ impl Intake {
         };
         self.stats.records += 1;
         metrics::record_consumed(&p.topic);
+        let tracked = self.shared.probe.taken(&p.topic, p.partition, offset);
         let ack = ack::Acknowledgement::new(
             self.ledger.clone(),
             self.consumer.clone(),
@@ -437,13 +459,16 @@ impl Intake {
             // A panic anywhere in the record's handling (time arithmetic, a decoder, a
             // serialiser) is the record's failure: an ERROR verdict and a dead letter, never a
             // frozen partition. The state it leaves behind is the record's own.
-            let delivered = match AssertUnwindSafe(handle::handle(&shared, &catalog, &msg))
-                .catch_unwind()
-                .await
-            {
-                Ok(delivered) => delivered,
-                Err(panic) => handle::panicked(&shared, &msg, panic_message(panic.as_ref())).await,
-            };
+            let delivered =
+                match AssertUnwindSafe(handle::handle(&shared, &catalog, &msg, &tracked))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(delivered) => delivered,
+                    Err(panic) => {
+                        handle::panicked(&shared, &msg, panic_message(panic.as_ref())).await
+                    }
+                };
             match delivered {
                 // Exactly-once: the record keeps its slot until its transaction commits, so
                 // a broker that stops committing pauses the intake (see `max_in_flight`).
