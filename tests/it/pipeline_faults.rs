@@ -48,7 +48,7 @@ impl Seen {
         patience: Duration,
     ) {
         while !done(self) {
-            let Ok(msg) = tokio::time::timeout(patience, verdicts.recv()).await else {
+            let Ok(msg) = tokio::time::timeout(patience, clipqc::source::recv(verdicts)).await else {
                 break;
             };
             let Ok(msg) = msg else { continue };
@@ -66,22 +66,31 @@ async fn collect(verdicts: &StreamConsumer, n: usize, patience: Duration) -> See
     seen
 }
 
-/// Run a worker on `settings` until `until` completes, then stop it; returns its stats.
+/// Run a worker on `settings` until `until` completes, then stop it; returns its stats, what
+/// `until` returned, and the pipeline's state when `until` completed (where each record still
+/// in flight was, and the consumer as librdkafka saw it: the dump for a test that waited in
+/// vain).
 async fn with_worker<F: std::future::Future>(
     settings: &clipqc::config::Settings,
     brokers: &str,
     model: &clipqc::model::ModelHandle,
     tune: impl FnOnce(&mut pipeline::Deps),
     until: F,
-) -> (Result<RunStats, pipeline::RunError>, F::Output) {
+) -> (
+    Result<RunStats, pipeline::RunError>,
+    F::Output,
+    pipeline::Snapshot,
+) {
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let mut deps = deps(settings, brokers, &artifact, model);
     tune(&mut deps);
+    let probe = deps.probe.clone();
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
     let out = until.await;
+    let state = probe.snapshot();
     shutdown.cancel();
-    (worker.await.unwrap(), out)
+    (worker.await.unwrap(), out, state)
 }
 
 /// Run a worker on `settings` with no shutdown signal: it must stop by itself within two
@@ -114,7 +123,7 @@ async fn a_full_worker_pauses_its_partitions_and_keeps_to_its_byte_budget() {
     let (owner, model) = slow_model(Duration::from_millis(50));
     let verdicts = reader(&brokers, "clipqc.verdicts");
     let budget = 1 << 20; // a 224×224 pixel tensor is 588 KiB: one image at a time
-    let (stats, seen) = with_worker(
+    let (stats, seen, state) = with_worker(
         &settings,
         &brokers,
         &model,
@@ -129,7 +138,11 @@ async fn a_full_worker_pauses_its_partitions_and_keeps_to_its_byte_budget() {
     drop(model);
     owner.join();
     eprintln!("full worker: {stats:?}");
-    assert_eq!(seen.by_source.len(), total, "every record got its verdict");
+    assert_eq!(
+        seen.by_source.len(),
+        total,
+        "every record got its verdict; {state}"
+    );
     assert!(
         stats.pauses > 0,
         "40 records, 4 slots: the partitions were paused"
@@ -184,7 +197,7 @@ async fn refused_produce_and_commit_requests_lose_nothing() {
     let verdicts = reader(&brokers, "clipqc.verdicts");
     // The faulty stretch, bounded. What must hold is at-least-once: nothing committed without
     // its verdict, so a second worker finishes whatever the first left.
-    let (stats, mut seen) = with_worker(&settings, &brokers, &model, |_| {}, async {
+    let (stats, mut seen, _) = with_worker(&settings, &brokers, &model, |_| {}, async {
         collect(&verdicts, total, Duration::from_secs(20)).await
     })
     .await;
@@ -229,7 +242,7 @@ async fn refused_produce_and_commit_requests_lose_nothing() {
     }
     mock.clear_request_errors(RDKafkaApiKey::Produce);
     mock.clear_request_errors(RDKafkaApiKey::OffsetCommit);
-    let (stats, ()) = with_worker(&settings, &brokers, &model, |_| {}, async {
+    let (stats, (), _) = with_worker(&settings, &brokers, &model, |_| {}, async {
         seen.read(&verdicts, total, Duration::from_secs(60)).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while committed_total(&brokers, "clipqc-refused") < total as i64
@@ -356,7 +369,7 @@ async fn a_hanging_webhook_costs_the_verdicts_nothing() {
     let (owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(32, 224)), 2).unwrap();
     let verdicts = reader(&brokers, "clipqc.verdicts");
     let started = std::time::Instant::now();
-    let (stats, seen) = with_worker(
+    let (stats, seen, state) = with_worker(
         &settings,
         &brokers,
         &model,
@@ -372,7 +385,11 @@ async fn a_hanging_webhook_costs_the_verdicts_nothing() {
     stats.unwrap();
     drop(model);
     owner.join();
-    assert_eq!(seen.by_source.len(), total, "every record got its verdict");
+    assert_eq!(
+        seen.by_source.len(),
+        total,
+        "every record got its verdict; {state}"
+    );
     assert!(seen
         .by_source
         .values()
@@ -384,3 +401,5 @@ async fn a_hanging_webhook_costs_the_verdicts_nothing() {
 
 #[path = "pipeline_faults/records.rs"]
 mod records;
+#[path = "pipeline_faults/wakeups.rs"]
+mod wakeups;

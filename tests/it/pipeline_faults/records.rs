@@ -87,7 +87,7 @@ async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitio
         .properties
         .insert("message.max.bytes".into(), "200000".into());
     let total = requests.len();
-    let (stats, seen) = with_worker(
+    let (stats, seen, state) = with_worker(
         &settings,
         &brokers,
         &model,
@@ -125,7 +125,7 @@ async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitio
         by_id["bulky"].attributes.is_empty(),
         "the small verdict echoes no attributes"
     );
-    assert_eq!(seen.by_source.len(), total);
+    assert_eq!(seen.by_source.len(), total, "{state}");
     assert_eq!(seen.duplicates(), 0);
 
     let errors = expected.values().filter(|c| c.is_some()).count();
@@ -181,6 +181,15 @@ async fn a_dead_letter_topic_that_refuses_records_stops_the_worker() {
 /// their payload's share while waiting for room for the image and pixels deadlocked the
 /// worker (each waiting for room only the others could free). Every record must finish, and
 /// the budget holds.
+///
+/// The wait is for the eighth verdict, with at most 60 s between two verdicts: the records
+/// pass one at a time (each needs the whole budget), and one takes well under a second here
+/// (a 480×480 PNG decoded, 5 ms in the fake model), so 60 s without a verdict is a stall, not
+/// a slow machine. It failed so once under the full suite with "records: 7": the eighth
+/// record never left the consumer, though fetched with the rest within milliseconds of the
+/// assignment; a missed queue wakeup parks rust-rdkafka's stream for 150 s (see
+/// wakeups.rs, which now shows that stall deterministically). On a failure the message
+/// carries the pipeline's state: where each record was, and librdkafka's queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
     use clipqc::proto::v1::inspection_request::Image;
@@ -214,7 +223,7 @@ async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
     // One record needs payload + image + pixels, about 2 MB; two holding their payloads
     // while waiting for the rest could never both go on.
     let budget = 2 << 20;
-    let (stats, seen) = with_worker(
+    let (stats, seen, state) = with_worker(
         &settings,
         &brokers,
         &model,
@@ -231,7 +240,7 @@ async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
     assert_eq!(
         seen.by_source.len(),
         total,
-        "every record finished: {stats:?}"
+        "every record finished: {stats:?}; {state}"
     );
     assert!(seen
         .by_source
@@ -334,7 +343,7 @@ async fn a_transient_model_failure_costs_no_record_its_verdict() {
     )
     .unwrap();
     let verdicts = reader(&brokers, "clipqc.verdicts");
-    let (stats, seen) = with_worker(
+    let (stats, seen, state) = with_worker(
         &settings,
         &brokers,
         &model,
@@ -345,7 +354,7 @@ async fn a_transient_model_failure_costs_no_record_its_verdict() {
     stats.unwrap();
     drop(model);
     owner.join();
-    assert_eq!(seen.by_source.len(), total);
+    assert_eq!(seen.by_source.len(), total, "{state}");
     let errors: Vec<_> = seen
         .by_source
         .values()
@@ -398,7 +407,7 @@ async fn only_the_image_the_model_fails_on_gets_an_error() {
     )
     .unwrap();
     let verdicts = reader(&brokers, "clipqc.verdicts");
-    let (stats, seen) = with_worker(
+    let (stats, seen, state) = with_worker(
         &settings,
         &brokers,
         &model,
@@ -409,7 +418,7 @@ async fn only_the_image_the_model_fails_on_gets_an_error() {
     stats.unwrap();
     drop(model);
     owner.join();
-    assert_eq!(seen.by_source.len(), requests.len());
+    assert_eq!(seen.by_source.len(), requests.len(), "{state}");
     for v in seen.by_source.values() {
         if v.request_id == "white" {
             assert_eq!(
