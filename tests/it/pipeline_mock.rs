@@ -129,7 +129,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     let mut seen = HashSet::new();
     let mut errors = 0;
     while seen.len() < total {
-        let msg = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
+        let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&verdicts_in))
             .await
             .expect("verdicts keep coming")
             .unwrap();
@@ -171,7 +171,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     // Each failure is also on the dead-letter topic, unchanged, with its coordinates.
     let dlq_in = reader(&brokers, "clipqc.dlq");
     for _ in 0..errors {
-        let msg = tokio::time::timeout(Duration::from_secs(30), dlq_in.recv())
+        let msg = tokio::time::timeout(Duration::from_secs(30), clipqc::source::recv(&dlq_in))
             .await
             .expect("dead letters")
             .unwrap();
@@ -310,7 +310,7 @@ async fn a_broker_outage_loses_no_verdict() {
     let (mut seen, mut received) = (HashSet::new(), 0);
     let mut outage_done = false;
     while seen.len() < total {
-        let msg = match tokio::time::timeout(Duration::from_secs(90), verdicts_in.recv())
+        let msg = match tokio::time::timeout(Duration::from_secs(90), clipqc::source::recv(&verdicts_in))
             .await
             .expect("verdicts resume")
         {
@@ -417,7 +417,7 @@ async fn requests_without_a_profile_follow_their_cameras_route() {
     let verdicts_in = reader(&brokers, "clipqc.verdicts");
     let mut got = HashMap::new();
     while got.len() < 3 {
-        let msg = tokio::time::timeout(Duration::from_secs(60), verdicts_in.recv())
+        let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&verdicts_in))
             .await
             .expect("verdicts keep coming")
             .unwrap();

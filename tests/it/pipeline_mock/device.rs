@@ -82,7 +82,7 @@ async fn verdicts(
     }
     let mut got = HashMap::new();
     while got.len() < requests.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv())
+        let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&reader))
             .await
             .expect("a verdict for every request")
             .unwrap();

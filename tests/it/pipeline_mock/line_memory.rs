@@ -55,7 +55,7 @@ async fn a_part_unlike_its_lines_recent_parts_stands_out() {
             .payload(&payload);
         producer.send(record, Duration::from_secs(5)).await.unwrap();
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(60), verdicts.recv())
+            let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&verdicts))
                 .await
                 .expect("a verdict")
                 .unwrap();

@@ -70,7 +70,7 @@ fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
 }
 
 async fn next_verdict(verdicts: &StreamConsumer) -> Verdict {
-    let msg = tokio::time::timeout(Duration::from_secs(120), verdicts.recv())
+    let msg = tokio::time::timeout(Duration::from_secs(120), clipqc::source::recv(verdicts))
         .await
         .expect("a verdict within 2 minutes (a bound on a hung test)")
         .unwrap();

@@ -487,7 +487,9 @@ async fn receive(
     let mut seen = vec![false; n];
     let mut arrivals = Vec::with_capacity(n);
     while arrivals.len() < n {
-        let Ok(msg) = tokio::time::timeout(Duration::from_secs(60), verdicts.recv()).await else {
+        let Ok(msg) =
+            tokio::time::timeout(Duration::from_secs(60), crate::source::recv(verdicts)).await
+        else {
             bar.abandon_with_message("no verdict for 60 s");
             break;
         };
