@@ -2,6 +2,9 @@
 //! answers and its records make progress: 503 when records are in flight and none has
 //! finished for `pipeline.stall_timeout_ms`, a model call that never returns, say) and `/readyz` (ready for work: model loaded and warmed up, consumer in its group,
 //! not draining). Kubernetes probes and Prometheus scrape these; nothing here touches records.
+//! `/debug/pipeline` tells a person where each record in flight is (the pipeline's probe), and
+//! a stalled `/healthz` writes the same into the log before the orchestrator restarts the
+//! worker, so the stall's place outlives the process.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +47,33 @@ pub struct Readiness {
     pub publish_stalled: AtomicUsize,
     /// Whether records finish, for `/healthz`.
     pub progress: Progress,
+    /// The pipeline's state as text (set by the pipeline when it runs).
+    pub state: StateDump,
+}
+
+/// Renders the pipeline's state for `/debug/pipeline` and a stalled `/healthz`.
+#[derive(Default)]
+pub struct StateDump(std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>);
+
+impl StateDump {
+    /// The first pipeline to run on this endpoint wins (one per process).
+    pub fn set(&self, dump: impl Fn() -> String + Send + Sync + 'static) {
+        let _ = self.0.set(Box::new(dump));
+    }
+
+    pub fn render(&self) -> Option<String> {
+        self.0.get().map(|dump| dump())
+    }
+}
+
+impl std::fmt::Debug for StateDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "StateDump(set)"
+        } else {
+            "StateDump(unset)"
+        })
+    }
 }
 
 /// Records in flight and when one last finished: a worker whose records stop finishing
@@ -153,13 +183,31 @@ pub fn router(metrics: PrometheusHandle, readiness: Arc<Readiness>) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthy))
         .route("/readyz", get(ready))
+        .route("/debug/pipeline", get(pipeline_state))
         .with_state(AppState { metrics, readiness })
 }
 
 async fn healthy(State(s): State<AppState>) -> (StatusCode, String) {
     match s.readiness.progress.stalled(Instant::now()) {
         None => (StatusCode::OK, "ok\n".into()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("stalled: {why}\n")),
+        Some(why) => {
+            // The orchestrator restarts a worker that stays unhealthy: its log is where the
+            // stall's place is kept.
+            if let Some(state) = s.readiness.state.render() {
+                tracing::warn!(%why, %state, "stalled");
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, format!("stalled: {why}\n"))
+        }
+    }
+}
+
+async fn pipeline_state(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.readiness.state.render() {
+        Some(state) => (StatusCode::OK, state + "\n"),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no pipeline runs in this process\n".into(),
+        ),
     }
 }
 
@@ -253,6 +301,36 @@ mod tests {
         readiness.set_draining();
         let (status, body) = get("/readyz").await;
         assert_eq!((status, body.contains("draining")), (503, true), "{body}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn debug_pipeline_shows_the_pipelines_state_once_one_runs() {
+        let readiness = Arc::new(Readiness::default());
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let stop = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            router(handle, readiness.clone()),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let get = || async move {
+            let r = reqwest::get(format!("http://{addr}/debug/pipeline"))
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        let (status, body) = get().await;
+        assert_eq!(
+            (status, body.as_str()),
+            (404, "no pipeline runs in this process\n")
+        );
+        readiness.state.set(|| "pipeline: 3 records taken".into());
+        assert_eq!(get().await, (200, "pipeline: 3 records taken\n".into()));
         stop.cancel();
     }
 }

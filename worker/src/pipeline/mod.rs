@@ -212,6 +212,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<RunStats, Ru
     let max = settings.max_in_flight.max(1);
     let slots = Arc::new(Semaphore::new(max));
     shared.probe.attach(&consumer, &shared, max);
+    let probe = shared.probe.clone();
+    consumer
+        .context()
+        .readiness
+        .state
+        .set(move || probe.snapshot().to_string());
     let committer = deps.transactions.clone().map(|txn| {
         // Revoked partitions are committed by the rebalance callback, in their last moments here.
         let _ = consumer.context().transactions.set(txn.clone());
