@@ -1,14 +1,33 @@
-//! Test builds only: the global allocator, counting what one thread holds while asked to, so
-//! tests can check [`super::Preprocessor::plan`] against what `run` really allocates.
+//! A counting global allocator: it counts what one thread holds while asked to ([`peak_of`]),
+//! so tests can check [`super::Preprocessor::plan`] against what `run` really allocates, and
+//! it may refuse any single allocation over a bound ([`Meter::refusing_over`]).
 //!
-//! It is the library's unit-test binary's allocator (there can be only one per binary):
-//! everything else there goes straight to the system allocator after one thread-local check.
-//! Memory allocated by C code (libjpeg's) is not seen.
+//! It is the library's unit-test binary's allocator ([`Meter::UNLIMITED`]; there can be only
+//! one per binary) and the fuzz targets' (`fuzz/src/meter.rs`, which refuses what no input
+//! needs): everything else goes straight to the system allocator after one comparison and one
+//! thread-local check. Memory allocated by C code (libjpeg's) is not seen.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-struct Meter;
+/// The allocator: [`System`]'s, counted. Declare it with `#[global_allocator]`.
+pub struct Meter {
+    max_allocation: usize,
+}
+
+impl Meter {
+    /// Passes every allocation on.
+    pub const UNLIMITED: Meter = Meter::refusing_over(usize::MAX);
+
+    /// Refuses any single allocation of more than `bytes` (a null pointer, as the trait
+    /// allows): an infallible allocation then aborts at once with "memory allocation of N
+    /// bytes failed", and a fallible one (`try_reserve`) takes its error path.
+    pub const fn refusing_over(bytes: usize) -> Self {
+        Self {
+            max_allocation: bytes,
+        }
+    }
+}
 
 thread_local! {
     // Const-initialised and without destructors: reading them never allocates.
@@ -30,9 +49,13 @@ fn count(delta: i64) {
     });
 }
 
-// SAFETY: every call is passed on to `System` unchanged; only sizes are counted.
+// SAFETY: every call is passed on to `System` unchanged, or refused with a null pointer as
+// the trait allows; only sizes are counted.
 unsafe impl GlobalAlloc for Meter {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > self.max_allocation {
+            return std::ptr::null_mut();
+        }
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             count(layout.size() as i64);
@@ -41,6 +64,9 @@ unsafe impl GlobalAlloc for Meter {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > self.max_allocation {
+            return std::ptr::null_mut();
+        }
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             count(layout.size() as i64);
@@ -54,6 +80,9 @@ unsafe impl GlobalAlloc for Meter {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > self.max_allocation {
+            return std::ptr::null_mut();
+        }
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             count(new_size as i64 - layout.size() as i64);
@@ -62,11 +91,13 @@ unsafe impl GlobalAlloc for Meter {
     }
 }
 
+#[cfg(test)]
 #[global_allocator]
-static METER: Meter = Meter;
+static METER: Meter = Meter::UNLIMITED;
 
 /// Runs `f` and returns its result with the most bytes it held at once on this thread,
-/// counting what it returns (still held at the end).
+/// counting what it returns (still held at the end). Counts only under a [`Meter`] declared
+/// as the global allocator (else it says 0).
 pub fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
     HELD.set(0);
     PEAK.set(0);

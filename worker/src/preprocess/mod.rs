@@ -17,8 +17,7 @@
 //! [`Preprocessor::run`] will hold at most; every error names the input it is about. Pure CPU
 //! work: call it from blocking threads.
 
-#[cfg(test)]
-mod alloc_meter;
+pub mod alloc_meter;
 mod clahe;
 mod decode;
 pub mod device;
