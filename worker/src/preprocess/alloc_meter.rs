@@ -49,29 +49,30 @@ fn count(delta: i64) {
     });
 }
 
+impl Meter {
+    /// `allocate`'s block of `size` bytes (replacing one of `freed`), counted; refused over
+    /// the bound.
+    fn counted(&self, size: usize, freed: usize, allocate: impl FnOnce() -> *mut u8) -> *mut u8 {
+        if size > self.max_allocation {
+            return std::ptr::null_mut();
+        }
+        let p = allocate();
+        if !p.is_null() {
+            count(size as i64 - freed as i64);
+        }
+        p
+    }
+}
+
 // SAFETY: every call is passed on to `System` unchanged, or refused with a null pointer as
 // the trait allows; only sizes are counted.
 unsafe impl GlobalAlloc for Meter {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > self.max_allocation {
-            return std::ptr::null_mut();
-        }
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            count(layout.size() as i64);
-        }
-        p
+        self.counted(layout.size(), 0, || unsafe { System.alloc(layout) })
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > self.max_allocation {
-            return std::ptr::null_mut();
-        }
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            count(layout.size() as i64);
-        }
-        p
+        self.counted(layout.size(), 0, || unsafe { System.alloc_zeroed(layout) })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -80,14 +81,9 @@ unsafe impl GlobalAlloc for Meter {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > self.max_allocation {
-            return std::ptr::null_mut();
-        }
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            count(new_size as i64 - layout.size() as i64);
-        }
-        p
+        self.counted(new_size, layout.size(), || unsafe {
+            System.realloc(ptr, layout, new_size)
+        })
     }
 }
 
