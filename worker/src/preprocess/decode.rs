@@ -103,9 +103,9 @@ pub(crate) fn read_header(
     let tiff_jpeg = match &tiff {
         Some(ifd) if tiff_compression.is_none_or(|c| c == tiff::JPEG) => {
             ifd.largest_jpeg_frame()
-                .map_err(|message| PreprocessError::Decode {
+                .map_err(|e| PreprocessError::Decode {
                     input: input.into(),
-                    message,
+                    message: e.to_string(),
                 })?
         }
         _ => None,

@@ -43,7 +43,7 @@ pub use frame::FramePlan;
 pub use plan::MemoryPlan;
 pub use settings::PreprocessSettings;
 pub use transform::{as_gray8, pad_dims, to_rgb8, Transform};
-pub use windows::{Aggregate, TileConfig, Window};
+pub use windows::{Aggregate, TileConfig, TileError, Window};
 
 use crate::model::artifact::ImageSettings;
 
@@ -82,6 +82,17 @@ impl PreprocessError {
             Self::TooLarge { .. } => ErrorCode::TooLarge,
         }
     }
+}
+
+/// Why a profile's preprocessing cannot be built ([`Preprocessor::for_profile`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// Its windows: a key out of range, or more views than `max_windows` allows.
+    #[error(transparent)]
+    Tiles(#[from] TileError),
+    /// The device path cannot serve it (CLAHE under `preprocess.device = "cuda"`).
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
 }
 
 /// A region of interest in source pixels (after EXIF orientation): inspect only this part.
@@ -155,7 +166,7 @@ impl Tiles {
         config: TileConfig,
         image: &ImageSettings,
         limits: &DecodeLimits,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TileError> {
         let max_aspect_ratio = config.resolve_aspect_ratio(limits)?;
         Ok(Self {
             config,
@@ -201,20 +212,20 @@ impl Preprocessor {
     }
 
     /// A profile's preprocessing: its CLAHE, view and windows under the worker's settings.
-    /// Errors (naming the key) when its windows do not fit `max_windows`.
+    /// Errors (naming the key) when its windows do not fit `max_windows`, or when the device
+    /// path it is asked to take cannot serve it.
     pub fn for_profile(
         image: &ImageSettings,
         settings: &PreprocessSettings,
         profile: &impl ProfilePreprocessing,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ProfileError> {
         let mut pre = Self::new(image, settings.limits, profile.clahe().cloned())
             .with_view(profile.view())
             .with_jpeg_dct_headroom(settings.jpeg_dct_headroom);
         if let Some(t) = profile.tiles() {
             pre.tiles = Some(Tiles::new(t.clone(), image, &settings.limits)?);
         }
-        pre.device =
-            device::for_profile(settings, profile.clahe().is_some()).map_err(|e| e.to_string())?;
+        pre.device = device::for_profile(settings, profile.clahe().is_some())?;
         Ok(pre)
     }
 
@@ -285,14 +296,10 @@ impl Preprocessor {
     ) -> Result<Views, PreprocessError> {
         match self.views_any(input, bytes, region)? {
             AnyViews::Host(views) => Ok(views),
-            AnyViews::Device(views) => {
-                views
-                    .into_host()
-                    .map_err(|message| PreprocessError::Invalid {
-                        input: input.into(),
-                        message: format!("device preprocessing: {message}"),
-                    })
-            }
+            AnyViews::Device(views) => views.into_host().map_err(|e| PreprocessError::Invalid {
+                input: input.into(),
+                message: format!("device preprocessing: {e}"),
+            }),
         }
     }
 

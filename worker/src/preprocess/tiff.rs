@@ -84,6 +84,15 @@ pub(crate) fn largest_frame(data: &[u8]) -> Option<JpegFrame> {
         .max_by_key(JpegFrame::decoded_bytes)
 }
 
+/// A JPEG-compressed TIFF whose tables could start a frame header with its strips' bytes, but
+/// whose strips (or tiles) are not where its tag says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("TIFF tag {tag}: the JPEG strips cannot be located")]
+pub(crate) struct StripsNotFound {
+    /// `StripOffsets` (273) or `TileOffsets` (324).
+    pub tag: u16,
+}
+
 /// IFD0's entries as the `tiff` crate keeps them: by tag, the last of duplicates winning,
 /// entries of a type it does not know skipped.
 pub(crate) struct Ifd<'a> {
@@ -168,7 +177,7 @@ impl<'a> Ifd<'a> {
     /// For a JPEG-compressed TIFF, the largest frame its JPEG decoder could be made to decode
     /// (`None` when no bytes read as one). Errs when the JPEG tables end in what could start a
     /// frame header but the strips they are joined to cannot be located.
-    pub fn largest_jpeg_frame(&self) -> Result<Option<JpegFrame>, String> {
+    pub fn largest_jpeg_frame(&self) -> Result<Option<JpegFrame>, StripsNotFound> {
         // The tables and every strip are bytes of the file, read as they stand...
         let mut largest = largest_frame(self.bytes);
         let Some(tables) = self.bytes_of(JPEG_TABLES).filter(|t| t.len() >= 2) else {
@@ -184,11 +193,7 @@ impl<'a> Ifd<'a> {
         let mut starts = Vec::new();
         for tag in [STRIP_OFFSETS, TILE_OFFSETS] {
             if self.entries.contains_key(&tag) {
-                starts.extend(
-                    self.uints(tag).ok_or_else(|| {
-                        format!("TIFF tag {tag}: the JPEG strips cannot be located")
-                    })?,
-                );
+                starts.extend(self.uints(tag).ok_or(StripsNotFound { tag })?);
             }
         }
         for start in starts {
@@ -287,5 +292,35 @@ mod tests {
         let mut dht = sof;
         dht[0] = 0xC4;
         assert_eq!(largest_frame(&dht), None);
+    }
+
+    #[test]
+    fn strips_that_cannot_be_located_are_an_error_naming_the_tag() {
+        // Little-endian TIFF, IFD0 at 8 with two entries: StripOffsets as a RATIONAL (no
+        // offsets to read) and JPEGTables whose end could start a frame header.
+        let entry = |tag: u16, kind: u16, count: u32, value: u32| {
+            [tag.to_le_bytes(), kind.to_le_bytes()]
+                .concat()
+                .into_iter()
+                .chain(count.to_le_bytes())
+                .chain(value.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        let tables = [0xFF, 0xD8, 0xFF, 0xC0, 0, 0, 0, 0, 0, 0, 0xFF, 0xD9];
+        let mut tiff = b"II".to_vec();
+        tiff.extend(42u16.to_le_bytes());
+        tiff.extend(8u32.to_le_bytes());
+        tiff.extend(2u16.to_le_bytes());
+        tiff.extend(entry(STRIP_OFFSETS, 5, 1, 0));
+        tiff.extend(entry(JPEG_TABLES, 7, tables.len() as u32, 38));
+        tiff.extend(0u32.to_le_bytes());
+        tiff.extend(tables);
+        let ifd = Ifd::parse(&tiff).expect("a readable IFD0");
+        let err = ifd.largest_jpeg_frame().unwrap_err();
+        assert_eq!(err, StripsNotFound { tag: STRIP_OFFSETS });
+        assert_eq!(
+            err.to_string(),
+            "TIFF tag 273: the JPEG strips cannot be located"
+        );
     }
 }

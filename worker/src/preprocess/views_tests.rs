@@ -174,10 +174,26 @@ fn configs_whose_windows_cannot_fit_are_refused_naming_the_keys() {
     };
     let err = Tiles::new(config(40, None), &image, &limits).unwrap_err();
     assert!(
+        matches!(
+            err,
+            TileError::TooManyViewsSquare {
+                max_windows: 40,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = err.to_string();
+    assert!(
         err.contains("even for a square frame") && err.contains("tiles.max_windows 40"),
         "{err}"
     );
     let err = Tiles::new(config(64, Some(16.0 / 9.0)), &image, &limits).unwrap_err();
+    assert!(
+        matches!(err, TileError::TooManyViews { views: 123, .. }),
+        "{err}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("tiles.max_aspect_ratio") && err.contains("123"),
         "{err}"

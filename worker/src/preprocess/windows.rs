@@ -18,6 +18,45 @@ use serde::{Deserialize, Serialize};
 
 use super::DecodeLimits;
 
+/// Why a profile's `tiles` are refused: each names the key at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TileError {
+    #[error("tiles.scales is empty (give at least one, e.g. [1.0, 0.5])")]
+    NoScales,
+    #[error("tiles.scales: {scale} is not within (0, 1]")]
+    Scale { scale: f64 },
+    #[error("tiles.scales {scales:?} repeats a scale")]
+    RepeatedScale { scales: Vec<f64> },
+    #[error("tiles.overlap {overlap} is not within [0, 0.9]")]
+    Overlap { overlap: f64 },
+    #[error(
+        "tiles.max_windows {max_windows} leaves no room for a window besides the whole-frame view"
+    )]
+    NoRoomForWindows { max_windows: u32 },
+    #[error("tiles.max_aspect_ratio {ratio} is under 1")]
+    AspectRatioUnderOne { ratio: f64 },
+    #[error("tiles.region_threshold {threshold} is not within [0, 1]")]
+    RegionThreshold { threshold: f32 },
+    /// A frame of `tiles.max_aspect_ratio` would make more views than `max_windows`.
+    #[error(
+        "tiles make up to {views} views (windows and the whole frame) for a {ratio}:1 frame \
+         (tiles.max_aspect_ratio), over tiles.max_windows {max_windows}: raise max_windows, \
+         lower overlap, drop the smallest scale or take less elongated frames"
+    )]
+    TooManyViews {
+        views: u64,
+        ratio: f64,
+        max_windows: u32,
+    },
+    /// `tiles.max_aspect_ratio` unset, and not even a square frame fits `max_windows`.
+    #[error(
+        "tiles make up to {views} views (windows and the whole frame) even for a square frame, \
+         over tiles.max_windows {max_windows}: raise max_windows, lower overlap or drop the \
+         smallest scale"
+    )]
+    TooManyViewsSquare { views: u64, max_windows: u32 },
+}
+
 /// A profile's `tiles`: multi-scale windows scored besides the whole-frame view.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -214,73 +253,64 @@ impl TileConfig {
     /// elongated frame the profile takes: refused, naming the keys, when a frame of
     /// `max_aspect_ratio` (when set; else a square one) would make more than `max_windows`
     /// views.
-    pub fn resolve_aspect_ratio(&self, limits: &DecodeLimits) -> Result<f64, String> {
+    pub fn resolve_aspect_ratio(&self, limits: &DecodeLimits) -> Result<f64, TileError> {
         self.validate()?;
         let max_short = limits.max_width.min(limits.max_height).max(1);
         let limit = f64::from(limits.max_aspect_ratio.max(1));
+        let max_windows = self.max_windows;
         match self.max_aspect_ratio {
-            Some(r) => {
-                let worst = self.worst_views(r, max_short);
-                if worst > u64::from(self.max_windows) {
-                    return Err(format!(
-                        "tiles make up to {worst} views (windows and the whole frame) for a \
-                         {r}:1 frame (tiles.max_aspect_ratio), over tiles.max_windows {}: raise \
-                         max_windows, lower overlap, drop the smallest scale or take less \
-                         elongated frames",
-                        self.max_windows
-                    ));
+            Some(ratio) => {
+                let views = self.worst_views(ratio, max_short);
+                if views > u64::from(max_windows) {
+                    return Err(TileError::TooManyViews {
+                        views,
+                        ratio,
+                        max_windows,
+                    });
                 }
-                Ok(r.min(limit))
+                Ok(ratio.min(limit))
             }
             None => self.fitting_aspect_ratio(limit, max_short).ok_or_else(|| {
-                format!(
-                    "tiles make up to {} views (windows and the whole frame) even for a square \
-                     frame, over tiles.max_windows {}: raise max_windows, lower overlap or \
-                     drop the smallest scale",
-                    self.worst_views(1.0, max_short),
-                    self.max_windows
-                )
+                TileError::TooManyViewsSquare {
+                    views: self.worst_views(1.0, max_short),
+                    max_windows,
+                }
             }),
         }
     }
 
-    /// Structural checks: the message names the key at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Structural checks: the error names the key at fault.
+    pub fn validate(&self) -> Result<(), TileError> {
         if self.scales.is_empty() {
-            return Err("tiles.scales is empty (give at least one, e.g. [1.0, 0.5])".into());
+            return Err(TileError::NoScales);
         }
-        for &s in &self.scales {
-            if !(s > 0.0 && s <= 1.0) {
-                return Err(format!("tiles.scales: {s} is not within (0, 1]"));
-            }
+        if let Some(&scale) = self.scales.iter().find(|&&s| !(s > 0.0 && s <= 1.0)) {
+            return Err(TileError::Scale { scale });
         }
         let mut sorted = self.scales.clone();
         sorted.sort_by(f64::total_cmp);
         if sorted.windows(2).any(|p| p[0] == p[1]) {
-            return Err(format!("tiles.scales {:?} repeats a scale", self.scales));
+            return Err(TileError::RepeatedScale {
+                scales: self.scales.clone(),
+            });
         }
         if !(0.0..=0.9).contains(&self.overlap) {
-            return Err(format!(
-                "tiles.overlap {} is not within [0, 0.9]",
-                self.overlap
-            ));
+            return Err(TileError::Overlap {
+                overlap: self.overlap,
+            });
         }
         if self.max_windows < 2 {
-            return Err(format!(
-                "tiles.max_windows {} leaves no room for a window besides the whole-frame view",
-                self.max_windows
-            ));
+            return Err(TileError::NoRoomForWindows {
+                max_windows: self.max_windows,
+            });
         }
-        if let Some(r) = self.max_aspect_ratio {
-            if r.is_nan() || r < 1.0 {
-                return Err(format!("tiles.max_aspect_ratio {r} is under 1"));
-            }
+        if let Some(ratio) = self.max_aspect_ratio.filter(|r| r.is_nan() || *r < 1.0) {
+            return Err(TileError::AspectRatioUnderOne { ratio });
         }
         if !(0.0..=1.0).contains(&self.region_threshold) {
-            return Err(format!(
-                "tiles.region_threshold {} is not within [0, 1]",
-                self.region_threshold
-            ));
+            return Err(TileError::RegionThreshold {
+                threshold: self.region_threshold,
+            });
         }
         Ok(())
     }
@@ -412,7 +442,7 @@ mod tests {
         let bad = |f: &dyn Fn(&mut TileConfig)| {
             let mut t = tiles(&[1.0, 0.5], 0.5);
             f(&mut t);
-            t.validate().unwrap_err()
+            t.validate().unwrap_err().to_string()
         };
         assert!(bad(&|t| t.scales.clear()).contains("tiles.scales"));
         assert!(bad(&|t| t.scales = vec![1.5]).contains("tiles.scales"));
@@ -420,6 +450,19 @@ mod tests {
         assert!(bad(&|t| t.overlap = 1.0).contains("tiles.overlap"));
         assert!(bad(&|t| t.max_windows = 1).contains("tiles.max_windows"));
         assert!(bad(&|t| t.max_aspect_ratio = Some(0.5)).contains("tiles.max_aspect_ratio"));
+        let mut t = tiles(&[0.5, 1.0, 0.5], 0.5);
+        assert_eq!(
+            t.validate(),
+            Err(TileError::RepeatedScale {
+                scales: vec![0.5, 1.0, 0.5]
+            })
+        );
+        t.scales = vec![1.0];
+        t.region_threshold = 2.0;
+        assert_eq!(
+            t.validate(),
+            Err(TileError::RegionThreshold { threshold: 2.0 })
+        );
     }
 
     proptest! {

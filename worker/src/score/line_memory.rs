@@ -68,25 +68,34 @@ pub enum MemoryKey {
     Camera,
 }
 
+/// Why a profile's `line_memory` is refused: each names the key at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LineMemoryError {
+    #[error("line_memory.min_parts {min_parts} must be within 1..=line_memory.size ({size})")]
+    MinParts { min_parts: usize, size: usize },
+    #[error("line_memory.top_fraction {top_fraction} is not within (0, 1]")]
+    TopFraction { top_fraction: f32 },
+    #[error("line_memory.weight {weight} is not within [0, 1]")]
+    Weight { weight: f32 },
+}
+
 impl LineMemoryConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LineMemoryError> {
         if self.size == 0 || self.min_parts == 0 || self.min_parts > self.size {
-            return Err(format!(
-                "line_memory.min_parts {} must be within 1..=line_memory.size ({})",
-                self.min_parts, self.size
-            ));
+            return Err(LineMemoryError::MinParts {
+                min_parts: self.min_parts,
+                size: self.size,
+            });
         }
         if !(self.top_fraction > 0.0 && self.top_fraction <= 1.0) {
-            return Err(format!(
-                "line_memory.top_fraction {} is not within (0, 1]",
-                self.top_fraction
-            ));
+            return Err(LineMemoryError::TopFraction {
+                top_fraction: self.top_fraction,
+            });
         }
         if !(0.0..=1.0).contains(&self.weight) {
-            return Err(format!(
-                "line_memory.weight {} is not within [0, 1]",
-                self.weight
-            ));
+            return Err(LineMemoryError::Weight {
+                weight: self.weight,
+            });
         }
         Ok(())
     }
@@ -309,12 +318,18 @@ mod tests {
     #[test]
     fn bad_settings_name_the_key() {
         let mut c = cfg(100);
-        assert!(c.validate().unwrap_err().contains("line_memory.min_parts"));
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(err, LineMemoryError::MinParts { min_parts: 100, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("line_memory.min_parts"));
         c = cfg(8);
         c.top_fraction = 0.0;
         assert!(c
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("line_memory.top_fraction"));
     }
 }

@@ -37,6 +37,18 @@ use crate::preprocess::Window;
 pub enum ScoreError {
     #[error("profile {profile:?} {message}")]
     InvalidProfile { profile: String, message: String },
+    /// Its `tiles` are out of range.
+    #[error("profile {profile:?} {source}")]
+    Tiles {
+        profile: String,
+        source: crate::preprocess::TileError,
+    },
+    /// Its `line_memory` is out of range.
+    #[error("profile {profile:?} {source}")]
+    LineMemory {
+        profile: String,
+        source: line_memory::LineMemoryError,
+    },
     #[error("profile {profile:?}, class {class:?}: {source}")]
     Prompt {
         profile: String,

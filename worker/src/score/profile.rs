@@ -288,10 +288,16 @@ impl ProfileConfig {
             }
         }
         if let Some(t) = &self.tiles {
-            t.validate().map_err(bad)?;
+            t.validate().map_err(|source| ScoreError::Tiles {
+                profile: profile.to_string(),
+                source,
+            })?;
         }
         if let Some(m) = &self.line_memory {
-            m.validate().map_err(bad)?;
+            m.validate().map_err(|source| ScoreError::LineMemory {
+                profile: profile.to_string(),
+                source,
+            })?;
         }
         let area_rule = self.min_area_mm2.is_some() || self.min_area_pixels.is_some();
         if area_rule && !self.segment {

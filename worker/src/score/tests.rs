@@ -368,3 +368,45 @@ fn a_weighted_line_memory_score_moves_the_outcome() {
     assert!((blended.anomaly_score - expected).abs() < 1e-6);
     assert_eq!(blended.outcome, Outcome::Defect);
 }
+
+#[test]
+fn bad_tiles_and_line_memory_are_refused_as_their_own_errors() {
+    let mut p = ProfileConfig::builtin_default();
+    p.tiles = Some(serde_json::from_value(serde_json::json!({"scales": []})).unwrap());
+    let err = p.validate("x").unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ScoreError::Tiles {
+                source: crate::preprocess::TileError::NoScales,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("profile \"x\" tiles.scales is empty"),
+        "{err}"
+    );
+    p.tiles = None;
+    p.line_memory = Some(line_memory::LineMemoryConfig {
+        weight: 2.0,
+        ..Default::default()
+    });
+    let err = p.validate("x").unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ScoreError::LineMemory {
+                source: line_memory::LineMemoryError::Weight { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "profile \"x\" line_memory.weight 2 is not within [0, 1]"
+    );
+}

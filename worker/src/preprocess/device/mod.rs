@@ -47,7 +47,7 @@ use super::{
     decode, plan, PreprocessError, PreprocessSettings, Preprocessor, Region, Views, Window,
 };
 pub use budget::Budget;
-pub use ops::DeviceOps;
+pub use ops::{DeviceOps, OpError};
 
 /// `preprocess.device`: where JPEGs are decoded and windowed.
 #[derive(
@@ -133,10 +133,10 @@ pub struct DeviceViews {
 
 impl DeviceViews {
     /// As the CPU path's [`Views`] (one host copy of the pixels).
-    pub fn into_host(self) -> Result<Views, String> {
+    pub fn into_host(self) -> Result<Views, tch::TchError> {
         let n = self.tensor.size()[0] as usize;
         let flat = self.tensor.to_device(Device::Cpu).contiguous().view(-1);
-        let data = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
+        let data = Vec::<f32>::try_from(&flat)?;
         let per = data.len() / n.max(1);
         Ok(Views {
             origin: self.origin,
@@ -284,10 +284,10 @@ impl DevicePath {
         };
         let decoded = match decoded {
             Ok(d) => d,
-            Err(message) => {
+            Err(e) => {
                 tracing::debug!(
                     input,
-                    message,
+                    message = %e,
                     "device decode refused: the CPU path decides"
                 );
                 return Ok(fallback(Fallback::DecodeError));

@@ -63,22 +63,24 @@ impl DeviceOps {
     }
 
     /// One JPEG to CHW uint8 on the CPU, as stored (EXIF orientation not applied).
-    pub fn decode_cpu(&self, bytes: &Tensor) -> Result<Tensor, String> {
+    pub fn decode_cpu(&self, bytes: &Tensor) -> Result<Tensor, OpError> {
         let out = self
             .module
             .forward_is(&[
                 IValue::Tensor(bytes.shallow_clone()),
                 IValue::Int(UNCHANGED),
             ])
-            .map_err(|e| last_line(&e.to_string()))?;
+            .map_err(OpError::refused)?;
         match out {
             IValue::Tensor(t) => Ok(t),
-            other => Err(format!("decode_jpeg returned {other:?}, not a tensor")),
+            other => Err(OpError::NotATensor {
+                returned: format!("{other:?}"),
+            }),
         }
     }
 
     /// One JPEG to CHW uint8 on `cuda:index` through nvJPEG.
-    pub fn decode_cuda(&self, bytes: &Tensor, index: usize) -> Result<Tensor, String> {
+    pub fn decode_cuda(&self, bytes: &Tensor, index: usize) -> Result<Tensor, OpError> {
         let out = self
             .module
             .method_is(
@@ -89,7 +91,7 @@ impl DeviceOps {
                     IValue::Int(index as i64),
                 ],
             )
-            .map_err(|e| last_line(&e.to_string()))?;
+            .map_err(OpError::refused)?;
         let mut list = match out {
             IValue::TensorList(l) => l,
             IValue::GenericList(l) => l
@@ -99,10 +101,34 @@ impl DeviceOps {
                     _ => None,
                 })
                 .collect(),
-            other => return Err(format!("decode_jpegs_cuda returned {other:?}")),
+            other => {
+                return Err(OpError::NotAList {
+                    returned: format!("{other:?}"),
+                })
+            }
         };
-        list.pop()
-            .ok_or_else(|| "decode_jpegs_cuda returned no image".into())
+        list.pop().ok_or(OpError::NoImage)
+    }
+}
+
+/// Why torchvision's decoder gave no image for a JPEG (the image then takes the CPU path).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OpError {
+    /// The operator refused it: the last line of the TorchScript interpreter's message, the
+    /// operator's own error.
+    #[error("{0}")]
+    Refused(String),
+    #[error("decode_jpeg returned {returned}, not a tensor")]
+    NotATensor { returned: String },
+    #[error("decode_jpegs_cuda returned {returned}")]
+    NotAList { returned: String },
+    #[error("decode_jpegs_cuda returned no image")]
+    NoImage,
+}
+
+impl OpError {
+    fn refused(e: tch::TchError) -> Self {
+        Self::Refused(last_line(&e.to_string()))
     }
 }
 
@@ -140,17 +166,17 @@ fn load_uncached(library: Option<&Path>, python: Option<&Path>) -> Result<Device
             Some(p) => p.to_path_buf(),
             None => find_python(&library)?,
         };
-        open_global(&python).map_err(|message| DeviceError::Library {
+        open_global(&python).map_err(|e| DeviceError::Library {
             path: python.clone(),
             message: format!(
-                "{message} (torchvision's image.so needs libpython's symbols; set \
+                "{e} (torchvision's image.so needs libpython's symbols; set \
                  preprocess.device_python_library)"
             ),
         })?;
     }
-    open_global(&library).map_err(|message| DeviceError::Library {
+    open_global(&library).map_err(|e| DeviceError::Library {
         path: library.clone(),
-        message,
+        message: e.to_string(),
     })?;
     let mut module = CModule::load_data(&mut std::io::Cursor::new(MODULE)).map_err(|e| {
         DeviceError::Library {
@@ -167,13 +193,12 @@ fn load_uncached(library: Option<&Path>, python: Option<&Path>) -> Result<Device
 }
 
 /// Opens a shared library for the life of the process, its symbols global.
-fn open_global(path: &Path) -> Result<(), String> {
+fn open_global(path: &Path) -> Result<(), libloading::Error> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     // SAFETY: these libraries' initialisers register operators (torchvision) or set up static
     // data (libpython, libtorch_python); none starts threads or needs an interpreter. The
     // handle is leaked on purpose: unloading would leave dangling registrations.
-    let lib =
-        unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| e.to_string())?;
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }?;
     std::mem::forget(lib);
     Ok(())
 }
