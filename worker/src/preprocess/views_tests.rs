@@ -200,6 +200,30 @@ fn configs_whose_windows_cannot_fit_are_refused_naming_the_keys() {
     );
     let ok = Tiles::new(config(123, Some(16.0 / 9.0)), &image, &limits).unwrap();
     assert!((ok.max_aspect_ratio - 16.0 / 9.0).abs() < 1e-9);
+
+    // A profile of those windows: its preprocessing is refused with the same error.
+    struct Tiled(TileConfig);
+    impl ProfilePreprocessing for Tiled {
+        fn clahe(&self) -> Option<&ClaheSettings> {
+            None
+        }
+        fn view(&self) -> View {
+            View::Pad
+        }
+        fn tiles(&self) -> Option<&TileConfig> {
+            Some(&self.0)
+        }
+    }
+    let settings = PreprocessSettings::default();
+    let err = Preprocessor::for_profile(&image, &settings, &Tiled(config(40, None))).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProfileError::Tiles(TileError::TooManyViewsSquare { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().starts_with("tiles make up to"), "{err}");
 }
 
 #[test]

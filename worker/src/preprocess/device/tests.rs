@@ -277,6 +277,22 @@ fn a_corrupt_jpeg_gets_the_cpu_paths_error() {
 }
 
 #[test]
+fn the_operator_refuses_what_is_not_a_jpeg_in_its_own_words() {
+    let path = path();
+    let garbage = Tensor::from_slice(&[0x12u8; 64]);
+    let err = path.ops.decode_cpu(&garbage).unwrap_err();
+    assert!(
+        matches!(&err, OpError::Refused(m) if !m.is_empty()),
+        "{err}"
+    );
+    let good = path
+        .ops
+        .decode_cpu(&Tensor::from_slice(&jpeg(20, 10)))
+        .unwrap();
+    assert_eq!(good.size(), [3, 10, 20]);
+}
+
+#[test]
 fn refusals_from_the_header_are_the_cpu_paths() {
     let pre = cpu(View::Pad).with_device(Some(path()));
     let limits = DecodeLimits {
