@@ -9,7 +9,6 @@ use crate::common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use clipqc::model::fake::FakeBackend;
 use clipqc::model::{Artifact, ModelOwner};
 use clipqc::pipeline::{self, RunStats};
 use clipqc::proto::v1::{ErrorCode, Outcome, Verdict};
@@ -17,7 +16,6 @@ use prost::Message as _;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use tokio_util::sync::CancellationToken;
 
 use common::kafka::*;
 
@@ -48,7 +46,8 @@ impl Seen {
         patience: Duration,
     ) {
         while !done(self) {
-            let Ok(msg) = tokio::time::timeout(patience, clipqc::source::recv(verdicts)).await else {
+            let Ok(msg) = tokio::time::timeout(patience, clipqc::source::recv(verdicts)).await
+            else {
                 break;
             };
             let Ok(msg) = msg else { continue };
@@ -84,17 +83,44 @@ async fn with_worker<F: std::future::Future>(
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let mut deps = deps(settings, brokers, &artifact, model);
     tune(&mut deps);
-    let probe = deps.probe.clone();
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = Running::start(deps);
     let out = until.await;
-    let state = probe.snapshot();
-    shutdown.cancel();
-    (worker.await.unwrap(), out, state)
+    let state = worker.state();
+    (worker.stop().await, out, state)
 }
 
-/// Run a worker on `settings` with no shutdown signal: it must stop by itself within two
-/// minutes, with an error, which is returned. The model thread is joined.
+/// Run a worker on `settings` with `model` (its thread joined after) until `total` distinct
+/// records have their verdicts, or [`PATIENCE`] passes without one; it must stop cleanly.
+/// Returns its stats, the verdicts, and the pipeline's state when the reading ended, for the
+/// message of a test that counts fewer.
+async fn verdicts_of(
+    settings: &clipqc::config::Settings,
+    brokers: &str,
+    (owner, model): (ModelOwner, clipqc::model::ModelHandle),
+    tune: impl FnOnce(&mut pipeline::Deps),
+    total: usize,
+) -> (RunStats, Seen, pipeline::Snapshot) {
+    let verdicts = reader(brokers, "clipqc.verdicts");
+    let (stats, seen, state) = with_worker(
+        settings,
+        brokers,
+        &model,
+        tune,
+        collect(&verdicts, total, PATIENCE),
+    )
+    .await;
+    drop(model);
+    owner.join();
+    (stats.unwrap(), seen, state)
+}
+
+/// The faults of the tests that end in [`stops_by_itself`] show on the first records or
+/// batches, seconds after the mock's 3 s first join; two minutes without a stop is a worker
+/// that goes on.
+const STOPS_WITHIN: Duration = Duration::from_secs(120);
+
+/// Run a worker on `settings` with no shutdown signal: it must stop by itself within
+/// [`STOPS_WITHIN`], with an error, which is returned. The model thread is joined.
 async fn stops_by_itself(
     settings: &clipqc::config::Settings,
     brokers: &str,
@@ -104,12 +130,9 @@ async fn stops_by_itself(
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let mut deps = deps(settings, brokers, &artifact, &model);
     tune(&mut deps);
-    let result = tokio::time::timeout(
-        Duration::from_secs(120),
-        pipeline::run(deps, CancellationToken::new()),
-    )
-    .await
-    .expect("the worker stops by itself");
+    let result = Running::start(deps)
+        .ended(STOPS_WITHIN, "its fault shows on the first records")
+        .await;
     drop(model);
     owner.join();
     result.expect_err("the worker stops with an error")
@@ -120,23 +143,18 @@ async fn a_full_worker_pauses_its_partitions_and_keeps_to_its_byte_budget() {
     let (_mock, settings, brokers) = cluster("clipqc-full");
     let total = 40;
     publish_inline(&brokers, "f", total).await;
-    let (owner, model) = slow_model(Duration::from_millis(50));
-    let verdicts = reader(&brokers, "clipqc.verdicts");
     let budget = 1 << 20; // a 224×224 pixel tensor is 588 KiB: one image at a time
-    let (stats, seen, state) = with_worker(
+    let (stats, seen, state) = verdicts_of(
         &settings,
         &brokers,
-        &model,
+        slow_model(Duration::from_millis(50)),
         |d| {
             d.pipeline.max_in_flight = 4;
             d.pipeline.max_in_flight_bytes = budget;
         },
-        collect(&verdicts, total, Duration::from_secs(60)),
+        total,
     )
     .await;
-    let stats = stats.unwrap();
-    drop(model);
-    owner.join();
     eprintln!("full worker: {stats:?}");
     assert_eq!(
         seen.by_source.len(),
@@ -195,8 +213,11 @@ async fn refused_produce_and_commit_requests_lose_nothing() {
     );
     let (owner, model) = slow_model(Duration::from_millis(20));
     let verdicts = reader(&brokers, "clipqc.verdicts");
-    // The faulty stretch, bounded. What must hold is at-least-once: nothing committed without
-    // its verdict, so a second worker finishes whatever the first left.
+    // The faulty stretch, bounded: it ends when every verdict is read or none came for 20 s
+    // (librdkafka retries a refused request within a second, its retry.backoff.max.ms, so 20 s
+    // without a verdict is a worker that is stuck or done). Its length decides only how much
+    // the first worker does: what must hold is at-least-once (nothing committed without its
+    // verdict), so a second worker finishes whatever the first left.
     let (stats, mut seen, _) = with_worker(&settings, &brokers, &model, |_| {}, async {
         collect(&verdicts, total, Duration::from_secs(20)).await
     })
@@ -205,7 +226,9 @@ async fn refused_produce_and_commit_requests_lose_nothing() {
     stats.unwrap();
     // The claim: below each committed position every record has its verdict on the topic.
     // The test's own reader may lag behind the worker under load (the broker refuses its
-    // commits too), so it reads on until it has them all, or nothing comes for 30 s.
+    // commits too), so it reads on until it has them all, or nothing comes for 30 s (the
+    // worker has stopped: what is on the topic is there, fetched in milliseconds, and 30 s is
+    // past a refused fetch's retries).
     let committed_by_first = committed(&brokers, "clipqc-refused");
     let unverified = |seen: &Seen| {
         committed_by_first
@@ -243,7 +266,9 @@ async fn refused_produce_and_commit_requests_lose_nothing() {
     mock.clear_request_errors(RDKafkaApiKey::Produce);
     mock.clear_request_errors(RDKafkaApiKey::OffsetCommit);
     let (stats, (), _) = with_worker(&settings, &brokers, &model, |_| {}, async {
-        seen.read(&verdicts, total, Duration::from_secs(60)).await;
+        seen.read(&verdicts, total, PATIENCE).await;
+        // The second worker commits its verdicts' offsets every second (auto-commit, see
+        // source::consumer); 30 s is thirty commits, room for a coordinator slow to answer.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while committed_total(&brokers, "clipqc-refused") < total as i64
             && std::time::Instant::now() < deadline
@@ -277,17 +302,11 @@ async fn a_broken_model_stops_the_worker_instead_of_failing_every_record() {
     settings.batch.max_size = 4;
     let total = 40;
     publish_inline(&brokers, "b", total).await;
-    let (owner, model) = ModelOwner::spawn(
-        || {
-            let mut fake = FakeBackend::new(32, 224);
-            fake.fail_images = Some("CUDA error: an illegal memory access was encountered".into());
-            fake.delay = Duration::from_millis(20);
-            Ok(fake)
-        },
-        2,
-    )
-    .unwrap();
-    let err = stops_by_itself(&settings, &brokers, (owner, model), |d| {
+    let model = fake_model(|fake| {
+        fake.fail_images = Some("CUDA error: an illegal memory access was encountered".into());
+        fake.delay = Duration::from_millis(20);
+    });
+    let err = stops_by_itself(&settings, &brokers, model, |d| {
         d.pipeline.max_model_failures = 3;
         // The records the model failed publish their verdicts in the drain: no time limit
         // may cut it short (this bound is far beyond what it takes).
@@ -366,15 +385,13 @@ async fn a_hanging_webhook_costs_the_verdicts_nothing() {
     .unwrap();
     let total = 200;
     publish_inline(&brokers, "h", total).await;
-    let (owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(32, 224)), 2).unwrap();
-    let verdicts = reader(&brokers, "clipqc.verdicts");
     let started = std::time::Instant::now();
-    let (stats, seen, state) = with_worker(
+    let (_, seen, state) = verdicts_of(
         &settings,
         &brokers,
-        &model,
+        fake_model(|_| {}),
         |d| d.notifier = clipqc::notify::Notifier::start(&[hook], "test").unwrap(),
-        collect(&verdicts, total, Duration::from_secs(60)),
+        total,
     )
     .await;
     eprintln!(
@@ -382,9 +399,6 @@ async fn a_hanging_webhook_costs_the_verdicts_nothing() {
         started.elapsed(),
         entered.load(Ordering::SeqCst)
     );
-    stats.unwrap();
-    drop(model);
-    owner.join();
     assert_eq!(
         seen.by_source.len(),
         total,
@@ -394,8 +408,19 @@ async fn a_hanging_webhook_costs_the_verdicts_nothing() {
         .by_source
         .values()
         .all(|v| v.outcome() == Outcome::Defect));
-    // The one delivery the hook took is still hanging; nothing else got through to it.
-    assert_eq!(entered.load(Ordering::SeqCst), 1);
+    // The one delivery the hook took is still hanging; nothing else got through to it. That
+    // first request is sent as the first DEFECT verdict is published, over loopback: it has
+    // arrived long before the 200th verdict, but is waited for (30 s, a bound on a hung
+    // notifier) so that a slow machine cannot make it look missing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while entered.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        entered.load(Ordering::SeqCst),
+        1,
+        "requests the hanging hook got (awaited: the first, for 30 s)"
+    );
     assert_eq!(committed_total(&brokers, "clipqc-hook"), total as i64);
 }
 

@@ -7,18 +7,12 @@ use crate::common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use clipqc::model::tch_backend::TchBackend;
-use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
-use clipqc::pipeline;
+use clipqc::model::Artifact;
 use clipqc::proto::v1::{
     inspection_request::Image, ErrorCode, InspectionRequest, Outcome, Verdict,
 };
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 
 use common::kafka::*;
 
@@ -29,10 +23,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     settings.fetch.file_roots = vec![images.clone()];
 
     // Requests: good ones inline (protobuf) and by file:// URI (JSON), and five kinds of bad.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
+    let producer = producer(&brokers);
     let jpeg = std::fs::read(images.join("part_250.jpg")).unwrap();
     let png_uri = file_uri(&images.join("part_640x480.png"));
     let mut expected: HashMap<String, Option<ErrorCode>> = HashMap::new();
@@ -102,37 +93,22 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
             key: "content-type",
             value: Some(ct),
         });
-        let record = FutureRecord::to("clipqc.requests")
-            .key(&id)
-            .payload(&payload)
-            .headers(headers);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
+        send(&producer, Some(&id), &payload, Some(headers)).await;
     }
     // And one payload that is not a request at all.
-    let garbage = FutureRecord::<str, [u8]>::to("clipqc.requests").payload(b"\xff\xfe garbage");
-    producer
-        .send(garbage, Duration::from_secs(5))
-        .await
-        .unwrap();
+    send(&producer, None, b"\xff\xfe garbage", None).await;
     let total = expected.len() + 1;
 
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let for_thread = artifact.clone();
-    let (owner, model) =
-        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let (owner, model) = tiny_clip(&artifact);
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
 
     // Read every verdict back.
     let verdicts_in = reader(&brokers, "clipqc.verdicts");
     let mut seen = HashSet::new();
     let mut errors = 0;
     while seen.len() < total {
-        let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&verdicts_in))
-            .await
-            .expect("verdicts keep coming")
-            .unwrap();
+        let msg = worker.next(&verdicts_in, "verdict").await;
         let v = Verdict::decode(msg.payload().unwrap()).unwrap();
         let src = v.source.clone().unwrap();
         assert!(
@@ -171,10 +147,7 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
     // Each failure is also on the dead-letter topic, unchanged, with its coordinates.
     let dlq_in = reader(&brokers, "clipqc.dlq");
     for _ in 0..errors {
-        let msg = tokio::time::timeout(Duration::from_secs(30), clipqc::source::recv(&dlq_in))
-            .await
-            .expect("dead letters")
-            .unwrap();
+        let msg = worker.next(&dlq_in, "dead letter").await;
         let h: HashMap<&str, &[u8]> = msg
             .headers()
             .unwrap()
@@ -187,25 +160,18 @@ async fn every_request_gets_one_verdict_and_offsets_are_committed() {
         );
     }
 
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
 
     // The group's committed offsets reach the end of every partition: nothing left behind.
-    let watermarks: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    let mut sum = 0;
-    for (partition, position) in committed(&brokers, "clipqc-test") {
-        let (_, high) = watermarks
-            .fetch_watermarks("clipqc.requests", partition, Duration::from_secs(5))
-            .unwrap();
-        assert_eq!(position, high, "partition {partition}");
-        sum += high;
-    }
-    assert_eq!(sum as usize, total);
+    let ends = ends(&brokers, "clipqc.requests");
+    assert_eq!(
+        committed(&brokers, "clipqc-test"),
+        ends,
+        "committed positions (left), partitions' ends (right)"
+    );
+    assert_eq!(ends.values().sum::<i64>() as usize, total);
 }
 
 /// SIGTERM while records are in flight: the worker stops taking records but finishes those
@@ -225,25 +191,36 @@ async fn shutdown_drains_in_flight_records_and_commits_them() {
     let (owner, model) = gated_model(gate.clone());
     let mut deps = deps(&settings, &brokers, &artifact, &model);
     let max_in_flight = deps.pipeline.max_in_flight;
-    // A bound on a hung drain, far beyond what it takes: nothing is abandoned for time.
+    // A bound on a hung drain (one batch of 4 and the records behind it: a second), far
+    // beyond what it takes: nothing is abandoned for time.
     deps.pipeline.drain_timeout_ms = 120_000;
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = Running::start(deps);
 
-    // The waits are bounds on a hung test, not expectations.
+    // Events, with bounds on a hung test: the first batch reaches the model after the mock's
+    // 3 s first join, the second as soon as the first is let through; 120 s is twice
+    // PATIENCE.
+    let within = Duration::from_secs(120);
     let wait = |passed| {
         let gate = gate.clone();
-        tokio::task::spawn_blocking(move || gate.wait_for_a_batch(passed, Duration::from_secs(120)))
+        tokio::task::spawn_blocking(move || gate.wait_for_a_batch(passed, within))
     };
     let first = wait(0).await.unwrap();
-    assert!(first > 0, "a first batch reached the model");
+    assert!(
+        first > 0,
+        "no batch reached the model within {within:?}; {}",
+        worker.state()
+    );
     gate.release(1);
     let held = wait(first).await.unwrap();
-    assert!(held > 0, "a second batch reached the model after the first");
+    assert!(
+        held > 0,
+        "no second batch reached the model within {within:?} of the first; {}",
+        worker.state()
+    );
     // Now: `first` records done (or being published), `held` inside the model.
-    shutdown.cancel();
+    worker.cancel();
     gate.open();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
 
@@ -300,19 +277,19 @@ async fn a_broker_outage_loses_no_verdict() {
     publish_inline(&brokers, "o", total).await;
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let (owner, model) = slow_model(Duration::from_millis(100));
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(
-        deps(&settings, &brokers, &artifact, &model),
-        shutdown.clone(),
-    ));
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
 
     let verdicts_in = reader(&brokers, "clipqc.verdicts");
     let (mut seen, mut received) = (HashSet::new(), 0);
     let mut outage_done = false;
+    // After the outage the clients reconnect within librdkafka's reconnect.backoff.max.ms
+    // (10 s) and the produce requests are retried; a group that lost its coordinator rejoins
+    // within a session timeout (45 s, librdkafka's default). 90 s is twice that.
+    let resume_within = Duration::from_secs(90);
     while seen.len() < total {
-        let msg = match tokio::time::timeout(Duration::from_secs(90), clipqc::source::recv(&verdicts_in))
+        let msg = match worker
+            .next_within(&verdicts_in, resume_within, "verdict after the outage")
             .await
-            .expect("verdicts resume")
         {
             Ok(msg) => msg,
             // The reader sees the outage too (transport errors) and recovers by itself.
@@ -325,7 +302,9 @@ async fn a_broker_outage_loses_no_verdict() {
         seen.insert((src.partition, src.offset));
         received += 1;
         if !outage_done {
-            // Down right after the first verdict, while the rest are in flight.
+            // Down right after the first verdict, while the rest are in flight. The sleep is
+            // the fault itself, not a wait for anything: 3 s of closed connections, in which
+            // the worker's fetches, produce requests and commits fail and are retried.
             mock.broker_down(1).unwrap();
             tokio::time::sleep(Duration::from_secs(3)).await;
             mock.broker_up(1).unwrap();
@@ -337,20 +316,21 @@ async fn a_broker_outage_loses_no_verdict() {
         seen.len(),
         received - seen.len()
     );
-    // While the worker idles, auto-commit (every 5 s) commits what was stored: no shutdown
-    // needed for the positions to reach the end.
+    // While the worker idles, auto-commit (every second: source::consumer's
+    // auto.commit.interval.ms) commits what was stored: no shutdown needed for the positions
+    // to reach the end. The event awaited is that commit; 30 s is thirty commit intervals.
     let finished = || committed_total(&brokers, "clipqc-outage");
-    let idle_deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let idle_deadline = std::time::Instant::now() + Duration::from_secs(30);
     while finished() < total as i64 && std::time::Instant::now() < idle_deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(
         finished() as usize,
         total,
-        "committed while running, by auto-commit"
+        "committed while running, by auto-commit, within 30 s: {:?}",
+        committed(&brokers, "clipqc-outage")
     );
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
     assert_eq!(finished() as usize, total, "and still after the shutdown");
@@ -384,49 +364,31 @@ async fn requests_without_a_profile_follow_their_cameras_route() {
     settings.routes.pop();
 
     let png = std::fs::read(common::fixtures().join("images/part_640x480.png")).unwrap();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    for (id, camera, profile) in [
+    let requests: Vec<_> = [
         ("routed", "cam-71", ""),
         ("explicit", "cam-72", "default"),
         ("unrouted", "cam-1", ""),
-    ] {
-        let r = InspectionRequest {
-            request_id: id.into(),
-            camera_id: camera.into(),
-            profile: profile.into(),
-            image: Some(Image::InlineData(png.clone())),
-            ..Default::default()
-        };
-        let payload = r.encode_to_vec();
-        let record = FutureRecord::to("clipqc.requests")
-            .key(id)
-            .payload(&payload);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
-    }
+    ]
+    .into_iter()
+    .map(|(id, camera, profile)| InspectionRequest {
+        camera_id: camera.into(),
+        profile: profile.into(),
+        ..inline_request(id, &png)
+    })
+    .collect();
+    publish_requests(&brokers, &requests, true).await;
 
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let for_thread = artifact.clone();
-    let (owner, model) =
-        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let (owner, model) = tiny_clip(&artifact);
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
     let verdicts_in = reader(&brokers, "clipqc.verdicts");
     let mut got = HashMap::new();
     while got.len() < 3 {
-        let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&verdicts_in))
-            .await
-            .expect("verdicts keep coming")
-            .unwrap();
-        let v = Verdict::decode(msg.payload().unwrap()).unwrap();
+        let v = worker.next_verdict(&verdicts_in).await;
         assert_ne!(v.outcome(), Outcome::Error, "{v:?}");
         got.insert(v.request_id.clone(), v);
     }
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
 

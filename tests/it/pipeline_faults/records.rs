@@ -6,20 +6,6 @@
 
 use super::*;
 
-/// Publish `requests` as protobuf records.
-async fn publish_requests(brokers: &str, requests: &[clipqc::proto::v1::InspectionRequest]) {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    for r in requests {
-        let payload = r.encode_to_vec();
-        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
-    }
-}
-
 /// Records that used to panic their task (timestamps no clock can hold), to be retried
 /// forever (a verdict, and a dead letter, larger than the producer may send) or to resize to
 /// gigabytes (a 16000×1 frame) among good ones: each gets one ERROR verdict and a dead letter, and every partition is committed to
@@ -27,16 +13,11 @@ async fn publish_requests(brokers: &str, requests: &[clipqc::proto::v1::Inspecti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitions_move_on() {
     use clipqc::proto::v1::inspection_request::Image;
-    use clipqc::proto::v1::InspectionRequest;
     use pbjson_types::Timestamp;
 
     let (_mock, settings, brokers) = cluster("clipqc-hostile");
     let jpeg = std::fs::read(common::fixtures().join("images/part_250.jpg")).unwrap();
-    let request = |id: &str| InspectionRequest {
-        request_id: id.into(),
-        image: Some(Image::InlineData(jpeg.clone())),
-        ..Default::default()
-    };
+    let request = |id: &str| inline_request(id, &jpeg);
     let mut requests = Vec::new();
     let mut expected: HashMap<String, Option<ErrorCode>> = HashMap::new();
     for i in 0..12 {
@@ -78,26 +59,21 @@ async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitio
     bulky.attributes.insert("notes".into(), "n".repeat(300_000));
     expected.insert("bulky".into(), Some(ErrorCode::PublishFailed));
     requests.push(bulky);
-    publish_requests(&brokers, &requests).await;
+    publish_requests(&brokers, &requests, false).await;
 
-    let (owner, model) = slow_model(Duration::from_millis(5));
-    let verdicts = reader(&brokers, "clipqc.verdicts");
     let mut small_producer = settings.kafka.clone();
     small_producer
         .properties
         .insert("message.max.bytes".into(), "200000".into());
     let total = requests.len();
-    let (stats, seen, state) = with_worker(
+    let (_, seen, state) = verdicts_of(
         &settings,
         &brokers,
-        &model,
+        slow_model(Duration::from_millis(5)),
         |d| d.sink = clipqc::sink::Sink::new(&small_producer, &brokers).unwrap(),
-        collect(&verdicts, total, Duration::from_secs(60)),
+        total,
     )
     .await;
-    stats.unwrap();
-    drop(model);
-    owner.join();
 
     let by_id: HashMap<String, &Verdict> = seen
         .by_source
@@ -146,24 +122,14 @@ async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitio
 /// the worker stops by itself with an error naming the topic, without committing the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_topic_that_refuses_records_stops_the_worker() {
-    use clipqc::proto::v1::inspection_request::Image;
-    use clipqc::proto::v1::InspectionRequest;
-
     let (mock, settings, brokers) = cluster("clipqc-dlq-refused");
     mock.topic_error(
         "clipqc.dlq",
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
     )
     .unwrap();
-    publish_requests(
-        &brokers,
-        &[InspectionRequest {
-            request_id: "not-an-image".into(),
-            image: Some(Image::InlineData(b"GIF89a, not really".to_vec())),
-            ..Default::default()
-        }],
-    )
-    .await;
+    let not_an_image = inline_request("not-an-image", b"GIF89a, not really");
+    publish_requests(&brokers, &[not_an_image], false).await;
     let err = stops_by_itself(&settings, &brokers, slow_model(Duration::ZERO), |_| {}).await;
     assert!(
         err.to_string()
@@ -182,8 +148,8 @@ async fn a_dead_letter_topic_that_refuses_records_stops_the_worker() {
 /// worker (each waiting for room only the others could free). Every record must finish, and
 /// the budget holds.
 ///
-/// The wait is for the eighth verdict, with at most 60 s between two verdicts: the records
-/// pass one at a time (each needs the whole budget), and one takes well under a second here
+/// The wait is for the eighth verdict, with at most 60 s ([`PATIENCE`]) between two verdicts:
+/// the records pass one at a time (each needs the whole budget), and one takes well under a second here
 /// (a 480×480 PNG decoded, 5 ms in the fake model), so 60 s without a verdict is a stall, not
 /// a slow machine. It failed so once under the full suite with "records: 7": the eighth
 /// record never left the consumer, though fetched with the rest within milliseconds of the
@@ -192,9 +158,6 @@ async fn a_dead_letter_topic_that_refuses_records_stops_the_worker() {
 /// carries the pipeline's state: where each record was, and librdkafka's queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
-    use clipqc::proto::v1::inspection_request::Image;
-    use clipqc::proto::v1::InspectionRequest;
-
     let (_mock, settings, brokers) = cluster("clipqc-budget");
     // Noise does not compress: a 480×480 RGB PNG is about 0.7 MB (the mock broker takes
     // records up to 1 MB).
@@ -211,32 +174,23 @@ async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
     assert!(png.len() > 650_000, "{} bytes", png.len());
     let total = 8;
     let requests: Vec<_> = (0..total)
-        .map(|i| InspectionRequest {
-            request_id: format!("big-{i}"),
-            image: Some(Image::InlineData(png.clone())),
-            ..Default::default()
-        })
+        .map(|i| inline_request(&format!("big-{i}"), &png))
         .collect();
-    publish_requests(&brokers, &requests).await;
-    let (owner, model) = slow_model(Duration::from_millis(5));
-    let verdicts = reader(&brokers, "clipqc.verdicts");
+    publish_requests(&brokers, &requests, false).await;
     // One record needs payload + image + pixels, about 2 MB; two holding their payloads
     // while waiting for the rest could never both go on.
     let budget = 2 << 20;
-    let (stats, seen, state) = with_worker(
+    let (stats, seen, state) = verdicts_of(
         &settings,
         &brokers,
-        &model,
+        slow_model(Duration::from_millis(5)),
         |d| {
             d.pipeline.max_in_flight = 8;
             d.pipeline.max_in_flight_bytes = budget;
         },
-        collect(&verdicts, total, Duration::from_secs(60)),
+        total,
     )
     .await;
-    let stats = stats.unwrap();
-    drop(model);
-    owner.join();
     assert_eq!(
         seen.by_source.len(),
         total,
@@ -263,13 +217,14 @@ async fn a_fatal_consumer_error_stops_the_worker() {
     let deps = deps(&settings, &brokers, &artifact, &model);
     // The consumer's handle, kept for the injection (it lives as long as the worker).
     let native = deps.consumer.client().native_ptr() as usize;
-    let worker = tokio::spawn(pipeline::run(deps, CancellationToken::new()));
+    let worker = Running::start(deps);
     let verdicts = reader(&brokers, "clipqc.verdicts");
-    let seen = collect(&verdicts, 3, Duration::from_secs(60)).await;
+    let seen = collect(&verdicts, 3, PATIENCE).await;
     assert_eq!(
         seen.by_source.len(),
         3,
-        "the worker consumed before the fault"
+        "the worker consumed before the fault; {}",
+        worker.state()
     );
     let reason = std::ffi::CString::new("fenced by the test").unwrap();
     // SAFETY: the consumer is alive (the worker is running); librdkafka's own test hook.
@@ -280,10 +235,11 @@ async fn a_fatal_consumer_error_stops_the_worker() {
             reason.as_ptr(),
         );
     }
-    let result = tokio::time::timeout(Duration::from_secs(60), worker)
-        .await
-        .expect("the worker stops by itself")
-        .unwrap();
+    // The error is the consumer's next event, which the worker looks for at least every
+    // source::REPOLL (1 s); 60 s is a worker that polls the dead consumer forever.
+    let result = worker
+        .ended(Duration::from_secs(60), "a fatal error is the next event")
+        .await;
     drop(model);
     owner.join();
     let err = result.expect_err("a fatal consumer error is an error of the worker");
@@ -302,15 +258,7 @@ async fn a_fatal_consumer_error_stops_the_worker() {
 async fn a_backend_returning_too_few_rows_stops_the_worker() {
     let (_mock, settings, brokers) = cluster("clipqc-rows");
     publish_inline(&brokers, "r", 6).await;
-    let model = ModelOwner::spawn(
-        || {
-            let mut fake = FakeBackend::new(32, 224);
-            fake.short_by_one = true;
-            Ok(fake)
-        },
-        2,
-    )
-    .unwrap();
+    let model = fake_model(|fake| fake.short_by_one = true);
     let err = stops_by_itself(&settings, &brokers, model, |_| {}).await;
     assert!(
         err.to_string().contains("embeddings for a batch of"),
@@ -333,27 +281,8 @@ async fn a_transient_model_failure_costs_no_record_its_verdict() {
     settings.batch.max_delay_ms = 1000;
     let total = 8;
     publish_inline(&brokers, "t", total).await;
-    let (owner, model) = ModelOwner::spawn(
-        || {
-            let mut fake = FakeBackend::new(32, 224);
-            fake.fail_first = 1;
-            Ok(fake)
-        },
-        2,
-    )
-    .unwrap();
-    let verdicts = reader(&brokers, "clipqc.verdicts");
-    let (stats, seen, state) = with_worker(
-        &settings,
-        &brokers,
-        &model,
-        |_| {},
-        collect(&verdicts, total, Duration::from_secs(60)),
-    )
-    .await;
-    stats.unwrap();
-    drop(model);
-    owner.join();
+    let model = fake_model(|fake| fake.fail_first = 1);
+    let (_, seen, state) = verdicts_of(&settings, &brokers, model, |_| {}, total).await;
     assert_eq!(seen.by_source.len(), total, "{state}");
     let errors: Vec<_> = seen
         .by_source
@@ -368,9 +297,6 @@ async fn a_transient_model_failure_costs_no_record_its_verdict() {
 /// MODEL_FAILED (found by halving the batch); the others get their verdicts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_image_the_model_fails_on_gets_an_error() {
-    use clipqc::proto::v1::inspection_request::Image;
-    use clipqc::proto::v1::InspectionRequest;
-
     let (_mock, mut settings, brokers) = cluster("clipqc-poison");
     settings.batch.max_size = 8;
     settings.batch.max_delay_ms = 1000;
@@ -380,44 +306,14 @@ async fn only_the_image_the_model_fails_on_gets_an_error() {
         .write_to(&mut white, image::ImageFormat::Png)
         .unwrap();
     let mut requests: Vec<_> = (0..7)
-        .map(|i| InspectionRequest {
-            request_id: format!("part-{i}"),
-            image: Some(Image::InlineData(jpeg.clone())),
-            ..Default::default()
-        })
+        .map(|i| inline_request(&format!("part-{i}"), &jpeg))
         .collect();
-    requests.insert(
-        3,
-        InspectionRequest {
-            request_id: "white".into(),
-            image: Some(Image::InlineData(white.into_inner())),
-            ..Default::default()
-        },
-    );
-    publish_requests(&brokers, &requests).await;
-    let (owner, model) = ModelOwner::spawn(
-        || {
-            let mut fake = FakeBackend::new(32, 224);
-            // White normalises to about +1.9 per value under CLIP's mean and std; the part
-            // photo averages far below.
-            fake.fail_bright = Some(1.5);
-            Ok(fake)
-        },
-        2,
-    )
-    .unwrap();
-    let verdicts = reader(&brokers, "clipqc.verdicts");
-    let (stats, seen, state) = with_worker(
-        &settings,
-        &brokers,
-        &model,
-        |_| {},
-        collect(&verdicts, requests.len(), Duration::from_secs(60)),
-    )
-    .await;
-    stats.unwrap();
-    drop(model);
-    owner.join();
+    requests.insert(3, inline_request("white", &white.into_inner()));
+    publish_requests(&brokers, &requests, false).await;
+    // White normalises to about +1.9 per value under CLIP's mean and std; the part photo
+    // averages far below.
+    let model = fake_model(|fake| fake.fail_bright = Some(1.5));
+    let (_, seen, state) = verdicts_of(&settings, &brokers, model, |_| {}, requests.len()).await;
     assert_eq!(seen.by_source.len(), requests.len(), "{state}");
     for v in seen.by_source.values() {
         if v.request_id == "white" {

@@ -34,16 +34,17 @@ async fn records_reach_the_pipeline_when_the_consumer_queue_never_wakes_it() {
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let deps = deps(&settings, &brokers, &artifact, &model);
     lose_every_queue_wakeup(&deps.consumer);
-    let probe = deps.probe.clone();
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = Running::start(deps);
     let verdicts = reader(&brokers, "clipqc.verdicts");
     let seen = collect(&verdicts, total, Duration::from_secs(40)).await;
-    let state = probe.snapshot();
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    let state = worker.state();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
-    assert_eq!(seen.by_source.len(), total, "every record got its verdict; {state}");
+    assert_eq!(
+        seen.by_source.len(),
+        total,
+        "every record got its verdict; {state}"
+    );
     assert_eq!(committed_total(&brokers, "clipqc-no-wakeup"), total as i64);
 }

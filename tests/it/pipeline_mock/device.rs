@@ -6,21 +6,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use clipqc::model::tch_backend::TchBackend;
-use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
-use clipqc::pipeline::{self, Profile};
+use clipqc::model::Artifact;
+use clipqc::pipeline::Profile;
 use clipqc::preprocess::device::DevicePath;
 use clipqc::profiles::Catalog;
-use clipqc::proto::v1::{
-    inspection_request::Image, ErrorCode, InspectionRequest, Outcome, Verdict,
-};
-use prost::Message as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
+use clipqc::proto::v1::{ErrorCode, Outcome, Verdict};
 
 use super::common;
 use super::common::kafka::*;
@@ -35,9 +26,7 @@ async fn verdicts(
     let mut path = None;
     let (_mock, settings, brokers) = cluster(group);
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let for_thread = artifact.clone();
-    let (owner, model) =
-        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    let (owner, model) = tiny_clip(&artifact);
     let deps = deps(&settings, &brokers, &artifact, &model);
     if device {
         let on_cpu = Arc::new(
@@ -61,36 +50,19 @@ async fn verdicts(
             .store(Arc::new(Catalog::new(profiles, catalog.router.clone())));
         path = Some(on_cpu);
     }
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
+    let worker = Running::start(deps);
     let reader = reader(&brokers, "clipqc.verdicts");
-    for (id, image) in requests {
-        let r = InspectionRequest {
-            request_id: id.clone(),
-            image: Some(Image::InlineData(image.clone())),
-            ..Default::default()
-        };
-        let payload = r.encode_to_vec();
-        let record = FutureRecord::to("clipqc.requests")
-            .key(id)
-            .payload(&payload);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
-    }
+    let requests: Vec<_> = requests
+        .iter()
+        .map(|(id, image)| inline_request(id, image))
+        .collect();
+    publish_requests(&brokers, &requests, true).await;
     let mut got = HashMap::new();
     while got.len() < requests.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&reader))
-            .await
-            .expect("a verdict for every request")
-            .unwrap();
-        let v = Verdict::decode(msg.payload().unwrap()).unwrap();
+        let v = worker.next_verdict(&reader).await;
         got.insert(v.request_id.clone(), v);
     }
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
     (got, path.map_or(0, |p| p.budget().high_water()))

@@ -12,46 +12,43 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use clipqc::config::Delivery;
-use clipqc::model::tch_backend::TchBackend;
-use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
-use clipqc::pipeline;
+use clipqc::model::{Artifact, ModelOwner};
 use clipqc::proto::v1::Verdict;
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 
 use super::common;
 use super::common::kafka::*;
 
 fn tiny() -> (Artifact, ModelOwner, clipqc::model::ModelHandle) {
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let for_thread = artifact.clone();
-    let (owner, model) =
-        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    let (owner, model) = tiny_clip(&artifact);
     (artifact, owner, model)
 }
 
 async fn publish_garbage(brokers: &str, n: usize) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
+    let producer = producer(brokers);
     for i in 0..n {
-        let payload = format!("\u{1}not a request {i}");
-        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
+        send(
+            &producer,
+            None,
+            format!("\u{1}not a request {i}").as_bytes(),
+            None,
+        )
+        .await;
     }
 }
 
-/// Verdicts (by source partition and offset) on the verdict topic, until `n` are there.
-async fn verdicts(brokers: &str, n: usize) -> Vec<(i32, i64)> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+/// Verdicts (by source partition and offset) on the verdict topic, once `n` are there. The
+/// first transaction commits after the mock's 3 s first join and one batch, the others follow
+/// within a second each; twice [`PATIENCE`] bounds a hung worker.
+async fn verdicts(worker: &Running, brokers: &str, n: usize) -> Vec<(i32, i64)> {
+    let within = 2 * PATIENCE;
+    let deadline = std::time::Instant::now() + within;
     loop {
         let all = tokio::task::block_in_place(|| {
             read_all(brokers, "clipqc.verdicts", |b| Verdict::decode(b).unwrap())
         });
-        if all.len() >= n || std::time::Instant::now() > deadline {
+        if all.len() >= n {
             return all
                 .into_iter()
                 .map(|(_, _, v)| {
@@ -60,6 +57,12 @@ async fn verdicts(brokers: &str, n: usize) -> Vec<(i32, i64)> {
                 })
                 .collect();
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} verdicts on the topic after {within:?}; {}",
+            all.len(),
+            worker.state()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -72,13 +75,10 @@ async fn exactly_once_mode_writes_each_verdict_once_in_transactions() {
     publish_inline(&brokers, "eos", 24).await;
     publish_garbage(&brokers, 6).await;
     let (artifact, _owner, model) = tiny();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
 
-    let seen = verdicts(&brokers, 30).await;
-    shutdown.cancel();
-    let stats = worker.await.unwrap().unwrap();
+    let seen = verdicts(&worker, &brokers, 30).await;
+    let stats = worker.stop().await.unwrap();
     let mut copies: HashMap<(i32, i64), usize> = HashMap::new();
     for s in &seen {
         *copies.entry(*s).or_default() += 1;
@@ -111,20 +111,19 @@ async fn a_fenced_worker_stops_with_an_error_naming_it() {
     settings.kafka.instance_id = Some("eos-zombie".into());
     publish_inline(&brokers, "first", 6).await;
     let (artifact, _owner, model) = tiny();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
-    assert_eq!(verdicts(&brokers, 6).await.len(), 6);
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
+    assert_eq!(verdicts(&worker, &brokers, 6).await.len(), 6);
 
     mock.request_errors(
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 100],
     );
     publish_inline(&brokers, "second", 6).await;
-    let ended = tokio::time::timeout(Duration::from_secs(90), worker)
-        .await
-        .expect("the fenced worker stops by itself")
-        .unwrap();
+    // The refusal comes with the transaction of the second records, a batch after they are
+    // fetched, and a fenced producer fails for good at once; 90 s bounds a worker that goes on.
+    let ended = worker
+        .ended(Duration::from_secs(90), "the fence is fatal")
+        .await;
     let error = ended.map(|_| ()).unwrap_err().to_string();
     assert!(
         error.contains("failed for good") && error.contains("clipqc-clipqc-eos-fence-eos-zombie"),
@@ -151,9 +150,11 @@ async fn measure_delivery_throughput_exactly_once_against_at_least_once() {
         let artifact = Artifact::open(common::tiny_model()).unwrap();
         let mut deps = deps(&settings, &brokers, &artifact, &model);
         deps.pipeline.max_in_flight = 256;
-        let shutdown = CancellationToken::new();
         let started = std::time::Instant::now();
-        let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+        let worker = Running::start(deps);
+        // Hundreds of records a second in either mode: 600 take seconds; five minutes is a
+        // hung run.
+        let deadline = started + Duration::from_secs(300);
         loop {
             let written: i64 = tokio::task::block_in_place(|| ends(&brokers, "clipqc.verdicts"))
                 .values()
@@ -161,11 +162,15 @@ async fn measure_delivery_throughput_exactly_once_against_at_least_once() {
             if written as usize >= N {
                 break;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{written} of {N} written in 300 s; {}",
+                worker.state()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let seconds = started.elapsed().as_secs_f64();
-        shutdown.cancel();
-        let stats = worker.await.unwrap().unwrap();
+        let stats = worker.stop().await.unwrap();
         println!(
             "{delivery:?}: {N} requests in {seconds:.2} s = {:.0}/s ({} transactions)",
             N as f64 / seconds,

@@ -1,17 +1,9 @@
 //! Line memory through the pipeline: a line's parts are scored against its earlier parts;
 //! the same part again scores as normal, a different one higher; nothing before `min_parts`.
 
-use std::time::Duration;
-
-use clipqc::model::tch_backend::TchBackend;
-use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
-use clipqc::pipeline;
-use clipqc::proto::v1::{inspection_request::Image, InspectionRequest, Verdict};
+use clipqc::model::Artifact;
+use clipqc::proto::v1::{InspectionRequest, Verdict};
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 
 use super::common;
 use super::common::kafka::*;
@@ -29,37 +21,20 @@ async fn a_part_unlike_its_lines_recent_parts_stands_out() {
     .unwrap();
     settings.profiles.insert("default".into(), profile);
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let for_thread = artifact.clone();
-    let (owner, model) =
-        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
-    let deps = deps(&settings, &brokers, &artifact, &model);
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
+    let (owner, model) = tiny_clip(&artifact);
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
+    let producer = producer(&brokers);
     let verdicts = reader(&brokers, "clipqc.verdicts");
     let images = common::fixtures().join("images");
     // One at a time, each answered before the next: the memory order is the line's order.
     let ask = async |id: &str, file: &str| -> Verdict {
         let r = InspectionRequest {
-            request_id: id.into(),
             line_id: "line-1".into(),
-            image: Some(Image::InlineData(std::fs::read(images.join(file)).unwrap())),
-            ..Default::default()
+            ..inline_request(id, &std::fs::read(images.join(file)).unwrap())
         };
-        let payload = r.encode_to_vec();
-        let record = FutureRecord::to("clipqc.requests")
-            .key(id)
-            .payload(&payload);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
+        send(&producer, Some(id), &r.encode_to_vec(), None).await;
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(60), clipqc::source::recv(&verdicts))
-                .await
-                .expect("a verdict")
-                .unwrap();
-            let v = Verdict::decode(msg.payload().unwrap()).unwrap();
+            let v = worker.next_verdict(&verdicts).await;
             if v.request_id == id {
                 return v;
             }
@@ -88,8 +63,7 @@ async fn a_part_unlike_its_lines_recent_parts_stands_out() {
         other > same + 1e-3,
         "a different part stands out: {other} vs {same}"
     );
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
 }

@@ -4,26 +4,18 @@
 //! is full the verdict goes out at once without masks, saying so, while SAM is still busy.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use clipqc::model::artifact::Interpolation;
 use clipqc::model::fake::Gate;
-use clipqc::model::tch_backend::TchBackend;
-use clipqc::model::{Artifact, DeviceSpec, ModelOwner};
+use clipqc::model::Artifact;
 use clipqc::pipeline;
-use clipqc::proto::v1::{
-    inspection_request::Image, InspectionRequest, Outcome, RegionOfInterest, Verdict,
-};
+use clipqc::proto::v1::{InspectionRequest, Outcome, RegionOfInterest, Verdict};
 use clipqc::segment::artifact::{SamImageSettings, SamPad, SamResize};
 use clipqc::segment::{
     Mask, SamBox, SamInput, SamPreprocessor, Segment, SegmentError, SegmentOwner, Segmenter,
 };
-use prost::Message as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 
 use super::common;
 use super::common::kafka::*;
@@ -69,12 +61,14 @@ fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn next_verdict(verdicts: &StreamConsumer) -> Verdict {
-    let msg = tokio::time::timeout(Duration::from_secs(120), clipqc::source::recv(verdicts))
+/// The next verdict, within twice [`PATIENCE`]: each of these runs the tiny CLIP and then
+/// waits for the segment stage's queue (the fake SAM itself is instant once let through).
+async fn next_verdict(worker: &Running, verdicts: &StreamConsumer) -> Verdict {
+    let msg = worker
+        .next_within(verdicts, 2 * PATIENCE, "verdict")
         .await
-        .expect("a verdict within 2 minutes (a bound on a hung test)")
         .unwrap();
-    Verdict::decode(msg.payload().unwrap()).unwrap()
+    prost::Message::decode(msg.payload().unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,9 +86,7 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
     .unwrap();
     settings.profiles.insert("default".into(), profile);
     let artifact = Artifact::open(common::tiny_model()).unwrap();
-    let for_thread = artifact.clone();
-    let (owner, model) =
-        ModelOwner::spawn(move || TchBackend::load(&for_thread, DeviceSpec::Cpu), 2).unwrap();
+    let (owner, model) = tiny_clip(&artifact);
     let mut deps = deps(&settings, &brokers, &artifact, &model);
     // The tiny SAM's input settings (no SAM runs here: the fake stands in for it).
     let sam_pre = SamPreprocessor::new(&SamImageSettings {
@@ -117,8 +109,7 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
         handle,
         preprocessor: sam_pre.clone(),
     });
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(pipeline::run(deps, shutdown.clone()));
+    let worker = Running::start(deps);
 
     // 150 × 100 stored, 100 × 150 upright; the region of interest is in upright pixels.
     let jpeg = std::fs::read(common::fixtures().join("images/part_small_150x100.jpg")).unwrap();
@@ -129,29 +120,21 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
         width: 50,
         height: 60,
     };
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
     let verdicts = reader(&brokers, "clipqc.verdicts");
     const N: usize = 6;
-    for i in 0..N {
-        let r = InspectionRequest {
-            request_id: format!("seg-{i}"),
-            image: Some(Image::InlineData(rotated.clone())),
+    let requests: Vec<_> = (0..N)
+        .map(|i| InspectionRequest {
             region: Some(roi),
-            ..Default::default()
-        };
-        let payload = r.encode_to_vec();
-        let record = FutureRecord::<(), _>::to("clipqc.requests").payload(&payload);
-        producer.send(record, Duration::from_secs(5)).await.unwrap();
-    }
+            ..inline_request(&format!("seg-{i}"), &rotated)
+        })
+        .collect();
+    publish_requests(&brokers, &requests, false).await;
 
     // SAM holds its first frame: at most two are at SAM, the others come out without masks.
     let mut all = Vec::new();
     let mut skipped = 0;
     while skipped < N - 2 {
-        let v = next_verdict(&verdicts).await;
+        let v = next_verdict(&worker, &verdicts).await;
         assert_eq!(
             v.segmentation, "SEGMENT_QUEUE_FULL",
             "only skipped verdicts can come out while SAM is held: {v:?}"
@@ -164,7 +147,7 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
     assert_eq!(gate.passed(), 0, "SAM was held the whole time");
     gate.open();
     while all.len() < N {
-        all.push(next_verdict(&verdicts).await);
+        all.push(next_verdict(&worker, &verdicts).await);
     }
     let mut ids: Vec<&str> = all.iter().map(|v| v.request_id.as_str()).collect();
     ids.sort();
@@ -205,8 +188,7 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
         assert_eq!(input.frame, (100, 150));
         assert_eq!(input.boxes, vec![sam_pre.map_box(roi_box, (100, 150))]);
     }
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await.unwrap();
     drop(model);
     owner.join();
     sam_owner.join();
