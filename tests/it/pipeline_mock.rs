@@ -358,7 +358,11 @@ async fn requests_without_a_profile_follow_their_cameras_route() {
     ]))
     .unwrap();
     assert!(
-        settings.router().unwrap_err().contains("routes[1].profile"),
+        settings
+            .router()
+            .unwrap_err()
+            .to_string()
+            .contains("routes[1].profile"),
         "a route to an unknown profile is refused"
     );
     settings.routes.pop();

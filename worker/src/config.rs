@@ -33,12 +33,49 @@ pub use crate::preprocess::PreprocessSettings;
 
 pub const DEFAULT_PROFILE: &str = "default";
 
+/// Why the settings do not load: each names the file (or `(environment)`) in `source_name`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config {source_name}: {message}")]
-    Invalid {
+    #[error("config {source_name}: file not found")]
+    FileNotFound { source_name: String },
+    /// Not TOML, YAML or JSON, an unknown key, a value of the wrong type.
+    #[error("config {source_name}: {source}")]
+    Parse {
         source_name: String,
-        message: String,
+        source: config::ConfigError,
+    },
+    /// `kafka.properties` or `kafka.property_files`.
+    #[error("config {source_name}: {source}")]
+    KafkaProperties {
+        source_name: String,
+        source: crate::kafka::PropertyError,
+    },
+    /// A profile's own definition.
+    #[error("config {source_name}: {source}")]
+    Profile {
+        source_name: String,
+        source: crate::score::ScoreError,
+    },
+    #[error(
+        "config {source_name}: profile {profile:?} has segment = true, but model.sam_dir is not \
+         set (the Segment Anything artifact: deploy/model/export.py --sam)"
+    )]
+    SegmentWithoutSam {
+        source_name: String,
+        profile: String,
+    },
+    /// A profile's windows against the decoding limits.
+    #[error("config {source_name}: profile {profile:?}: {source}")]
+    ProfileTiles {
+        source_name: String,
+        profile: String,
+        source: crate::preprocess::TileError,
+    },
+    /// The `routes` table, against the profiles.
+    #[error("config {source_name}: {source}")]
+    Route {
+        source_name: String,
+        source: crate::routing::RouteError,
     },
 }
 
@@ -131,14 +168,13 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let source_name =
             file.map_or_else(|| "(environment)".to_string(), |p| p.display().to_string());
-        let invalid = |message: String| ConfigError::Invalid {
-            source_name: source_name.clone(),
-            message,
-        };
+        let named = || source_name.clone();
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
-                return Err(invalid("file not found".into()));
+                return Err(ConfigError::FileNotFound {
+                    source_name: named(),
+                });
             }
             builder = builder.add_source(config::File::from(path).required(true));
         }
@@ -167,33 +203,57 @@ impl Settings {
         let mut settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(|source| ConfigError::Parse {
+                source_name: named(),
+                source,
+            })?;
         // The environment wins over the file, as for every other key.
         settings.kafka.properties.extend(properties);
-        settings.kafka.resolve_properties().map_err(invalid)?;
+        settings
+            .kafka
+            .resolve_properties()
+            .map_err(|source| ConfigError::KafkaProperties {
+                source_name: named(),
+                source,
+            })?;
         for (name, profile) in &settings.profiles {
-            profile.validate(name).map_err(|e| invalid(e.to_string()))?;
+            profile
+                .validate(name)
+                .map_err(|source| ConfigError::Profile {
+                    source_name: named(),
+                    source,
+                })?;
             if profile.segment && settings.model.sam_dir.is_none() {
-                return Err(invalid(format!(
-                    "profile {name:?} has segment = true, but model.sam_dir is not set (the \
-                     Segment Anything artifact: deploy/model/export.py --sam)"
-                )));
+                return Err(ConfigError::SegmentWithoutSam {
+                    source_name: named(),
+                    profile: name.clone(),
+                });
             }
             if let Some(t) = &profile.tiles {
                 t.resolve_aspect_ratio(&settings.preprocess.limits)
-                    .map_err(|e| invalid(format!("profile {name:?}: {e}")))?;
+                    .map_err(|source| ConfigError::ProfileTiles {
+                        source_name: named(),
+                        profile: name.clone(),
+                        source,
+                    })?;
             }
         }
-        settings.router().map_err(invalid)?;
+        settings.router().map_err(|source| ConfigError::Route {
+            source_name: named(),
+            source,
+        })?;
         Ok(settings)
     }
 
     /// The profiles and routes of the file at `path` as the profile reloader applies them (its
     /// [`crate::profiles::reload::Load`]): loaded and validated as at start, the environment
     /// included, with the built-in default profile.
-    pub fn reloadable(path: &Path) -> Result<crate::profiles::reload::Definitions, String> {
-        let settings = Self::load(Some(path)).map_err(|e| e.to_string())?;
-        let router = settings.router()?;
+    pub fn reloadable(path: &Path) -> Result<crate::profiles::reload::Definitions, ConfigError> {
+        let settings = Self::load(Some(path))?;
+        let router = settings.router().map_err(|source| ConfigError::Route {
+            source_name: path.display().to_string(),
+            source,
+        })?;
         Ok(crate::profiles::reload::Definitions {
             profiles: settings.profiles(),
             routes: settings.routes,
@@ -202,7 +262,7 @@ impl Settings {
     }
 
     /// The compiled `routes` table, checked against the profiles.
-    pub fn router(&self) -> Result<crate::routing::Router, String> {
+    pub fn router(&self) -> Result<crate::routing::Router, crate::routing::RouteError> {
         let profiles = self.profiles();
         crate::routing::Router::new(&self.routes, |p| profiles.contains_key(p))
     }

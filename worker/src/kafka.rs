@@ -138,25 +138,41 @@ pub(crate) fn property_from_env(name: &str) -> Option<String> {
 
 impl KafkaSettings {
     /// Read `property_files` into `properties`, and refuse reserved properties.
-    pub(crate) fn resolve_properties(&mut self) -> Result<(), String> {
+    pub(crate) fn resolve_properties(&mut self) -> Result<(), PropertyError> {
         for (key, path) in &self.property_files {
-            let value = std::fs::read_to_string(path).map_err(|e| {
-                format!(
-                    "kafka.property_files.{key:?}: cannot read {}: {e}",
-                    path.display()
-                )
-            })?;
+            let value =
+                std::fs::read_to_string(path).map_err(|source| PropertyError::Unreadable {
+                    key: key.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
             let value = value.strip_suffix('\n').unwrap_or(&value);
             let value = value.strip_suffix('\r').unwrap_or(value);
             self.properties.insert(key.clone(), value.to_string());
         }
         for (key, why) in RESERVED_PROPERTIES {
             if self.properties.contains_key(key) {
-                return Err(format!(
-                    "kafka.properties: {key:?} cannot be set here: {why}"
-                ));
+                return Err(PropertyError::Reserved { key, why });
             }
         }
         Ok(())
     }
+}
+
+/// Why `kafka.properties` and `kafka.property_files` are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PropertyError {
+    /// A property file that cannot be read.
+    #[error("kafka.property_files.{key:?}: cannot read {path}: {source}")]
+    Unreadable {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// One of [`RESERVED_PROPERTIES`], with why the worker sets it itself.
+    #[error("kafka.properties: {key:?} cannot be set here: {why}")]
+    Reserved {
+        key: &'static str,
+        why: &'static str,
+    },
 }

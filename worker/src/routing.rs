@@ -35,6 +35,32 @@ pub struct RouteConfig {
     pub mm_per_pixel: Option<f64>,
 }
 
+/// Why the `routes` table is refused: each names the route by its position (from 0).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RouteError {
+    #[error("routes[{index}].{key} {pattern:?} is not a glob: {source}")]
+    NotAGlob {
+        index: usize,
+        /// `camera` or `line`.
+        key: &'static str,
+        pattern: String,
+        source: globset::Error,
+    },
+    #[error(
+        "routes[{index}] has neither camera nor line: it would match every request (use camera \
+         = \"*\" to say so)"
+    )]
+    MatchesEverything { index: usize },
+    #[error("routes[{index}] sets neither profile, region nor mm_per_pixel")]
+    SetsNothing { index: usize },
+    #[error("routes[{index}].mm_per_pixel {value} is not a positive number")]
+    MmPerPixel { index: usize, value: f64 },
+    #[error("routes[{index}].profile {profile:?} is not a profile")]
+    UnknownProfile { index: usize, profile: String },
+    #[error("routes[{index}].region {region:?} is empty")]
+    EmptyRegion { index: usize, region: Region },
+}
+
 #[derive(Debug, Clone)]
 struct Route {
     camera: Option<GlobMatcher>,
@@ -53,45 +79,46 @@ pub struct Router {
 impl Router {
     /// Compiles `routes`; `known` says whether a profile exists. The error names the route
     /// (by its position, from 0) and what is wrong with it.
-    pub fn new(routes: &[RouteConfig], known: impl Fn(&str) -> bool) -> Result<Self, String> {
-        let compile = |i: usize, key: &str, p: &Option<String>| {
+    pub fn new(routes: &[RouteConfig], known: impl Fn(&str) -> bool) -> Result<Self, RouteError> {
+        let compile = |index: usize, key: &'static str, p: &Option<String>| {
             p.as_deref()
                 .map(|p| {
-                    Glob::new(p)
-                        .map(|g| g.compile_matcher())
-                        .map_err(|e| format!("routes[{i}].{key} {p:?} is not a glob: {e}"))
+                    Glob::new(p).map(|g| g.compile_matcher()).map_err(|source| {
+                        RouteError::NotAGlob {
+                            index,
+                            key,
+                            pattern: p.to_string(),
+                            source,
+                        }
+                    })
                 })
                 .transpose()
         };
         let routes = routes
             .iter()
             .enumerate()
-            .map(|(i, r)| {
+            .map(|(index, r)| {
                 if r.camera.is_none() && r.line.is_none() {
-                    return Err(format!(
-                        "routes[{i}] has neither camera nor line: it would match every request \
-                         (use camera = \"*\" to say so)"
-                    ));
+                    return Err(RouteError::MatchesEverything { index });
                 }
                 if r.profile.is_none() && r.region.is_none() && r.mm_per_pixel.is_none() {
-                    return Err(format!(
-                        "routes[{i}] sets neither profile, region nor mm_per_pixel"
-                    ));
+                    return Err(RouteError::SetsNothing { index });
                 }
-                if let Some(m) = r.mm_per_pixel.filter(|m| !(m.is_finite() && *m > 0.0)) {
-                    return Err(format!(
-                        "routes[{i}].mm_per_pixel {m} is not a positive number"
-                    ));
+                if let Some(value) = r.mm_per_pixel.filter(|m| !(m.is_finite() && *m > 0.0)) {
+                    return Err(RouteError::MmPerPixel { index, value });
                 }
                 if let Some(p) = r.profile.as_deref().filter(|p| !known(p)) {
-                    return Err(format!("routes[{i}].profile {p:?} is not a profile"));
+                    return Err(RouteError::UnknownProfile {
+                        index,
+                        profile: p.to_string(),
+                    });
                 }
-                if let Some(g) = r.region.filter(|g| g.width == 0 || g.height == 0) {
-                    return Err(format!("routes[{i}].region {g:?} is empty"));
+                if let Some(region) = r.region.filter(|g| g.width == 0 || g.height == 0) {
+                    return Err(RouteError::EmptyRegion { index, region });
                 }
                 Ok(Route {
-                    camera: compile(i, "camera", &r.camera)?,
-                    line: compile(i, "line", &r.line)?,
+                    camera: compile(index, "camera", &r.camera)?,
+                    line: compile(index, "line", &r.line)?,
                     profile: r.profile.clone(),
                     region: r.region,
                     mm_per_pixel: r.mm_per_pixel,
@@ -204,13 +231,37 @@ mod tests {
     #[test]
     fn bad_routes_are_refused_naming_them() {
         let bad = |routes: &[RouteConfig]| Router::new(routes, |p| p == "brackets").unwrap_err();
-        assert!(bad(&[route(Some("cam-*"), None, "nope")]).contains("routes[0].profile \"nope\""));
-        assert!(bad(&[route(Some("cam-["), None, "brackets")]).contains("routes[0].camera"));
-        assert!(bad(&[
+        let err = bad(&[route(Some("cam-*"), None, "nope")]);
+        assert!(
+            matches!(&err, RouteError::UnknownProfile { index: 0, profile } if profile == "nope"),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "routes[0].profile \"nope\" is not a profile"
+        );
+        let err = bad(&[route(Some("cam-["), None, "brackets")]);
+        assert!(
+            matches!(
+                err,
+                RouteError::NotAGlob {
+                    index: 0,
+                    key: "camera",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("routes[0].camera"));
+        let err = bad(&[
             route(Some("a"), None, "brackets"),
-            route(None, None, "brackets")
-        ])
-        .contains("routes[1] has neither"));
+            route(None, None, "brackets"),
+        ]);
+        assert!(
+            matches!(err, RouteError::MatchesEverything { index: 1 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("routes[1] has neither"));
         let mut empty = route(Some("a"), None, "brackets");
         empty.region = Some(Region {
             x: 0,
@@ -218,6 +269,6 @@ mod tests {
             width: 0,
             height: 4,
         });
-        assert!(bad(&[empty]).contains("routes[0].region"));
+        assert!(bad(&[empty]).to_string().contains("routes[0].region"));
     }
 }

@@ -164,7 +164,7 @@ fn watch_config(
     };
     let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
     let source = profiles::reload::Source {
-        load: Box::new(Settings::reloadable),
+        load: Box::new(|path| Ok(Settings::reloadable(path)?)),
         preprocess: settings.preprocess.clone(),
         routes: settings.routes.clone(),
     };

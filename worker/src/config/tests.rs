@@ -51,8 +51,21 @@ fn kafka_properties_come_from_the_environment_and_from_files_and_reserved_ones_a
             "true".into(),
         )],
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ConfigError::KafkaProperties {
+                source: crate::kafka::PropertyError::Reserved {
+                    key: "enable.auto.offset.store",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("\"enable.auto.offset.store\" cannot be set here"),
         "{err}"
@@ -71,9 +84,18 @@ fn kafka_properties_come_from_the_environment_and_from_files_and_reserved_ones_a
         "[kafka.property_files]\n\"ssl.key.password\" = \"/nonexistent/pw\"\n",
     )
     .unwrap();
-    let err = Settings::load_with_env(Some(&file), [])
-        .unwrap_err()
-        .to_string();
+    let err = Settings::load_with_env(Some(&file), []).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ConfigError::KafkaProperties {
+                source: crate::kafka::PropertyError::Unreadable { key, .. },
+                ..
+            } if key == "ssl.key.password"
+        ),
+        "{err}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("ssl.key.password") && err.contains("/nonexistent/pw"),
         "{err}"
@@ -244,9 +266,44 @@ fn the_reloader_reads_profiles_and_routes_as_the_worker_loads_them() {
     assert_eq!(d.router.resolve("cam", "l1", "", None).0, Some("brackets"));
     let (_d, bad) = write(&FILE.replace("a photo of {} on", "a photo on"));
     let err = Settings::reloadable(&bad).err().unwrap();
+    assert!(matches!(err, ConfigError::Profile { .. }), "{err}");
     let expected = Settings::load(Some(&bad)).unwrap_err().to_string();
-    assert_eq!(err, expected);
-    assert!(err.contains("\"brackets\""), "{err}");
+    assert_eq!(err.to_string(), expected);
+    assert!(expected.contains("\"brackets\""), "{err}");
+    // As the reloader is given it (`clipqc run`): the same error, boxed.
+    let load: crate::profiles::reload::Load = Box::new(|path| Ok(Settings::reloadable(path)?));
+    let err = load(&bad).err().unwrap();
+    assert_eq!(err.to_string(), expected);
+    assert!(
+        matches!(
+            err.downcast_ref::<ConfigError>(),
+            Some(ConfigError::Profile { .. })
+        ),
+        "{err}"
+    );
+}
+
+/// A route to a profile that does not exist is refused at load, naming the route.
+#[test]
+fn a_route_to_an_unknown_profile_is_refused() {
+    let route = "\n[[routes]]\nline = \"l1\"\nprofile = \"housings\"\n";
+    let (_d, path) = write(&format!("{FILE}{route}"));
+    let err = Settings::load_with_env(Some(&path), []).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ConfigError::Route {
+                source: crate::routing::RouteError::UnknownProfile { index: 0, profile },
+                ..
+            } if profile == "housings"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .ends_with("clipqc.toml: routes[0].profile \"housings\" is not a profile"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -261,14 +318,17 @@ fn the_shipped_example_config_loads() {
 #[test]
 fn typos_and_bad_profiles_are_refused_naming_the_file() {
     let (_d, path) = write("[model]\ndri = \"/x\"\n");
-    let err = Settings::load_with_env(Some(&path), [])
-        .unwrap_err()
-        .to_string();
+    let err = Settings::load_with_env(Some(&path), []).unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    let err = err.to_string();
     assert!(err.contains("clipqc.toml") && err.contains("dri"), "{err}");
     let (_d, path) = write("[profiles.empty]\nclasses = []\n");
-    let err = Settings::load_with_env(Some(&path), [])
-        .unwrap_err()
-        .to_string();
+    let err = Settings::load_with_env(Some(&path), []).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::Profile { source: crate::score::ScoreError::InvalidProfile { profile, .. }, .. } if profile == "empty"),
+        "{err}"
+    );
+    let err = err.to_string();
     assert!(err.contains("\"empty\" has no classes"), "{err}");
     let (_d, path) = write("[fetch]\nallowed_networks = [\"10.0.0.0/33\"]\n");
     let err = Settings::load_with_env(Some(&path), [])
@@ -278,10 +338,12 @@ fn typos_and_bad_profiles_are_refused_naming_the_file() {
         err.contains("fetch.allowed_networks: \"10.0.0.0/33\" is not a network"),
         "{err}"
     );
-    let err = Settings::load_with_env(Some(Path::new("/nonexistent.toml")), [])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("/nonexistent.toml: file not found"), "{err}");
+    let err = Settings::load_with_env(Some(Path::new("/nonexistent.toml")), []).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::FileNotFound { source_name } if source_name == "/nonexistent.toml"),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "config /nonexistent.toml: file not found");
 }
 
 #[test]
@@ -290,9 +352,12 @@ fn a_segmenting_profile_needs_the_sam_artifact() {
                    [[profiles.welds.classes]]\nname = \"crack\"\nprompts = [\"a crack\"]\ndefect = true\n\
                    [[profiles.welds.classes]]\nname = \"ok\"\nprompts = [\"a weld\"]\n";
     let (_d, path) = write(profile);
-    let err = Settings::load_with_env(Some(&path), [])
-        .unwrap_err()
-        .to_string();
+    let err = Settings::load_with_env(Some(&path), []).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::SegmentWithoutSam { profile, .. } if profile == "welds"),
+        "{err}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("profile \"welds\" has segment = true") && err.contains("model.sam_dir"),
         "{err}"

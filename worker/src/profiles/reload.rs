@@ -51,10 +51,14 @@ pub struct Definitions {
 }
 
 /// Reads the config file at a path into [`Definitions`], or says why it does not load or
-/// validate (the refusal's message). Given by the caller, which knows the whole config
-/// (`clipqc run` hands over the settings' own loader, environment included), so that this
-/// module needs no more of the config than profiles and routes.
-pub type Load = Box<dyn Fn(&Path) -> Result<Definitions, String> + Send>;
+/// validate (the refusal's message is its error's). Given by the caller, which knows the whole
+/// config (`clipqc run` hands over the settings' own loader, environment included), so that
+/// this module needs no more of the config than profiles and routes.
+pub type Load = Box<dyn Fn(&Path) -> Result<Definitions, LoadError> + Send>;
+
+/// Why [`Load`] refused the file: the loader's own error (the settings' `ConfigError` for
+/// `clipqc run`: `downcast_ref` it), which this module, below the config, cannot name.
+pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the reloader needs of the worker's config: how to read the file, and what the worker
 /// started with.
@@ -210,7 +214,7 @@ impl Reloader {
         let refused = |reason, message| Checked::Refused { reason, message };
         let loaded = match (self.load)(&self.path) {
             Ok(d) => d,
-            Err(e) => return refused("invalid", e),
+            Err(e) => return refused("invalid", e.to_string()),
         };
         self.warn_restart_keys();
         let current = self.live.load_full();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::reload::{restart_keys, Checked, Definitions, Reloader, Source};
+use super::reload::{restart_keys, Checked, Definitions, LoadError, Reloader, Source};
 use super::*;
 use crate::model::fake::FakeBackend;
 use crate::model::ModelOwner;
@@ -14,7 +14,7 @@ use crate::routing::RouteConfig;
 /// routes, each profile validated and the routes checked against them, as the worker's
 /// settings do; other sections are not this module's and are left unread. (`clipqc run`
 /// gives the settings' own loader, `Settings::reloadable`, which the config's tests check.)
-fn load(path: &Path) -> Result<Definitions, String> {
+fn load(path: &Path) -> Result<Definitions, LoadError> {
     #[derive(serde::Deserialize)]
     struct File {
         #[serde(default)]
@@ -25,11 +25,10 @@ fn load(path: &Path) -> Result<Definitions, String> {
     let file: File = config::Config::builder()
         .add_source(config::File::from(path).required(true))
         .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| e.to_string())?;
+        .and_then(|c| c.try_deserialize())?;
     let mut profiles = file.profiles;
     for (name, p) in &profiles {
-        p.validate(name).map_err(|e| e.to_string())?;
+        p.validate(name)?;
     }
     profiles
         .entry("default".into())
