@@ -4,28 +4,31 @@
 
 use crate::common;
 
-use std::process::Command;
+use std::ffi::OsString;
+use std::process::Output;
+
+use common::cli::{clipqc, refused, stderr, succeeded};
+use common::profile::{self, GOOD, SCRATCH};
+
+/// `clipqc bench --device cpu ARGS --model TINY`, with `--image` the fixtures' 250×250 JPEG
+/// unless `args` names one.
+fn run_bench(args: &[&str]) -> Output {
+    let mut all: Vec<OsString> = ["bench", "--device", "cpu"].map(OsString::from).into();
+    all.extend(args.iter().map(OsString::from));
+    all.extend(["--model".into(), common::tiny_model().into()]);
+    if !args.contains(&"--image") {
+        let part = common::fixtures().join("images/part_250.jpg");
+        all.extend(["--image".into(), part.into()]);
+    }
+    clipqc(all)
+}
 
 /// `clipqc bench --json` on the tiny model, CPU, the fixtures' 250×250 JPEG, plus `args`;
 /// asserts it succeeded and returns its JSON report and its stderr.
 fn bench(args: &[&str]) -> (serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["bench", "--device", "cpu", "--json"])
-        .args(args)
-        .arg("--model")
-        .arg(common::tiny_model())
-        .arg("--image")
-        .arg(common::fixtures().join("images/part_250.jpg"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "clipqc bench {args:?} failed:\n{stderr}"
-    );
-    let report = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    (report, stderr)
+    let out = run_bench(&[&["--json"][..], args].concat());
+    let report = serde_json::from_str(&succeeded(&out)).expect("one JSON object");
+    (report, stderr(&out))
 }
 
 #[test]
@@ -63,49 +66,20 @@ fn bench_reports_every_request_with_the_ceiling_and_latencies() {
 /// says the images were preprocessed there.
 #[test]
 fn bench_preprocess_device_cuda_needs_a_gpu() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args([
-            "bench",
-            "--device",
-            "cpu",
-            "--preprocess-device",
-            "cuda",
-            "--requests",
-            "1",
-        ])
-        .arg("--model")
-        .arg(common::tiny_model())
-        .arg("--image")
-        .arg(common::fixtures().join("images/part_250.jpg"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = run_bench(&["--preprocess-device", "cuda", "--requests", "1"]);
     if tch::Cuda::is_available() {
-        assert!(out.status.success(), "{stderr}");
+        succeeded(&out);
+        let stderr = stderr(&out);
         assert!(stderr.contains("device (Cuda(0))"), "{stderr}");
     } else {
-        assert!(!out.status.success());
-        assert!(stderr.contains("preprocess.device = \"cuda\""), "{stderr}");
+        refused(&out, None, &["preprocess.device = \"cuda\""]);
     }
 }
 
 #[test]
 fn bench_names_a_missing_image() {
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args([
-            "bench",
-            "--device",
-            "cpu",
-            "--image",
-            "/nonexistent/part.jpg",
-        ])
-        .arg("--model")
-        .arg(common::tiny_model())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent/part.jpg"), "{stderr}");
+    let out = run_bench(&["--image", "/nonexistent/part.jpg"]);
+    refused(&out, None, &["/nonexistent/part.jpg"]);
 }
 
 /// Against a real broker process (tansu): the bench creates its topics there and measures.
@@ -135,22 +109,8 @@ fn bench_runs_against_a_given_broker() {
 #[test]
 fn bench_of_a_tiled_profile_reports_windows_per_second() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tiled.toml");
-    std::fs::write(
-        &config,
-        r#"
-[profiles.tiled]
-tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16 }
-[[profiles.tiled.classes]]
-name = "scratch"
-prompts = ["a scratch"]
-defect = true
-[[profiles.tiled.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#,
-    )
-    .unwrap();
+    let tiled = profile::toml("tiled", &[profile::TILED], &[SCRATCH, GOOD]);
+    let config = profile::config_file(dir.path(), "tiled.toml", &tiled);
     let (r, stderr) = bench(&[
         "--config",
         config.to_str().unwrap(),

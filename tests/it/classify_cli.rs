@@ -5,23 +5,19 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::cli::{clipqc, json_lines, refused, succeeded};
+use common::profile::{self, Class, GOOD, SCRATCH};
 use common::{fixtures, tiny_model};
 
-fn clipqc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run clipqc")
-}
-
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect()
+/// `clipqc classify --model TINY --config CONFIG --profile PROFILE ARGS…`.
+fn classify_with(config: &Path, profile: &str, args: &[&str]) -> Output {
+    let (model, config) = (tiny_model(), config.display().to_string());
+    let mut all = vec!["classify", "--model", model.to_str().unwrap()];
+    all.extend(["--config", &config, "--profile", profile]);
+    all.extend(args);
+    clipqc(all)
 }
 
 fn fixture_images() -> Vec<PathBuf> {
@@ -106,13 +102,8 @@ fn classifies_every_good_image_and_reports_every_bad_one() {
     }
     let missing = dir.path().join("missing.png");
     args.push(missing.display().to_string());
-    let out = clipqc(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "exit code with failures; stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = clipqc(&args);
+    refused(&out, Some(1), &[]);
     let rows = json_lines(&out);
     assert_eq!(
         rows.len(),
@@ -168,19 +159,8 @@ fn classifies_every_good_image_and_reports_every_bad_one() {
 #[test]
 fn table_output_has_one_row_per_image() {
     let img = fixture_images()[0].display().to_string();
-    let out = clipqc(&[
-        "classify",
-        "--model",
-        &tiny_model().display().to_string(),
-        &img,
-        &img,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let model = tiny_model().display().to_string();
+    let text = succeeded(&clipqc(["classify", "--model", &model, &img, &img]));
     let rows: Vec<&str> = text.lines().collect();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0], rows[1], "the same image scores the same");
@@ -202,54 +182,40 @@ fn bad_models_and_profiles_are_refused_with_the_culprit_named() {
     // A prompt longer than the model's context (CLIP's 77 tokens; the Rust-written model's
     // 256 bytes), caught at config load.
     let long_prompt = "a very long description of a scratch ".repeat(12);
-    let config = dir.path().join("clipqc.toml");
-    std::fs::write(
-        &config,
-        format!("[[profiles.line3.classes]]\nname = \"scratch\"\nprompts = [\"{long_prompt}\"]\ndefect = true\n[[profiles.line3.classes]]\nname = \"ok\"\nprompts = [\"fine\"]\n"),
-    )
-    .unwrap();
-    let cfg = config.display().to_string();
-    let out = clipqc(&[
-        "classify",
-        "--model",
-        &model,
-        "--config",
-        &cfg,
-        "--profile",
-        "line3",
-        &img,
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let too_long = Class {
+        prompts: &[&long_prompt],
+        ..SCRATCH
+    };
+    let ok = Class {
+        name: "ok",
+        prompts: &["fine"],
+        ..GOOD
+    };
+    let toml = profile::toml("line3", &[], &[too_long, ok]);
+    let config = profile::config_file(dir.path(), "clipqc.toml", &toml);
     let context = clipqc::model::Artifact::open(tiny_model())
         .unwrap()
         .manifest
         .text
         .context_length;
-    assert!(
-        err.contains("\"line3\"")
-            && err.contains("\"scratch\"")
-            && err.contains(&format!("over the model's context of {context}")),
-        "{err}"
+    refused(
+        &classify_with(&config, "line3", &[&img]),
+        Some(2),
+        &[
+            "\"line3\"",
+            "\"scratch\"",
+            &format!("over the model's context of {context}"),
+        ],
     );
 
     // An empty profile.
     std::fs::write(&config, "[profiles.empty]\nclasses = []\n").unwrap();
-    let out = clipqc(&[
-        "classify",
-        "--model",
-        &model,
-        "--config",
-        &cfg,
-        "--profile",
-        "empty",
-        &img,
-    ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("\"empty\" has no classes"));
+    let out = classify_with(&config, "empty", &[&img]);
+    refused(&out, None, &["\"empty\" has no classes"]);
 
     // An unknown profile.
-    let out = clipqc(&["classify", "--model", &model, "--profile", "nope", &img]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown profile \"nope\""));
+    let out = clipqc(["classify", "--model", &model, "--profile", "nope", &img]);
+    refused(&out, None, &["unknown profile \"nope\""]);
 
     // A model directory whose encoder does not match its manifest, and one missing a file.
     let copy = dir.path().join("model");
@@ -266,12 +232,12 @@ fn bad_models_and_profiles_are_refused_with_the_culprit_named() {
     let last = enc.len() - 1;
     enc[last] ^= 0xff;
     std::fs::write(copy.join("image_encoder.pt"), enc).unwrap();
-    let out = clipqc(&["classify", "--model", &copy.display().to_string(), &img]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        err.contains("image_encoder.pt") && err.contains("does not match the manifest"),
-        "{err}"
+    let copy_arg = copy.display().to_string();
+    let out = clipqc(["classify", "--model", &copy_arg, &img]);
+    refused(
+        &out,
+        Some(2),
+        &["image_encoder.pt", "does not match the manifest"],
     );
     std::fs::remove_file(copy.join("text_encoder.pt")).unwrap();
     std::fs::copy(
@@ -279,8 +245,8 @@ fn bad_models_and_profiles_are_refused_with_the_culprit_named() {
         copy.join("image_encoder.pt"),
     )
     .unwrap();
-    let out = clipqc(&["classify", "--model", &copy.display().to_string(), &img]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read text_encoder.pt"));
+    let out = clipqc(["classify", "--model", &copy_arg, &img]);
+    refused(&out, None, &["cannot read text_encoder.pt"]);
 }
 
 /// A tiled profile offline: `--json` says where (views, heatmap, regions, labels), and
@@ -289,48 +255,31 @@ fn bad_models_and_profiles_are_refused_with_the_culprit_named() {
 #[test]
 fn a_tiled_profile_reports_where_and_draws_overlays() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tiled.toml");
-    std::fs::write(
-        &config,
-        r#"
-[profiles.tiled]
-tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16, region_threshold = 0.0 }
-states = { object = "metal part" }
-[[profiles.tiled.classes]]
-name = "scratch"
-label = "表面划痕"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.tiled.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#,
-    )
-    .unwrap();
+    let tiled = profile::toml(
+        "tiled",
+        &[profile::TILED, "states = { object = \"metal part\" }"],
+        &[profile::LABELLED_SCRATCH, GOOD],
+    );
+    let config = profile::config_file(dir.path(), "tiled.toml", &tiled);
     let part = fixtures().join("images/part_250.jpg");
     let strip = dir.path().join("strip.png");
     image::RgbImage::from_pixel(600, 100, image::Rgb([90, 90, 90]))
         .save(&strip)
         .unwrap();
     let overlays = dir.path().join("overlays");
-    let out = clipqc(&[
-        "classify",
-        "--model",
-        tiny_model().to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--profile",
+    let out = classify_with(
+        &config,
         "tiled",
-        "--json",
-        "--overlay",
-        overlays.to_str().unwrap(),
-        part.to_str().unwrap(),
-        strip.to_str().unwrap(),
-    ]);
-    assert!(
-        !out.status.success(),
-        "the strip fails, so the exit is non-zero"
+        &[
+            "--json",
+            "--overlay",
+            overlays.to_str().unwrap(),
+            part.to_str().unwrap(),
+            strip.to_str().unwrap(),
+        ],
     );
+    // The strip fails, so the exit is non-zero.
+    refused(&out, None, &[]);
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);
     let r = &rows[0];
@@ -364,54 +313,45 @@ prompts = ["a clean part"]
 #[ignore = "needs the tiny SAM exported with Python (scripts/test.sh)"]
 fn a_segmenting_profile_outlines_defects_and_applies_its_area_rule() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("segment.toml");
     // Only defect classes (every image a DEFECT); no mask reaches a billion pixels, so each
     // DEFECT passes under the area rule, saying what it was.
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[model]
-sam_dir = "{sam}"
-[profiles.welds]
-segment = true
-min_area_pixels = 1000000000
-below_min_area = "pass"
-[[profiles.welds.classes]]
-name = "spatter"
-prompts = ["weld spatter"]
-defect = true
-[[profiles.welds.classes]]
-name = "crack"
-prompts = ["a crack"]
-defect = true
-"#,
-            sam = common::tiny_sam().display()
-        ),
-    )
-    .unwrap();
+    let spatter = Class {
+        name: "spatter",
+        prompts: &["weld spatter"],
+        ..SCRATCH
+    };
+    let crack = Class {
+        name: "crack",
+        prompts: &["a crack"],
+        ..SCRATCH
+    };
+    let welds = profile::toml(
+        "welds",
+        &[
+            "segment = true",
+            "min_area_pixels = 1000000000",
+            "below_min_area = \"pass\"",
+        ],
+        &[spatter, crack],
+    );
+    let sam = common::tiny_sam().display().to_string();
+    let text = format!("[model]\nsam_dir = \"{sam}\"\n{welds}");
+    let config = profile::config_file(dir.path(), "segment.toml", &text);
     let part = fixtures().join("images/part_640x480.png");
     let overlays = dir.path().join("overlays");
-    let out = clipqc(&[
-        "classify",
-        "--model",
-        tiny_model().to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--profile",
+    let out = classify_with(
+        &config,
         "welds",
-        "--mm-per-pixel",
-        "0.5",
-        "--json",
-        "--overlay",
-        overlays.to_str().unwrap(),
-        part.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[
+            "--mm-per-pixel",
+            "0.5",
+            "--json",
+            "--overlay",
+            overlays.to_str().unwrap(),
+            part.to_str().unwrap(),
+        ],
     );
+    succeeded(&out);
     let rows = json_lines(&out);
     let r = &rows[0];
     assert_eq!(r["segmentation"], "OK", "{r}");

@@ -12,17 +12,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::cli::{clipqc, refused, stderr, succeeded};
 use common::tiny_model;
 use image::{Rgb, RgbImage};
 use serde_json::Value;
-
-fn clipqc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run clipqc")
-}
 
 fn eval(dataset: &Path, extra: &[&str]) -> Output {
     let model = tiny_model().display().to_string();
@@ -31,10 +24,6 @@ fn eval(dataset: &Path, extra: &[&str]) -> Output {
     let ds = dataset.display().to_string();
     args.push(&ds);
     clipqc(&args)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[path = "eval_cli/sklearn.rs"]
@@ -161,12 +150,7 @@ fn eval_writes_files_that_agree_plots_and_a_report_a_browser_shows() {
             "--json",
         ],
     );
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        stderr(&out)
-    );
+    succeeded(&out);
     // Not a terminal: plain progress lines, the last one at the end.
     assert!(
         stderr(&out).contains("eval: 13/13 images (100 %)"),
@@ -360,8 +344,7 @@ fn one_class_datasets_get_nulls_with_reasons_and_exit_zero() {
     std::fs::create_dir_all(data.join("good")).unwrap();
     part(1, false).save(data.join("good/only.png")).unwrap();
     let out = eval(&data, &["--normal", "good", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = succeeded(&out);
     assert!(!text.contains("NaN"));
     let m: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(m["images"], 1);
@@ -381,12 +364,7 @@ fn one_class_datasets_get_nulls_with_reasons_and_exit_zero() {
 fn what_cannot_be_measured_is_refused_naming_the_input() {
     let tmp = tempfile::tempdir().unwrap();
     let expect_refusal = |out: Output, needle: &str| {
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(
-            stderr(&out).contains(needle),
-            "{needle:?} not in: {}",
-            stderr(&out)
-        );
+        refused(&out, Some(2), &[needle]);
     };
     expect_refusal(eval(&tmp.path().join("missing"), &[]), "missing");
     let empty = tmp.path().join("empty");

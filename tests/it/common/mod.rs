@@ -7,7 +7,9 @@
 //! scripts/test.sh runs them too (`--include-ignored`).
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod images;
+pub mod profile;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
