@@ -33,8 +33,12 @@ export PATH="$tools:$PATH"
 # on this 2-core machine under other work, 3.4 GB), so it is kept in the cache, like tansu: CI pays
 # it once per machine and dependency set, and later runs rebuild only the worker and the targets
 # (about 5 minutes). A new toolchain or dependency set starts it afresh, since cargo never
-# removes what it stopped using. An explicit CARGO_TARGET_DIR is used as it is.
-if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+# removes what it stopped using. CLIPQC_FUZZ_TARGET_DIR names another folder, used as it is. (Not
+# CARGO_TARGET_DIR, which CI sets for the worker's build: the instrumented flags would rebuild
+# every dependency there, back and forth.)
+if [ -n "${CLIPQC_FUZZ_TARGET_DIR:-}" ]; then
+  export CARGO_TARGET_DIR="$CLIPQC_FUZZ_TARGET_DIR"
+else
   export CARGO_TARGET_DIR="$CACHE/fuzz-target"
   stamp="$( (rustc -vV; cat "$ROOT/Cargo.lock" "$ROOT/fuzz/Cargo.toml") | sha256sum | cut -c1-16)"
   if [ "$(cat "$CARGO_TARGET_DIR/.stamp" 2>/dev/null)" != "$stamp" ]; then
