@@ -276,10 +276,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
     Ok(report.errors == 0 && report.received == n)
 }
 
-fn parse_preprocess_device(s: &str) -> Result<PreprocessDevice, String> {
+fn parse_preprocess_device(s: &str) -> Result<PreprocessDevice, NotADevice> {
     serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| format!("{s:?}: expected auto, cpu or cuda"))
+        .map_err(|_| NotADevice(s.to_string()))
 }
+
+/// `--preprocess-device` names no `preprocess.device` (clap prints it).
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{0:?}: expected auto, cpu or cuda")]
+struct NotADevice(String);
 
 /// CPU time (user and system, all threads) this process has used so far, in seconds.
 fn process_cpu_seconds() -> f64 {
@@ -548,5 +553,13 @@ mod tests {
         assert_eq!(embedded_window(409_324), 10);
         // Larger than the share kept: none fits (`clipqc bench` refuses the image).
         assert_eq!(embedded_window(8_702_833), 0);
+    }
+
+    #[test]
+    fn preprocess_devices_are_the_settings_names() {
+        assert_eq!(parse_preprocess_device("cuda"), Ok(PreprocessDevice::Cuda));
+        let err = parse_preprocess_device("gpu").unwrap_err();
+        assert_eq!(err, NotADevice("gpu".into()));
+        assert_eq!(err.to_string(), "\"gpu\": expected auto, cpu or cuda");
     }
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::config::{Settings, DEFAULT_PROFILE};
 use crate::exemplars::ProfileBank;
 use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner, PromptTokenizer};
-use crate::preprocess::{Preprocessor, Views};
+use crate::preprocess::{PreprocessError, Preprocessor, Views};
 use crate::score::{self, Decision, ProfileConfig, Scorer};
 
 /// Images per forward pass.
@@ -108,7 +108,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
                 }
                 Err(e) => {
                     failures += 1;
-                    print_error(&mut out, args.json, &name, &e)?;
+                    print_error(&mut out, args.json, &name, &e.to_string())?;
                 }
             }
             Ok(())
@@ -186,10 +186,33 @@ pub(crate) fn offline_bank(
     Ok(found)
 }
 
+/// Why an image file has no decision: its row says so, and the other images go on.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ImageError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not an image this worker decodes, too large, or a region or frame it refuses (the
+    /// error names the file).
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+}
+
+/// The views of the image file at `path`, as `pre` makes them.
+fn views_of(pre: &Preprocessor, path: &Path) -> Result<Views, ImageError> {
+    let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(pre.views(&path.display().to_string(), &bytes, None)?)
+}
+
 /// Score image files as `clipqc run` scores requests (the profile's preprocessing, views and
 /// outcome rules): every view of a chunk of BATCH images is embedded in batches of BATCH
 /// views. `each` gets every path, in order, with its decision or, for an image that could not
-/// be read or decoded, the message naming it; an error from `each` or from the model stops
+/// be read or decoded, the error naming it; an error from `each` or from the model stops
 /// the loop. `clipqc classify` and `clipqc eval` share this, so they cannot drift apart.
 pub(crate) fn classify_files(
     model: &ModelHandle,
@@ -197,17 +220,13 @@ pub(crate) fn classify_files(
     scorer: &Scorer,
     bank: Option<&ProfileBank>,
     paths: &[PathBuf],
-    mut each: impl FnMut(&Path, Result<Decision, String>) -> anyhow::Result<()>,
+    mut each: impl FnMut(&Path, Result<Decision, ImageError>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     for chunk in paths.chunks(BATCH) {
-        let mut rows: Vec<Result<Views, String>> = Vec::with_capacity(chunk.len());
+        let mut rows: Vec<Result<Views, ImageError>> = Vec::with_capacity(chunk.len());
         let mut tensors = Vec::new();
         for path in chunk {
-            let name = path.display().to_string();
-            let views = std::fs::read(path)
-                .map_err(|e| format!("{name}: cannot read: {e}"))
-                .and_then(|bytes| pre.views(&name, &bytes, None).map_err(|e| e.to_string()));
-            rows.push(views.map(|mut v| {
+            rows.push(views_of(pre, path).map(|mut v| {
                 tensors.append(&mut v.tensors);
                 v
             }));
@@ -310,5 +329,37 @@ fn print_error(
         writeln!(out, "{}", json!({"image": image, "error": error}))
     } else {
         writeln!(out, "{image}\tERROR\t{error}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::artifact::ImageSettings;
+    use crate::preprocess::DecodeLimits;
+
+    #[test]
+    fn an_image_that_cannot_be_read_or_decoded_is_an_error_naming_it() {
+        let pre = Preprocessor::new(&ImageSettings::clip(), DecodeLimits::default(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.png");
+        let err = views_of(&pre, &missing).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Read { path, .. } if *path == missing),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: cannot read: ", missing.display())),
+            "{err}"
+        );
+        let garbage = dir.path().join("garbage.png");
+        std::fs::write(&garbage, [0x12; 64]).unwrap();
+        let err = views_of(&pre, &garbage).unwrap_err();
+        assert!(matches!(err, ImageError::Preprocess(_)), "{err}");
+        assert!(
+            err.to_string().starts_with(&garbage.display().to_string()),
+            "{err}"
+        );
     }
 }

@@ -132,11 +132,11 @@ fn rectangle(frame: &mut RgbImage, (x, y, rw, rh): (u32, u32, u32, u32), thick: 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::score::{DefectRegion, Heatmap, Localization};
 
-    fn decision(outcome: Outcome, localization: Option<Localization>) -> Decision {
+    pub(crate) fn decision(outcome: Outcome, localization: Option<Localization>) -> Decision {
         Decision {
             outcome,
             class: 0,

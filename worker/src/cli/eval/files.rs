@@ -67,7 +67,13 @@ fn scores_csv(input: &Input) -> Vec<u8> {
             }
             .into(),
         );
-        row.push(r.result.as_ref().err().cloned().unwrap_or_default());
+        row.push(
+            r.result
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        );
         w.write_record(&row).expect(io);
     }
     w.into_inner().expect(io)
@@ -85,7 +91,7 @@ fn plots(m: &Metrics) -> Result<(Vec<u8>, Vec<u8>), EvalError> {
         title: "ROC: defective vs normal, by anomaly_score",
         x_label: "false-alarm rate (normal images flagged)",
         y_label: "recall (defective images flagged)",
-        points: m.curve.roc_points().map_err(|e| e.to_string()),
+        points: m.curve.roc_points(),
         reference: Some([(0.0, 0.0), (1.0, 1.0)]),
         steps: false,
         legend: format!(
@@ -124,7 +130,7 @@ fn plots(m: &Metrics) -> Result<(Vec<u8>, Vec<u8>), EvalError> {
         title: "Precision-recall: defective images, by anomaly_score",
         x_label: "recall",
         y_label: "precision",
-        points: m.curve.pr_points().map_err(|e| e.to_string()),
+        points: m.curve.pr_points(),
         reference: Some([(0.0, prevalence), (1.0, prevalence)]),
         steps: true,
         legend: format!(

@@ -7,12 +7,14 @@
 //! for a tiled profile, the heatmap and the regions' boxes.
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 
 use super::report::{outcome, Input, Metrics};
 use super::Record;
 use crate::preprocess::{self, DecodeLimits};
+use crate::score::Decision;
 
 /// Thumbnails fit in this square (pixels).
 const THUMB: u32 = 240;
@@ -156,18 +158,18 @@ pre {{ background: #f4f4f4; padding: 10px; }}
     }
 
     let scored = |defective: bool| {
-        let mut v: Vec<(&Record, f32)> = input
+        let mut v: Vec<(&Record, &Decision)> = input
             .records
             .iter()
             .filter(|r| input.data.folders[r.folder].defective == defective)
-            .filter_map(|r| r.result.as_ref().ok().map(|d| (r, d.anomaly_score)))
+            .filter_map(|r| r.result.as_ref().ok().map(|d| (r, d)))
             .collect();
         // False alarms: highest score first; misses: lowest first.
-        v.sort_by(|a, b| {
+        v.sort_by(|(_, a), (_, b)| {
             if defective {
-                a.1.total_cmp(&b.1)
+                a.anomaly_score.total_cmp(&b.anomaly_score)
             } else {
-                b.1.total_cmp(&a.1)
+                b.anomaly_score.total_cmp(&a.anomaly_score)
             }
         });
         v.truncate(WORST);
@@ -187,17 +189,17 @@ pre {{ background: #f4f4f4; padding: 10px; }}
         if rows.is_empty() {
             h += "<p>none in the dataset</p>";
         }
-        for (r, score) in rows {
+        for (r, decision) in rows {
             let name = r.path.display().to_string();
-            let img = match thumbnail(r, limits) {
+            let img = match thumbnail(&r.path, decision, limits) {
                 Ok(uri) => format!("<img alt=\"{}\" src=\"{uri}\">", esc(&name)),
-                Err(e) => format!("<p>cannot draw: {}</p>", esc(&e)),
+                Err(e) => format!("<p>cannot draw: {}</p>", esc(&e.to_string())),
             };
             let _ = write!(
                 h,
                 "<figure>{img}<figcaption>{} {:.4}<br>{}</figcaption></figure>",
                 outcome(r),
-                score,
+                decision.anomaly_score,
                 esc(&name)
             );
         }
@@ -214,13 +216,32 @@ pre {{ background: #f4f4f4; padding: 10px; }}
     h
 }
 
+/// Why a worst case's thumbnail is not drawn (the report says so in its place).
+#[derive(Debug, thiserror::Error)]
+enum ThumbnailError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Decode(#[from] preprocess::PreprocessError),
+    #[error(transparent)]
+    Encode(#[from] image::ImageError),
+}
+
 /// The image with its verdict drawn on it, fitted into THUMB×THUMB, as a JPEG data URI.
-fn thumbnail(r: &Record, limits: &DecodeLimits) -> Result<String, String> {
-    let decision = r.result.as_ref().map_err(Clone::clone)?;
-    let name = r.path.display().to_string();
-    let bytes = std::fs::read(&r.path).map_err(|e| format!("{name}: {e}"))?;
-    let mut frame =
-        preprocess::to_rgb8(preprocess::decode(&name, &bytes, limits).map_err(|e| e.to_string())?);
+fn thumbnail(
+    path: &Path,
+    decision: &Decision,
+    limits: &DecodeLimits,
+) -> Result<String, ThumbnailError> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| ThumbnailError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut frame = preprocess::to_rgb8(preprocess::decode(&name, &bytes, limits)?);
     crate::cli::overlay::draw(&mut frame, decision);
     let (w, h) = frame.dimensions();
     let scale = f64::from(THUMB) / f64::from(w.max(h));
@@ -231,8 +252,37 @@ fn thumbnail(r: &Record, limits: &DecodeLimits) -> Result<String, String> {
         frame
     };
     let mut out = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::ImageRgb8(thumb)
-        .write_to(&mut out, image::ImageFormat::Jpeg)
-        .map_err(|e| e.to_string())?;
+    image::DynamicImage::ImageRgb8(thumb).write_to(&mut out, image::ImageFormat::Jpeg)?;
     Ok(data_uri("image/jpeg", &out.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::overlay::tests::decision;
+    use crate::score::Outcome;
+
+    #[test]
+    fn a_thumbnail_that_cannot_be_drawn_says_why() {
+        let d = decision(Outcome::Defect, None);
+        let limits = DecodeLimits::default();
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone.jpg");
+        let err = thumbnail(&missing, &d, &limits).unwrap_err();
+        assert!(matches!(err, ThumbnailError::Read { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with(&missing.display().to_string()),
+            "{err}"
+        );
+        let garbage = dir.path().join("garbage.jpg");
+        std::fs::write(&garbage, [0x12; 64]).unwrap();
+        let err = thumbnail(&garbage, &d, &limits).unwrap_err();
+        assert!(matches!(err, ThumbnailError::Decode(_)), "{err}");
+        let png = dir.path().join("part.png");
+        image::RgbImage::from_pixel(64, 32, image::Rgb([90, 90, 90]))
+            .save(&png)
+            .unwrap();
+        let uri = thumbnail(&png, &d, &limits).unwrap();
+        assert!(uri.starts_with("data:image/jpeg;base64,"), "{uri}");
+    }
 }

@@ -24,6 +24,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::classify::ImageError;
 use crate::config::DEFAULT_PROFILE;
 use crate::model::DeviceSpec;
 use crate::score::{Decision, ScoreError};
@@ -66,13 +67,28 @@ pub struct EvalArgs {
     pub dataset: PathBuf,
 }
 
-fn recall(s: &str) -> Result<f64, String> {
-    let r: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if r > 0.0 && r <= 1.0 {
-        Ok(r)
+fn recall(s: &str) -> Result<f64, RecallError> {
+    let recall: f64 = s.parse().map_err(|source| RecallError::NotANumber {
+        input: s.to_string(),
+        source,
+    })?;
+    if recall > 0.0 && recall <= 1.0 {
+        Ok(recall)
     } else {
-        Err(format!("{r} is not in (0, 1]"))
+        Err(RecallError::OutOfRange { recall })
     }
+}
+
+/// Why `--min-recall` is refused (clap prints it).
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum RecallError {
+    #[error("{input:?}: {source}")]
+    NotANumber {
+        input: String,
+        source: std::num::ParseFloatError,
+    },
+    #[error("{recall} is not in (0, 1]")]
+    OutOfRange { recall: f64 },
 }
 
 /// Why `clipqc eval` could not run (exit code 2). Failures of single images are not errors.
@@ -117,7 +133,7 @@ pub(crate) struct Record {
     pub path: PathBuf,
     /// Index into the dataset's folders.
     pub folder: usize,
-    pub result: Result<Decision, String>,
+    pub result: Result<Decision, ImageError>,
 }
 
 /// Always `Ok(true)` when the measurement ran (see the module docs).
@@ -184,7 +200,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             .result
             .as_ref()
             .err()
-            .cloned()
+            .map(ToString::to_string)
             .unwrap_or_default();
         return Err(EvalError::NothingScored {
             dataset: args.dataset.clone(),
@@ -281,5 +297,24 @@ impl Progress {
             Some(bar) => bar.finish_and_clear(),
             None => self.line(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_recall_is_a_number_in_the_unit_interval() {
+        assert_eq!(recall("0.95"), Ok(0.95));
+        assert_eq!(recall("1"), Ok(1.0));
+        assert_eq!(recall("0"), Err(RecallError::OutOfRange { recall: 0.0 }));
+        assert_eq!(recall("0").unwrap_err().to_string(), "0 is not in (0, 1]");
+        let err = recall("most").unwrap_err();
+        assert!(
+            matches!(&err, RecallError::NotANumber { input, .. } if input == "most"),
+            "{err}"
+        );
+        assert_eq!(err.to_string(), "\"most\": invalid float literal");
     }
 }

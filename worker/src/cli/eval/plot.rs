@@ -12,6 +12,7 @@ use std::sync::Once;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use super::metrics::Undefined;
 use super::EvalError;
 
 pub const WIDTH: u32 = 800;
@@ -37,7 +38,7 @@ pub struct Plot<'a> {
     pub title: &'a str,
     pub x_label: &'a str,
     pub y_label: &'a str,
-    pub points: Result<Vec<(f64, f64)>, String>,
+    pub points: Result<Vec<(f64, f64)>, Undefined>,
     /// Drawn as a straight dashed reference line (the ROC's chance diagonal, PR's prevalence).
     pub reference: Option<[(f64, f64); 2]>,
     /// Draw the points as a step function (precision–recall), not straight segments.
@@ -137,7 +138,7 @@ fn draw(plot: &Plot, buf: &mut [u8]) -> Result<(), Box<dyn std::error::Error>> {
 mod tests {
     use super::*;
 
-    fn plot(points: Result<Vec<(f64, f64)>, String>) -> Plot<'static> {
+    fn plot(points: Result<Vec<(f64, f64)>, Undefined>) -> Plot<'static> {
         Plot {
             title: "ROC",
             x_label: "false-positive rate",
@@ -174,7 +175,7 @@ mod tests {
 
     #[test]
     fn an_undefined_curve_is_still_a_png() {
-        let bytes = png(&plot(Err("no normal images".into()))).unwrap();
+        let bytes = png(&plot(Err(Undefined("no normal images")))).unwrap();
         let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (WIDTH, HEIGHT));
         assert!(img.pixels().any(|p| p.0 == [210, 40, 40]));

@@ -343,7 +343,7 @@ impl Metrics {
                 .filter_map(|r| {
                     r.result.as_ref().err().map(|e| ErrorImage {
                         path: r.path.display().to_string(),
-                        error: e.clone(),
+                        error: e.to_string(),
                     })
                 })
                 .collect(),
