@@ -77,8 +77,8 @@ impl ModelOwner {
 
 /// The one OS thread that owns a value libtorch code must not share (the model's backend,
 /// the segmenter), fed through handles `H`: built on the thread, described once, then served
-/// there until its work runs out. [`ModelOwner`] and [`crate::segment::SegmentOwner`] are
-/// one each.
+/// there until its work runs out. [`ModelOwner`] is one, and the segment stage's
+/// `SegmentOwner` another.
 pub struct OwnerThread<H> {
     thread: Option<JoinHandle<()>>,
     handles: PhantomData<fn() -> H>,
