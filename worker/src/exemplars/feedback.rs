@@ -27,8 +27,8 @@ use super::{id_of, FEEDBACK_SOURCE};
 use crate::fetch::{FetchSettings, Fetcher};
 use crate::kafka::KafkaSettings;
 use crate::metrics;
-use crate::model::ModelHandle;
-use crate::preprocess::{PreprocessSettings, Preprocessor};
+use crate::model::{ModelError, ModelHandle};
+use crate::preprocess::{PreprocessError, PreprocessSettings, Preprocessor};
 use crate::proto::v1::{feedback, inspection_request, Exemplar, Feedback, SourceRecord};
 use crate::score::{Learn, ProfileConfig};
 use crate::sink::{Record, Sink};
@@ -222,16 +222,10 @@ async fn handle(
     };
     let input = format!("feedback for request {:?}", fb.request_id);
     let (pre, model, raw) = (pre.clone(), deps.model.clone(), bytes.clone());
-    let embedded = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, String> {
-        let views = pre.views(&input, &raw, None).map_err(|e| e.to_string())?;
-        model
-            .embed_all_blocking(pre.size(), &views.tensors, 16)
-            .map_err(|e| e.to_string())
-    })
-    .await?;
+    let embedded = tokio::task::spawn_blocking(move || embed(&pre, &model, &input, &raw)).await?;
     let rows = match embedded {
         Ok(r) => r,
-        Err(e) => return Ok(Outcome::Refused(e)),
+        Err(e) => return Ok(Outcome::Refused(e.to_string())),
     };
     let source = msg_source(msg);
     let x = Exemplar {
@@ -255,6 +249,27 @@ async fn handle(
     publish(deps, &key, Some(&x), shutdown).await?;
     trim(deps, profile, &fb.profile, &x, shutdown).await?;
     Ok(Outcome::Applied(key))
+}
+
+/// Why a feedback image gives no embedding: the record is refused with it.
+#[derive(Debug, thiserror::Error)]
+enum EmbedError {
+    /// The image does not decode, or the profile's preprocessing refuses it.
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The image's views, embedded (the whole-frame view first): blocking, off the runtime.
+fn embed(
+    pre: &Preprocessor,
+    model: &ModelHandle,
+    input: &str,
+    bytes: &[u8],
+) -> Result<Vec<Vec<f32>>, EmbedError> {
+    let views = pre.views(input, bytes, None)?;
+    Ok(model.embed_all_blocking(pre.size(), &views.tensors, 16)?)
 }
 
 /// Keeps the class's feedback exemplars at the policy's cap (counting the one just added,
@@ -331,29 +346,16 @@ async fn dead_letter(
     reason: &str,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut headers: Vec<(String, Vec<u8>)> = msg
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
     let failure = crate::verdict::Failure::new(
         crate::proto::v1::ErrorCode::InvalidRequest,
         crate::verdict::Stage::Feedback,
         reason,
     );
-    headers.extend(
-        crate::verdict::dlq_headers(&msg_source(msg), &failure)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.into_bytes())),
-    );
     let record = Record {
         topic: &deps.kafka.dlq_topic,
         key: msg.key(),
         payload: msg.payload().unwrap_or_default(),
-        headers,
+        headers: crate::sink::dead_letter_headers(msg, &msg_source(msg), &failure),
     };
     match deps.sink.send(&record, shutdown).await {
         Ok(()) => {
@@ -381,4 +383,27 @@ fn content_type<'a>(msg: &'a BorrowedMessage<'_>) -> Option<&'a str> {
         .iter()
         .find(|h| h.key.eq_ignore_ascii_case("content-type"))
         .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::artifact::ImageSettings;
+    use crate::model::fake::FakeBackend;
+    use crate::model::ModelOwner;
+    use crate::preprocess::DecodeLimits;
+
+    #[test]
+    fn an_image_that_does_not_decode_is_refused_as_a_preprocess_error() {
+        let (owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(8, 224)), 1).unwrap();
+        let pre = Preprocessor::new(&ImageSettings::clip(), DecodeLimits::default(), None);
+        let err = embed(&pre, &model, "feedback for request \"r1\"", &[0x12; 64]).unwrap_err();
+        assert!(matches!(err, EmbedError::Preprocess(_)), "{err}");
+        assert!(
+            err.to_string().starts_with("feedback for request \"r1\": "),
+            "{err}"
+        );
+        drop(model);
+        owner.join();
+    }
 }

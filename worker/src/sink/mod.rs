@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use crate::http::Readiness;
 use crate::kafka::KafkaSettings;
 use crate::metrics;
+use crate::proto::v1::SourceRecord;
+use crate::verdict::{dlq_headers, Failure};
 
 #[derive(Clone)]
 pub struct Sink {
@@ -126,6 +128,23 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The headers of `msg`'s dead letter: the record's own, unchanged, then the failure's in
+/// Kafka Connect's names ([`crate::verdict::dlq_headers`]).
+pub fn dead_letter_headers(
+    msg: &impl Message,
+    source: &SourceRecord,
+    failure: &Failure,
+) -> Vec<(String, Vec<u8>)> {
+    let own = msg.headers().into_iter().flat_map(|h| h.iter());
+    own.map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+        .chain(
+            dlq_headers(source, failure)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_bytes())),
+        )
+        .collect()
 }
 
 impl Sink {
@@ -265,6 +284,44 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_keeps_the_records_headers_and_adds_the_failures() {
+        use rdkafka::message::{Header, OwnedMessage, Timestamp};
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+        let msg = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "requests".into(),
+            Timestamp::NotAvailable,
+            3,
+            77,
+            Some(headers),
+        );
+        let source = SourceRecord {
+            topic: "requests".into(),
+            partition: 3,
+            offset: 77,
+        };
+        let failure = Failure::new(
+            crate::proto::v1::ErrorCode::InvalidRequest,
+            crate::verdict::Stage::Feedback,
+            "no image",
+        );
+        let headers = dead_letter_headers(&msg, &source, &failure);
+        assert_eq!(
+            headers[0],
+            ("content-type".to_string(), b"application/json".to_vec())
+        );
+        let connect: Vec<(String, Vec<u8>)> = dlq_headers(&source, &failure)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_bytes()))
+            .collect();
+        assert_eq!(headers[1..], connect[..]);
+    }
 
     /// A broker refusing every produce request with a transient error: the send keeps
     /// retrying, shows as stalled once past the bound, and stops showing once delivered.
