@@ -178,12 +178,7 @@ async fn handle(
 ) -> anyhow::Result<Outcome> {
     let payload = msg.payload().unwrap_or_default();
     let json = content_type(msg).is_some_and(|c| c.contains("json"));
-    let fb = if json {
-        serde_json::from_slice::<Feedback>(payload).map_err(|e| e.to_string())
-    } else {
-        Feedback::decode(payload).map_err(|e| e.to_string())
-    };
-    let fb = match fb {
+    let fb = match decode_feedback(payload, json) {
         Ok(fb) => fb,
         Err(e) => return Ok(Outcome::Refused(format!("not a clipqc.v1.Feedback: {e}"))),
     };
@@ -249,6 +244,25 @@ async fn handle(
     publish(deps, &key, Some(&x), shutdown).await?;
     trim(deps, profile, &fb.profile, &x, shutdown).await?;
     Ok(Outcome::Applied(key))
+}
+
+/// Why a feedback record's payload is not a `clipqc.v1.Feedback` (as its content type says).
+#[derive(Debug, thiserror::Error)]
+enum NotFeedback {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Protobuf(#[from] prost::DecodeError),
+}
+
+/// The record's payload as the feedback it must be: protobuf, or JSON when its content type
+/// says so.
+fn decode_feedback(payload: &[u8], json: bool) -> Result<Feedback, NotFeedback> {
+    if json {
+        Ok(serde_json::from_slice(payload)?)
+    } else {
+        Ok(Feedback::decode(payload)?)
+    }
 }
 
 /// Why a feedback image gives no embedding: the record is refused with it.
@@ -405,5 +419,18 @@ mod tests {
         );
         drop(model);
         owner.join();
+    }
+
+    #[test]
+    fn a_payload_that_is_not_feedback_says_in_which_encoding() {
+        let err = decode_feedback(b"{\"profile\": 7}", true).unwrap_err();
+        assert!(matches!(err, NotFeedback::Json(_)), "{err}");
+        let err = decode_feedback(&[0xFF, 0xFF], false).unwrap_err();
+        assert!(matches!(err, NotFeedback::Protobuf(_)), "{err}");
+        let fb = Feedback {
+            profile: "p".into(),
+            ..Default::default()
+        };
+        assert_eq!(decode_feedback(&fb.encode_to_vec(), false).unwrap(), fb);
     }
 }
