@@ -50,11 +50,11 @@ pub enum ConfigError {
         source_name: String,
         source: crate::kafka::PropertyError,
     },
-    /// A profile's own definition.
+    /// A profile's own definition (boxed: the score stage's error is large).
     #[error("config {source_name}: {source}")]
     Profile {
         source_name: String,
-        source: crate::score::ScoreError,
+        source: Box<crate::score::ScoreError>,
     },
     #[error(
         "config {source_name}: profile {profile:?} has segment = true, but model.sam_dir is not \
@@ -200,13 +200,14 @@ impl Settings {
             environment = environment.with_list_parse_key(key);
         }
         builder = builder.add_source(environment);
-        let mut settings: Settings = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|source| ConfigError::Parse {
-                source_name: named(),
-                source,
-            })?;
+        let mut settings: Settings =
+            builder
+                .build()
+                .and_then(|c| c.try_deserialize())
+                .map_err(|source| ConfigError::Parse {
+                    source_name: named(),
+                    source,
+                })?;
         // The environment wins over the file, as for every other key.
         settings.kafka.properties.extend(properties);
         settings
@@ -221,7 +222,7 @@ impl Settings {
                 .validate(name)
                 .map_err(|source| ConfigError::Profile {
                     source_name: named(),
-                    source,
+                    source: Box::new(source),
                 })?;
             if profile.segment && settings.model.sam_dir.is_none() {
                 return Err(ConfigError::SegmentWithoutSam {

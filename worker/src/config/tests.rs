@@ -325,7 +325,8 @@ fn typos_and_bad_profiles_are_refused_naming_the_file() {
     let (_d, path) = write("[profiles.empty]\nclasses = []\n");
     let err = Settings::load_with_env(Some(&path), []).unwrap_err();
     assert!(
-        matches!(&err, ConfigError::Profile { source: crate::score::ScoreError::InvalidProfile { profile, .. }, .. } if profile == "empty"),
+        matches!(&err, ConfigError::Profile { source, .. }
+            if matches!(&**source, crate::score::ScoreError::InvalidProfile { profile, .. } if profile == "empty")),
         "{err}"
     );
     let err = err.to_string();
