@@ -65,13 +65,18 @@ impl ModelOwner {
                 run(&mut backend, job);
             }
         };
-        let handle = |description: String| ModelHandle {
-            jobs: jobs_tx,
-            texts: texts_tx,
-            description: description.into(),
-        };
-        Self::start("clipqc-model", "model", build, B::describe, serve, handle)
-            .map_err(|e| e.into_error(|e| ModelError::Inference(e.to_string())))
+        Self::start(
+            "clipqc-model",
+            "model",
+            build,
+            B::describe,
+            serve,
+            |description| ModelHandle {
+                jobs: jobs_tx,
+                texts: texts_tx,
+                description: description.into(),
+            },
+        )
     }
 }
 
@@ -82,16 +87,6 @@ impl ModelOwner {
 pub struct OwnerThread<H> {
     thread: Option<JoinHandle<()>>,
     handles: PhantomData<fn() -> H>,
-}
-
-/// Why an owner thread gave no value to serve.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError<E> {
-    /// `build` failed on the thread: its own error.
-    #[error(transparent)]
-    Build(E),
-    #[error(transparent)]
-    Thread(ThreadError),
 }
 
 /// The owner thread itself failed, before its value was built.
@@ -106,21 +101,17 @@ pub enum ThreadError {
     Panicked { what: &'static str },
 }
 
-impl<E> StartError<E> {
-    /// `build`'s own error, or the one `thread` makes of the thread's failure.
-    pub fn into_error(self, thread: impl FnOnce(ThreadError) -> E) -> E {
-        match self {
-            Self::Build(e) => e,
-            Self::Thread(e) => thread(e),
-        }
+impl From<ThreadError> for ModelError {
+    fn from(e: ThreadError) -> Self {
+        Self::Inference(e.to_string())
     }
 }
 
 impl<H> OwnerThread<H> {
     /// Start the thread `name` (`what` in its errors); `build` runs on it. Returns once it has
     /// built the value, with the handle `handle` makes of `describe`'s words for it, or failed
-    /// to (the thread joined then); `serve` then runs on the thread with the value, and the
-    /// thread ends when it returns.
+    /// to (`build`'s error, or the thread's own as `E`; the thread joined then); `serve` then
+    /// runs on the thread with the value, and the thread ends when it returns.
     pub fn start<T, E>(
         name: &str,
         what: &'static str,
@@ -128,9 +119,9 @@ impl<H> OwnerThread<H> {
         describe: impl FnOnce(&T) -> String + Send + 'static,
         serve: impl FnOnce(T) + Send + 'static,
         handle: impl FnOnce(String) -> H,
-    ) -> Result<(Self, H), StartError<E>>
+    ) -> Result<(Self, H), E>
     where
-        E: Send + 'static,
+        E: From<ThreadError> + Send + 'static,
     {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, E>>();
         let thread = std::thread::Builder::new()
@@ -146,16 +137,16 @@ impl<H> OwnerThread<H> {
                 let _ = ready_tx.send(Ok(describe(&value)));
                 serve(value);
             })
-            .map_err(|source| StartError::Thread(ThreadError::Spawn { what, source }))?;
+            .map_err(|source| ThreadError::Spawn { what, source })?;
         let description = match ready_rx.recv() {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(StartError::Build(e));
+                return Err(e);
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(StartError::Thread(ThreadError::Panicked { what }));
+                return Err(ThreadError::Panicked { what }.into());
             }
         };
         let owner = Self {
@@ -372,38 +363,27 @@ mod tests {
     #[test]
     fn an_owner_thread_reports_its_build_failing_or_panicking() {
         let describe = |_: &u8| String::new();
-        let start = OwnerThread::<()>::start;
-        let err = start(
+        let err = OwnerThread::<()>::start(
             "clipqc-test",
             "test",
-            || Err::<u8, _>(7),
+            || Err(ModelError::Stopped),
             describe,
             drop,
             drop,
         )
         .err()
         .expect("the build failed");
-        assert!(matches!(err, StartError::Build(7)), "{err:?}");
-        let err = OwnerThread::<()>::start(
-            "clipqc-test",
-            "test",
-            || -> Result<u8, ModelError> { panic!("while loading") },
-            describe,
-            drop,
-            drop,
-        )
-        .err()
-        .expect("the build panicked");
+        assert!(matches!(err, ModelError::Stopped), "{err}");
+        let panics = || -> Result<u8, ThreadError> { panic!("while loading") };
+        let err = OwnerThread::<()>::start("clipqc-test", "test", panics, describe, drop, drop)
+            .err()
+            .expect("the build panicked");
         assert!(
-            matches!(
-                err,
-                StartError::Thread(ThreadError::Panicked { what: "test" })
-            ),
+            matches!(err, ThreadError::Panicked { what: "test" }),
             "{err}"
         );
-        let err = err.into_error(|e| ModelError::Inference(e.to_string()));
         assert_eq!(
-            err.to_string(),
+            ModelError::from(err).to_string(),
             "inference failed: the test thread panicked while loading"
         );
     }

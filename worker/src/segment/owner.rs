@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::prepare::SamInput;
 use super::{Segment, SegmentError, Segmenter};
-use crate::model::owner::OwnerThread;
+use crate::model::owner::{OwnerThread, ThreadError};
 
 /// The answer to one frame: a segment per box, in the order of the boxes.
 pub type SegmentReply = oneshot::Receiver<Result<Vec<Segment>, SegmentError>>;
@@ -63,9 +63,20 @@ impl SegmentOwner {
             capacity,
             description: description.into(),
         };
-        let name = "clipqc-segment";
-        Self::start(name, "segmentation", build, S::describe, serve, handle)
-            .map_err(|e| e.into_error(|e| SegmentError::Inference(e.to_string())))
+        Self::start(
+            "clipqc-segment",
+            "segmentation",
+            build,
+            S::describe,
+            serve,
+            handle,
+        )
+    }
+}
+
+impl From<ThreadError> for SegmentError {
+    fn from(e: ThreadError) -> Self {
+        Self::Inference(e.to_string())
     }
 }
 
