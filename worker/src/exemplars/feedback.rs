@@ -119,7 +119,8 @@ pub async fn run(deps: FeedbackDeps, shutdown: CancellationToken) -> anyhow::Res
     let deps = Arc::new(deps);
     loop {
         let msg = tokio::select! {
-            m = consumer.recv() => m,
+            // Polled again every second: a missed queue wakeup parks `recv()` for 150 s.
+            m = crate::source::recv(&consumer) => m,
             _ = shutdown.cancelled() => break,
         };
         let msg = match msg {

@@ -9,14 +9,14 @@
 //! stays on the input topic at the coordinates the headers give).
 
 use prost::Message as _;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 
 use super::Shared;
 use crate::proto::v1::{SourceRecord, Verdict};
 use crate::request::Encoding;
 use crate::sink::outbox::OwnedRecord;
 use crate::sink::SendError;
-use crate::verdict::{self, Failure};
+use crate::verdict::Failure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -97,19 +97,7 @@ pub fn dead_letter_record(
     failure: &Failure,
     with_payload: bool,
 ) -> OwnedRecord {
-    let mut headers: Vec<(String, Vec<u8>)> = msg
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
-    headers.extend(
-        verdict::dlq_headers(source, failure)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.into_bytes())),
-    );
+    let mut headers = crate::sink::dead_letter_headers(msg, source, failure);
     let payload = msg.payload().unwrap_or_default();
     if !with_payload && !payload.is_empty() {
         headers.push((
