@@ -19,7 +19,7 @@ source "$(dirname "$0")/test-lib.sh"
 test_prepare
 ensure_prometheus
 # One build for every run; a run that rebuilt would not be a run of the same build.
-cargo test --workspace --lib --bins --tests --benches --no-run "$@" 2>&1 | tail -3 >&2
+cargo test --workspace --lib --bins --tests --bench '*' --no-run "$@" 2>&1 | tail -3 >&2
 
 logs="$ROOT/target/soak"
 rm -rf "$logs"
