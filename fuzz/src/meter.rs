@@ -10,8 +10,8 @@
 //! fallible one (`try_reserve`) takes its error path, as it would in a worker out of memory.
 //! Memory allocated by C code (libjpeg's) is not seen.
 
-use clipqc::preprocess::alloc_meter::Meter;
 pub use clipqc::preprocess::alloc_meter::peak_of;
+use clipqc::preprocess::alloc_meter::Meter;
 
 /// No input of these targets needs more in one piece: the preprocess target's decode limits
 /// allow 4 MiB allocations, and requests and configs are at most a few hundred kilobytes.
