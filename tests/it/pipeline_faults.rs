@@ -114,6 +114,14 @@ async fn verdicts_of(
     (stats.unwrap(), seen, state)
 }
 
+/// At most `slots` records in flight and `bytes` of byte budget.
+fn slots_and_bytes(slots: usize, bytes: u64) -> impl FnOnce(&mut pipeline::Deps) {
+    move |d| {
+        d.pipeline.max_in_flight = slots;
+        d.pipeline.max_in_flight_bytes = bytes;
+    }
+}
+
 /// The faults of the tests that end in [`stops_by_itself`] show on the first records or
 /// batches, seconds after the mock's 3 s first join; two minutes without a stop is a worker
 /// that goes on.
@@ -144,14 +152,12 @@ async fn a_full_worker_pauses_its_partitions_and_keeps_to_its_byte_budget() {
     let total = 40;
     publish_inline(&brokers, "f", total).await;
     let budget = 1 << 20; // a 224×224 pixel tensor is 588 KiB: one image at a time
+    let model = slow_model(Duration::from_millis(50));
     let (stats, seen, state) = verdicts_of(
         &settings,
         &brokers,
-        slow_model(Duration::from_millis(50)),
-        |d| {
-            d.pipeline.max_in_flight = 4;
-            d.pipeline.max_in_flight_bytes = budget;
-        },
+        model,
+        slots_and_bytes(4, budget),
         total,
     )
     .await;

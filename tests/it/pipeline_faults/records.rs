@@ -180,14 +180,12 @@ async fn large_inline_images_cannot_deadlock_a_small_byte_budget() {
     // One record needs payload + image + pixels, about 2 MB; two holding their payloads
     // while waiting for the rest could never both go on.
     let budget = 2 << 20;
+    let model = slow_model(Duration::from_millis(5));
     let (stats, seen, state) = verdicts_of(
         &settings,
         &brokers,
-        slow_model(Duration::from_millis(5)),
-        |d| {
-            d.pipeline.max_in_flight = 8;
-            d.pipeline.max_in_flight_bytes = budget;
-        },
+        model,
+        slots_and_bytes(8, budget),
         total,
     )
     .await;
