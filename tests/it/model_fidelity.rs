@@ -20,7 +20,7 @@ use clipqc::model::tch_backend::TchBackend;
 use clipqc::model::{Artifact, Backend, DeviceSpec, ImageBatch, PromptTokenizer};
 use clipqc::preprocess::{pad_dims, DecodeLimits, Preprocessor, View};
 use clipqc::score::{ProfileConfig, Scorer};
-use common::{cosine, fixtures, read_f32, tiny_model};
+use common::{cosine, fixtures, max_abs_diff, read_f32, tiny_model};
 
 fn index() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("fixtures.json")).unwrap())
@@ -303,14 +303,6 @@ fn u32s(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 /// A tiled profile (`profile_tiled`: scales 1, 0.5 and 0.25, overlap 0.5) against

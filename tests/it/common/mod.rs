@@ -13,6 +13,7 @@ pub mod profile;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 fn env_dir(var: &str) -> Option<PathBuf> {
     let dir = PathBuf::from(std::env::var_os(var)?);
@@ -81,6 +82,15 @@ pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
         .collect()
 }
 
+/// The largest difference between two vectors of the same length.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a
         .iter()
@@ -105,6 +115,38 @@ pub fn logs() {
 }
 pub mod e2e;
 pub mod ops;
+
+/// Look every 200 ms until `look` finds what is awaited (`Ok`), for at most `within`; then
+/// panic, saying what was awaited (`what`), for how long, and what was seen last (`Err`).
+pub fn wait_for<T>(what: &str, within: Duration, mut look: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match look() {
+            Ok(found) => return found,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("waited {within:?} for {what}; last seen: {seen}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text exposition (a worker's
+/// `/metrics`) whose labels include each of `labels`; 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (sample, set) = match series.split_once('{') {
+                Some((sample, set)) => (sample, set.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+            (sample == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
 
 /// A consumer group's committed position on each of `partitions` partitions of `topic`, read
 /// back from the broker (0 where the group has committed nothing).

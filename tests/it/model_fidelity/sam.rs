@@ -16,7 +16,7 @@ use clipqc::segment::{
     SegmentOwner, Segmenter,
 };
 
-use super::common::{fixtures, read_f32, tiny_model};
+use super::common::{fixtures, max_abs_diff, read_f32, tiny_model};
 
 fn sam_dir() -> PathBuf {
     tiny_model().join("sam")
@@ -32,14 +32,6 @@ fn reference() -> serde_json::Value {
         "fixtures.json has no SAM reference: make_fixtures.py runs with --sam in scripts/test.sh"
     );
     sam
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 /// One image's frame, boxes and prepared input, and the reference entry.
