@@ -12,18 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::e2e::*;
 
-/// The group's committed position per partition, read with rdkafka.
-fn committed(broker: &Broker, topics: &Topics, partitions: i32) -> HashMap<i32, i64> {
-    common::committed_positions(
-        &broker.brokers(),
-        &topics.group,
-        &topics.requests,
-        partitions,
-    )
-    .into_iter()
-    .collect()
-}
-
 /// The end of each partition, from what the client published.
 fn ends(published: &[Published]) -> HashMap<i32, i64> {
     let mut ends = HashMap::new();
@@ -61,34 +49,22 @@ impl Tally {
     }
 }
 
-fn images_server() -> ImageServer {
-    ImageServer::start(&common::fixtures().join("images"))
-}
+/// A worker counts a verdict or a dead letter in its metrics when the broker has confirmed its
+/// delivery, which may come a moment after a reader already has the record: the counts are
+/// awaited (milliseconds; 30 s is a bound on a worker that never counts them).
+const COUNTED_WITHIN: Duration = Duration::from_secs(30);
 
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
-    let _serial = serial();
-    let broker = Broker::start();
-    let topics = Topics::create(&broker, "flow", 3);
-    let images = images_server();
-    let dir = tempfile::tempdir().unwrap();
-    let worker = Worker::start(&broker, &topics, "flow-1", true, dir.path());
-    let published = produce(
-        &broker,
-        &topics.requests,
-        300,
-        &images.url("part_250.jpg"),
-        10,
-    );
+    let e = E2e::start("flow", 3);
+    let worker = e.worker("flow-1").start();
+    let published = e.produce(300, 10);
     assert_eq!(published.len(), 300);
-    let bad: HashSet<(i32, i64)> = published
-        .iter()
-        .filter(|p| p.bad)
-        .map(|p| (p.partition, p.offset))
-        .collect();
+    let bad = bad(&published);
 
-    let verdicts = read_all(&broker, &topics.verdicts, 300, Duration::from_secs(60));
+    // The first verdicts wait for the worker's start.
+    let verdicts = read_all(&e.broker, &e.topics.verdicts, 300, START_WITHIN);
     let mut tally = Tally::new();
     for v in &verdicts {
         tally.add(v);
@@ -106,7 +82,7 @@ fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
         }
     }
     assert_eq!(tally.distinct.len(), 300, "{}", worker.log_tail());
-    let dead = read_all(&broker, &topics.dlq, bad.len(), Duration::from_secs(20));
+    let dead = read_all(&e.broker, &e.topics.dlq, bad.len(), IDLE);
     let dead_sources: HashSet<_> = dead.iter().map(ReadBack::source).collect();
     assert_eq!(
         dead_sources, bad,
@@ -116,48 +92,48 @@ fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
         assert_eq!(d.header("__connect.errors.stage"), Some("fetch"));
         assert_eq!(
             d.header("__connect.errors.topic"),
-            Some(topics.requests.as_str())
+            Some(e.topics.requests.as_str())
         );
     }
 
-    // The worker's own account, from its /metrics endpoint (the flow is done: counts are final).
-    let base = format!("http://{}", worker.http_addr());
-    let get = |path: &str| {
-        let r = reqwest::blocking::get(format!("{base}{path}")).unwrap();
-        (r.status().as_u16(), r.text().unwrap())
-    };
+    // The worker's own account, from its /metrics endpoint, once it has counted every verdict
+    // and dead letter the readers got.
     assert_eq!(
-        get("/readyz").0,
+        worker.get("/readyz").0,
         200,
         "ready: model warmed up, in its group"
     );
-    let (_, text) = get("/metrics");
-    let sum = |name: &str, label: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let verdicts_counted = 300.0 + tally.duplicates() as f64;
+    worker.wait_for_metric(
+        "clipqc_verdicts_total",
+        &[],
+        verdicts_counted,
+        COUNTED_WITHIN,
+    );
+    worker.wait_for_metric("clipqc_dead_letters_total", &[], 30.0, COUNTED_WITHIN);
+    let text = worker.metrics();
+    let sum = |name: &str, labels: &[(&str, &str)]| common::metric(&text, name, labels);
+    let error = [("outcome", "error")];
+    assert_eq!(sum("clipqc_verdicts_total", &error), 30.0, "{text}");
     assert_eq!(
-        sum("clipqc_verdicts_total{", "outcome=\"error\""),
-        30.0,
+        sum("clipqc_verdicts_total", &[]),
+        verdicts_counted,
         "{text}"
     );
-    assert_eq!(
-        sum("clipqc_verdicts_total{", ""),
-        300.0 + tally.duplicates() as f64
+    let fetch = [("stage", "fetch")];
+    assert_eq!(sum("clipqc_dead_letters_total", &fetch), 30.0, "{text}");
+    let failed = [("kind", "failed")];
+    assert_eq!(sum("clipqc_fetch_errors_total", &failed), 30.0, "{text}");
+    assert!(sum("clipqc_batch_size_count", &[]) > 0.0, "{text}");
+    let inference = [("stage", "inference")];
+    assert!(
+        sum("clipqc_stage_duration_seconds_count", &inference) > 0.0,
+        "{text}"
     );
-    assert_eq!(sum("clipqc_dead_letters_total{", "stage=\"fetch\""), 30.0);
-    assert_eq!(sum("clipqc_fetch_errors_total{", "kind=\"failed\""), 30.0);
-    assert!(sum("clipqc_batch_size_count", "") > 0.0);
-    assert!(sum("clipqc_stage_duration_seconds_count", "stage=\"inference\"") > 0.0);
     assert!(text.contains("clipqc_build_info{version="), "{text}");
 
-    assert!(
-        worker.terminate(Duration::from_secs(30)),
-        "clean exit on SIGTERM"
-    );
-    assert_eq!(committed(&broker, &topics, 3), ends(&published));
+    assert!(worker.terminate(), "clean exit on SIGTERM");
+    assert_eq!(e.committed(3), ends(&published));
     // Nothing failed: nothing may be repeated.
     assert_eq!(tally.duplicates(), 0, "duplicates in a fault-free run");
     eprintln!(
@@ -179,25 +155,16 @@ fn a_worker_killed_mid_batch_loses_nothing() {
     const TOTAL: usize = 2000;
     const MAX_IN_FLIGHT: usize = 32;
     let env = [("CLIPQC__PIPELINE__MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string())];
-    let start = |dir: &std::path::Path, broker: &Broker, topics: &Topics| {
-        Worker::start_with_env(broker, topics, "crash-1", true, dir, "", &env)
-    };
-    let _serial = serial();
-    let broker = Broker::start();
-    let topics = Topics::create(&broker, "crash", 4);
-    let images = images_server();
-    let dir = tempfile::tempdir().unwrap();
-    let published = produce(
-        &broker,
-        &topics.requests,
-        TOTAL,
-        &images.url("part_250.jpg"),
-        50,
-    );
+    let e = E2e::start("crash", 4);
+    let start = || e.worker("crash-1").env(&env).start();
+    let published = e.produce(TOTAL, 50);
     let bad = published.iter().filter(|p| p.bad).count();
     let started = Instant::now();
-    let mut worker = Some(start(dir.path(), &broker, &topics));
-    let verdicts = follow(&broker, &topics.verdicts, TOTAL, Duration::from_secs(90));
+    let mut worker = Some(start());
+    // Each kill leaves a gap in the verdicts as long as a restart: a new process's start (a
+    // static member takes its partitions back at once), within START_WITHIN. The reader stops
+    // after that long without a verdict, and the checks below say what was missing.
+    let verdicts = follow(&e.broker, &e.topics.verdicts, TOTAL, START_WITHIN);
     let mut tally = Tally::new();
     let mut kills = Vec::new();
     let kill_at = [TOTAL * 15 / 100, TOTAL * 45 / 100, TOTAL * 75 / 100];
@@ -207,7 +174,7 @@ fn a_worker_killed_mid_batch_loses_nothing() {
             // Mid-batch: verdicts are flowing, so records are in flight.
             worker.take().unwrap().kill();
             kills.push(tally.distinct.len());
-            worker = Some(start(dir.path(), &broker, &topics));
+            worker = Some(start());
         }
     }
     let worker = worker.unwrap();
@@ -231,7 +198,7 @@ fn a_worker_killed_mid_batch_loses_nothing() {
             "only {} kills: the verdicts stopped at {}\n{}\n{}",
             kills.len(),
             tally.distinct.len(),
-            slow_or_stuck(&broker, &topics, &worker),
+            slow_or_stuck(&e, &worker),
             worker.log_tail()
         );
     }
@@ -252,27 +219,29 @@ fn a_worker_killed_mid_batch_loses_nothing() {
             "lost: {:?} ({} in all)\n{}\n{}",
             &lost[..lost.len().min(10)],
             lost.len(),
-            slow_or_stuck(&broker, &topics, &worker),
+            slow_or_stuck(&e, &worker),
             worker.log_tail()
         );
     }
-    let dead: HashSet<_> = read_all(&broker, &topics.dlq, bad, Duration::from_secs(20))
+    let dead: HashSet<_> = read_all(&e.broker, &e.topics.dlq, bad, IDLE)
         .iter()
         .map(ReadBack::source)
         .collect();
     assert_eq!(dead.len(), bad, "every bad request has its dead letter");
-    assert!(worker.terminate(Duration::from_secs(30)));
-    assert_eq!(committed(&broker, &topics, 4), ends(&published));
+    assert!(worker.terminate(), "clean exit on SIGTERM");
+    assert_eq!(e.committed(4), ends(&published));
 }
 
 /// Why verdicts are missing, for the failure message: a worker whose group position still
 /// moves is slow (the machine is loaded: more patience would do), one whose position stands
-/// still while records wait is stuck, and its partition events say whether it owns any.
-fn slow_or_stuck(broker: &Broker, topics: &Topics, worker: &Worker) -> String {
-    let before = committed(broker, topics, 4);
+/// still while records wait is stuck, and its partition events say whether it owns any. The
+/// look is 20 s long: a worker at work commits every second (auto-commit), so twenty commits
+/// that do not move it mean it is stuck; it is taken only when the test has already failed.
+fn slow_or_stuck(e: &E2e, worker: &Worker) -> String {
+    let before = e.committed(4);
     std::thread::sleep(Duration::from_secs(20));
-    let after = committed(broker, topics, 4);
-    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+    let after = e.committed(4);
+    let log = worker.log_text();
     let events: Vec<&str> = log
         .lines()
         .filter(|l| {
@@ -288,8 +257,10 @@ fn slow_or_stuck(broker: &Broker, topics: &Topics, worker: &Worker) -> String {
         "STUCK: its committed positions did not move in 20 s"
     };
     format!(
-        "{verdict} ({before:?} -> {after:?}); the worker's last partition events:\n{}",
-        events[events.len().saturating_sub(6)..].join("\n")
+        "{verdict} ({before:?} -> {after:?}); the worker's last partition events:\n{}\n\
+         (its whole log: {})",
+        events[events.len().saturating_sub(6)..].join("\n"),
+        worker.keep_log("crash-worker").display()
     )
 }
 
@@ -298,27 +269,26 @@ fn slow_or_stuck(broker: &Broker, topics: &Topics, worker: &Worker) -> String {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn two_workers_share_the_partitions_and_hand_them_over() {
-    let _serial = serial();
-    let broker = Broker::start();
-    let topics = Topics::create(&broker, "pair", 4);
-    let images = images_server();
-    let dir = tempfile::tempdir().unwrap();
+    let e = E2e::start("pair", 4);
     // Dynamic membership: a leaving member says so and tansu rebalances at once.
-    let a = Worker::start(&broker, &topics, "pair-a", false, dir.path());
+    let a = e.worker("pair-a").dynamic().start();
     // 30 requests a second, as cameras would, until the second worker has come and gone (at most
     // 4 minutes): work keeps coming while the group changes, however long tansu takes to
     // rebalance. (A fixed 30-second stream once ended before tansu gave B its partitions.)
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut producer = Some(produce_until(
-        &broker,
-        &topics.requests,
-        &images.url("part_250.jpg"),
+        &e.broker,
+        &e.topics.requests,
+        &e.part_url(),
         30.0,
         60,
         stop.clone(),
         Duration::from_secs(240),
     ));
-    let verdicts = follow(&broker, &topics.verdicts, usize::MAX >> 1, Duration::from_secs(60));
+    // Verdicts come every 1/30 s while the stream lasts, the first after A's start: the
+    // reader stops after START_WITHIN without one (then whatever is missing is counted lost
+    // below).
+    let verdicts = follow(&e.broker, &e.topics.verdicts, usize::MAX >> 1, START_WITHIN);
     let mut published: Option<Vec<Published>> = None;
     let mut tally = Tally::new();
     let mut b = None;
@@ -326,6 +296,7 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
     let mut b_stopped = false;
     let mut by_b = 0;
     loop {
+        // A tick, not a bound: the loop looks at the producer at least every second.
         match verdicts.recv_timeout(Duration::from_secs(1)) {
             Ok(r) => {
                 tally.add(&r);
@@ -334,23 +305,21 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
                     by_b += 1;
                 }
                 if b.is_none() && !b_stopped && tally.distinct.len() >= 50 {
-                    let w = Worker::start(&broker, &topics, "pair-b", false, dir.path());
+                    let w = e.worker("pair-b").dynamic().start();
                     b_name = format!("/{}", w.pid());
                     b = Some(w);
                 } else if !b_stopped && by_b >= 30 {
                     // The second worker has partitions and is producing verdicts: stop it
                     // mid-stream, then let the stream end.
                     let w = b.take().unwrap();
-                    assert!(
-                        w.terminate(Duration::from_secs(30)),
-                        "B drains and exits cleanly"
-                    );
+                    assert!(w.terminate(), "B drains and exits cleanly");
                     b_stopped = true;
                     stop.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            // A minute without a verdict: whatever is missing is lost (counted below).
+            // The reader stopped for lack of verdicts: whatever is missing is lost (counted
+            // below).
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if producer.as_ref().is_some_and(|p| p.is_finished()) {
@@ -392,8 +361,8 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
         0,
         "duplicates in a handover without a crash"
     );
-    assert!(a.terminate(Duration::from_secs(30)));
-    assert_eq!(committed(&broker, &topics, 4), ends(&published));
+    assert!(a.terminate(), "clean exit on SIGTERM");
+    assert_eq!(e.committed(4), ends(&published));
 }
 
 /// A tiled default profile on the real broker: every verdict carries its views, heatmap and
@@ -402,32 +371,12 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn a_tiled_profile_says_where_on_a_real_broker() {
-    let _serial = serial();
-    let broker = Broker::start();
-    let topics = Topics::create(&broker, "tiled", 2);
-    let images = images_server();
-    let dir = tempfile::tempdir().unwrap();
-    let tiled = r#"
-[profiles.default]
-tiles = { scales = [1.0, 0.5], overlap = 0.5, max_windows = 16, region_threshold = 0.0 }
-[[profiles.default.classes]]
-name = "scratch"
-label = "表面划痕"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.default.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#;
-    let worker = Worker::start_with(&broker, &topics, "tiled-1", true, dir.path(), tiled);
-    let published = produce(
-        &broker,
-        &topics.requests,
-        40,
-        &images.url("part_250.jpg"),
-        0,
-    );
-    let verdicts = read_all(&broker, &topics.verdicts, 40, Duration::from_secs(60));
+    use common::profile::{self, GOOD, LABELLED_SCRATCH};
+    let e = E2e::start("tiled", 2);
+    let tiled = profile::toml("default", &[profile::TILED], &[LABELLED_SCRATCH, GOOD]);
+    let worker = e.worker("tiled-1").config(&tiled).start();
+    let published = e.produce(40, 0);
+    let verdicts = read_all(&e.broker, &e.topics.verdicts, 40, START_WITHIN);
     let mut tally = Tally::new();
     for v in &verdicts {
         tally.add(v);
@@ -472,11 +421,8 @@ prompts = ["a clean part"]
         );
     }
     assert_eq!(tally.distinct.len(), 40, "{}", worker.log_tail());
-    assert!(
-        worker.terminate(Duration::from_secs(30)),
-        "clean exit on SIGTERM"
-    );
-    assert_eq!(committed(&broker, &topics, 2), ends(&published));
+    assert!(worker.terminate(), "clean exit on SIGTERM");
+    assert_eq!(e.committed(2), ends(&published));
 }
 
 #[path = "e2e_tansu/exemplars.rs"]

@@ -4,9 +4,7 @@
 
 use crate::common;
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use clipqc::config::FetchSettings;
 use clipqc::fetch::{FetchError, Fetcher};
@@ -19,23 +17,16 @@ struct Moto {
 
 impl Moto {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::e2e::free_port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("moto_server (tests/requirements.txt, installed by scripts/test.sh)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { child, port }
+        let moto = Self { child, port };
+        common::e2e::wait_for_port(port, "moto_server");
+        moto
     }
 
     fn endpoint(&self) -> String {

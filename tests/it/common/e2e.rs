@@ -1,6 +1,10 @@
 //! End-to-end harness: a real broker process (tansu 0.6.0), the worker binary as a process of
 //! its own (so it can be killed), an HTTP server with the part images, and an independent
 //! Kafka client (confluent-kafka from PyPI, tests/e2e/kafka_client.py).
+//!
+//! The bounds of the waits here, and where their numbers come from: [`LISTEN_WITHIN`] (a
+//! server process listens), [`START_WITHIN`] (a worker process is ready), [`STOP_WITHIN`] (a
+//! worker drains and exits on SIGTERM), [`IDLE`] (the Python client reads on without a record).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,15 +30,39 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_for_port(port: u16, within: Duration, what: &str) {
-    let deadline = Instant::now() + within;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// A server process a test starts (tansu, moto, Prometheus, Alertmanager) listens within a
+/// second or two of its start on an idle machine; a minute is room for a loaded 2-core one.
+pub const LISTEN_WITHIN: Duration = Duration::from_secs(60);
+
+/// A worker process gets ready (`/readyz` 200) once it has loaded and warmed up the tiny model
+/// (seconds; a debug build on a loaded 2-core machine, up to half a minute), passed its brokers'
+/// check (bounded by the worker at 60 s, answered at once by a live broker) and joined its
+/// group (one join round: seconds). Two minutes is twice the worst of that.
+pub const START_WITHIN: Duration = Duration::from_secs(120);
+
+/// A worker's own bounds after SIGTERM: the drain (`pipeline.drain_timeout_ms`, 15 s in the
+/// config [`Worker`] writes), 5 s for records that overran it, the producer's flush (10 s),
+/// then the final commit and leaving the group (a round trip each). A minute is twice their
+/// sum; a worker that exits as it should takes a second or two.
+pub const STOP_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long the Python client reads on without a record before it stops: it joins a group of
+/// its own first (one join round on tansu: seconds), then takes records that are on the topic
+/// already or come from a running worker, the next within a second or two of the last. A
+/// minute without one is a stall, not a slow machine; a read that ends on a count (`expect`)
+/// stops as soon as it has it, so the bound costs nothing when all is well.
+pub const IDLE: Duration = Duration::from_secs(60);
+
+/// Waits until something listens on `port` (`what`: the server), within [`LISTEN_WITHIN`].
+pub fn wait_for_port(port: u16, what: &str) {
+    super::wait_for(
+        &format!("{what} to listen on port {port}"),
+        LISTEN_WITHIN,
+        || match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
 }
 
 /// tansu: `CLIPQC_TANSU`, else `tansu` on PATH (scripts/env.sh installs and exports it).
@@ -89,7 +117,7 @@ impl Broker {
                     tansu_bin().display()
                 )
             });
-        wait_for_port(port, Duration::from_secs(30), "tansu");
+        wait_for_port(port, "tansu");
         Self {
             child,
             port,
@@ -204,48 +232,45 @@ pub struct Worker {
     pub log: PathBuf,
 }
 
-impl Worker {
-    /// Start a worker named `name`; `static_member` makes the name its `group.instance.id`.
-    pub fn start(
-        broker: &Broker,
-        topics: &Topics,
-        name: &str,
-        static_member: bool,
-        dir: &Path,
-    ) -> Self {
-        Self::start_with(broker, topics, name, static_member, dir, "")
+/// How a [`Worker`] is to be started: [`Worker::named`], the options, then [`Start::start`].
+pub struct Start<'a> {
+    broker: &'a Broker,
+    topics: &'a Topics,
+    name: &'a str,
+    dir: &'a Path,
+    static_member: bool,
+    config: String,
+    env: Vec<(&'a str, String)>,
+}
+
+impl<'a> Start<'a> {
+    /// A dynamic member of its group: a leaving member says so and tansu rebalances at once.
+    pub fn dynamic(mut self) -> Self {
+        self.static_member = false;
+        self
     }
 
-    /// As [`Worker::start`], with `extra` TOML (whole sections) appended to the config.
-    pub fn start_with(
-        broker: &Broker,
-        topics: &Topics,
-        name: &str,
-        static_member: bool,
-        dir: &Path,
-        extra: &str,
-    ) -> Self {
-        Self::start_with_env(broker, topics, name, static_member, dir, extra, &[])
+    /// `toml` (whole sections) appended to the config.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config.push_str(toml);
+        self
     }
 
-    /// As [`Worker::start_with`], with `CLIPQC__…` variables in the worker's environment:
-    /// they override keys of sections the config file already has (`[fetch]`, `[pipeline]`).
-    pub fn start_with_env(
-        broker: &Broker,
-        topics: &Topics,
-        name: &str,
-        static_member: bool,
-        dir: &Path,
-        extra: &str,
-        env: &[(&str, String)],
-    ) -> Self {
-        let instance_id = name;
-        let membership = if static_member {
+    /// `CLIPQC__…` variables in the worker's environment: they override keys of sections the
+    /// config file already has (`[fetch]`, `[pipeline]`).
+    pub fn env(mut self, vars: &[(&'a str, String)]) -> Self {
+        self.env.extend(vars.iter().cloned());
+        self
+    }
+
+    pub fn start(self) -> Worker {
+        let name = self.name;
+        let membership = if self.static_member {
             format!("instance_id = \"{name}\"")
         } else {
             String::new()
         };
-        let config = dir.join(format!("{instance_id}.toml"));
+        let config = self.dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
@@ -277,16 +302,17 @@ listen = "127.0.0.1:0"
 
 {extra}
 "#,
-                brokers = broker.brokers(),
-                group = topics.group,
-                requests = topics.requests,
-                verdicts = topics.verdicts,
-                dlq = topics.dlq,
+                brokers = self.broker.brokers(),
+                group = self.topics.group,
+                requests = self.topics.requests,
+                verdicts = self.topics.verdicts,
+                dlq = self.topics.dlq,
                 model = super::tiny_model().display(),
+                extra = self.config,
             ),
         )
         .unwrap();
-        let log = dir.join(format!("{instance_id}.log"));
+        let log = self.dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -296,12 +322,34 @@ listen = "127.0.0.1:0"
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
-        Self { child, log }
+        Worker { child, log }
+    }
+}
+
+impl Worker {
+    /// A worker named `name` (its config `dir/NAME.toml`, its log `dir/NAME.log`), a static
+    /// member of the group of `topics` (the name is its `group.instance.id`) unless
+    /// [`Start::dynamic`].
+    pub fn named<'a>(
+        broker: &'a Broker,
+        topics: &'a Topics,
+        name: &'a str,
+        dir: &'a Path,
+    ) -> Start<'a> {
+        Start {
+            broker,
+            topics,
+            name,
+            dir,
+            static_member: true,
+            config: String::new(),
+            env: Vec::new(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -314,23 +362,20 @@ listen = "127.0.0.1:0"
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then wait for the drain; returns whether it exited cleanly.
-    pub fn terminate(mut self, within: Duration) -> bool {
+    /// SIGTERM, then wait (within [`STOP_WITHIN`]) for the drain and the exit; returns whether
+    /// it exited cleanly in time.
+    pub fn terminate(mut self) -> bool {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
+        match self.wait_exit(STOP_WITHIN) {
+            Some(status) => status.success(),
+            None => {
                 let _ = self.child.kill();
-                return false;
+                false
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -349,31 +394,111 @@ listen = "127.0.0.1:0"
         }
     }
 
-    /// The address of the worker's `/metrics` endpoint, from its log (`http.listen` port 0).
+    /// The worker must stop by itself, within `within` (`why`: where that bound comes from),
+    /// with a failure and an `error: …` line in its log; returns that line.
+    pub fn refused(mut self, within: Duration, why: &str) -> String {
+        let status = self.wait_exit(within).unwrap_or_else(|| {
+            panic!(
+                "the worker went on for {within:?} ({why})\n{}",
+                self.log_tail()
+            )
+        });
+        assert!(!status.success(), "{status:?}\n{}", self.log_tail());
+        self.log_text()
+            .lines()
+            .rfind(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line\n{}", self.log_tail()))
+            .to_string()
+    }
+
+    /// The address of the worker's `/metrics` endpoint, from its log (`http.listen` port 0):
+    /// logged once the model is loaded and warmed up, within [`START_WITHIN`].
     pub fn http_addr(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let found = text
+        super::wait_for("the worker's http address in its log", START_WITHIN, || {
+            self.log_text()
                 .lines()
                 .filter(|l| l.contains("serving /metrics"))
                 .filter_map(|l| l.split("addr=").nth(1))
                 .filter_map(|rest| rest.split_whitespace().next())
-                .next_back();
-            if let Some(addr) = found {
-                return addr.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no http address in the log\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
+                .next_back()
+                .map(str::to_string)
+                .ok_or_else(|| self.log_tail())
+        })
+    }
+
+    /// GET `path` of the worker's HTTP endpoint: (status, body); (0, the error) when it cannot
+    /// be reached.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match reqwest::blocking::get(format!("http://{}{path}", self.http_addr())) {
+            Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
         }
+    }
+
+    /// The worker's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200, "/metrics: {text}");
+        text
+    }
+
+    /// Waits for `/readyz` to answer 200, within [`START_WITHIN`].
+    pub fn wait_ready(&self) {
+        super::wait_for("the worker to be ready", START_WITHIN, || {
+            match self.get("/readyz") {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!("{status} {body}\n{}", self.log_tail())),
+            }
+        })
+    }
+
+    /// Waits until metric `name` (the sum of its series with `labels`) is at least `at_least`,
+    /// within `within`; returns its value.
+    pub fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+        within: Duration,
+    ) -> f64 {
+        let what = format!("{name}{labels:?} >= {at_least}");
+        super::wait_for(&what, within, || {
+            let value = super::metric(&self.metrics(), name, labels);
+            if value >= at_least {
+                Ok(value)
+            } else {
+                Err(format!("{value}\n{}", self.log_tail()))
+            }
+        })
+    }
+
+    /// Waits until the worker's log has a line containing `needle`, within `within`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) {
+        super::wait_for(&format!("{needle:?} in the log"), within, || {
+            if self.log_text().contains(needle) {
+                Ok(())
+            } else {
+                Err(self.log_tail())
+            }
+        })
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {
         tail(&self.log, 40)
+    }
+
+    /// A copy of the whole log that outlives the test's folder (`clipqc-NAME.log` in the
+    /// system's temporary folder), for the post-mortem of a failure: a tail is rarely enough.
+    /// Its path, for the failure message.
+    pub fn keep_log(&self, name: &str) -> PathBuf {
+        let keep = std::env::temp_dir().join(format!("clipqc-{name}.log"));
+        let _ = std::fs::copy(&self.log, &keep);
+        keep
     }
 }
 
@@ -498,6 +623,72 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What an end-to-end test starts with: its turn ([`serial`]), a broker, the worker's topics,
+/// the fixtures' images served over HTTP, and a folder for configs and logs. Dropped in this
+/// order (the broker first, the turn last); workers made after it are dropped before it.
+pub struct E2e {
+    pub broker: Broker,
+    pub topics: Topics,
+    pub images: ImageServer,
+    pub dir: tempfile::TempDir,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl E2e {
+    /// A tansu broker with topics named after `name`, `partitions` of requests.
+    pub fn start(name: &str, partitions: u32) -> Self {
+        Self::start_on(Broker::start, name, partitions)
+    }
+
+    /// As [`E2e::start`], on the broker `broker` starts.
+    pub fn start_on(broker: impl FnOnce() -> Broker, name: &str, partitions: u32) -> Self {
+        let turn = serial();
+        let broker = broker();
+        let topics = Topics::create(&broker, name, partitions);
+        Self {
+            images: ImageServer::start(&super::fixtures().join("images")),
+            dir: tempfile::tempdir().unwrap(),
+            broker,
+            topics,
+            _turn: turn,
+        }
+    }
+
+    /// A worker of this test's group, named `name`: see [`Worker::named`].
+    pub fn worker<'a>(&'a self, name: &'a str) -> Start<'a> {
+        Worker::named(&self.broker, &self.topics, name, self.dir.path())
+    }
+
+    /// The URL of the fixtures' 250×250 part photo.
+    pub fn part_url(&self) -> String {
+        self.images.url("part_250.jpg")
+    }
+
+    /// Publish `count` requests for the part photo to the requests topic (every `bad_every`-th
+    /// names a missing image); see [`produce`].
+    pub fn produce(&self, count: usize, bad_every: usize) -> Vec<Published> {
+        produce(
+            &self.broker,
+            &self.topics.requests,
+            count,
+            &self.part_url(),
+            bad_every,
+        )
+    }
+
+    /// The group's committed position per input partition, read with rdkafka.
+    pub fn committed(&self, partitions: i32) -> std::collections::HashMap<i32, i64> {
+        super::committed_positions(
+            &self.broker.brokers(),
+            &self.topics.group,
+            &self.topics.requests,
+            partitions,
+        )
+        .into_iter()
+        .collect()
+    }
+}
+
 /// A record read back by the client: its headers and, for verdicts, the verdict as JSON.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct ReadBack {
@@ -560,6 +751,37 @@ pub fn follow(
         let _ = child.wait();
     });
     rx
+}
+
+/// The next `n` records of a [`follow`]er; when it stops first (`idle` without a record),
+/// panics naming the record that did not come, with the logs of `workers`.
+pub fn take(
+    records: &mpsc::Receiver<ReadBack>,
+    n: usize,
+    idle: Duration,
+    workers: &[&Worker],
+) -> Vec<ReadBack> {
+    (0..n)
+        .map(|i| {
+            records.recv().unwrap_or_else(|_| {
+                let logs: Vec<String> = workers.iter().map(|w| w.log_tail()).collect();
+                panic!(
+                    "record {} of {n}: none for {idle:?}\n{}",
+                    i + 1,
+                    logs.join("\n")
+                )
+            })
+        })
+        .collect()
+}
+
+/// Where the broker put the bad requests of `published`.
+pub fn bad(published: &[Published]) -> std::collections::HashSet<(i32, i64)> {
+    published
+        .iter()
+        .filter(|p| p.bad)
+        .map(|p| (p.partition, p.offset))
+        .collect()
 }
 
 /// Read `topic` to the end (until `expect` distinct sources or `idle` without a record).

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -34,7 +34,7 @@ impl Process {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        wait_for_port(port, Duration::from_secs(30), what);
+        wait_for_port(port, what);
         Self { child, port, log }
     }
 
@@ -152,19 +152,20 @@ pub fn query(prometheus: &Process, promql: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// The single value of `promql`, polled until it equals `want` (or `within` ends).
-pub fn wait_for_value(prometheus: &Process, promql: &str, want: f64, within: Duration) -> f64 {
-    let deadline = Instant::now() + within;
-    loop {
+/// Polls the single value of `promql` until it equals `want`, for at most `within`; panics
+/// with the last value (NaN: no series) and Prometheus's log when it never does.
+pub fn expect_value(prometheus: &Process, promql: &str, want: f64, within: Duration) {
+    crate::common::wait_for(&format!("{promql} == {want}"), within, || {
         let got = query(prometheus, promql)
             .first()
             .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
             .unwrap_or(f64::NAN);
-        if got == want || Instant::now() > deadline {
-            return got;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got}\n{}", prometheus.log_tail()))
         }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    })
 }
 
 /// An HTTP server recording every JSON body POSTed to it, by path.
@@ -203,27 +204,23 @@ impl Receiver {
         format!("http://{}/{path}", self.addr)
     }
 
-    /// Waits until a body POSTed to `path` satisfies `pred`; returns it.
-    pub fn wait_for(
+    /// Waits, for at most `within`, until a body POSTed to `path` satisfies `pred` (`what`:
+    /// what it is, for the message when none does); returns it.
+    pub fn expect(
         &self,
         path: &str,
+        what: &str,
         within: Duration,
         pred: impl Fn(&Value) -> bool,
-    ) -> Option<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            let found = self
-                .bodies
-                .lock()
-                .unwrap()
+    ) -> Value {
+        crate::common::wait_for(&format!("{what} POSTed to /{path}"), within, || {
+            let bodies = self.bodies.lock().unwrap();
+            bodies
                 .iter()
                 .find(|(p, b)| p == path && pred(b))
-                .map(|(_, b)| b.clone());
-            if found.is_some() || Instant::now() > deadline {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+                .map(|(_, b)| b.clone())
+                .ok_or_else(|| format!("{} bodies: {:?}", bodies.len(), *bodies))
+        })
     }
 }
 

@@ -2,25 +2,23 @@
 //! CLI changes both workers' verdicts without a restart, and a worker started later reads the
 //! bank before its first verdict.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
+use super::common::cli::{clipqc, succeeded};
 use super::common::e2e::*;
-use super::common::fixtures;
+use super::common::{fixtures, profile, wait_for};
 
 /// A default profile where an exemplar counts for much (alpha 50): one identical to the part
 /// makes its class win whatever the random model's prompts say.
-const PROFILE: &str = r#"
-[profiles.default]
-exemplars = { alpha = 50.0 }
-[[profiles.default.classes]]
-name = "scratch"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.default.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#;
+pub fn banked() -> String {
+    let alpha = "exemplars = { alpha = 50.0 }";
+    profile::toml("default", &[alpha], &[profile::SCRATCH, profile::GOOD])
+}
+
+/// The workers follow the exemplar topic as records come: an exemplar added (or removed) is
+/// in their bank within a second or two; a minute is a worker that never reads it.
+const FOLLOWED_WITHIN: Duration = Duration::from_secs(60);
 
 fn has_exemplar(v: &ReadBack) -> bool {
     v.verdict
@@ -31,28 +29,18 @@ fn has_exemplar(v: &ReadBack) -> bool {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
-    let _serial = serial();
-    let broker = Broker::start();
-    broker.create_topic("clipqc.exemplars", 1);
-    let topics = Topics::create(&broker, "bank", 2);
-    let images = ImageServer::start(&fixtures().join("images"));
-    let url = images.url("part_250.jpg");
-    let dir = tempfile::tempdir().unwrap();
-    let a = Worker::start_with(&broker, &topics, "bank-a", true, dir.path(), PROFILE);
-    let b = Worker::start_with(&broker, &topics, "bank-b", true, dir.path(), PROFILE);
-    let verdicts = follow(&broker, &topics.verdicts, 100_000, Duration::from_secs(90));
-    let take = |n: usize| -> Vec<ReadBack> {
-        (0..n)
-            .map(|_| {
-                verdicts
-                    .recv_timeout(Duration::from_secs(90))
-                    .expect("a verdict")
-            })
-            .collect()
-    };
+    let e = E2e::start("bank", 2);
+    e.broker.create_topic("clipqc.exemplars", 1);
+    let profile = banked();
+    let a = e.worker("bank-a").config(&profile).start();
+    let b = e.worker("bank-b").config(&profile).start();
+    // The first verdicts wait for the workers' start; the reader stops after as long without
+    // one, and then `take` says which verdict did not come.
+    let verdicts = follow(&e.broker, &e.topics.verdicts, 100_000, START_WITHIN);
+    let take = |n: usize| take(&verdicts, n, START_WITHIN, &[&a, &b]);
 
     // Before: zero-shot verdicts, no exemplar.
-    produce(&broker, &topics.requests, 10, &url, 0);
+    e.produce(10, 0);
     let before = take(10);
     assert!(before.iter().all(|v| !has_exemplar(v)), "{before:?}");
     let zero_shot = before[0].verdict.as_ref().unwrap()["anomalyScore"]
@@ -61,27 +49,8 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
 
     // Added through the CLI, with the workers' own config (brokers, model, profiles).
     let image = fixtures().join("images/part_250.jpg");
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args([
-            "exemplar",
-            "add",
-            "--profile",
-            "default",
-            "--class",
-            "scratch",
-        ])
-        .arg("--config")
-        .arg(dir.path().join("bank-a.toml"))
-        .arg(&image)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let config = e.dir.path().join("bank-a.toml");
+    let stdout = add_exemplar(&config, "scratch", &image);
     let key = stdout
         .split_whitespace()
         .nth(1)
@@ -91,13 +60,8 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
     assert_eq!(id.len(), 16, "{stdout}");
 
     // `classify --json` with the same config scores as the workers do: with the bank.
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["classify", "--json", "--config"])
-        .arg(dir.path().join("bank-a.toml"))
-        .arg(&image)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let (config_arg, image_arg) = (config.display().to_string(), image.display().to_string());
+    let out = clipqc(["classify", "--json", "--config", &config_arg, &image_arg]);
     let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         row["nearest_exemplar"]["id"],
@@ -107,17 +71,10 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
     assert_eq!(row["outcome"], "DEFECT", "{row}");
 
     // Both workers pick it up (each owns one partition): keep asking until both answered
-    // with it, within a minute.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut changed = std::collections::HashSet::new();
-    while changed.len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "only {changed:?} used the exemplar\n{}\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        produce(&broker, &topics.requests, 10, &url, 0);
+    // with it.
+    let mut changed = HashSet::new();
+    wait_for("both workers to use the exemplar", FOLLOWED_WITHIN, || {
+        e.produce(10, 0);
         for v in take(10).iter().filter(|v| has_exemplar(v)) {
             let j = v.verdict.as_ref().unwrap();
             let near = &j["nearestExemplar"];
@@ -134,7 +91,15 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
             assert_eq!(j["outcome"], "OUTCOME_DEFECT", "{j}");
             changed.insert(v.header("clipqc-worker").unwrap().to_string());
         }
-    }
+        match changed.len() {
+            2 => Ok(()),
+            _ => Err(format!(
+                "only {changed:?}\n{}\n{}",
+                a.log_tail(),
+                b.log_tail()
+            )),
+        }
+    });
     assert_eq!(
         changed,
         ["bank-a".to_string(), "bank-b".to_string()].into(),
@@ -143,13 +108,16 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
 
     // A worker started later (its own group and topics) reads the bank before its first
     // verdict.
-    let late_topics = Topics::create(&broker, "late", 1);
-    let c = Worker::start_with(&broker, &late_topics, "bank-c", true, dir.path(), PROFILE);
-    produce(&broker, &late_topics.requests, 3, &url, 0);
-    let late = read_all(&broker, &late_topics.verdicts, 3, Duration::from_secs(90));
+    let late_topics = Topics::create(&e.broker, "late", 1);
+    let c = Worker::named(&e.broker, &late_topics, "bank-c", e.dir.path())
+        .config(&profile)
+        .start();
+    let url = e.part_url();
+    produce(&e.broker, &late_topics.requests, 3, &url, 0);
+    let late = read_all(&e.broker, &late_topics.verdicts, 3, START_WITHIN);
     assert_eq!(late.len(), 3, "{}", c.log_tail());
     assert!(late.iter().all(has_exemplar), "{late:?}");
-    let log = std::fs::read_to_string(&c.log).unwrap();
+    let log = c.log_text();
     let caught_up = log
         .find("exemplar bank read to the end")
         .expect("catch-up logged");
@@ -157,38 +125,38 @@ fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
     assert!(caught_up < consuming, "read before consuming");
     assert!(log.contains("records=1"), "{}", c.log_tail());
 
-    // Removed: the next verdicts are zero-shot again.
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["exemplar", "remove", &id, "--config"])
-        .arg(dir.path().join("bank-a.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        produce(&broker, &late_topics.requests, 1, &url, 0);
-        let v = follow(
-            &broker,
-            &late_topics.verdicts,
-            usize::MAX >> 1,
-            Duration::from_secs(5),
-        )
-        .iter()
-        .last()
-        .unwrap();
-        if !has_exemplar(&v) {
-            break;
+    // Removed: the next verdicts are zero-shot again. One request at a time, its verdict the
+    // newest (one partition): each read ends once it has every verdict so far.
+    succeeded(&clipqc([
+        "exemplar",
+        "remove",
+        &id,
+        "--config",
+        &config_arg,
+    ]));
+    let mut asked = late.len();
+    wait_for("the tombstone to reach bank-c", FOLLOWED_WITHIN, || {
+        produce(&e.broker, &late_topics.requests, 1, &url, 0);
+        asked += 1;
+        let all = read_all(&e.broker, &late_topics.verdicts, asked, IDLE);
+        assert_eq!(all.len(), asked, "{}", c.log_tail());
+        let newest = all.into_iter().max_by_key(|r| r.offset).unwrap();
+        match has_exemplar(&newest) {
+            false => Ok(()),
+            true => Err(format!("{:?}", newest.verdict)),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the tombstone never reached bank-c"
-        );
-    }
+    });
     for w in [a, b, c] {
-        assert!(w.terminate(Duration::from_secs(30)), "clean exit");
+        assert!(w.terminate(), "clean exit");
     }
+}
+
+/// `clipqc exemplar add` of `image` to the default profile's `class`, with the workers'
+/// `config`; its stdout ("added <profile/id> …").
+pub fn add_exemplar(config: &std::path::Path, class: &str, image: &std::path::Path) -> String {
+    let (config, image) = (config.display().to_string(), image.display().to_string());
+    let add = ["exemplar", "add", "--profile", "default", "--class", class];
+    succeeded(&clipqc(
+        add.into_iter().chain(["--config", &config, &image]),
+    ))
 }

@@ -3,28 +3,28 @@
 //! nothing, and records naming an unknown profile or class are refused to the dead-letter
 //! topic with a reason.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use super::common::cli::{clipqc, succeeded};
 use super::common::e2e::*;
-use super::common::fixtures;
+use super::common::{fixtures, metric, profile, wait_for};
 use clipqc::proto::v1::{feedback, Feedback};
 
-const PROFILE: &str = r#"
-[profiles.default]
-feedback = { learn = "all" }
-[[profiles.default.classes]]
-name = "scratch"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.default.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#;
+/// Every feedback record learned from.
+fn learning() -> String {
+    let learn = "feedback = { learn = \"all\" }";
+    profile::toml("default", &[learn], &[profile::SCRATCH, profile::GOOD])
+}
+
+/// The workers' feedback group takes a record as it comes, embeds its image with the tiny
+/// model and publishes the exemplar: a second or two per record; 90 s for the eight here is a
+/// feedback loop that is stuck.
+const LEARNED_WITHIN: Duration = Duration::from_secs(90);
 
 const IMAGES: [&str; 6] = [
     "part_250.jpg",
@@ -49,6 +49,8 @@ fn publish(broker: &Broker, records: &[Feedback]) {
         let record = FutureRecord::to("clipqc.feedback")
             .key(&f.request_id)
             .payload(&payload);
+        // The send's queue timeout: room in the producer's queue, never short for eight
+        // records (the delivery is bounded by librdkafka's message.timeout.ms, 300 s).
         rt.block_on(producer.send(record, Duration::from_secs(10)))
             .unwrap();
     }
@@ -69,18 +71,8 @@ fn feedback(i: usize, image: &str, profile: &str, class: &str) -> Feedback {
 
 /// The bank on the topic, as `clipqc exemplar list --json` sees it.
 fn list(config: &std::path::Path) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["exemplar", "list", "--json", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    let config = config.display().to_string();
+    succeeded(&clipqc(["exemplar", "list", "--json", "--config", &config]))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -89,25 +81,19 @@ fn list(config: &std::path::Path) -> Vec<serde_json::Value> {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
-    let _serial = serial();
-    let broker = Broker::start();
-    broker.create_topic("clipqc.exemplars", 1);
-    broker.create_topic("clipqc.feedback", 2);
-    let topics = Topics::create(&broker, "fb", 2);
-    let dir = tempfile::tempdir().unwrap();
-    let a = Worker::start_with(&broker, &topics, "fb-a", true, dir.path(), PROFILE);
-    let b = Worker::start_with(&broker, &topics, "fb-b", true, dir.path(), PROFILE);
-    let config = dir.path().join("fb-a.toml");
-    let images = ImageServer::start(&fixtures().join("images"));
-    let url = images.url("part_250.jpg");
-    let verdicts = follow(&broker, &topics.verdicts, 100_000, Duration::from_secs(90));
+    let e = E2e::start("fb", 2);
+    e.broker.create_topic("clipqc.exemplars", 1);
+    e.broker.create_topic("clipqc.feedback", 2);
+    let profile = learning();
+    let a = e.worker("fb-a").config(&profile).start();
+    let b = e.worker("fb-b").config(&profile).start();
+    let config = e.dir.path().join("fb-a.toml");
+    // The first verdicts wait for the workers' start; the reader stops after as long without
+    // one, and then `take` says which verdict did not come.
+    let verdicts = follow(&e.broker, &e.topics.verdicts, 100_000, START_WITHIN);
     let take = |n: usize| -> Vec<(String, serde_json::Value)> {
-        (0..n)
-            .map(|_| {
-                verdicts
-                    .recv_timeout(Duration::from_secs(90))
-                    .expect("a verdict")
-            })
+        take(&verdicts, n, START_WITHIN, &[&a, &b])
+            .into_iter()
             .map(|v| {
                 let worker = v.header("clipqc-worker").unwrap_or_default().to_string();
                 (worker, v.verdict.expect("JSON verdicts"))
@@ -115,7 +101,7 @@ fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
             .collect()
     };
     // Before any feedback: the zero-shot verdict of part_250.
-    produce(&broker, &topics.requests, 6, &url, 0);
+    e.produce(6, 0);
     let before = take(6);
     assert!(before
         .iter()
@@ -136,42 +122,49 @@ fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
         .collect();
     records.push(feedback(90, "part_250.jpg", "default", "dent"));
     records.push(feedback(91, "part_250.jpg", "housings", "good"));
-    publish(&broker, &records);
+    publish(&e.broker, &records);
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut bank = list(&config);
-    while bank.len() < IMAGES.len() {
-        assert!(
-            Instant::now() < deadline,
-            "{} exemplars\n{}\n{}",
-            bank.len(),
-            a.log_tail(),
-            b.log_tail()
-        );
-        std::thread::sleep(Duration::from_secs(1));
-        bank = list(&config);
-    }
-    // The operator said part_250 is good: the next verdicts for that part, on both workers
-    // (each owns one partition), come with that exemplar and a lower anomaly score.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut changed = std::collections::HashSet::new();
-    while changed.len() < 2 {
-        assert!(Instant::now() < deadline, "only {changed:?} changed");
-        produce(&broker, &topics.requests, 10, &url, 0);
-        for (worker, v) in take(10) {
-            let Some(near) = v.get("nearestExemplar") else {
-                continue;
-            };
-            assert_eq!(near["class"], "good", "{v}");
-            assert!(near["similarity"].as_f64().unwrap() > 0.999, "{v}");
-            let anomaly = v["anomalyScore"].as_f64().unwrap_or(0.0);
-            assert!(anomaly < zero_shot, "{anomaly} vs {zero_shot}");
-            changed.insert(worker);
+    wait_for("an exemplar per image", LEARNED_WITHIN, || {
+        let bank = list(&config);
+        match bank.len() >= IMAGES.len() {
+            true => Ok(()),
+            false => Err(format!(
+                "{} exemplars\n{}\n{}",
+                bank.len(),
+                a.log_tail(),
+                b.log_tail()
+            )),
         }
-    }
+    });
+    // The operator said part_250 is good: the next verdicts for that part, on both workers
+    // (each owns one partition), come with that exemplar and a lower anomaly score. The
+    // workers follow the exemplar topic as records come (a second or two); 60 s is a worker
+    // that never reads it.
+    let mut changed = HashSet::new();
+    wait_for(
+        "both workers to use the exemplar",
+        Duration::from_secs(60),
+        || {
+            e.produce(10, 0);
+            for (worker, v) in take(10) {
+                let Some(near) = v.get("nearestExemplar") else {
+                    continue;
+                };
+                assert_eq!(near["class"], "good", "{v}");
+                assert!(near["similarity"].as_f64().unwrap() > 0.999, "{v}");
+                let anomaly = v["anomalyScore"].as_f64().unwrap_or(0.0);
+                assert!(anomaly < zero_shot, "{anomaly} vs {zero_shot}");
+                changed.insert(worker);
+            }
+            match changed.len() {
+                2 => Ok(()),
+                _ => Err(format!("only {changed:?} changed")),
+            }
+        },
+    );
     // The same feedback again (a replay, a second operator): still one exemplar per image.
-    publish(&broker, &records[..IMAGES.len()]);
-    let dead = read_all(&broker, &topics.dlq, 2, Duration::from_secs(60));
+    publish(&e.broker, &records[..IMAGES.len()]);
+    let dead = read_all(&e.broker, &e.topics.dlq, 2, IDLE);
     assert_eq!(dead.len(), 2, "the two refused records are dead-lettered");
     for d in &dead {
         assert_eq!(d.header("__connect.errors.stage"), Some("feedback"));
@@ -180,24 +173,22 @@ fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
             .unwrap_or_default();
         assert!(msg.contains("dent") || msg.contains("housings"), "{msg}");
     }
-    // Both workers' counts: every record handled once, by one of them.
-    let metric = |w: &Worker, result: &str| -> f64 {
-        let text = reqwest::blocking::get(format!("http://{}/metrics", w.http_addr()))
-            .unwrap()
-            .text()
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("clipqc_feedback_total{") && l.contains(result))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    // Both workers' counts: every record handled once, by one of them. The replay's six
+    // records take the same path as the first ones (LEARNED_WITHIN).
+    let count = |result: &str| -> f64 {
+        [&a, &b]
+            .iter()
+            .map(|w| metric(&w.metrics(), "clipqc_feedback_total", &[("result", result)]))
             .sum()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&a, "applied") + metric(&b, "applied") < 12.0 {
-        assert!(Instant::now() < deadline, "the replay was not handled");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_eq!(metric(&a, "applied") + metric(&b, "applied"), 12.0);
-    assert_eq!(metric(&a, "refused") + metric(&b, "refused"), 2.0);
+    wait_for("the replay to be handled", LEARNED_WITHIN, || {
+        match (count("applied"), count("refused")) {
+            (applied, refused) if applied >= 12.0 && refused >= 2.0 => Ok(()),
+            (applied, refused) => Err(format!("{applied} applied, {refused} refused")),
+        }
+    });
+    assert_eq!(count("applied"), 12.0);
+    assert_eq!(count("refused"), 2.0);
     let bank = list(&config);
     assert_eq!(bank.len(), IMAGES.len(), "{bank:?}");
     for x in &bank {
@@ -210,6 +201,6 @@ fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
     let good = bank.iter().filter(|x| x["class"] == "good").count();
     assert_eq!(good, 3);
     for w in [a, b] {
-        assert!(w.terminate(Duration::from_secs(30)), "clean exit");
+        assert!(w.terminate(), "clean exit");
     }
 }

@@ -158,28 +158,12 @@ impl Sampler {
     }
 }
 
-fn get(base: &str, path: &str) -> (u16, String) {
-    match reqwest::blocking::get(format!("http://{base}{path}")) {
-        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-/// The sum of a Prometheus series' samples whose line starts with `prefix`.
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetches() {
-    let _serial = serial();
     let started = Instant::now();
-    let broker = Broker::start_with_storage("memory://tansu/");
-    let topics = Topics::create(&broker, "hostile", PARTITIONS as u32);
+    let memory = || Broker::start_with_storage("memory://tansu/");
+    let e = E2e::start_on(memory, "hostile", PARTITIONS as u32);
     let fixtures = common::fixtures().join("images");
     let jpeg = std::fs::read(fixtures.join("part_250.jpg")).unwrap();
     let samples = images::Samples::from_jpeg(&jpeg);
@@ -208,8 +192,7 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
     .map(|a| a.parse().unwrap())
     .collect();
     let trap = servers::Trap::start(&trap_addrs);
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
+    let root = e.dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let root = root.canonicalize().unwrap();
     let files = urls::make_files(&root, &jpeg, MAX_BYTES);
@@ -243,35 +226,21 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
             BUDGET_BYTES.to_string(),
         ),
     ];
-    let worker = Worker::start_with_env(
-        &broker,
-        &topics,
-        "hostile-1",
-        true,
-        dir.path(),
-        "",
-        &settings,
-    );
+    let worker = e.worker("hostile-1").env(&settings).start();
     let pid = worker.pid();
-    let http = worker.http_addr();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while get(&http, "/readyz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "never ready\n{}",
-            worker.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    worker.wait_ready();
     let ready_rss_kib = status_kib(pid, "VmRSS:").unwrap_or(0);
     let sampler = Sampler::start(pid);
 
     let campaign = Instant::now();
-    let landed = kafka::publish(&broker.brokers(), &topics.requests, PARTITIONS, &cases);
+    let brokers = e.broker.brokers();
+    let landed = kafka::publish(&brokers, &e.topics.requests, PARTITIONS, &cases);
     let published_s = campaign.elapsed().as_secs_f64();
-    let brokers = broker.brokers();
+    // The slowest cases end at the fetch timeout (5 s above) or decode a bomb whole, alone
+    // (seconds): a minute without any verdict is a stall. The verdicts a slow reader misses
+    // are read again below, once everything is committed.
     let idle = Duration::from_secs(60);
-    let verdicts = kafka::read(&brokers, &topics.verdicts, PARTITIONS, cases.len(), idle);
+    let verdicts = kafka::read(&brokers, &e.topics.verdicts, PARTITIONS, cases.len(), idle);
     let answered_s = campaign.elapsed().as_secs_f64();
     let (peak_rss_kib, died) = sampler.finish();
     let first = check::check(&cases, &landed, &verdicts, &[]);
@@ -279,9 +248,8 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
     // Still the same process, alive, healthy, with no panicked record.
     let hwm_kib = status_kib(pid, "VmHWM:").unwrap_or(u64::MAX);
     let alive_at_end = alive(pid);
-    let health = get(&http, "/healthz");
-    let metrics = get(&http, "/metrics").1;
-    let panics = metric(&metrics, "clipqc_record_panics_total");
+    let health = worker.get("/healthz");
+    let panics = common::metric(&worker.metrics(), "clipqc_record_panics_total", &[]);
 
     // Every input partition committed to its end, while the worker runs.
     let mut ends: BTreeMap<i32, i64> = (0..PARTITIONS).map(|p| (p, 0)).collect();
@@ -289,36 +257,28 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
         let e = ends.get_mut(p).unwrap();
         *e = (*e).max(o + 1);
     }
+    // Awaited: auto-commit runs every second, and the last records' verdicts are in (or the
+    // first read gave up on them after a minute); 60 s is sixty commits.
     let deadline = Instant::now() + Duration::from_secs(60);
     let committed = loop {
-        let c = common::committed_positions(&brokers, &topics.group, &topics.requests, PARTITIONS);
+        let c = e
+            .committed(PARTITIONS)
+            .into_iter()
+            .collect::<BTreeMap<_, _>>();
         if c == ends || Instant::now() > deadline {
             break c;
         }
         std::thread::sleep(Duration::from_millis(500));
     };
     let hits = trap.hits();
-    // Read again once everything is committed: a verdict that came after the first reader
-    // gave up is late, not lost (the first read's time is the campaign's figure).
-    let verdicts = kafka::read(
-        &brokers,
-        &topics.verdicts,
-        PARTITIONS,
-        usize::MAX,
-        Duration::from_secs(10),
-    );
-    let dead = kafka::read(
-        &brokers,
-        &topics.dlq,
-        1,
-        usize::MAX,
-        Duration::from_secs(10),
-    );
+    // Read again, to the end, once everything is committed: a verdict that came after the
+    // first reader gave up is late, not lost (the first read's time is the campaign's figure).
+    let verdicts = kafka::read_to_end(&brokers, &e.topics.verdicts, PARTITIONS);
+    let dead = kafka::read_to_end(&brokers, &e.topics.dlq, 1);
     let report = check::check(&cases, &landed, &verdicts, &dead);
     if !report.violations.is_empty() {
         // The whole log, for the post-mortem (the tail below is rarely enough).
-        let keep = std::env::temp_dir().join("clipqc-hostile-worker.log");
-        let _ = std::fs::copy(&worker.log, &keep);
+        let keep = worker.keep_log("hostile-worker");
         eprintln!("worker log: {}", keep.display());
     }
 
@@ -381,8 +341,5 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
         committed, ends,
         "committed positions vs the partitions' ends"
     );
-    assert!(
-        worker.terminate(Duration::from_secs(30)),
-        "clean exit on SIGTERM\n"
-    );
+    assert!(worker.terminate(), "clean exit on SIGTERM");
 }

@@ -9,31 +9,37 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::common::e2e::*;
-use super::common::fixtures;
+use super::common::profile::{self, Class, DENT, GOOD, SCRATCH};
+use super::common::{fixtures, metric};
 
-const OLD: &str = r#"
-[profiles.default]
-[[profiles.default.classes]]
-name = "scratch"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.default.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#;
+fn old_profile() -> String {
+    profile::toml("default", &[], &[SCRATCH, GOOD])
+}
+
+/// The good class with another prompt.
+const GOOD_TOO: Class = Class {
+    prompts: &["a clean part", "a flawless part"],
+    ..GOOD
+};
 
 /// The change: another prompt for one class.
 fn new_profile() -> String {
-    OLD.replace("\"a clean part\"", "\"a clean part\", \"a flawless part\"")
+    profile::toml("default", &[], &[SCRATCH, GOOD_TOO])
 }
 
 /// Not valid: a template without `{}`.
 fn invalid_profile() -> String {
-    new_profile().replace(
-        "[profiles.default]\n",
-        "[profiles.default]\ntemplates = [\"a photo\"]\n",
+    profile::toml(
+        "default",
+        &["templates = [\"a photo\"]"],
+        &[SCRATCH, GOOD_TOO],
     )
 }
+
+/// A worker reads its config file every `pipeline.config_reload_ms` (2 s) and applies a
+/// change at once (the changed prompts embedded by the tiny model: milliseconds); 30 s is
+/// fifteen reads.
+const APPLIED_WITHIN: Duration = Duration::from_secs(30);
 
 /// The version a worker gives `profile` (the default profile of that TOML).
 fn version_of(profile: &str) -> String {
@@ -54,32 +60,6 @@ fn rewrite(config: &Path, old: &str, profile: &str) {
     std::fs::rename(&tmp, config).unwrap();
 }
 
-fn metrics(worker: &Worker) -> String {
-    let url = format!("http://{}/metrics", worker.http_addr());
-    reqwest::blocking::get(url).unwrap().text().unwrap()
-}
-
-fn wait_ready(worker: &Worker) {
-    let url = format!("http://{}/readyz", worker.http_addr());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while reqwest::blocking::get(&url).map_or(0, |r| r.status().as_u16()) != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "not ready\n{}",
-            worker.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A metric's value (the first series starting with `series`), 0 when absent.
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 struct Seen {
     version: String,
     worker: String,
@@ -90,49 +70,48 @@ struct Seen {
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothing_lost() {
     const TOTAL: usize = 1000;
-    let _serial = serial();
-    let broker = Broker::start();
-    let topics = Topics::create(&broker, "reload", 3);
-    let images = ImageServer::start(&fixtures().join("images"));
-    let dir = tempfile::tempdir().unwrap();
+    let e = E2e::start("reload", 3);
     let names = ["reload-a", "reload-b"];
+    let old_toml = old_profile();
     let workers: Vec<Worker> = names
         .iter()
-        .map(|n| Worker::start_with(&broker, &topics, n, true, dir.path(), OLD))
+        .map(|n| e.worker(n).config(&old_toml).start())
         .collect();
     let configs: Vec<_> = names
         .iter()
-        .map(|n| dir.path().join(format!("{n}.toml")))
+        .map(|n| e.dir.path().join(format!("{n}.toml")))
         .collect();
-    let (old, new) = (version_of(OLD), version_of(&new_profile()));
+    let (old, new) = (version_of(&old_toml), version_of(&new_profile()));
     assert_ne!(old, new);
     for w in &workers {
-        wait_ready(w);
+        w.wait_ready();
     }
 
     // 25 requests a second for 40 s, read back as they come.
-    let verdicts = follow(&broker, &topics.verdicts, TOTAL, Duration::from_secs(60));
-    let producing = produce_at(
-        &broker,
-        &topics.requests,
-        TOTAL,
-        &images.url("part_250.jpg"),
-        0,
-        25.0,
-    );
+    let verdicts = follow(&e.broker, &e.topics.verdicts, TOTAL, IDLE);
+    let producing = produce_at(&e.broker, &e.topics.requests, TOTAL, &e.part_url(), 0, 25.0);
     let mut seen: HashMap<(i32, i64), Vec<Seen>> = HashMap::new();
     type Verdicts = HashMap<(i32, i64), Vec<Seen>>;
-    let read = |seen: &mut Verdicts, until: &mut dyn FnMut(&Verdicts) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(120);
+    // Reads verdicts until `until` holds. Each phase needs 20 verdicts of each worker, about
+    // 2 s of the stream, after a change applied within APPLIED_WITHIN; 120 s is three times
+    // the whole 40 s stream. The reader itself stops after IDLE without a verdict.
+    let read = |what: &str, seen: &mut Verdicts, until: &mut dyn FnMut(&Verdicts) -> bool| {
+        let within = Duration::from_secs(120);
+        let deadline = Instant::now() + within;
         while !until(seen) {
+            let tails = || format!("{}\n{}", workers[0].log_tail(), workers[1].log_tail());
             assert!(
                 Instant::now() < deadline,
-                "{}\n{}",
-                workers[0].log_tail(),
-                workers[1].log_tail()
+                "{what}: not within {within:?} ({} verdicts read)\n{}",
+                seen.len(),
+                tails()
             );
-            let Ok(r) = verdicts.recv_timeout(Duration::from_secs(60)) else {
-                break;
+            let Ok(r) = verdicts.recv() else {
+                panic!(
+                    "{what}: the reader stopped, no verdict for {IDLE:?} ({} read)\n{}",
+                    seen.len(),
+                    tails()
+                );
             };
             let v = r.verdict.as_ref().expect("a verdict");
             assert_eq!(
@@ -156,7 +135,7 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
     };
 
     // Both workers deciding with the old profile, then the change, mid-stream.
-    read(&mut seen, &mut |s| {
+    read("20 old verdicts of each worker", &mut seen, &mut |s| {
         names.iter().all(|w| count(s, &old, w) >= 20)
     });
     let changed_at = SystemTime::now();
@@ -168,9 +147,9 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
         );
     };
     for c in &configs {
-        rewrite(c, OLD, &new_profile());
+        rewrite(c, &old_toml, &new_profile());
     }
-    read(&mut seen, &mut |s| {
+    read("20 new verdicts of each worker", &mut seen, &mut |s| {
         names.iter().all(|w| count(s, &new, w) >= 20)
     });
     phase("new version everywhere", &seen);
@@ -178,17 +157,12 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
     for c in &configs {
         rewrite(c, &new_profile(), &invalid_profile());
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !workers.iter().all(|w| {
-        let log = std::fs::read_to_string(&w.log).unwrap();
-        log.contains("config change refused")
-    }) {
-        assert!(Instant::now() < deadline, "no refusal logged");
-        std::thread::sleep(Duration::from_millis(200));
+    for w in &workers {
+        w.wait_for_log("config change refused", APPLIED_WITHIN);
     }
     let refused_at = SystemTime::now();
     phase("refused everywhere", &seen);
-    read(&mut seen, &mut |s| s.len() >= TOTAL);
+    read("every verdict", &mut seen, &mut |s| s.len() >= TOTAL);
     let published = producing.join().unwrap();
     assert_eq!(published.len(), TOTAL);
 
@@ -245,7 +219,7 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
             .map(|s| s.decided_at)
             .max()
             .unwrap();
-        let log = std::fs::read_to_string(&w.log).unwrap();
+        let log = w.log_text();
         let reload_line = log
             .lines()
             .find(|l| l.contains("profiles reloaded"))
@@ -268,66 +242,35 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
             "{refusal}"
         );
         assert!(refusal.contains("{}"), "{refusal}");
-        let text = metrics(w);
-        assert_eq!(value(&text, "clipqc_profile_reloads_total"), 1.0, "{text}");
-        assert_eq!(
+        let text = w.metrics();
+        let value = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+        assert_eq!(value("clipqc_profile_reloads_total", &[]), 1.0, "{text}");
+        let invalid = [("reason", "invalid")];
+        let failures = value("clipqc_profile_reload_failures_total", &invalid);
+        assert_eq!(failures, 1.0, "{text}");
+        let info = |v: &str| {
             value(
-                &text,
-                "clipqc_profile_reload_failures_total{reason=\"invalid\"}"
-            ),
-            1.0,
-            "{text}"
-        );
-        let info = |v: &str| format!("clipqc_profile_info{{profile=\"default\",version=\"{v}\"}}");
-        assert_eq!(value(&text, &info(&new)), 1.0, "{text}");
-        assert_eq!(value(&text, &info(&old)), 0.0, "{text}");
-        assert!(
-            value(&text, "clipqc_profile_reload_seconds") > 0.0,
-            "{text}"
-        );
+                "clipqc_profile_info",
+                &[("profile", "default"), ("version", v)],
+            )
+        };
+        assert_eq!(info(&new), 1.0, "{text}");
+        assert_eq!(info(&old), 0.0, "{text}");
+        assert!(value("clipqc_profile_reload_seconds", &[]) > 0.0, "{text}");
     }
     for w in workers {
-        assert!(w.terminate(Duration::from_secs(30)), "clean exit");
+        assert!(w.terminate(), "clean exit");
     }
 }
 
-/// With exemplars counting for much (alpha 50): the class of an exemplar identical to the part
-/// wins, whatever the random model's prompts say.
-const BANKED: &str = r#"
-[profiles.default]
-exemplars = { alpha = 50.0 }
-[[profiles.default.classes]]
-name = "scratch"
-prompts = ["a surface scratch"]
-defect = true
-[[profiles.default.classes]]
-name = "good"
-prompts = ["a clean part"]
-"#;
-
-/// A class inserted first: every class after it moves.
+/// [`super::exemplars::banked`] with a class inserted first: every class after it moves.
 fn with_dent() -> String {
-    BANKED.replace(
-        "[[profiles.default.classes]]\nname = \"scratch\"",
-        "[[profiles.default.classes]]\nname = \"dent\"\nprompts = [\"a dent\"]\ndefect = true\n\
-         [[profiles.default.classes]]\nname = \"scratch\"",
-    )
+    let alpha = "exemplars = { alpha = 50.0 }";
+    profile::toml("default", &[alpha], &[DENT, SCRATCH, GOOD])
 }
 
 fn add_exemplar(config: &Path, class: &str, image: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipqc"))
-        .args(["exemplar", "add", "--profile", "default", "--class", class])
-        .arg("--config")
-        .arg(config)
-        .arg(fixtures().join("images").join(image))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    super::exemplars::add_exemplar(config, class, &fixtures().join("images").join(image));
 }
 
 /// A class added to a profile while the worker runs: the worker reads the exemplar bank again
@@ -336,44 +279,36 @@ fn add_exemplar(config: &Path, class: &str, image: &str) {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn a_class_added_while_running_takes_its_exemplars_and_the_others_keep_theirs() {
-    let _serial = serial();
-    let broker = Broker::start();
-    broker.create_topic("clipqc.exemplars", 1);
-    let topics = Topics::create(&broker, "relearn", 1);
-    let images = ImageServer::start(&fixtures().join("images"));
-    let dir = tempfile::tempdir().unwrap();
-    let worker = Worker::start_with(&broker, &topics, "relearn-1", true, dir.path(), BANKED);
-    let config = dir.path().join("relearn-1.toml");
-    wait_ready(&worker);
+    let e = E2e::start("relearn", 1);
+    e.broker.create_topic("clipqc.exemplars", 1);
+    let banked = super::exemplars::banked();
+    let worker = e.worker("relearn-1").config(&banked).start();
+    let config = e.dir.path().join("relearn-1.toml");
+    worker.wait_ready();
     // A scratch exemplar the worker knows, and a dent one it skips (the CLI with the new
     // profile publishes it).
     add_exemplar(&config, "scratch", "part_640x480.png");
-    let cli = dir.path().join("cli.toml");
+    let cli = e.dir.path().join("cli.toml");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&cli, text.replace(BANKED, &with_dent())).unwrap();
+    std::fs::write(&cli, text.replace(&banked, &with_dent())).unwrap();
     add_exemplar(&cli, "dent", "part_250.jpg");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while value(
-        &metrics(&worker),
-        "clipqc_exemplars_skipped_total{reason=\"unknown_class\"}",
-    ) < 1.0
-    {
-        assert!(Instant::now() < deadline, "{}", worker.log_tail());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The worker follows the exemplar topic as records come (a second or two); 60 s is a
+    // worker that never reads it.
+    let unknown = [("reason", "unknown_class")];
+    worker.wait_for_metric(
+        "clipqc_exemplars_skipped_total",
+        &unknown,
+        1.0,
+        Duration::from_secs(60),
+    );
 
     // One request at a time, its verdict the newest one (one partition): each read ends once
     // it has every verdict so far, so no reader outlives the broker.
     let asked = std::cell::Cell::new(0);
     let verdict_for = |image: &str| -> serde_json::Value {
-        produce(&broker, &topics.requests, 1, &images.url(image), 0);
+        produce(&e.broker, &e.topics.requests, 1, &e.images.url(image), 0);
         asked.set(asked.get() + 1);
-        let all = read_all(
-            &broker,
-            &topics.verdicts,
-            asked.get(),
-            Duration::from_secs(60),
-        );
+        let all = read_all(&e.broker, &e.topics.verdicts, asked.get(), IDLE);
         assert_eq!(all.len(), asked.get(), "{}", worker.log_tail());
         let newest = all.into_iter().max_by_key(|r| r.offset).unwrap();
         newest.verdict.unwrap()
@@ -400,15 +335,10 @@ fn a_class_added_while_running_takes_its_exemplars_and_the_others_keep_theirs() 
         "the dent exemplar is skipped: {dent}"
     );
 
-    rewrite(&config, BANKED, &with_dent());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&worker.log)
-        .unwrap()
-        .contains("exemplar bank read again")
-    {
-        assert!(Instant::now() < deadline, "{}", worker.log_tail());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    rewrite(&config, &banked, &with_dent());
+    // The change applied (APPLIED_WITHIN), then the bank read again from the start of its
+    // topic: one record, milliseconds. 60 s is twice APPLIED_WITHIN.
+    worker.wait_for_log("exemplar bank read again", 2 * APPLIED_WITHIN);
     let new = version_of(&with_dent());
     let dent = verdict_for("part_250.jpg");
     let (class, similarity, top) = nearest(&dent);
@@ -424,5 +354,5 @@ fn a_class_added_while_running_takes_its_exemplars_and_the_others_keep_theirs() 
         ("scratch", "scratch"),
         "{scratch}"
     );
-    assert!(worker.terminate(Duration::from_secs(30)), "clean exit");
+    assert!(worker.terminate(), "clean exit");
 }

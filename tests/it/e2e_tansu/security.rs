@@ -38,6 +38,11 @@ struct Secured {
 }
 
 impl Secured {
+    /// A worker of the test's group on this broker: see [`Worker::named`].
+    fn worker<'a>(&'a self, name: &'a str) -> Start<'a> {
+        Worker::named(&self.broker, &self.topics, name, self.dir.path())
+    }
+
     /// Users and topics are made on the broker without authentication (tansu 0.6.0 takes
     /// `tansu user create` and `tansu topic create` only without it, and the CLI cannot log
     /// in), then it is started again on the same database with `--authentication`; with
@@ -119,6 +124,11 @@ impl Secured {
     }
 }
 
+/// A worker the brokers refuse stops at its start-up check of them: after loading the model,
+/// [`START_WITHIN`] at most, the check ends at the refusal, which the broker answers at once
+/// (and the worker bounds the check itself at 60 s). A bound on a worker that goes on.
+const REFUSED_WITHIN: Duration = START_WITHIN;
+
 fn protocol(tls: bool) -> &'static str {
     if tls {
         "SASL_SSL"
@@ -136,7 +146,7 @@ fn protocol(tls: bool) -> &'static str {
 fn scram_logins_over_tls_get_every_verdict_from_the_real_broker() {
     let _serial = serial();
     let s = Secured::start("secure", true);
-    let images = super::images_server();
+    let images = ImageServer::start(&super::common::fixtures().join("images"));
     let secret = s.dir.path().join("kafka-password");
     std::fs::write(&secret, format!("{}\n", WORKER.1)).unwrap();
     let extra = format!(
@@ -144,15 +154,11 @@ fn scram_logins_over_tls_get_every_verdict_from_the_real_broker() {
         secret.display()
     );
     let ca = s.authority.as_ref().map(|a| a.pem.as_path());
-    let worker = Worker::start_with_env(
-        &s.broker,
-        &s.topics,
-        "secure-1",
-        true,
-        s.dir.path(),
-        &extra,
-        &s.worker_env(ca),
-    );
+    let worker = s
+        .worker("secure-1")
+        .config(&extra)
+        .env(&s.worker_env(ca))
+        .start();
     let published = produce(
         &s.broker,
         &s.topics.requests,
@@ -161,12 +167,8 @@ fn scram_logins_over_tls_get_every_verdict_from_the_real_broker() {
         10,
     );
     assert_eq!(published.len(), 20, "the cameras' client logged in");
-    let bad: HashSet<(i32, i64)> = published
-        .iter()
-        .filter(|p| p.bad)
-        .map(|p| (p.partition, p.offset))
-        .collect();
-    let verdicts = read_all(&s.broker, &s.topics.verdicts, 20, Duration::from_secs(60));
+    let bad = bad(&published);
+    let verdicts = read_all(&s.broker, &s.topics.verdicts, 20, START_WITHIN);
     let answered: HashSet<_> = verdicts.iter().map(ReadBack::source).collect();
     assert_eq!(answered.len(), 20, "{}", worker.log_tail());
     for v in &verdicts {
@@ -177,14 +179,11 @@ fn scram_logins_over_tls_get_every_verdict_from_the_real_broker() {
             "{v:?}"
         );
     }
-    let dead = read_all(&s.broker, &s.topics.dlq, bad.len(), Duration::from_secs(20));
+    let dead = read_all(&s.broker, &s.topics.dlq, bad.len(), IDLE);
     let dead: HashSet<_> = dead.iter().map(ReadBack::source).collect();
     assert_eq!(dead, bad, "each bad request also on the dead-letter topic");
     let log = worker.log.clone();
-    assert!(
-        worker.terminate(Duration::from_secs(30)),
-        "clean exit on SIGTERM"
-    );
+    assert!(worker.terminate(), "clean exit on SIGTERM");
     let log = std::fs::read_to_string(log).unwrap();
     assert!(!log.contains(WORKER.1), "the password was logged");
 }
@@ -202,25 +201,9 @@ fn a_wrong_password_stops_the_worker_with_an_authentication_error() {
         "CLIPQC__KAFKA__PROPERTIES__SASL_PASSWORD",
         "not-the-pw-5e1d".to_string(),
     ));
-    let mut worker = Worker::start_with_env(
-        &s.broker,
-        &s.topics,
-        "wrong-1",
-        true,
-        s.dir.path(),
-        "",
-        &env,
-    );
-    // A bound on a hung test: it stops as soon as the broker answers the login.
-    let status = worker
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|| panic!("the worker went on\n{}", worker.log_tail()));
-    assert!(!status.success());
-    let log = std::fs::read_to_string(&worker.log).unwrap();
-    let error = log
-        .lines()
-        .rfind(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line\n{}", worker.log_tail()));
+    let worker = s.worker("wrong-1").env(&env).start();
+    let log = worker.log.clone();
+    let error = worker.refused(REFUSED_WITHIN, "the brokers' check at start-up");
     assert!(
         error.starts_with(&format!(
             "error: the Kafka brokers {} refused the worker's authentication: ",
@@ -230,6 +213,7 @@ fn a_wrong_password_stops_the_worker_with_an_authentication_error() {
             && error.contains("CLIPQC__KAFKA__PROPERTIES__SASL_PASSWORD"),
         "{error}"
     );
+    let log = std::fs::read_to_string(log).unwrap();
     assert!(!log.contains("not-the-pw-5e1d"), "the password was logged");
     eprintln!("wrong password: {error}");
 }
@@ -247,24 +231,11 @@ fn a_broker_certificate_the_worker_does_not_trust_stops_it_with_a_tls_error() {
         "CLIPQC__KAFKA__PROPERTIES__SASL_PASSWORD",
         WORKER.1.to_string(),
     ));
-    let mut worker = Worker::start_with_env(
-        &s.broker,
-        &s.topics,
-        "untrusted-1",
-        true,
-        s.dir.path(),
-        "",
-        &env,
-    );
-    let status = worker
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|| panic!("the worker went on\n{}", worker.log_tail()));
-    assert!(!status.success());
-    let log = std::fs::read_to_string(&worker.log).unwrap();
-    let error = log
-        .lines()
-        .rfind(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line\n{}", worker.log_tail()));
+    let error = s
+        .worker("untrusted-1")
+        .env(&env)
+        .start()
+        .refused(REFUSED_WITHIN, "the brokers' check at start-up");
     assert!(
         error.starts_with(&format!(
             "error: TLS with the Kafka brokers {} failed: ",
@@ -303,7 +274,12 @@ fn tansu_0_6_0_takes_scram_logins_and_refuses_plain_ones() {
         }
         clipqc::brokers::check(&kafka, &brokers, Duration::from_secs(within))
     };
-    // Successes are bounded generously; refusals fail whatever the time they are given.
+    // A success ends the check at the first metadata answer (milliseconds on loopback; the
+    // check asks again every 500 ms): 60 s is a bound on a broker that never answers. A
+    // refusal ends it at once when tansu answers with an authentication error; where it
+    // answers nothing at all (no login) there is no event to wait for, and the check runs to
+    // its bound: 5 s, ten times a connection and a SASL round trip on a loaded machine, in
+    // which a login that is let in would be (the successes take one round trip).
     login(Some("SCRAM-SHA-512"), WORKER, 60).expect("SCRAM-SHA-512");
     login(Some("SCRAM-SHA-256"), CAMERA, 60).expect("SCRAM-SHA-256");
     let refused = [
@@ -348,7 +324,8 @@ fn tansu_0_6_0_serves_no_tls() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A bound on a broker that did start (a later tansu): the CLI refuses at once.
+    // tansu's CLI refuses the pair of arguments while parsing them, before it starts anything
+    // (milliseconds); 60 s is a bound on a tansu that did start, which the assertion names.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while both.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -377,6 +354,7 @@ fn tansu_0_6_0_serves_no_tls() {
     let handshake = connector.build().unwrap().connect("localhost", tcp);
     assert!(handshake.is_err(), "tansu answered a TLS handshake");
     let plain = clipqc::config::KafkaSettings::default();
+    // The check ends at the first metadata answer; 60 s bounds a broker that never answers.
     clipqc::brokers::check(&plain, &broker.brokers(), Duration::from_secs(60))
         .expect("a plain client is served on the same port");
 }

@@ -5,28 +5,23 @@
 //! its area, with the area in mm², and the worker counts the segmentations.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use super::common::e2e::*;
-use super::common::fixtures;
+use super::common::profile::{self, Class, DENT, SCRATCH};
 
-const PROFILE: &str = r#"
-[profiles.default]
-segment = true
-tiles = { scales = [0.5], overlap = 0.0, max_windows = 8 }
-[[profiles.default.classes]]
-name = "dent"
-prompts = ["a dent"]
-defect = true
-[[profiles.default.classes]]
-name = "scratch"
-prompts = ["a scratch"]
-defect = true
-
-[[routes]]
-camera = "cam-*"
-mm_per_pixel = 0.1
-"#;
+/// Every part a DEFECT (only defect classes), outlined; cameras calibrated by a route.
+fn config() -> String {
+    let scratch = Class {
+        prompts: &["a scratch"],
+        ..SCRATCH
+    };
+    let settings = [
+        "segment = true",
+        "tiles = { scales = [0.5], overlap = 0.0, max_windows = 8 }",
+    ];
+    let routes = "\n[[routes]]\ncamera = \"cam-*\"\nmm_per_pixel = 0.1\n";
+    profile::toml("default", &settings, &[DENT, scratch]) + routes
+}
 
 fn number(v: &serde_json::Value) -> f64 {
     // uint64 is a string in protobuf's JSON mapping, and a zero is left out (null here).
@@ -41,38 +36,23 @@ fn number(v: &serde_json::Value) -> f64 {
 #[test]
 #[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
 fn a_segmenting_profiles_defects_carry_their_masks_and_nothing_is_lost() {
-    let _serial = serial();
-    let broker = Broker::start();
-    let topics = Topics::create(&broker, "segment", 2);
-    let images = ImageServer::start(&fixtures().join("images"));
-    let dir = tempfile::tempdir().unwrap();
+    let e = E2e::start("segment", 2);
     let sam = super::common::tiny_sam();
-    let worker = Worker::start_with_env(
-        &broker,
-        &topics,
-        "segment-a",
-        true,
-        dir.path(),
-        PROFILE,
-        &[
-            ("CLIPQC__MODEL__SAM_DIR", sam.display().to_string()),
-            // Room for every request: here each DEFECT must be outlined (the full queue's
-            // path is the in-process test's).
-            ("CLIPQC__MODEL__SAM_QUEUE", "64".to_string()),
-        ],
-    );
+    let env = [
+        ("CLIPQC__MODEL__SAM_DIR", sam.display().to_string()),
+        // Room for every request: here each DEFECT must be outlined (the full queue's path
+        // is the in-process test's).
+        ("CLIPQC__MODEL__SAM_QUEUE", "64".to_string()),
+    ];
+    let worker = e.worker("segment-a").config(&config()).env(&env).start();
     const N: usize = 40;
-    let published = produce(
-        &broker,
-        &topics.requests,
-        N,
-        &images.url("part_250.jpg"),
-        10,
-    );
+    let published = e.produce(N, 10);
     let bad = published.iter().filter(|p| p.bad).count();
     assert_eq!(bad, N / 10);
-    let verdicts = read_all(&broker, &topics.verdicts, N, Duration::from_secs(120));
-    let dead = read_all(&broker, &topics.dlq, bad, Duration::from_secs(30));
+    // The first verdicts wait for the worker's start (the tiny SAM loads too); then each
+    // DEFECT is outlined by SAM on the CPU, seconds apart at most.
+    let verdicts = read_all(&e.broker, &e.topics.verdicts, N, START_WITHIN);
+    let dead = read_all(&e.broker, &e.topics.dlq, bad, IDLE);
 
     let mut by_source: HashMap<(i32, i64), Vec<serde_json::Value>> = HashMap::new();
     for v in &verdicts {
@@ -125,18 +105,11 @@ fn a_segmenting_profiles_defects_carry_their_masks_and_nothing_is_lost() {
             }
         }
     }
-    let metrics = reqwest::blocking::get(format!("http://{}/metrics", worker.http_addr()))
-        .unwrap()
-        .text()
-        .unwrap();
-    let count = metrics
-        .lines()
-        .find(|l| l.starts_with("clipqc_segment_seconds_count"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    // Each DEFECT was segmented before its verdict was published: the count is final.
+    let count = super::common::metric(&worker.metrics(), "clipqc_segment_seconds_count", &[]);
     assert!(
         count >= (N - bad) as f64,
         "every DEFECT segmented once (at-least-once may redo some): {count}"
     );
-    assert!(worker.terminate(Duration::from_secs(60)), "clean exit");
+    assert!(worker.terminate(), "clean exit");
 }

@@ -30,7 +30,7 @@ impl Broker {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("start tansu ({}): {e}", tansu_bin().display()));
-        wait_for_port(port, Duration::from_secs(30), "tansu");
+        wait_for_port(port, "tansu");
         Self {
             child,
             port: advertised,

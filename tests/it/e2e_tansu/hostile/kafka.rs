@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -83,9 +83,8 @@ impl Rec {
     }
 }
 
-/// Every record of `topic` (all `partitions`, from the beginning) until `want` distinct
-/// sources have answers, or nothing came for `idle`.
-pub fn read(brokers: &str, topic: &str, partitions: i32, want: usize, idle: Duration) -> Vec<Rec> {
+/// A consumer of every partition of `topic` from the beginning, by assignment.
+fn assigned(brokers: &str, topic: &str, partitions: i32) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("hostile-reader-{topic}"))
@@ -100,6 +99,28 @@ pub fn read(brokers: &str, topic: &str, partitions: i32, want: usize, idle: Dura
             .unwrap();
     }
     consumer.assign(&tpl).unwrap();
+    consumer
+}
+
+fn rec(m: &BorrowedMessage<'_>) -> Rec {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Rec {
+        headers,
+        payload: m.payload().unwrap_or_default().to_vec(),
+    }
+}
+
+/// Every record of `topic` (all `partitions`, from the beginning) until `want` distinct
+/// sources have answers, or nothing came for `idle`: for records still coming.
+pub fn read(brokers: &str, topic: &str, partitions: i32, want: usize, idle: Duration) -> Vec<Rec> {
+    let consumer = assigned(brokers, topic, partitions);
     let mut out = Vec::new();
     let mut sources = HashSet::new();
     let mut last = Instant::now();
@@ -109,22 +130,41 @@ pub fn read(brokers: &str, topic: &str, partitions: i32, want: usize, idle: Dura
         };
         let m = m.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
         last = Instant::now();
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let rec = Rec {
-            headers,
-            payload: m.payload().unwrap_or_default().to_vec(),
-        };
+        let rec = rec(&m);
         if let Some(s) = rec.source() {
             sources.insert(s);
         }
         out.push(rec);
+    }
+    out
+}
+
+/// Every record of `topic` (all `partitions`) from the beginning to the end it has now (its
+/// high watermarks): for a topic nothing more comes to. The records are on the broker in the
+/// same machine: a minute is a bound on a read that hangs, and its panic says how far it got.
+pub fn read_to_end(brokers: &str, topic: &str, partitions: i32) -> Vec<Rec> {
+    let within = Duration::from_secs(60);
+    let consumer = assigned(brokers, topic, partitions);
+    let ends: Vec<i64> = (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer.fetch_watermarks(topic, p, within).unwrap();
+            high
+        })
+        .collect();
+    let mut at = vec![0; partitions as usize];
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    while at.iter().zip(&ends).any(|(at, end)| at < end) {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} to its end {ends:?} took over {within:?}: at {at:?}"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
+        at[m.partition() as usize] = m.offset() + 1;
+        out.push(rec(&m));
     }
     out
 }

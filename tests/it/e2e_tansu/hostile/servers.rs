@@ -170,6 +170,8 @@ impl Trap {
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(mut conn) = conn else { continue };
+                    // The hit is recorded whatever comes; 500 ms only bounds the wait for
+                    // a first line to name in it (a fetch sends it at once on connecting).
                     let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
                     let mut first = [0u8; 200];
                     let n = conn.read(&mut first).unwrap_or(0);
