@@ -166,7 +166,9 @@ pub fn committed_positions(
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    c.committed_offsets(tpl, std::time::Duration::from_secs(10))
+    // One request to the coordinator (found first): milliseconds on a local broker; 30 s is
+    // librdkafka's own request.timeout.ms, a bound on a hung one (it was 10 s).
+    c.committed_offsets(tpl, std::time::Duration::from_secs(30))
         .unwrap()
         .elements()
         .iter()
