@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the CPU stages, one core: preprocessing (decode + resize + crop +
 //! normalise, from the file's bytes) of the three bench images, tokenization of prompts, and
-//! scoring one image embedding against a profile; the device preprocessing path on the CPU
+//! scoring one image embedding against a profile, fusing a tiled frame's anomaly map; the
+//! device preprocessing path on the CPU
 //! (torchvision's CPU kernel) against the host path on three JPEGs up to 5 MP.
 //!
 //! Run through `scripts/bench.sh micro`, which makes the images (benches/make_images.py),
@@ -19,7 +20,7 @@ use clipqc::model::fake::FakeBackend;
 use clipqc::model::{Artifact, Backend, PromptTokenizer};
 use clipqc::preprocess::device::DevicePath;
 use clipqc::preprocess::{DecodeLimits, Preprocessor, View};
-use clipqc::score::{ProfileConfig, Scorer};
+use clipqc::score::{AnomalyMap, ProfileConfig, Scorer};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// The three bench images: a cropped part, a full-HD frame, a machine-vision camera's
@@ -160,6 +161,28 @@ fn benches(c: &mut Criterion) {
     group.bench_function(format!("decide (5 classes, dim {dim})"), |b| {
         b.iter(|| scorer.decide(&embedding))
     });
+    // The fused multi-scale map of a tiled frame (score/anomaly_map.rs): its cost per frame on
+    // top of the model's per window. 1080p and 5 MP under [1, .5, .25] at overlap 0.5.
+    let tiles = clipqc::preprocess::TileConfig {
+        scales: vec![1.0, 0.5, 0.25],
+        overlap: 0.5,
+        max_windows: 1000,
+        max_aspect_ratio: None,
+        min_window: 32,
+        aggregate: Default::default(),
+        region_threshold: 0.5,
+        max_regions: 8,
+    };
+    for (w, h) in [(1920u32, 1080u32), (2448, 2048)] {
+        let windows = tiles.layout(w, h);
+        let scores: Vec<f32> = (0..windows.len())
+            .map(|i| 0.05 + ((i * 37) % 90) as f32 / 100.0)
+            .collect();
+        group.bench_function(
+            format!("fused map {w}x{h} ({} windows)", windows.len()),
+            |b| b.iter(|| AnomalyMap::fuse(&windows, &scores, 0.3)),
+        );
+    }
     group.finish();
 }
 

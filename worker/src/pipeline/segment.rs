@@ -167,6 +167,8 @@ mod tests {
             views: 1 + regions.len() as u32,
             regions,
             heatmap: None,
+            anomaly_map: None,
+            aggregates: Default::default(),
         });
         d
     }

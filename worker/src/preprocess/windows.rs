@@ -84,12 +84,16 @@ pub struct TileConfig {
     pub min_window: u32,
     /// How the windows' scores make the image's: `max` (a defect class scores its largest
     /// probability over every view; the anomaly score is the largest defect mass of any
-    /// view) or `mean_max` (the mean of the whole-frame view's and the worst window's, as
-    /// WinCLIP's image score).
+    /// view), `mean_max` (the mean of the whole-frame view's and the worst window's) or
+    /// `winclip` (WinCLIP's image score as anomalib computes it: the whole-frame view's
+    /// zero-shot; with normal exemplars, half that and half the fused map's maximum).
+    /// `clipqc eval` says which scores best on your images.
     #[serde(default)]
     pub aggregate: Aggregate,
-    /// Finest-scale windows whose anomaly score reaches this are reported as regions (the
-    /// overlapping ones merged).
+    /// Cells of the fused anomaly map (every scale and the whole frame, WinCLIP's harmonic
+    /// aggregation) whose score reaches this are reported as regions (cells touching along a
+    /// side merged). The harmonic mean is pulled down by cool views: a clean-looking whole
+    /// frame cools every cell, so this is usually lower than a window's score would be.
     #[serde(default = "default_region_threshold")]
     #[schemars(extend("default" = 0.5))]
     pub region_threshold: f32,
@@ -103,9 +107,14 @@ pub struct TileConfig {
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregate {
+    /// The worst view decides.
     #[default]
     Max,
+    /// The mean of the whole frame's and the worst window's.
     MeanMax,
+    /// WinCLIP's image score (anomalib): the whole frame's zero-shot; with normal references,
+    /// half the whole frame's and half the fused map's maximum.
+    Winclip,
 }
 
 fn default_overlap() -> f64 {

@@ -5,22 +5,35 @@
 //! defect mass, blended with the state prompts' verdict when the profile has them):
 //! - `max`: a defect class scores its largest probability over the views; the image's
 //!   anomaly score is the largest defect mass of any view, and the acceptable side's mass is
-//!   that same view's; an acceptable class scores as in the whole-frame view.
-//! - `mean_max`: the mean of the whole-frame view's value and the worst window's (WinCLIP's
-//!   image score), for defect classes, the anomaly score and the acceptable mass alike.
+//!   that same view's; an acceptable class scores as in the whole-frame view. So one small
+//!   scratch seen by one window at 0.9 makes the part 90 % likely defective, however clean
+//!   the rest of the frame looks.
+//! - `mean_max`: the mean of the whole-frame view's value and the worst window's, for defect
+//!   classes, the anomaly score and the acceptable mass alike. (Earlier docs called this
+//!   WinCLIP's image score: it is not, see `winclip`.)
+//! - `winclip`: WinCLIP's image score as anomalib computes it (`WinClipModel.forward`):
+//!   zero-shot, the whole-frame view's alone (the windows only say where); with normal
+//!   references (a profile whose exemplar bank holds an acceptable exemplar), half the
+//!   whole-frame view's and half the fused map's maximum. anomalib's second half is the max
+//!   of its few-shot map (visual association with the references); here the references act
+//!   inside every view's scores (the exemplar cache, [`super::Scorer::view_with`]), so the
+//!   map's max carries them. Defect classes score as `mean_max` with references, as the
+//!   whole frame without; the acceptable mass is the complement's counterpart
+//!   (`(acceptable_whole + 1 − map max) / 2` with references).
 //!
-//! So one small scratch seen by one window at 0.9 makes the part 90 % likely defective,
-//! however clean the rest of the frame looks. The outcome rules then run on those numbers
-//! unchanged.
+//! The outcome rules then run on those numbers unchanged.
 //!
-//! Where: the finest scale's windows form the `heatmap` (their anomaly scores, row-major);
-//! the finest windows at or over `tiles.region_threshold` are merged where they overlap into
-//! `regions` (the union's box, the highest score, the class of the highest window), the worst
-//! first. A DEFECT or REVIEW verdict with no such window still points somewhere: its single
-//! worst window, of any scale.
+//! Where: every view meets in the fused multi-scale map ([`AnomalyMap`], WinCLIP's harmonic
+//! aggregation), the verdict's `anomaly_map`. Its cells at or over `tiles.region_threshold`
+//! that touch along a side make the `regions` (their cells' box, the hottest cell's score,
+//! the top defect class of the highest-scoring window overlapping the box), the worst first.
+//! A DEFECT or REVIEW verdict with no such cell still points somewhere: the hottest cells
+//! (the worst window when the map is 0 everywhere). The finest scale's windows still form the
+//! `heatmap` (their anomaly scores, row-major), as consumers of earlier verdicts read it.
 
 use serde::Serialize;
 
+use super::anomaly_map::AnomalyMap;
 use super::{top_of_side, ProfileConfig, ViewScore};
 use crate::preprocess::{Aggregate, TileConfig, Window};
 
@@ -31,8 +44,46 @@ pub struct Localization {
     /// How many views were scored: the whole frame and every window.
     pub views: u32,
     pub regions: Vec<DefectRegion>,
-    /// `None` when the frame was too small for any window.
+    /// The finest scale's windows. `None` when the frame was too small for any window.
     pub heatmap: Option<Heatmap>,
+    /// Every scale and the whole frame fused. `None` when the frame was too small for any
+    /// window.
+    pub anomaly_map: Option<AnomalyMap>,
+    /// The image's anomaly score under each `tiles.aggregate`, whichever the profile uses:
+    /// `clipqc eval` ranks them on the user's images without scoring them three times.
+    pub aggregates: AggregateScores,
+}
+
+/// The anomaly score of one image under each aggregation rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct AggregateScores {
+    pub max: f32,
+    pub mean_max: f32,
+    pub winclip: f32,
+}
+
+impl AggregateScores {
+    pub const NAMES: [&'static str; 3] = ["max", "mean_max", "winclip"];
+
+    /// In the order of [`Self::NAMES`].
+    pub fn values(&self) -> [f32; 3] {
+        [self.max, self.mean_max, self.winclip]
+    }
+}
+
+/// [`aggregate`]'s anomaly score under every rule.
+pub(super) fn aggregate_scores(
+    profile: &ProfileConfig,
+    views: &[ViewScore],
+    map: Option<&AnomalyMap>,
+    references: bool,
+) -> AggregateScores {
+    let score = |how| aggregate(profile, how, views, map, references).1;
+    AggregateScores {
+        max: score(Aggregate::Max),
+        mean_max: score(Aggregate::MeanMax),
+        winclip: score(Aggregate::Winclip),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -41,9 +92,11 @@ pub struct DefectRegion {
     pub y: u32,
     pub width: u32,
     pub height: u32,
-    /// Index into the profile's classes: the top defect class of the region's worst window.
+    /// Index into the profile's classes: the top defect class of the highest-scoring window
+    /// overlapping the region.
     pub class: usize,
-    /// The region's anomaly score (its worst window's).
+    /// The region's anomaly score: its hottest cell's in the fused map (the worst window's
+    /// when the map has no hot spot).
     pub score: f32,
 }
 
@@ -63,11 +116,14 @@ pub struct Heatmap {
 }
 
 /// The image's class probabilities, anomaly score and acceptable mass from its views'
-/// (`views[0]` the whole frame).
+/// (`views[0]` the whole frame) and, for `winclip`, their fused `map` and whether the
+/// profile has normal `references`.
 pub(super) fn aggregate(
     profile: &ProfileConfig,
     how: Aggregate,
     views: &[ViewScore],
+    map: Option<&AnomalyMap>,
+    references: bool,
 ) -> (Vec<f32>, f32, f32) {
     let whole = &views[0];
     let worst = views[1..]
@@ -76,14 +132,18 @@ pub(super) fn aggregate(
     let Some(worst) = worst else {
         return (whole.probabilities.clone(), whole.anomaly, whole.acceptable);
     };
+    let map_max = map.map_or(worst.anomaly, AnomalyMap::max);
     let class_max =
         |c: usize, from: &[ViewScore]| from.iter().map(|v| v.probabilities[c]).fold(0f32, f32::max);
+    let mean_max = |c: usize| (whole.probabilities[c] + class_max(c, &views[1..])) / 2.0;
     let mut probabilities = whole.probabilities.clone();
     for (c, class) in profile.classes.iter().enumerate() {
         if class.defect {
             probabilities[c] = match how {
                 Aggregate::Max => class_max(c, views),
-                Aggregate::MeanMax => (whole.probabilities[c] + class_max(c, &views[1..])) / 2.0,
+                Aggregate::MeanMax => mean_max(c),
+                Aggregate::Winclip if references => mean_max(c),
+                Aggregate::Winclip => whole.probabilities[c],
             };
         }
     }
@@ -94,30 +154,40 @@ pub(super) fn aggregate(
             (whole.anomaly + worst.anomaly) / 2.0,
             (whole.acceptable + worst.acceptable) / 2.0,
         ),
+        Aggregate::Winclip if references => (
+            (whole.anomaly + map_max) / 2.0,
+            (whole.acceptable + 1.0 - map_max) / 2.0,
+        ),
+        Aggregate::Winclip => (whole.anomaly, whole.acceptable),
     };
     (probabilities, anomaly, accept)
 }
 
-/// The heatmap and regions of a frame whose windows (`windows[i]` scored `views[i]`) lie at
-/// `origin`; `flag` says whether the verdict needs a region even when no window reaches the
-/// threshold (DEFECT and REVIEW).
+/// The heatmap, the fused map and the regions of a frame whose windows (`windows[i]` scored
+/// `views[1 + i]`, `views[0]` the whole frame) lie at `origin`; `map` their fused map (in
+/// the windows' coordinates, [`AnomalyMap::fuse`]); `flag` says whether the verdict needs a
+/// region even when no cell reaches the threshold (DEFECT and REVIEW).
 pub(super) fn localize(
     profile: &ProfileConfig,
     tiles: &TileConfig,
     origin: (u32, u32),
     windows: &[Window],
     views: &[ViewScore],
+    map: Option<AnomalyMap>,
     flag: bool,
 ) -> Localization {
-    let count = 1 + windows.len() as u32;
-    let Some(finest) = TileConfig::finest(windows) else {
+    let count = views.len() as u32;
+    let (Some(finest), Some(map)) = (TileConfig::finest(windows), map) else {
         return Localization {
             views: count,
             regions: Vec::new(),
             heatmap: None,
+            anomaly_map: None,
+            aggregates: AggregateScores::default(),
         };
     };
-    let scores: Vec<f32> = views.iter().map(|v| v.anomaly).collect();
+    let windows_views = &views[1..];
+    let scores: Vec<f32> = windows_views.iter().map(|v| v.anomaly).collect();
     let fine: Vec<usize> = (0..windows.len())
         .filter(|&i| windows[i].scale == finest)
         .collect();
@@ -137,18 +207,36 @@ pub(super) fn localize(
         scores: fine.iter().map(|&i| scores[i]).collect(),
     };
 
-    let hot: Vec<usize> = fine
+    let threshold = tiles.region_threshold;
+    let mut groups = map.components(|s| s >= threshold && s > 0.0);
+    if groups.is_empty() && flag {
+        // Nothing reaches the threshold, yet the verdict says DEFECT or REVIEW: point at the
+        // hottest cells. A map without a hot spot at all (every cell 0: a whole frame scored
+        // 0) says nothing, so then the worst window, as before the map.
+        // "Hottest": within a millionth of the maximum, so cells the same windows make equal
+        // are not told apart by the order their reciprocals were summed in.
+        let max = map.max();
+        if max > 0.0 {
+            groups = map.components(|s| s >= max * (1.0 - 1e-6));
+        }
+    }
+    let mut regions: Vec<DefectRegion> = groups
         .iter()
-        .copied()
-        .filter(|&i| scores[i] >= tiles.region_threshold && scores[i] > 0.0)
-        .collect();
-    let mut regions: Vec<DefectRegion> = components(windows, &hot)
-        .into_iter()
-        .map(|group| region(profile, windows, views, &group, origin))
+        .map(|group| region(profile, &map, windows, windows_views, group, origin))
         .collect();
     if regions.is_empty() && flag {
         let worst = (0..windows.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        regions.extend(worst.map(|i| region(profile, windows, views, &[i], origin)));
+        regions.extend(worst.map(|i| {
+            let w = &windows[i];
+            DefectRegion {
+                x: w.x + origin.0,
+                y: w.y + origin.1,
+                width: w.side,
+                height: w.side,
+                class: top_class(profile, &windows_views[i]),
+                score: scores[i],
+            }
+        }));
     }
     regions.sort_by(|a, b| b.score.total_cmp(&a.score));
     regions.truncate(tiles.max_regions as usize);
@@ -156,72 +244,42 @@ pub(super) fn localize(
         views: count,
         regions,
         heatmap: Some(heatmap),
+        anomaly_map: Some(map.offset(origin)),
+        aggregates: AggregateScores::default(),
     }
 }
 
-/// The windows of `members` grouped where they overlap (transitively).
-fn components(windows: &[Window], members: &[usize]) -> Vec<Vec<usize>> {
-    let mut group: Vec<usize> = (0..members.len()).collect();
-    fn root(group: &mut [usize], mut i: usize) -> usize {
-        while group[i] != i {
-            group[i] = group[group[i]];
-            i = group[i];
-        }
-        i
-    }
-    for a in 0..members.len() {
-        for b in a + 1..members.len() {
-            if windows[members[a]].overlaps(&windows[members[b]]) {
-                let (ra, rb) = (root(&mut group, a), root(&mut group, b));
-                group[ra.max(rb)] = ra.min(rb);
-            }
-        }
-    }
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut index = std::collections::HashMap::new();
-    for (a, &member) in members.iter().enumerate() {
-        let r = root(&mut group, a);
-        let at = *index.entry(r).or_insert_with(|| {
-            out.push(Vec::new());
-            out.len() - 1
-        });
-        out[at].push(member);
-    }
-    out
-}
-
+/// A group of the map's cells as a region: its cells' box, its hottest cell's score, and the
+/// top defect class of the highest-scoring window overlapping the box (of any scale).
 fn region(
     profile: &ProfileConfig,
+    map: &AnomalyMap,
     windows: &[Window],
     views: &[ViewScore],
     group: &[usize],
     origin: (u32, u32),
 ) -> DefectRegion {
-    let worst = *group
-        .iter()
-        .max_by(|&&a, &&b| views[a].anomaly.total_cmp(&views[b].anomaly))
-        .expect("a region has a window. This is a bug.");
-    let x0 = group.iter().map(|&i| windows[i].x).min().unwrap_or(0);
-    let y0 = group.iter().map(|&i| windows[i].y).min().unwrap_or(0);
-    let x1 = group
-        .iter()
-        .map(|&i| windows[i].x + windows[i].side)
-        .max()
-        .unwrap_or(0);
-    let y1 = group
-        .iter()
-        .map(|&i| windows[i].y + windows[i].side)
-        .max()
-        .unwrap_or(0);
-    let class = top_of_side(profile, &views[worst].probabilities, true)
-        .or_else(|| top_of_side(profile, &views[worst].probabilities, false))
-        .expect("a profile has classes. This is a bug.");
+    let (x, y, width, height) = map.bounding_box(group);
+    let score = group.iter().map(|&i| map.scores[i]).fold(0f32, f32::max);
+    let overlaps =
+        |w: &Window| w.x < x + width && x < w.x + w.side && w.y < y + height && y < w.y + w.side;
+    let worst = (0..windows.len())
+        .filter(|&i| overlaps(&windows[i]))
+        .max_by(|&a, &b| views[a].anomaly.total_cmp(&views[b].anomaly))
+        .expect("the windows cover every cell. This is a bug.");
     DefectRegion {
-        x: x0 + origin.0,
-        y: y0 + origin.1,
-        width: x1 - x0,
-        height: y1 - y0,
-        class,
-        score: views[worst].anomaly,
+        x: x + origin.0,
+        y: y + origin.1,
+        width,
+        height,
+        class: top_class(profile, &views[worst]),
+        score,
     }
+}
+
+/// A view's top defect class (its top class when the profile has no defect class).
+fn top_class(profile: &ProfileConfig, view: &ViewScore) -> usize {
+    top_of_side(profile, &view.probabilities, true)
+        .or_else(|| top_of_side(profile, &view.probabilities, false))
+        .expect("a profile has classes. This is a bug.")
 }

@@ -15,6 +15,7 @@
 //! 3. a winning defect side whose top class has a threshold it did not reach → REVIEW;
 //!    otherwise defects → DEFECT, acceptable states → PASS.
 
+pub mod anomaly_map;
 pub mod bank;
 pub mod line_memory;
 mod localize;
@@ -23,8 +24,9 @@ pub mod profile;
 
 use serde::Serialize;
 
+pub use anomaly_map::AnomalyMap;
 pub use bank::ProfileBank;
-pub use localize::{DefectRegion, Heatmap, Localization};
+pub use localize::{AggregateScores, DefectRegion, Heatmap, Localization};
 pub use profile::{
     ClassConfig, ExemplarWeights, FeedbackPolicy, Learn, ProfileConfig, StatesConfig,
 };
@@ -388,17 +390,35 @@ impl Scorer {
             .map(|(i, e)| self.view_with(e, bank, i > 0))
             .collect();
         let found = nearest(&views[0]);
-        let (probabilities, anomaly, acceptable) =
-            localize::aggregate(&self.profile, tiles.aggregate, &views);
+        let window_scores: Vec<f32> = views[1..].iter().map(|v| v.anomaly).collect();
+        let map = AnomalyMap::fuse(windows, &window_scores, views[0].anomaly);
+        // Normal references: WinCLIP's few-shot image score takes the map's max in.
+        let references = bank.is_some_and(|b| {
+            b.entries()
+                .iter()
+                .any(|e| self.profile.classes.get(e.class).is_some_and(|c| !c.defect))
+        });
+        let (probabilities, anomaly, acceptable) = localize::aggregate(
+            &self.profile,
+            tiles.aggregate,
+            &views,
+            map.as_ref(),
+            references,
+        );
+        let aggregates =
+            localize::aggregate_scores(&self.profile, &views, map.as_ref(), references);
         let mut decision = decide_masses(&self.profile, probabilities, anomaly, acceptable);
-        decision.localization = Some(localize::localize(
+        let mut localization = localize::localize(
             &self.profile,
             tiles,
             origin,
             windows,
-            &views[1..],
+            &views,
+            map,
             decision.outcome != Outcome::Pass,
-        ));
+        );
+        localization.aggregates = aggregates;
+        decision.localization = Some(localization);
         decision.nearest = found;
         decision
     }
