@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use crate::preprocess::PreprocessError;
 use crate::proto::v1::{
-    ClassScore, DefectMask, DefectRegion, Error as VerdictError, ErrorCode, Heatmap,
+    AnomalyMap, ClassScore, DefectMask, DefectRegion, Error as VerdictError, ErrorCode, Heatmap,
     InspectionRequest, MaskBox, MaskRle, ModelInfo, NearestExemplar, Outcome as ProtoOutcome,
     SourceRecord, StageLatencies, Verdict,
 };
@@ -196,6 +196,11 @@ pub fn decided(
             x: h.x.clone(),
             y: h.y.clone(),
             scores: h.scores.clone(),
+        });
+        v.anomaly_map = l.anomaly_map.as_ref().map(|m| AnomalyMap {
+            x_edges: m.x_edges.clone(),
+            y_edges: m.y_edges.clone(),
+            scores: m.scores.clone(),
         });
     }
     if let Some(o) = &decision.outline {

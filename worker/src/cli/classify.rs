@@ -222,6 +222,21 @@ pub(crate) fn classify_files(
     paths: &[PathBuf],
     mut each: impl FnMut(&Path, Result<Decision, ImageError>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    classify_files_with_views(model, pre, scorer, bank, paths, |path, result| {
+        each(path, result.map(|(decision, _)| decision))
+    })
+}
+
+/// [`classify_files`], each decision with its views' embeddings (the whole frame first, then
+/// the windows): what `clipqc eval --line-memory` scores the images against each other with.
+pub(crate) fn classify_files_with_views(
+    model: &ModelHandle,
+    pre: &Preprocessor,
+    scorer: &Scorer,
+    bank: Option<&ProfileBank>,
+    paths: &[PathBuf],
+    mut each: impl FnMut(&Path, Result<(Decision, Vec<Vec<f32>>), ImageError>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     for chunk in paths.chunks(BATCH) {
         let mut rows: Vec<Result<Views, ImageError>> = Vec::with_capacity(chunk.len());
         let mut tensors = Vec::new();
@@ -236,7 +251,8 @@ pub(crate) fn classify_files(
         for (path, row) in chunk.iter().zip(rows) {
             let decision = row.map(|views| {
                 let own: Vec<Vec<f32>> = next.by_ref().take(1 + views.windows.len()).collect();
-                scorer.decide_views_with(&own, &views.windows, views.origin, bank)
+                let d = scorer.decide_views_with(&own, &views.windows, views.origin, bank);
+                (d, own)
             });
             each(path, decision)?;
         }
@@ -285,6 +301,9 @@ fn print_decision(
                 .collect();
             if let Some(h) = &l.heatmap {
                 row["heatmap"] = json!(h);
+            }
+            if let Some(m) = &l.anomaly_map {
+                row["anomaly_map"] = json!(m);
             }
         }
         if let Some(o) = &d.outline {

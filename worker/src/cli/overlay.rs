@@ -1,8 +1,9 @@
 //! `clipqc classify --overlay DIR`: each image with its verdict drawn on it, because people
 //! would rather look than read. A border in the outcome's colour (green PASS, red DEFECT,
-//! amber REVIEW); for a tiled profile the heatmap laid over the frame in translucent red (each
-//! pixel as red as the worst finest-scale window covering it) and each region's box; for a
-//! segmenting profile, each mask's outline in cyan.
+//! amber REVIEW); for a tiled profile the fused anomaly map laid over the frame in translucent
+//! red (each pixel as red as its cell: every scale and the whole frame, see
+//! `score::anomaly_map`) and each region's box; for a segmenting profile, each mask's outline
+//! in cyan.
 
 use std::path::{Path, PathBuf};
 
@@ -39,25 +40,15 @@ pub fn draw(frame: &mut RgbImage, decision: &Decision) {
     // Lines scale with the frame so they show on a 5 MP image and stay thin on a small one.
     let thick = (w.min(h) / 200).max(2);
     if let Some(l) = &decision.localization {
-        if let Some(map) = &l.heatmap {
-            let cols = map.cols as usize;
+        if let Some(map) = &l.anomaly_map {
+            // Each pixel as red as its cell of the fused map: the map is in frame pixels,
+            // so a pixel's cell is found along each axis once, not per pixel.
             for y in 0..h {
-                let rows: Vec<usize> = (0..map.rows as usize)
-                    .filter(|&r| (map.y[r]..map.y[r] + map.window).contains(&y))
-                    .collect();
-                if rows.is_empty() {
-                    continue;
-                }
                 for x in 0..w {
-                    let score = rows
-                        .iter()
-                        .flat_map(|&r| {
-                            (0..cols)
-                                .filter(move |&c| (map.x[c]..map.x[c] + map.window).contains(&x))
-                                .map(move |c| map.scores[r * cols + c])
-                        })
-                        .fold(0f32, f32::max);
-                    blend(frame.get_pixel_mut(x, y), RED, 0.55 * score.clamp(0.0, 1.0));
+                    let score = map.at(x, y);
+                    if score > 0.0 {
+                        blend(frame.get_pixel_mut(x, y), RED, 0.55 * score.clamp(0.0, 1.0));
+                    }
                 }
             }
         }
@@ -93,8 +84,23 @@ fn outline(frame: &mut RgbImage, rle: &crate::segment::Rle, c: Rgb<u8>) {
     if (mask.width(), mask.height()) != (w, h) {
         return;
     }
+    outline_with(frame, |x, y| mask.get(x, y), c);
+}
+
+/// [`outline`] of a row-major mask of the frame's size (a ground-truth mask); another size is
+/// skipped.
+pub fn outline_bits(frame: &mut RgbImage, bits: &[bool], c: Rgb<u8>) {
+    let (w, h) = frame.dimensions();
+    if bits.len() != w as usize * h as usize {
+        return;
+    }
+    outline_with(frame, |x, y| bits[y as usize * w as usize + x as usize], c);
+}
+
+fn outline_with(frame: &mut RgbImage, get: impl Fn(u32, u32) -> bool, c: Rgb<u8>) {
+    let (w, h) = frame.dimensions();
     let inside = |x: i64, y: i64| {
-        x >= 0 && y >= 0 && x < i64::from(w) && y < i64::from(h) && mask.get(x as u32, y as u32)
+        x >= 0 && y >= 0 && x < i64::from(w) && y < i64::from(h) && get(x as u32, y as u32)
     };
     for y in 0..h {
         for x in 0..w {
@@ -134,7 +140,7 @@ fn rectangle(frame: &mut RgbImage, (x, y, rw, rh): (u32, u32, u32, u32), thick: 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::score::{DefectRegion, Heatmap, Localization};
+    use crate::score::{AnomalyMap, DefectRegion, Localization};
 
     pub(crate) fn decision(outcome: Outcome, localization: Option<Localization>) -> Decision {
         Decision {
@@ -152,14 +158,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_heatmap_reddens_only_hot_windows_and_boxes_are_drawn() {
+    fn the_fused_map_reddens_only_hot_cells_and_boxes_are_drawn() {
         let mut frame = RgbImage::from_pixel(400, 400, Rgb([100, 100, 100]));
-        let map = Heatmap {
-            rows: 2,
-            cols: 2,
-            window: 200,
-            x: vec![0, 200],
-            y: vec![0, 200],
+        let map = AnomalyMap {
+            x_edges: vec![0, 200, 400],
+            y_edges: vec![0, 200, 400],
             scores: vec![0.0, 1.0, 0.0, 0.0],
         };
         let region = DefectRegion {
@@ -173,10 +176,12 @@ pub(crate) mod tests {
         let l = Localization {
             views: 5,
             regions: vec![region],
-            heatmap: Some(map),
+            heatmap: None,
+            anomaly_map: Some(map),
+            aggregates: Default::default(),
         };
         draw(&mut frame, &decision(Outcome::Defect, Some(l)));
-        // Top-right window (score 1) is red-tinted; bottom-left (score 0) untouched.
+        // The top-right cell (score 1) is red-tinted; the bottom-left (score 0) untouched.
         let hot = frame.get_pixel(220, 180);
         assert!(hot[0] > 150 && hot[1] < 80, "{hot:?}");
         assert_eq!(*frame.get_pixel(100, 300), Rgb([100, 100, 100]));

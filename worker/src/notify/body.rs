@@ -31,6 +31,34 @@ fn masks(v: &crate::proto::v1::Verdict) -> Value {
         .collect()
 }
 
+/// A verdict's fused anomaly map as webhook JSON, summarised: its grid, its maximum and the
+/// hottest cell's box (the map itself stays in the verdict: a webhook is a message). Null
+/// for verdicts without a map.
+fn anomaly_map(v: &crate::proto::v1::Verdict) -> Value {
+    let Some(m) = v.anomaly_map.as_ref() else {
+        return Value::Null;
+    };
+    let cols = m.x_edges.len().saturating_sub(1);
+    let rows = m.y_edges.len().saturating_sub(1);
+    let hottest = m
+        .scores
+        .iter()
+        .enumerate()
+        .filter(|_| cols > 0 && rows > 0)
+        .max_by(|a, b| a.1.total_cmp(b.1));
+    json!({
+        "cols": cols,
+        "rows": rows,
+        "max": hottest.map(|(_, s)| *s),
+        "hottest": hottest.filter(|(i, _)| i / cols < rows).map(|(i, s)| {
+            let (r, c) = (i / cols, i % cols);
+            json!({"x": m.x_edges[c], "y": m.y_edges[r],
+                   "width": m.x_edges[c + 1] - m.x_edges[c],
+                   "height": m.y_edges[r + 1] - m.y_edges[r], "score": s})
+        }),
+    })
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -63,6 +91,7 @@ pub(super) fn alertmanager(event: &Event, worker: &str) -> Value {
                     // Annotations are strings: the regions as JSON text.
                     "regions": regions(v).to_string(),
                     "masks": masks(v).to_string(),
+                    "anomaly_map": anomaly_map(v).to_string(),
                     "worker": worker,
                 },
                 "startsAt": rfc3339(at),
@@ -111,6 +140,7 @@ pub(super) fn generic(event: &Event, worker: &str) -> Value {
             "anomaly_score": v.anomaly_score,
             "regions": regions(v),
             "masks": masks(v),
+            "anomaly_map": anomaly_map(v),
             "decided_at": timestamp(v.decided_at.as_ref()).map(rfc3339),
             "source": v.source.as_ref().map(|s| json!({"topic": s.topic, "partition": s.partition, "offset": s.offset})),
             "worker": worker,

@@ -373,3 +373,28 @@ fn a_defect_body_carries_each_masks_area_and_box_but_not_the_mask() {
     assert_eq!(masks[0]["area"], 24);
     assert!(!alert.to_string().contains("counts"));
 }
+
+#[test]
+fn a_defect_body_summarises_the_anomaly_map_without_its_cells() {
+    use crate::proto::v1::AnomalyMap;
+    let mut v = verdict("line-1", Outcome::Defect);
+    let event = Event::Defect(v.clone().into());
+    assert_eq!(body::generic(&event, "w-1")["anomaly_map"], Value::Null);
+    v.anomaly_map = Some(AnomalyMap {
+        x_edges: vec![0, 10, 30],
+        y_edges: vec![5, 20, 40],
+        scores: vec![0.1, 0.2, 0.7, 0.3],
+    });
+    let event = Event::Defect(v.into());
+    let generic = body::generic(&event, "w-1");
+    assert_eq!(
+        generic["anomaly_map"],
+        json!({"cols": 2, "rows": 2, "max": 0.7f32,
+               "hottest": {"x": 0, "y": 20, "width": 10, "height": 20, "score": 0.7f32}})
+    );
+    let alert = body::alertmanager(&event, "w-1");
+    let map: Value =
+        serde_json::from_str(alert[0]["annotations"]["anomaly_map"].as_str().unwrap()).unwrap();
+    assert_eq!(map["hottest"]["y"], 20);
+    assert!(!generic.to_string().contains("x_edges"), "{generic}");
+}

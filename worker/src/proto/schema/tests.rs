@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use super::json_schema;
 use crate::proto::v1::{
-    inspection_request::Image, ClassScore, DefectMask, DefectRegion, Error, Heatmap,
+    inspection_request::Image, AnomalyMap, ClassScore, DefectMask, DefectRegion, Error, Heatmap,
     InspectionRequest, MaskBox, MaskRle, ModelInfo, NearestExemplar, Outcome, SourceRecord,
     StageLatencies, Verdict,
 };
@@ -105,6 +105,11 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
             x: vec![0, 135],
             y: vec![0],
             scores: vec![0.1, 0.93],
+        }),
+        anomaly_map: Some(AnomalyMap {
+            x_edges: vec![0, 135, 270, 405],
+            y_edges: vec![0, 270],
+            scores: vec![0.1, 0.4, 0.8],
         }),
         top_label: "边缘缺口".into(),
         views: 4,
