@@ -36,14 +36,22 @@ test_prepare() {
 # model and reference code into the cache, as the models are, and copied into the checkout.
 ensure_fixtures() {
   local stamp cached
-  stamp="$(cat "$MODEL/.stamp" "$MODEL/sam/.stamp" tests/reference/*.py deploy/samples/*.py | sha256sum | cut -c1-16)"
+  stamp="$(cat "$MODEL/.stamp" "$MODEL/sam/.stamp" tests/reference/*.py tests/reference/anomalib.txt deploy/samples/*.py | sha256sum | cut -c1-16)"
   [ "$(cat "$FIXTURES/.stamp" 2>/dev/null)" = "$stamp" ] && return 0
   cached="$CACHE/fixtures/$stamp"
   if [ ! -f "$cached/.stamp" ]; then
     echo "==> computing reference outputs (transformers, open_clip) into $cached" >&2
     rm -rf "$cached"
     mkdir -p "$CACHE/fixtures"
-    python tests/reference/make_fixtures.py --model "$MODEL" --sam "$MODEL/sam" --out "$cached.part"
+    # anomalib's wheel alone (its WinCLIP aggregation imports only torch), beside the cache.
+    local anomalib="$CACHE/anomalib-$(sha256sum tests/reference/anomalib.txt | cut -c1-12)"
+    if [ ! -d "$anomalib/anomalib" ]; then
+      rm -rf "$anomalib.part"
+      pip install --quiet --no-deps --require-hashes --target "$anomalib.part" -r tests/reference/anomalib.txt
+      mv "$anomalib.part" "$anomalib"
+    fi
+    python tests/reference/make_fixtures.py --model "$MODEL" --sam "$MODEL/sam" --anomalib "$anomalib" \
+      --out "$cached.part"
     echo "$stamp" >"$cached.part/.stamp"
     mv "$cached.part" "$cached"
   fi

@@ -3,8 +3,9 @@
 //! CLIPImageProcessor (`view = "center_crop"`) and vs the same resize pasted centred on a
 //! mean-colour square with PIL (`view = "pad"`, the default), image embeddings and class
 //! probabilities vs transformers' CLIPModel under both views; and a tiled profile's window
-//! geometry, window pixels and embeddings, aggregated scores and heatmap vs the same windows
-//! cut and resized with PIL and scored by CLIPModel.
+//! geometry, window pixels and embeddings, aggregated scores, heatmap and fused map vs the same
+//! windows cut and resized with PIL and scored by CLIPModel; the fused map alone vs anomalib's
+//! WinCLIP aggregation of the same scores.
 //! The references were computed by tests/reference/make_fixtures.py. Segment Anything's
 //! masks against transformers' SAM: model_fidelity/sam.rs.
 
@@ -18,8 +19,8 @@ use clipqc::config::PreprocessSettings;
 use clipqc::model::artifact::TOKENIZER;
 use clipqc::model::tch_backend::TchBackend;
 use clipqc::model::{Artifact, Backend, DeviceSpec, ImageBatch, PromptTokenizer};
-use clipqc::preprocess::{pad_dims, DecodeLimits, Preprocessor, View};
-use clipqc::score::{ProfileConfig, Scorer};
+use clipqc::preprocess::{pad_dims, DecodeLimits, Preprocessor, View, Window};
+use clipqc::score::{AnomalyMap, ProfileConfig, Scorer};
 use common::{cosine, fixtures, max_abs_diff, read_f32, tiny_model};
 
 fn index() -> serde_json::Value {
@@ -335,6 +336,7 @@ fn tiled_profile_windows_and_scores_match_the_python_reference() {
     let (mut images, mut windows, mut pixel_checks) = (0, 0, 0);
     let (mut worst_px, mut worst_cos, mut worst_view_p) = (0f32, 1f64, 0f32);
     let (mut worst_p, mut worst_anomaly, mut worst_heat) = (0f32, 0f32, 0f32);
+    let mut worst_map = 0f32;
     for img in index["images"].as_array().unwrap() {
         let stem = img["stem"].as_str().unwrap();
         let Some(reference) = img.get("tiles") else {
@@ -446,6 +448,18 @@ fn tiled_profile_windows_and_scores_match_the_python_reference() {
             "{stem}: the heatmap's grid"
         );
         let dh = max_abs_diff(&heat.scores, &f32s(&r["scores"]));
+        // The fused map of our own views against anomalib's of transformers' views: the grid
+        // exactly, the cells within the views' tolerance.
+        let map = loc.anomaly_map.as_ref().expect("windows make a fused map");
+        let m = &reference["anomaly_map"];
+        assert_eq!(
+            (map.x_edges.clone(), map.y_edges.clone()),
+            (u32s(&m["x_edges"]), u32s(&m["y_edges"])),
+            "{stem}: the fused map's cells"
+        );
+        let dm = max_abs_diff(&map.scores, &f32s(&m["scores"]));
+        assert!(dm <= 1e-3, "{stem}: fused map differs by {dm}");
+        worst_map = worst_map.max(dm);
         eprintln!(
             "{stem} tiled: {} windows, {} heatmap {}×{} of {} px; max |Δpixel| {px:.5}; min cosine {cos:.7}; \
              max |Δp| per view {view_p:.2e}, aggregated {dp:.2e}; |Δanomaly| {da:.2e}; max |Δheat| {dh:.2e}",
@@ -474,7 +488,153 @@ fn tiled_profile_windows_and_scores_match_the_python_reference() {
     eprintln!(
         "tiled worst over {images} images, {windows} windows ({pixel_checks} windows' pixels checked): \
          Δpixel {worst_px:.5}; cosine {worst_cos:.7}; |Δp| per view {worst_view_p:.2e}, aggregated {worst_p:.2e}; \
-         |Δanomaly| {worst_anomaly:.2e}; |Δheat| {worst_heat:.2e}"
+         |Δanomaly| {worst_anomaly:.2e}; |Δheat| {worst_heat:.2e}; |Δfused map| {worst_map:.2e}"
     );
     assert!(images >= 8, "only {images} images have a tiled reference");
+}
+
+/// The fused multi-scale map, cell by cell, against anomalib's WinCLIP aggregation
+/// (`harmonic_aggregation` from the anomalib 2.7.0 wheel, and `_compute_zero_shot_scores`'
+/// cross-scale line; make_fixtures.py's `winclip_fused_map`) fed the same window and
+/// whole-frame scores (transformers' views of every fixture image): within 1e-5.
+#[test]
+#[ignore = "compares with Python's reference outputs (scripts/test.sh makes them)"]
+fn the_fused_map_is_anomalibs_winclip_aggregation_of_the_same_scores() {
+    let index = index();
+    let (mut maps, mut cells, mut worst) = (0, 0, 0f32);
+    for img in index["images"].as_array().unwrap() {
+        let Some(reference) = img.get("tiles") else {
+            continue;
+        };
+        let stem = img["stem"].as_str().unwrap();
+        let windows: Vec<Window> = reference["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let w = u32s(w);
+                Window {
+                    x: w[0],
+                    y: w[1],
+                    side: w[2],
+                    scale: w[3] as usize,
+                }
+            })
+            .collect();
+        let scores = f32s(&reference["window_scores"]);
+        let whole = reference["whole_score"].as_f64().unwrap() as f32;
+        let ours = AnomalyMap::fuse(&windows, &scores, whole).expect("windows make a map");
+        let theirs = &reference["anomaly_map"];
+        assert_eq!(ours.x_edges, u32s(&theirs["x_edges"]), "{stem}: columns");
+        assert_eq!(ours.y_edges, u32s(&theirs["y_edges"]), "{stem}: rows");
+        let expected = f32s(&theirs["scores"]);
+        assert_eq!(ours.scores.len(), expected.len(), "{stem}: cells");
+        let d = max_abs_diff(&ours.scores, &expected);
+        eprintln!(
+            "{stem}: {} windows, {}×{} cells, max |Δ| {d:.2e} (map max {:.4})",
+            windows.len(),
+            ours.cols(),
+            ours.rows(),
+            ours.max()
+        );
+        assert!(d <= 1e-5, "{stem}: the fused map differs from anomalib's by {d}");
+        maps += 1;
+        cells += expected.len();
+        worst = worst.max(d);
+    }
+    eprintln!("fused map vs anomalib: {maps} maps, {cells} cells, max |Δ| {worst:.2e}");
+    assert!(maps >= 8, "only {maps} images have a tiled reference");
+}
+
+/// Locality, for any weights (the random tiny model's): a patch of pixels changed inside a
+/// frame moves the scores of the windows that contain it and no other window's, so the fused
+/// map moves only inside their union, and moves at least one cell there. The whole-frame view
+/// contains the patch too and is one term of every cell's mean (it moves every cell, by
+/// WinCLIP's design): the maps compared here share the first frame's whole-frame score, so
+/// what is measured is what the windows do.
+#[test]
+#[ignore = "needs the tiny model and the fixtures' tiled profile (scripts/test.sh makes them)"]
+fn a_changed_patch_moves_the_fused_map_only_inside_the_windows_that_see_it() {
+    let artifact = artifact();
+    let profile: ProfileConfig =
+        serde_json::from_value(index()["profile_tiled"].clone()).unwrap();
+    let pre = Preprocessor::for_profile(
+        &artifact.manifest.image,
+        &PreprocessSettings::default(),
+        &profile,
+    )
+    .unwrap();
+    let tok = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text).unwrap();
+    let mut backend = TchBackend::load(&artifact, DeviceSpec::Cpu).unwrap();
+    let scorer = Scorer::build("tiled", &profile, &artifact.manifest, &tok, |b| {
+        backend.embed_texts(&b)
+    })
+    .unwrap();
+    let size = pre.size();
+    let mut score = |frame: &image::RgbImage| {
+        let mut png = Vec::new();
+        frame
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let views = pre.views("frame", &png, None).unwrap();
+        let mut anomaly = Vec::new();
+        for chunk in views.tensors.chunks(32) {
+            let mut batch = ImageBatch::new(size);
+            chunk.iter().for_each(|t| batch.push(t));
+            let embeddings = backend.embed_images(&batch).unwrap();
+            anomaly.extend(embeddings.rows().map(|e| scorer.view(e).anomaly));
+        }
+        (views.windows, anomaly)
+    };
+    let (w, h) = (320u32, 200u32);
+    let mut frame = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, ((x * 7 + y * 3) % 256) as u8])
+    });
+    let (windows, before) = score(&frame);
+    let patch = (200u32, 40u32, 12u32);
+    for y in patch.1..patch.1 + patch.2 {
+        for x in patch.0..patch.0 + patch.2 {
+            frame.put_pixel(x, y, image::Rgb([255, 0, 255]));
+        }
+    }
+    let (windows_after, after) = score(&frame);
+    assert_eq!(windows, windows_after, "the same frame size, the same windows");
+    let sees = |win: &Window| {
+        win.x < patch.0 + patch.2
+            && patch.0 < win.x + win.side
+            && win.y < patch.1 + patch.2
+            && patch.1 < win.y + win.side
+    };
+    for (i, win) in windows.iter().enumerate() {
+        if !sees(win) {
+            assert_eq!(
+                before[1 + i],
+                after[1 + i],
+                "window {win:?} does not contain the patch, yet its score moved"
+            );
+        }
+    }
+    let whole = before[0];
+    let m0 = AnomalyMap::fuse(&windows, &before[1..], whole).unwrap();
+    let m1 = AnomalyMap::fuse(&windows, &after[1..], whole).unwrap();
+    let mut moved = 0;
+    for c in 0..m0.scores.len() {
+        let (x, y, _, _) = m0.cell(c);
+        if m0.scores[c] != m1.scores[c] {
+            assert!(
+                windows.iter().any(|win| sees(win) && win.contains(x, y)),
+                "cell {c} at ({x}, {y}) moved, outside every window that contains the patch"
+            );
+            moved += 1;
+        }
+    }
+    eprintln!(
+        "locality: {} windows ({} see the patch), {moved} of {} cells moved; the whole-frame \
+         score {whole:.6} -> {:.6}",
+        windows.len(),
+        windows.iter().filter(|w| sees(w)).count(),
+        m0.scores.len(),
+        after[0]
+    );
+    assert!(moved > 0, "the patch moved no cell");
 }

@@ -16,13 +16,15 @@ Writes:
   fixtures.json    the index: images, shapes, test profile prompts and reference probabilities
                    (`probabilities`: the processor's center crop; `probabilities_pad`: pad_view;
                    `tiles`: the tiled profile's windows, per-view and aggregated probabilities,
-                   anomaly score and heatmap, see `tiled_reference`); with `--sam DIR`, `sam`:
+                   anomaly score, heatmap and the fused anomaly map anomalib's WinCLIP makes of the same window
+                   scores, see `tiled_reference`); with `--sam DIR`, `sam`:
                    Segment Anything's masks and IoUs by transformers (sam_reference.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import html
 import json
 import math
@@ -179,8 +181,44 @@ def window_view(proc, rgb: Image.Image, window: tuple[int, int, int, int], size:
     return normalized_chw(proc, crop)
 
 
+def load_harmonic_aggregation(root: Path):
+    """anomalib's own `harmonic_aggregation` (src/anomalib/models/image/winclip/utils.py),
+    loaded by path from the wheel pinned in tests/reference/anomalib.txt: the module imports
+    only torch, while the anomalib package would import Lightning and the rest."""
+    path = root / "anomalib" / "models" / "image" / "winclip" / "utils.py"
+    spec = importlib.util.spec_from_file_location("anomalib_winclip_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.harmonic_aggregation
+
+
+def winclip_fused_map(harmonic_aggregation, windows: list, window_scores: list, whole: float) -> dict:
+    """The fused multi-scale map as anomalib's WinCLIP makes it, on the worker's windows: the
+    frame cut at every window edge into cells (anomalib's patch grid); per scale, anomalib's
+    `harmonic_aggregation` of the window scores, each window's mask the cells it covers (a
+    window covering fewer cells than the longest repeats its first: anomalib's masks are
+    one tensor, and coverage is `any`); across scales with the whole-image score, the line of
+    `WinClipModel._compute_zero_shot_scores`: `(len(scales) + 1) / (1 / stack).sum(dim=0)`."""
+    xs = sorted({e for (x, _, side, _) in windows for e in (x, x + side)})
+    ys = sorted({e for (_, y, side, _) in windows for e in (y, y + side)})
+    cols, rows = len(xs) - 1, len(ys) - 1
+    maps = [torch.tensor([whole], dtype=torch.float32).view(-1, 1, 1).repeat(1, rows, cols)]
+    for scale in sorted({w[3] for w in windows}):
+        of = [(w, s) for w, s in zip(windows, window_scores) if w[3] == scale]
+        cells = []
+        for (x, y, side, _), _ in of:
+            c0, c1, r0, r1 = xs.index(x), xs.index(x + side), ys.index(y), ys.index(y + side)
+            cells.append([r * cols + c for r in range(r0, r1) for c in range(c0, c1)])
+        longest = max(len(c) for c in cells)
+        masks = torch.tensor([c + [c[0]] * (longest - len(c)) for c in cells]).T
+        scores = torch.tensor([[s for _, s in of]], dtype=torch.float32)
+        maps.append(harmonic_aggregation(scores, (rows, cols), masks))
+    fused = len(maps) / (1 / torch.stack(maps)).sum(dim=0)
+    return {"x_edges": xs, "y_edges": ys, "scores": fused.flatten().tolist()}
+
+
 def tiled_reference(proc, model, text, img: Image.Image, px_pad: torch.Tensor, stem: str, size: int,
-                    profile: dict, ref: Path) -> dict:
+                    profile: dict, ref: Path, harmonic_aggregation) -> dict:
     """The tiled profile on one image with transformers' CLIPModel: each view's softmax
     probabilities (the whole frame's pad view first, then the windows); aggregated with
     `aggregate = "max"` (worker/src/score/localize.rs): a defect class its largest probability
@@ -216,6 +254,9 @@ def tiled_reference(proc, model, text, img: Image.Image, px_pad: torch.Tensor, s
     xs = sorted({windows[i][0] for i in fine})
     ys = sorted({windows[i][1] for i in fine})
     return {
+        "whole_score": mass[0],
+        "window_scores": mass[1:],
+        "anomaly_map": winclip_fused_map(harmonic_aggregation, windows, mass[1:], mass[0]),
         "windows": [list(w) for w in windows],
         "checked_pixels": sorted(checked),
         "view_probabilities": views,
@@ -231,12 +272,15 @@ def main() -> int:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sam", type=Path, help="a SAM artifact (export.py --random-sam): its reference as well")
+    p.add_argument("--anomalib", type=Path, required=True,
+                   help="the anomalib wheel unpacked (pip install --no-deps --target): WinCLIP's aggregation")
     args = p.parse_args()
     rng = random.Random(0)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     out: Path = args.out
     (out / "ref").mkdir(parents=True, exist_ok=True)
+    harmonic_aggregation = load_harmonic_aggregation(args.anomalib)
 
     import ftfy
     import open_clip
@@ -302,7 +346,7 @@ def main() -> int:
                  "probabilities": probs, "probabilities_pad": logits_pad.softmax(-1)[0].tolist()}
         if min(img.size) >= TILED_MIN_SHORT:
             entry["tiles"] = tiled_reference(pil_proc, model, text, img, px_pad, stem, manifest["image"]["size"],
-                                             profile_tiled, out / "ref")
+                                             profile_tiled, out / "ref", harmonic_aggregation)
         index["images"].append(entry)
     if args.sam:
         from sam_reference import write_sam_reference
