@@ -29,6 +29,9 @@ fn eval(dataset: &Path, extra: &[&str]) -> Output {
 #[path = "eval_cli/sklearn.rs"]
 mod sklearn;
 
+#[path = "eval_cli/masks.rs"]
+mod masks;
+
 // ---------------------------------------------------------------- the binary on a dataset
 
 /// A grey part on a darker background; `defect` draws dark scratches across it.

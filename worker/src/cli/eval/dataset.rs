@@ -26,6 +26,8 @@ pub struct Folder {
 
 #[derive(Debug)]
 pub struct Dataset {
+    /// The folder scanned.
+    pub root: PathBuf,
     /// By name, sorted.
     pub folders: Vec<Folder>,
     /// (path, index into `folders`), sorted by folder then path.
@@ -95,6 +97,7 @@ impl Dataset {
             return Err(EvalError::NoImages(root.to_path_buf()));
         }
         Ok(Self {
+            root: root.to_path_buf(),
             folders,
             images,
             skipped,

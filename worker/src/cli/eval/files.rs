@@ -3,7 +3,8 @@
 //! agree.
 //!
 //! `scores.csv`: a header row, then one row per image in dataset order:
-//! `path,folder,outcome,anomaly_score,<one column per class, named by it>,truth,error`.
+//! `path,folder,outcome,anomaly_score,<one column per class, named by it>,truth,error`, and
+//! `line_memory_score` last with `--line-memory` (empty where the image has none).
 //! Scores are written as the shortest text that reads back as the same `f32`, so the metrics
 //! can be recomputed from the file exactly. An error row has outcome `ERROR`, empty scores
 //! and the message in `error`.
@@ -43,6 +44,9 @@ fn scores_csv(input: &Input) -> Vec<u8> {
     let mut header = vec!["path", "folder", "outcome", "anomaly_score"];
     header.extend(&classes);
     header.extend(["truth", "error"]);
+    if input.args.line_memory {
+        header.push("line_memory_score");
+    }
     let io = "writing to memory cannot fail";
     w.write_record(&header).expect(io);
     for r in input.records {
@@ -74,6 +78,13 @@ fn scores_csv(input: &Input) -> Vec<u8> {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
         );
+        if input.args.line_memory {
+            row.push(
+                r.line_memory_score
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            );
+        }
         w.write_record(&row).expect(io);
     }
     w.into_inner().expect(io)

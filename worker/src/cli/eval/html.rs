@@ -4,7 +4,8 @@
 //! The worst cases are the ten normal images with the highest anomaly score (false alarms,
 //! or the closest to being one) and the ten defective images with the lowest (misses), each
 //! drawn with its verdict as `clipqc classify --overlay` draws it: the outcome's border and,
-//! for a tiled profile, the heatmap and the regions' boxes.
+//! for a tiled profile, the fused anomaly map and the regions' boxes; with `--masks`, the
+//! ground truth's outline beside them, and the pixel metrics.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -99,6 +100,40 @@ pre {{ background: #f4f4f4; padding: 10px; }}
         cfa = num(m.as_configured.false_alarm_rate),
         crr = num(m.as_configured.review_rate),
     );
+    if let (Some(a), Some(best)) = (&m.aggregates, m.best_aggregate) {
+        h += "<h2>Aggregation rules (tiles.aggregate) on these images</h2><table><tr><th>rule</th><th>AUROC</th><th>average precision</th></tr>\n";
+        for (name, r) in a {
+            let _ = writeln!(
+                h,
+                "<tr><td>{name}{}</td><td>{}</td><td>{}</td></tr>",
+                if *name == best { " (best)" } else { "" },
+                num(r.auroc),
+                num(r.average_precision)
+            );
+        }
+        h += "</table>\n";
+    }
+    if let Some(p) = &m.pixel {
+        let _ = writeln!(
+            h,
+            "<h2>Where: pixel metrics (--masks)</h2><table>\
+             <tr><th>pixel AUROC</th><td>{}</td></tr>\
+             <tr><th>AUPRO (FPR &le; 0.3)</th><td>{}</td></tr>\
+             <tr><th>region hit rate (defective images)</th><td>{}</td></tr>\
+             <tr><th>region precision (reported boxes)</th><td>{}</td></tr>\
+             <tr><th>images measured / defective without a mask / without a map</th><td>{} / {} / {}</td></tr>\
+             <tr><th>ground-truth regions</th><td>{}</td></tr></table>\
+             <p>Thumbnails below draw each mask's outline in magenta beside the predicted regions (yellow).</p>",
+            num(p.pixel_auroc),
+            num(p.aupro),
+            num(p.region_hit_rate),
+            num(p.region_precision),
+            p.pixel_images,
+            p.masks_missing,
+            p.images_without_map,
+            p.gt_regions
+        );
+    }
     if !m.undefined.is_empty() {
         h += "<ul>";
         for (k, why) in &m.undefined {
@@ -158,14 +193,15 @@ pre {{ background: #f4f4f4; padding: 10px; }}
     }
 
     let scored = |defective: bool| {
-        let mut v: Vec<(&Record, &Decision)> = input
+        let mut v: Vec<(usize, &Record, &Decision)> = input
             .records
             .iter()
-            .filter(|r| input.data.folders[r.folder].defective == defective)
-            .filter_map(|r| r.result.as_ref().ok().map(|d| (r, d)))
+            .enumerate()
+            .filter(|(_, r)| input.data.folders[r.folder].defective == defective)
+            .filter_map(|(i, r)| r.result.as_ref().ok().map(|d| (i, r, d)))
             .collect();
         // False alarms: highest score first; misses: lowest first.
-        v.sort_by(|(_, a), (_, b)| {
+        v.sort_by(|(_, _, a), (_, _, b)| {
             if defective {
                 a.anomaly_score.total_cmp(&b.anomaly_score)
             } else {
@@ -189,9 +225,13 @@ pre {{ background: #f4f4f4; padding: 10px; }}
         if rows.is_empty() {
             h += "<p>none in the dataset</p>";
         }
-        for (r, decision) in rows {
+        for (i, r, decision) in rows {
             let name = r.path.display().to_string();
-            let img = match thumbnail(&r.path, decision, limits) {
+            let mask = input
+                .masks
+                .and_then(|m| m.by_image.get(i))
+                .and_then(Option::as_deref);
+            let img = match thumbnail(&r.path, decision, mask, limits) {
                 Ok(uri) => format!("<img alt=\"{}\" src=\"{uri}\">", esc(&name)),
                 Err(e) => format!("<p>cannot draw: {}</p>", esc(&e.to_string())),
             };
@@ -230,10 +270,12 @@ enum ThumbnailError {
     Encode(#[from] image::ImageError),
 }
 
-/// The image with its verdict drawn on it, fitted into THUMB×THUMB, as a JPEG data URI.
+/// The image with its verdict (and its ground-truth mask's outline, when it has one) drawn on
+/// it, fitted into THUMB×THUMB, as a JPEG data URI.
 fn thumbnail(
     path: &Path,
     decision: &Decision,
+    mask: Option<&Path>,
     limits: &DecodeLimits,
 ) -> Result<String, ThumbnailError> {
     let name = path.display().to_string();
@@ -243,6 +285,14 @@ fn thumbnail(
     })?;
     let mut frame = preprocess::to_rgb8(preprocess::decode(&name, &bytes, limits)?);
     crate::cli::overlay::draw(&mut frame, decision);
+    if let Some(mask) = mask {
+        // Read at scan time already: a failure here only leaves the outline out.
+        if let Ok((mw, mh, bits)) = super::pixels::read_mask(mask) {
+            if (mw, mh) == frame.dimensions() {
+                crate::cli::overlay::outline_bits(&mut frame, &bits, image::Rgb([230, 0, 230]));
+            }
+        }
+    }
     let (w, h) = frame.dimensions();
     let scale = f64::from(THUMB) / f64::from(w.max(h));
     let thumb = if scale < 1.0 {
@@ -268,7 +318,7 @@ mod tests {
         let limits = DecodeLimits::default();
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("gone.jpg");
-        let err = thumbnail(&missing, &d, &limits).unwrap_err();
+        let err = thumbnail(&missing, &d, None, &limits).unwrap_err();
         assert!(matches!(err, ThumbnailError::Read { .. }), "{err}");
         assert!(
             err.to_string().starts_with(&missing.display().to_string()),
@@ -276,13 +326,13 @@ mod tests {
         );
         let garbage = dir.path().join("garbage.jpg");
         std::fs::write(&garbage, [0x12; 64]).unwrap();
-        let err = thumbnail(&garbage, &d, &limits).unwrap_err();
+        let err = thumbnail(&garbage, &d, None, &limits).unwrap_err();
         assert!(matches!(err, ThumbnailError::Decode(_)), "{err}");
         let png = dir.path().join("part.png");
         image::RgbImage::from_pixel(64, 32, image::Rgb([90, 90, 90]))
             .save(&png)
             .unwrap();
-        let uri = thumbnail(&png, &d, &limits).unwrap();
+        let uri = thumbnail(&png, &d, None, &limits).unwrap();
         assert!(uri.starts_with("data:image/jpeg;base64,"), "{uri}");
     }
 }

@@ -16,7 +16,9 @@
 mod dataset;
 mod files;
 mod html;
+mod line_memory;
 pub mod metrics;
+pub mod pixels;
 mod plot;
 mod report;
 
@@ -63,6 +65,17 @@ pub struct EvalArgs {
     /// `kafka.exemplar_topic` when `kafka.brokers` is set, as `clipqc run` scores).
     #[arg(long)]
     pub zero_shot: bool,
+    /// Ground-truth masks in the MVTec AD layout, `DIR/<folder>/<stem>_mask.png` (any non-zero
+    /// pixel is defect; normal folders need none): adds the pixel metrics (pixel AUROC, AUPRO,
+    /// region hit rate and precision) of a tiled profile's fused anomaly map, and with `--out`
+    /// the maps as 16-bit PNGs under maps/.
+    #[arg(long, value_name = "DIR")]
+    pub masks: Option<PathBuf>,
+    /// Also score every image against the rest of the set, MuSc-style, with the profile's
+    /// line_memory settings: line_memory_score in scores.csv, its AUROC and the AUROC of each
+    /// line_memory.weight's blend in metrics.json.
+    #[arg(long)]
+    pub line_memory: bool,
     /// One sub-folder per label (the image-folder layout).
     pub dataset: PathBuf,
 }
@@ -126,6 +139,8 @@ pub enum EvalError {
     Plot(String),
     #[error(transparent)]
     Profile(#[from] ScoreError),
+    #[error(transparent)]
+    Masks(#[from] pixels::MaskError),
 }
 
 /// One image of the dataset and what became of it.
@@ -134,6 +149,8 @@ pub(crate) struct Record {
     /// Index into the dataset's folders.
     pub folder: usize,
     pub result: Result<Decision, ImageError>,
+    /// `--line-memory`: the image's score against the rest of the set.
+    pub line_memory_score: Option<f32>,
 }
 
 /// Always `Ok(true)` when the measurement ran (see the module docs).
@@ -145,6 +162,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         .ok_or_else(|| EvalError::Profile(ScoreError::UnknownProfile(args.profile.clone())))?;
     // Everything that can be refused is refused before the model is loaded.
     let data = dataset::Dataset::scan(&args.dataset, &args.normal, profile)?;
+    let masks = match &args.masks {
+        Some(_) if profile.tiles.is_none() => {
+            return Err(EvalError::from(pixels::MaskError::NotTiled(args.profile.clone())).into())
+        }
+        Some(dir) => Some(pixels::Masks::scan(dir, &data).map_err(EvalError::from)?),
+        None => None,
+    };
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).map_err(|source| EvalError::Write {
             path: dir.clone(),
@@ -172,7 +196,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let mut records = Vec::with_capacity(paths.len());
     let mut folders = data.images.iter().map(|(_, f)| *f);
     let bank = super::classify::offline_bank(&settings, &artifact, &args.profile, args.zero_shot)?;
-    super::classify::classify_files(
+    // --line-memory: every scored image's unit view embeddings, kept for the mutual scoring.
+    let mut kept_views: Vec<Option<Vec<Vec<f32>>>> = Vec::new();
+    super::classify::classify_files_with_views(
         &model,
         &pre,
         &scorer,
@@ -182,16 +208,32 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             if let Err(e) = &result {
                 tracing::debug!(image = %path.display(), error = %e, "cannot score");
             }
+            let (result, views) = match result {
+                Ok((d, views)) => (Ok(d), Some(views)),
+                Err(e) => (Err(e), None),
+            };
+            if args.line_memory {
+                kept_views
+                    .push(views.map(|v| v.iter().map(|e| crate::score::normalized(e)).collect()));
+            }
             records.push(Record {
                 path: path.to_path_buf(),
                 folder: folders.next().expect("one folder per image"),
                 result,
+                line_memory_score: None,
             });
             progress.tick();
             Ok(())
         },
     )?;
     progress.finish();
+    if args.line_memory {
+        let cfg = profile.line_memory.clone().unwrap_or_default();
+        let scores = line_memory::scores(&kept_views, &cfg);
+        for (r, s) in records.iter_mut().zip(scores) {
+            r.line_memory_score = s;
+        }
+    }
     drop(model);
     owner.join();
     let seconds = started.elapsed().as_secs_f64();
@@ -218,8 +260,29 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         data: &data,
         records: &records,
         seconds,
+        masks: masks.as_ref(),
     };
-    let metrics = report::Metrics::compute(&input);
+    let mut metrics = report::Metrics::compute(&input);
+    if args.line_memory {
+        let samples: Vec<(f32, f32, bool)> = records
+            .iter()
+            .filter_map(|r| {
+                let d = r.result.as_ref().ok()?;
+                Some((
+                    d.anomaly_score,
+                    r.line_memory_score?,
+                    data.folders[r.folder].defective,
+                ))
+            })
+            .collect();
+        metrics.line_memory = Some(line_memory::measure(&samples));
+    }
+    if let Some(masks) = &masks {
+        let maps = args.out.as_ref().map(|d| d.join("maps"));
+        let pixel =
+            pixels::measure(&data, &records, masks, maps.as_deref()).map_err(EvalError::from)?;
+        metrics.set_pixel(pixel);
+    }
     if let Some(dir) = &args.out {
         files::write_all(dir, &input, &metrics, &settings.preprocess.limits)?;
     }

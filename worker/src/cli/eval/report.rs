@@ -29,6 +29,13 @@ const DEFINITIONS: &[(&str, &str)] = &[
     ("operating_point.line_false_alarm_rate", "normal images the rules stop with the suggested review_threshold (the threshold's false_alarm_rate, plus what rounding to 0.001 adds)"),
     ("as_configured", "the profile's own outcomes: recall = defective images not PASS, false_alarm_rate = normal images not PASS, review_rate = REVIEW over scored images"),
     ("confusion", "rows: the class a folder is named like; columns: the decision's class (the winning side's most probable class); only images of such folders"),
+    ("aggregates", "tiled profiles: auroc and average_precision of the image anomaly score under each tiles.aggregate rule (max, mean_max, winclip), from the same views; best_aggregate has the highest auroc (then average_precision)"),
+    ("line_memory_auroc", "--line-memory: image AUROC of line_memory_score, each image scored against every other image of the set with the profile's line_memory settings (MuSc-style); line_memory_weights: the AUROC of (1 - w) x anomaly_score + w x line_memory_score per weight w"),
+    ("pixel_auroc", "--masks: area under the ROC of every pixel of the measured images (good images all-normal), scored by the fused anomaly map bilinearly upsampled and quantised to 16 bits (the maps/ PNGs); ties count half"),
+    ("aupro", "--masks: MVTec AD's per-region overlap (regions: 8-connected mask components; PRO: their mean share of pixels at or over a threshold) integrated over the normal pixels' false-positive rate up to 0.3, divided by 0.3"),
+    ("region_hit_rate", "--masks: defective images with a mask where some reported region box holds a mask pixel, over those images"),
+    ("region_precision", "--masks: reported region boxes (all measured images) holding a mask pixel, over all reported boxes"),
+    ("pixel_images", "--masks: images the pixel metrics used: scored normal images, and defective ones with a mask (masks_missing counts those without)"),
     ("suggested.class_thresholds", "per defect class with a folder: the F1-max threshold of that class's probability, its folder's images against the normal images, rounded down to 0.001"),
 ];
 
@@ -40,6 +47,9 @@ pub const DEFINITIONS_HELP: &str = "Definitions (also under \"definitions\" in m
     normal images at or over it; review_threshold: the profile value that makes it the
     line's (smallest 0.001 step over 1 - threshold, at least 0.5); review_rate: scored
     images strictly between 1 - review_threshold and review_threshold (the REVIEW band).
+  aggregates: each tiles.aggregate rule's auroc and AP (tiled profiles), best_aggregate.
+  --masks DIR: pixel_auroc, aupro (MVTec AD, FPR up to 0.3), region_hit_rate,
+    region_precision, pixel_images, masks_missing; maps/ in --out (16-bit PNGs).
   Files in --out: metrics.json, scores.csv, roc.png, pr.png, report.html.";
 
 /// Everything the reports are computed from.
@@ -51,6 +61,8 @@ pub(crate) struct Input<'a> {
     pub data: &'a Dataset,
     pub records: &'a [Record],
     pub seconds: f64,
+    /// `--masks`: each image's ground-truth mask, if any.
+    pub masks: Option<&'a super::pixels::Masks>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -149,6 +161,18 @@ pub struct Metrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confusion: Option<ConfusionJson>,
     pub suggested: Suggested,
+    /// Tiled profiles: each `tiles.aggregate` rule's image AUROC and AP on these images (the
+    /// profile's own rule is `aggregate`), and the one that ranks them best.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregates: Option<BTreeMap<&'static str, AggregateRank>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_aggregate: Option<&'static str>,
+    /// `--line-memory`: the set scored against itself.
+    #[serde(flatten)]
+    pub line_memory: Option<super::line_memory::LineMemoryMetrics>,
+    /// `--masks`: the pixel metrics.
+    #[serde(flatten)]
+    pub pixel: Option<super::pixels::PixelMetrics>,
     /// Metric name → why it is `null`.
     pub undefined: BTreeMap<&'static str, String>,
     /// The image files that could not be scored, with the reason.
@@ -157,6 +181,62 @@ pub struct Metrics {
     /// The curves behind the plots (not serialised).
     #[serde(skip)]
     pub curve: Curve,
+}
+
+/// One aggregation rule's image metrics.
+#[derive(Debug, Serialize)]
+pub struct AggregateRank {
+    pub auroc: Option<f64>,
+    pub average_precision: Option<f64>,
+}
+
+/// Each rule's AUROC and AP from the anomaly scores every tiled decision carries for all of
+/// them, and the best (highest AUROC, then AP; the earlier rule on a tie). `None` for a
+/// profile without tiles.
+fn aggregates(
+    data: &Dataset,
+    scored: &[(&Record, &crate::score::Decision)],
+) -> Option<(BTreeMap<&'static str, AggregateRank>, Option<&'static str>)> {
+    use crate::score::AggregateScores;
+    let per: Vec<([f32; 3], bool)> = scored
+        .iter()
+        .map(|(r, d)| {
+            d.localization
+                .as_ref()
+                .map(|l| (l.aggregates.values(), data.folders[r.folder].defective))
+        })
+        .collect::<Option<_>>()?;
+    let mut out = BTreeMap::new();
+    let mut best: Option<(&'static str, f64, f64)> = None;
+    for (i, name) in AggregateScores::NAMES.into_iter().enumerate() {
+        let samples: Vec<(f64, bool)> = per.iter().map(|(v, d)| (f64::from(v[i]), *d)).collect();
+        let curve = Curve::new(&samples);
+        let auroc = metrics::auroc(&curve).ok();
+        let ap = metrics::average_precision(&curve).ok();
+        if let (Some(a), Some(p)) = (auroc, ap) {
+            if best.is_none_or(|(_, ba, bp)| a > ba || (a == ba && p > bp)) {
+                best = Some((name, a, p));
+            }
+        }
+        out.insert(
+            name,
+            AggregateRank {
+                auroc,
+                average_precision: ap,
+            },
+        );
+    }
+    Some((out, best.map(|b| b.0)))
+}
+
+impl Metrics {
+    /// The pixel metrics of `--masks`, their undefined ones under `undefined`.
+    pub(crate) fn set_pixel(&mut self, mut pixel: super::pixels::PixelMetrics) {
+        for (name, why) in std::mem::take(&mut pixel.undefined) {
+            self.undefined.insert(name, why);
+        }
+        self.pixel = Some(pixel);
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -312,6 +392,10 @@ impl Metrics {
             class_thresholds,
         };
         let errors = outcomes["ERROR"];
+        let (aggregates, best_aggregate) = match aggregates(data, &scored) {
+            Some((a, b)) => (Some(a), b),
+            None => (None, None),
+        };
         Metrics {
             dataset: args.dataset.display().to_string(),
             profile: scorer.name.clone(),
@@ -337,6 +421,10 @@ impl Metrics {
             per_class,
             confusion,
             suggested,
+            aggregates,
+            best_aggregate,
+            pixel: None,
+            line_memory: None,
             undefined,
             error_images: records
                 .iter()
@@ -473,6 +561,37 @@ pub fn summary(out: &mut impl Write, m: &Metrics) -> std::io::Result<()> {
             out,
             "{name}\t{}\t{}\t{}\t{}\t{}\t{}",
             s.truth, s.images, s.pass, s.defect, s.review, s.error
+        )?;
+    }
+    if let (Some(a), Some(best)) = (&m.aggregates, m.best_aggregate) {
+        let ranks: Vec<String> = a
+            .iter()
+            .map(|(name, r)| format!("{name} {}", f(r.auroc)))
+            .collect();
+        writeln!(
+            out,
+            "image AUROC by tiles.aggregate: {} (best: {best})",
+            ranks.join(", ")
+        )?;
+    }
+    if let Some(l) = &m.line_memory {
+        writeln!(
+            out,
+            "line memory: AUROC {} alone; best line_memory.weight {}",
+            f(l.line_memory_auroc),
+            f(l.line_memory_best_weight)
+        )?;
+    }
+    if let Some(p) = &m.pixel {
+        writeln!(
+            out,
+            "pixels ({} images, {} masks missing): pixel AUROC {}  AUPRO {}  region hit rate {}  region precision {}",
+            p.pixel_images,
+            p.masks_missing,
+            f(p.pixel_auroc),
+            f(p.aupro),
+            f(p.region_hit_rate),
+            f(p.region_precision)
         )?;
     }
     for (k, why) in &m.undefined {
