@@ -126,29 +126,40 @@ impl Ring {
     }
 
     fn score(&self, views: &[Vec<f32>], cfg: &LineMemoryConfig) -> Option<f32> {
-        let n = self.parts.len();
-        if n < cfg.min_parts.max(1) || views.is_empty() {
-            return None;
-        }
-        let top = ((cfg.top_fraction * n as f32).ceil() as usize).clamp(1, n);
-        let mut per_part = Vec::with_capacity(n);
-        let worst = views
-            .iter()
-            .map(|v| {
-                per_part.clear();
-                per_part.extend(self.parts.iter().map(|m| {
-                    m.views
-                        .iter()
-                        .map(|r| dot(v, r))
-                        .fold(f32::NEG_INFINITY, f32::max)
-                }));
-                per_part.sort_by(|a, b| b.total_cmp(a));
-                let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
-                (1.0 - similarity).clamp(0.0, 1.0)
-            })
-            .fold(0f32, f32::max);
-        Some(worst)
+        let parts: Vec<&[Vec<f32>]> = self.parts.iter().map(|p| p.views.as_slice()).collect();
+        score_against(views, &parts, cfg)
     }
+}
+
+/// A part's score (unit `views`) against other parts (each its unit views), as the module
+/// docs define it; `None` under `min_parts` parts. What the worker's memory computes against
+/// the line's recent parts, and `clipqc eval --line-memory` against the rest of a dataset.
+pub fn score_against(
+    views: &[Vec<f32>],
+    parts: &[&[Vec<f32>]],
+    cfg: &LineMemoryConfig,
+) -> Option<f32> {
+    let n = parts.len();
+    if n < cfg.min_parts.max(1) || views.is_empty() {
+        return None;
+    }
+    let top = ((cfg.top_fraction * n as f32).ceil() as usize).clamp(1, n);
+    let mut per_part = Vec::with_capacity(n);
+    let worst = views
+        .iter()
+        .map(|v| {
+            per_part.clear();
+            per_part.extend(parts.iter().map(|m| {
+                m.iter()
+                    .map(|r| dot(v, r))
+                    .fold(f32::NEG_INFINITY, f32::max)
+            }));
+            per_part.sort_by(|a, b| b.total_cmp(a));
+            let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
+            (1.0 - similarity).clamp(0.0, 1.0)
+        })
+        .fold(0f32, f32::max);
+    Some(worst)
 }
 
 /// Every line's memory, for one worker.
