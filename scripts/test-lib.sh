@@ -79,28 +79,30 @@ ensure_prometheus() {
 # afterwards, so they never share the 2 cores with the in-process suites. --nocapture: the
 # fidelity tests print the measured differences.
 #
-# CLIPQC_DURING_BROKER_PASS: a command run in the background, at the lowest CPU priority, from
-# the start of the broker suites (they spend most of their time waiting on rebalances and
-# session timeouts) to the end; the passes wait for it and fail when it failed. test.sh builds
-# the fuzz targets so.
+# CLIPQC_BESIDE_TESTS: a command run in the background, at the lowest CPU priority, from when
+# the tests are built to the end of the passes (the suites spend much of their time waiting: on
+# timers, rebalances, session timeouts); the passes wait for it and fail when it failed.
+# test.sh builds the fuzz targets so.
 rust_passes() {
-  cargo test --workspace --lib --bins --tests "$@" -- --nocapture --include-ignored \
-    --skip measure_ --skip e2e_tansu:: --skip ops_stack::
+  # Built first, so what runs beside takes only the cycles the tests leave idle.
+  cargo test --workspace --lib --bins --tests --bench '*' --no-run "$@"
   local beside=""
-  if [ -n "${CLIPQC_DURING_BROKER_PASS:-}" ]; then
-    nice -n 19 bash -c "$CLIPQC_DURING_BROKER_PASS" &
+  if [ -n "${CLIPQC_BESIDE_TESTS:-}" ]; then
+    nice -n 19 bash -c "$CLIPQC_BESIDE_TESTS" &
     beside=$!
   fi
   local rc=0
   {
-    cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ e2e_tansu:: &&
+    cargo test --workspace --lib --bins --tests "$@" -- --nocapture --include-ignored \
+      --skip measure_ --skip e2e_tansu:: --skip ops_stack:: &&
+      cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ e2e_tansu:: &&
       cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ ops_stack:: &&
       # Each criterion benchmark once, as a smoke test (`--bench '*'`: the bench targets only;
       # with `--benches` cargo would run the library's unit tests a second time).
       cargo test --workspace --bench '*' "$@"
   } || rc=$?
   if [ -n "$beside" ]; then
-    wait "$beside" || { echo "the command run beside the broker passes failed: $CLIPQC_DURING_BROKER_PASS" >&2; rc=1; }
+    wait "$beside" || { echo "the command run beside the tests failed: $CLIPQC_BESIDE_TESTS" >&2; rc=1; }
   fi
   return "$rc"
 }

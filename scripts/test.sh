@@ -13,9 +13,9 @@ scripts/check-monitoring.sh
 scripts/check-helm.sh
 fuzz_seconds="${CLIPQC_FUZZ_SECONDS:-30}"
 # The fuzz targets' instrumented build (its own target directory, in the cache) goes on beside
-# the broker suites, which mostly wait: from nothing it is the longest build of CI.
+# the test passes, which wait much of the time: from nothing it is the longest build of CI.
 if [ "$fuzz_seconds" != 0 ]; then
-  export CLIPQC_DURING_BROKER_PASS="scripts/fuzz.sh --build-only"
+  export CLIPQC_BESIDE_TESTS="scripts/fuzz.sh --build-only"
 fi
 rust_passes "$@"
 # Then a short coverage-guided fuzzing run of each fuzz target (scripts/fuzz.sh; its instrumented
