@@ -265,10 +265,17 @@ impl<'a> Start<'a> {
 
     pub fn start(self) -> Worker {
         let name = self.name;
-        let membership = if self.static_member {
-            format!("instance_id = \"{name}\"")
+        // A static member's session must outlast its restart, or the broker drops it between
+        // the kill and the rejoin (KIP-345). The restart here is a process start plus tansu's
+        // 3 s pauses on a static member's join and on its sync: at 10 s, under load, the first
+        // heartbeat came 70 ms late, tansu dropped the member yet kept it as the group's leader,
+        // and the rejoined worker waited for that leader's assignment for ever (the crash
+        // test's STUCK). So static members keep librdkafka's default, 45 s, as the worker does;
+        // dynamic ones 10 s (a leaving member says so, and nothing waits for its session).
+        let (membership, session_ms) = if self.static_member {
+            (format!("instance_id = \"{name}\""), 45_000)
         } else {
-            String::new()
+            (String::new(), 10_000)
         };
         let config = self.dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -283,7 +290,7 @@ dlq_topic = "{dlq}"
 {membership}
 verdict_encoding = "json"
 [kafka.properties]
-"session.timeout.ms" = "10000"
+"session.timeout.ms" = "{session_ms}"
 
 [model]
 dir = "{model}"
@@ -303,6 +310,7 @@ listen = "127.0.0.1:0"
 {extra}
 "#,
                 brokers = self.broker.brokers(),
+                session_ms = session_ms,
                 group = self.topics.group,
                 requests = self.topics.requests,
                 verdicts = self.topics.verdicts,
