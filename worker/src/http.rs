@@ -45,6 +45,9 @@ pub struct Readiness {
     pub draining: AtomicBool,
     /// Records the broker has refused to take for longer than the sink's stall bound.
     pub publish_stalled: AtomicUsize,
+    /// Exactly-once: a commit or an abort of a transaction has timed out and is being
+    /// repeated (nothing else may follow it).
+    pub transaction_stalled: AtomicBool,
     /// Whether records finish, for `/healthz`.
     pub progress: Progress,
     /// The pipeline's state as text (set by the pipeline when it runs).
@@ -167,6 +170,11 @@ impl Readiness {
         }
         if self.publish_stalled.load(Ordering::Relaxed) > 0 {
             why.push("publishing stalled: the broker has not acknowledged a record for a while");
+        }
+        if self.transaction_stalled.load(Ordering::Relaxed) {
+            why.push(
+                "transaction stalled: the broker has not completed a transaction's commit or abort",
+            );
         }
         why
     }

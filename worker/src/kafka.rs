@@ -62,6 +62,38 @@ pub struct KafkaSettings {
     /// Exactly-once: how often the finished requests are committed in a transaction. Verdicts
     /// become visible to read_committed readers at that pace; shorter means more transactions.
     pub transaction_interval_ms: u64,
+    /// Exactly-once: how long one step of a transaction (sending the input offsets, the
+    /// commit, an abort) waits for the broker. A step that runs out is still in progress and
+    /// is repeated (`/readyz` and `clipqc_transaction_stalled` say the transaction is stalled);
+    /// after 10 in a row the worker stops, and its restart ends the transaction.
+    pub transaction_call_timeout_ms: u64,
+    /// The consumer group protocol: `classic` (the default; the members agree on the
+    /// assignment through a leader, with `session.timeout.ms` set by the client) or `consumer`
+    /// (KIP-848, Apache Kafka ≥ 4.0: the broker assigns partitions incrementally through
+    /// heartbeats, and the session and heartbeat timings are the broker's
+    /// `group.consumer.*` settings, so `session.timeout.ms`, `heartbeat.interval.ms` and
+    /// `partition.assignment.strategy` must not be set in `properties`). With `consumer`, a
+    /// second process with a live member's `instance_id` is the one refused.
+    pub group_protocol: GroupProtocol,
+}
+
+/// The consumer group protocol: see [`KafkaSettings::group_protocol`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupProtocol {
+    #[default]
+    Classic,
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// librdkafka's `group.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
 }
 
 /// How verdicts and input offsets are committed: see [`KafkaSettings::delivery`].
@@ -74,7 +106,7 @@ pub enum Delivery {
 }
 
 /// librdkafka properties the worker sets itself, and why they cannot be overridden.
-pub const RESERVED_PROPERTIES: [(&str, &str); 9] = [
+pub const RESERVED_PROPERTIES: [(&str, &str); 10] = [
     ("bootstrap.servers", "set kafka.brokers"),
     ("group.id", "set kafka.group_id"),
     ("group.instance.id", "set kafka.instance_id"),
@@ -102,6 +134,7 @@ pub const RESERVED_PROPERTIES: [(&str, &str); 9] = [
         "transactional.id",
         "set by the worker's delivery mode, not by hand",
     ),
+    ("group.protocol", "set kafka.group_protocol"),
 ];
 
 impl Default for KafkaSettings {
@@ -121,6 +154,8 @@ impl Default for KafkaSettings {
             property_files: BTreeMap::new(),
             delivery: Delivery::AtLeastOnce,
             transaction_interval_ms: 100,
+            transaction_call_timeout_ms: 30_000,
+            group_protocol: GroupProtocol::Classic,
         }
     }
 }

@@ -59,6 +59,7 @@ pub fn install() -> PrometheusHandle {
         counter!("clipqc_profile_reload_failures_total", "reason" => reason).absolute(0);
     }
     gauge!("clipqc_publish_stalled_records").set(0.0);
+    gauge!("clipqc_transaction_stalled").set(0.0);
     // Queue gauges change only when records come and go; an idle worker holds none.
     for name in [
         "clipqc_records_in_flight",
@@ -253,6 +254,10 @@ fn describe() {
         "Records the broker refused for good (too large, unknown topic, not authorised), by topic."
     );
     describe_gauge!(
+        "clipqc_transaction_stalled",
+        "1 while an exactly-once transaction's commit or abort has timed out and is being repeated (the worker stops after 10 in a row)."
+    );
+    describe_gauge!(
         "clipqc_publish_stalled_records",
         Unit::Count,
         "Records whose publishing has been retried for longer than the stall bound (30 s)."
@@ -335,6 +340,10 @@ pub fn record_panicked() {
 pub fn transaction(result: &'static str, took: Duration) {
     counter!("clipqc_transactions_total", "result" => result).increment(1);
     histogram!("clipqc_transaction_seconds").record(took.as_secs_f64());
+}
+
+pub fn transaction_stalled(stalled: bool) {
+    gauge!("clipqc_transaction_stalled").set(if stalled { 1.0 } else { 0.0 });
 }
 
 pub fn publish_refused(topic: &str) {

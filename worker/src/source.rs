@@ -23,7 +23,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::http::Readiness;
-use crate::kafka::{Delivery, KafkaSettings};
+use crate::kafka::{Delivery, GroupProtocol, KafkaSettings};
 use crate::metrics;
 use crate::offsets::{Ledger, Partition};
 use crate::sink::transaction::Transactions;
@@ -184,7 +184,7 @@ impl ConsumerContext for SourceContext {
                 // the committed positions instead of tripping over records seen before.
                 let lost = self.ledger.lost_all();
                 if let Some(txn) = self.transactions.get() {
-                    txn.forget(&lost);
+                    txn.forget(&lost, self.ledger.latest_epoch());
                 }
                 self.released(&lost);
                 tracing::error!(error = %e, ?lost, "rebalance error: every partition dropped; their records in flight will be processed again by their next owner");
@@ -222,7 +222,7 @@ impl ConsumerContext for SourceContext {
                     tracing::warn!(error = %e, "transaction on revocation failed: the partitions' next owner redoes their records")
                 }
             }
-            txn.forget(&partitions);
+            txn.forget(&partitions, self.ledger.latest_epoch());
             return;
         }
         if positions.is_empty() {
@@ -325,9 +325,15 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("group.protocol", settings.group_protocol.as_str())
         // Consumer lag per partition for the metrics.
         .set("statistics.interval.ms", "5000");
+    if settings.group_protocol == GroupProtocol::Classic {
+        // Incremental hand-overs: a joining member takes partitions without the others
+        // stopping theirs. (KIP-848's broker-side assignors are incremental and sticky
+        // already, and librdkafka refuses the setting with `group.protocol=consumer`.)
+        cfg.set("partition.assignment.strategy", "cooperative-sticky");
+    }
     if let Some(id) = &settings.instance_id {
         cfg.set("group.instance.id", id);
     }

@@ -88,6 +88,11 @@ impl Ledger {
         self.lock().assigned.get(p).copied().unwrap_or(0)
     }
 
+    /// The greatest epoch handed out so far: every later assignment gets a greater one.
+    pub fn latest_epoch(&self) -> u64 {
+        self.lock().next_epoch
+    }
+
     /// Whether `p` is assigned to this worker now.
     pub fn is_assigned(&self, p: &Partition) -> bool {
         self.lock().assigned.contains_key(p)

@@ -63,7 +63,7 @@ pub fn deps(
             &settings.kafka,
             brokers,
             Duration::from_millis(settings.pipeline.drain_timeout_ms),
-            readiness,
+            readiness.clone(),
         )?,
         kafka: settings.kafka.clone(),
         batch: settings.batch,
@@ -101,6 +101,7 @@ pub fn deps(
                 &settings.kafka,
                 brokers,
                 &transactional_id(&settings.kafka),
+                readiness.clone(),
             )?)),
         },
     })

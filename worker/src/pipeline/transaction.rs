@@ -18,21 +18,39 @@ use crate::sink::transaction::{Transactions, TxnError};
 use crate::source::Source;
 
 /// One transaction of whatever is done, off the runtime. Returns the records answered.
+/// While it waits longer than a step's bound (`kafka.transaction_call_timeout_ms`: a broker
+/// that stopped answering), the transaction shows as stalled.
 async fn commit(txn: &Arc<Transactions>, consumer: &Arc<Source>) -> Result<usize, TxnError> {
-    let (txn, consumer) = (txn.clone(), consumer.clone());
-    tokio::task::spawn_blocking(move || txn.commit(None, || consumer.group_metadata()))
-        .await
-        .unwrap_or_else(|e| {
-            let why = if e.is_panic() {
-                super::panic_message(e.into_panic().as_ref())
-            } else {
-                "cancelled (the runtime is shutting down)".into()
-            };
-            Err(TxnError::Fenced {
-                id: String::new(),
-                detail: format!("the transaction committer stopped: {why}"),
-            })
+    let (committer, consumer) = (txn.clone(), consumer.clone());
+    let mut task =
+        tokio::task::spawn_blocking(move || committer.commit(None, || consumer.group_metadata()));
+    let mut flagged = false;
+    let joined = loop {
+        tokio::select! {
+            joined = &mut task => break joined,
+            () = tokio::time::sleep(txn.call_timeout()) => {
+                if !flagged {
+                    tracing::warn!(bound = ?txn.call_timeout(), "a transaction has waited for the broker longer than a step's bound: stalled");
+                    txn.stalled(true);
+                    flagged = true;
+                }
+            }
+        }
+    };
+    if flagged {
+        txn.stalled(false);
+    }
+    joined.unwrap_or_else(|e| {
+        let why = if e.is_panic() {
+            super::panic_message(e.into_panic().as_ref())
+        } else {
+            "cancelled (the runtime is shutting down)".into()
+        };
+        Err(TxnError::Fenced {
+            id: String::new(),
+            detail: format!("the transaction committer stopped: {why}"),
         })
+    })
 }
 
 pub async fn commit_loop(

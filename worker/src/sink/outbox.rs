@@ -13,7 +13,11 @@
 //! twice.
 //!
 //! Records are kept by assignment epoch (see [`crate::offsets::Ledger`]): a partition
-//! assigned anew starts from nothing, and a straggler of an earlier assignment is dropped.
+//! assigned anew starts from nothing, and a straggler of an earlier assignment is dropped,
+//! also one that finishes after its partition left this worker ([`Outbox::forget`] keeps the
+//! partition's epoch floor): staged, it would re-create the partition at its old epoch and
+//! hold its record slot for ever, since no transaction of this worker commits that
+//! partition again.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -79,6 +83,8 @@ impl Staged {
 #[derive(Debug, Default)]
 struct Part {
     epoch: u64,
+    /// The partition left this worker: records of assignments up to `epoch` are dropped.
+    retired: bool,
     staged: BTreeMap<i64, Staged>,
     /// Every offset below is done.
     position: Option<i64>,
@@ -128,7 +134,7 @@ impl Outbox {
     /// assignment; a later assignment starts afresh.
     fn part(&mut self, p: &Partition, epoch: u64) -> Option<&mut Part> {
         let part = self.parts.entry(p.clone()).or_default();
-        if epoch < part.epoch {
+        if epoch < part.epoch || (epoch == part.epoch && part.retired) {
             return None;
         }
         if epoch > part.epoch {
@@ -222,9 +228,19 @@ impl Outbox {
     }
 
     /// `p` left this worker: what it had staged is dropped (its next owner redoes it: nothing
-    /// of it was made visible).
-    pub fn forget(&mut self, p: &Partition) {
-        self.parts.remove(p);
+    /// of it was made visible), and so is what records of assignments up to `upto` stage
+    /// later (give the ledger's latest epoch: a later assignment gets a greater one). One
+    /// small entry stays per partition ever owned.
+    pub fn forget(&mut self, p: &Partition, upto: u64) {
+        let epoch = self.parts.get(p).map_or(upto, |part| part.epoch.max(upto));
+        self.parts.insert(
+            p.clone(),
+            Part {
+                epoch,
+                retired: true,
+                ..Part::default()
+            },
+        );
     }
 
     /// Records waiting for a transaction.

@@ -16,6 +16,12 @@
 //! metadata sent with the offsets lets the broker refuse a worker whose partitions have
 //! moved on (KIP-447). One transaction at a time: the committer's, a revocation's or the
 //! drain's.
+//!
+//! A commit (or an abort) that times out is still in progress in librdkafka: only the same
+//! call may follow, and it is repeated (an abort or a new transaction would fail with
+//! `_CONFLICT` for ever) while `/readyz` says the transaction is stalled and
+//! `clipqc_transaction_stalled` is 1; after [`MAX_RESUMES`] timeouts in a row the worker
+//! stops, and its restart's `init_transactions` ends the stalled transaction.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -31,6 +37,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::outbox::{Batch, OwnedRecord, Staged};
 use super::{is_permanent, owned_headers};
+use crate::http::Readiness;
 use crate::kafka::KafkaSettings;
 use crate::metrics;
 use crate::offsets::Partition;
@@ -52,9 +59,24 @@ pub enum TxnError {
     Fenced { id: String, detail: String },
     #[error("the topic {topic:?} refuses records, even a small ERROR verdict: {error}")]
     Refused { topic: String, error: KafkaError },
+    #[error(
+        "transaction stalled: {call} timed out {times} times in a row ({error}); the worker \
+         stops so that its restart ends the transaction"
+    )]
+    Stalled {
+        call: &'static str,
+        times: u32,
+        error: KafkaError,
+    },
     #[error("transaction not committed (its records wait for the next one): {0}")]
     Failed(KafkaError),
 }
+
+/// Timeouts in a row of a commit or an abort (each `kafka.transaction_call_timeout_ms`, 30 s
+/// by default) before the worker gives up on a stalled transaction: 5 minutes by default,
+/// longer than a broker's restart or a coordinator's move, short enough that a broker that
+/// never comes back ends in a restart.
+pub const MAX_RESUMES: u32 = 10;
 
 impl TxnError {
     /// The worker cannot go on: every later transaction would fail alike.
@@ -81,12 +103,19 @@ pub struct Transactions {
     max_message_bytes: usize,
     timeout: Duration,
     committed: AtomicU64,
+    /// Where a stalled transaction shows (`/readyz`).
+    readiness: std::sync::Arc<Readiness>,
 }
 
 impl Transactions {
     /// A transactional producer named `id`, initialised: a transaction its previous
     /// incarnation left open is aborted, and that incarnation fenced.
-    pub fn start(settings: &KafkaSettings, brokers: &str, id: &str) -> Result<Self, TxnError> {
+    pub fn start(
+        settings: &KafkaSettings,
+        brokers: &str,
+        id: &str,
+        readiness: std::sync::Arc<Readiness>,
+    ) -> Result<Self, TxnError> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", brokers)
             .set("transactional.id", id)
@@ -100,7 +129,18 @@ impl Transactions {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
         let producer: FutureProducer = cfg.create().map_err(TxnError::Failed)?;
-        let timeout = Duration::from_secs(30);
+        let timeout = Duration::from_millis(settings.transaction_call_timeout_ms.max(1));
+        Self::with_producer(producer, id, max_message_bytes, timeout, readiness)
+    }
+
+    /// Around a transactional producer made elsewhere (the tests give it short timeouts).
+    pub fn with_producer(
+        producer: FutureProducer,
+        id: &str,
+        max_message_bytes: usize,
+        timeout: Duration,
+        readiness: std::sync::Arc<Readiness>,
+    ) -> Result<Self, TxnError> {
         producer
             .init_transactions(timeout)
             .map_err(|e| classify(id, e))?;
@@ -116,6 +156,7 @@ impl Transactions {
             max_message_bytes,
             timeout,
             committed: AtomicU64::new(0),
+            readiness,
         })
     }
 
@@ -139,11 +180,12 @@ impl Transactions {
         self.outbox().advance(p, epoch, position);
     }
 
-    /// `partitions` left this worker: drop what they staged (their next owner redoes it).
-    pub fn forget(&self, partitions: &[Partition]) {
+    /// `partitions` left this worker: drop what they staged (their next owner redoes it),
+    /// and what records of assignments up to `upto` (the ledger's latest epoch) stage later.
+    pub fn forget(&self, partitions: &[Partition], upto: u64) {
         let mut outbox = self.outbox();
         for p in partitions {
-            outbox.forget(p);
+            outbox.forget(p, upto);
         }
     }
 
@@ -245,7 +287,7 @@ impl Transactions {
                         Err((e, _)) => {
                             let refused = is_permanent(&e).then(|| vec![(i, j)]);
                             if let Err(abort) = self.abort() {
-                                return Err(Attempt::Fatal(classify(&self.id, abort)));
+                                return Err(Attempt::Fatal(abort));
                             }
                             return Err(match refused {
                                 Some(keys) => Attempt::Refused(keys, r.topic.clone(), Box::new(e)),
@@ -263,12 +305,70 @@ impl Transactions {
                 .add_partition_offset(&p.topic, p.partition, Offset::Offset(part.position))
                 .map_err(Attempt::Retry)?;
         }
-        self.producer
-            .send_offsets_to_transaction(&offsets, group, self.timeout)
-            .map_err(|e| self.abort_after(e, &mut deliveries))?;
-        self.producer
-            .commit_transaction(self.timeout)
-            .map_err(|e| self.abort_after(e, &mut deliveries))
+        match self.resume("send_offsets_to_transaction", || {
+            self.producer
+                .send_offsets_to_transaction(&offsets, group, self.timeout)
+        }) {
+            Ok(()) => {}
+            Err(Resumed::Gave(e)) => return Err(self.abort_after(e, &mut deliveries)),
+            Err(Resumed::Stalled(e)) => return Err(Attempt::Fatal(e)),
+        }
+        match self.resume("commit_transaction", || {
+            self.producer.commit_transaction(self.timeout)
+        }) {
+            Ok(()) => Ok(()),
+            Err(Resumed::Gave(e)) => Err(self.abort_after(e, &mut deliveries)),
+            Err(Resumed::Stalled(e)) => Err(Attempt::Fatal(e)),
+        }
+    }
+
+    /// `call` (a step of the transaction that librdkafka lets resume), repeated while it times
+    /// out: in between the transaction is stalled (`/readyz`, `clipqc_transaction_stalled`).
+    fn resume(
+        &self,
+        name: &'static str,
+        call: impl Fn() -> Result<(), KafkaError>,
+    ) -> Result<(), Resumed> {
+        let mut times = 0;
+        let result = loop {
+            match call() {
+                Ok(()) => break Ok(()),
+                Err(e) if resumable(&e) => {
+                    times += 1;
+                    if times >= MAX_RESUMES {
+                        break Err(Resumed::Stalled(TxnError::Stalled {
+                            call: name,
+                            times,
+                            error: e,
+                        }));
+                    }
+                    if times == 1 {
+                        self.stalled(true);
+                    }
+                    tracing::warn!(call = name, error = %e, times, "transaction step timed out: repeating it (a timed-out step stays in progress; nothing else may follow)");
+                }
+                Err(e) => break Err(Resumed::Gave(e)),
+            }
+        };
+        if times > 0 {
+            self.stalled(false);
+        }
+        result
+    }
+
+    /// How long one step of a transaction may wait for the broker.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether a transaction is stalled, for `/readyz` and `clipqc_transaction_stalled`: set
+    /// here when a step times out, and by the committer while a step runs past its bound
+    /// (librdkafka's own request timeouts can keep a step waiting longer than the call's).
+    pub fn stalled(&self, stalled: bool) {
+        self.readiness
+            .transaction_stalled
+            .store(stalled, Ordering::Relaxed);
+        metrics::transaction_stalled(stalled);
     }
 
     /// A step of the transaction failed with `e`: find records refused for good (every
@@ -292,7 +392,7 @@ impl Transactions {
             }
         }
         if let Err(abort) = self.abort() {
-            return Attempt::Fatal(classify(&self.id, abort));
+            return Attempt::Fatal(abort);
         }
         match refusal {
             Some((topic, error)) => Attempt::Refused(refused, topic, Box::new(error)),
@@ -300,15 +400,36 @@ impl Transactions {
         }
     }
 
-    fn abort(&self) -> Result<(), KafkaError> {
-        match self.producer.abort_transaction(self.timeout) {
+    /// Aborts the open transaction; an error only when no later transaction can follow.
+    fn abort(&self) -> Result<(), TxnError> {
+        match self.resume("abort_transaction", || {
+            self.producer.abort_transaction(self.timeout)
+        }) {
             Ok(()) => Ok(()),
-            Err(e) if is_fatal(&e) => Err(e),
-            Err(e) => {
+            Err(Resumed::Stalled(e)) => Err(e),
+            Err(Resumed::Gave(e)) if is_fatal(&e) => Err(classify(&self.id, e)),
+            Err(Resumed::Gave(e)) => {
                 tracing::warn!(error = %e, "abort_transaction");
                 Ok(())
             }
         }
+    }
+}
+
+/// How a resumable step ended, when it did not succeed.
+enum Resumed {
+    /// It failed otherwise than by timing out: the caller aborts (or stops, if fatal).
+    Gave(KafkaError),
+    /// It timed out [`MAX_RESUMES`] times in a row: a [`TxnError::Stalled`].
+    Stalled(TxnError),
+}
+
+/// A step that timed out (or met another retriable error) and may be called again as it is,
+/// without an abort: librdkafka keeps it in progress.
+fn resumable(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal(),
+        _ => false,
     }
 }
 

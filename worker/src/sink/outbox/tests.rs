@@ -84,7 +84,7 @@ fn a_partition_assigned_anew_starts_from_nothing_and_stragglers_are_dropped() {
     outbox.stage(&p(0), 1, 5, staged(5));
     outbox.advance(&p(0), 1, 6);
     // Revoked and assigned again (epoch 2) before a transaction took offset 5.
-    outbox.forget(&p(0));
+    outbox.forget(&p(0), 1);
     outbox.stage(&p(0), 2, 5, staged(5));
     outbox.stage(&p(0), 1, 6, staged(6)); // a straggler of the first assignment
     outbox.advance(&p(0), 1, 7);
@@ -93,6 +93,50 @@ fn a_partition_assigned_anew_starts_from_nothing_and_stragglers_are_dropped() {
     assert_eq!(offsets(&batch, 0), [5]);
     assert_eq!(batch.parts[0].position, 6);
     assert_eq!(batch.parts[0].epoch, 2);
+}
+
+/// A record of a revoked (or lost) partition that finishes after the revocation: before, its
+/// stage re-created the partition at the old epoch, where no transaction would ever take it,
+/// and its record slot (the hold) was never given back. Now it is dropped at once, slot and
+/// all, whether or not the partition had staged anything before it left; the partition's next
+/// assignment here starts as usual.
+#[test]
+fn a_record_finished_after_its_partition_left_is_dropped_and_gives_its_slot_back() {
+    let slot = std::sync::Arc::new(());
+    let held = |o: i64| Staged {
+        hold: Some(Hold(Box::new(slot.clone()))),
+        ..staged(o)
+    };
+    let mut outbox = Outbox::new();
+    // p(0) had staged something when it left at epoch 3; p(1) had nothing (epoch 4).
+    outbox.stage(&p(0), 3, 0, held(0));
+    outbox.forget(&p(0), 4);
+    outbox.forget(&p(1), 4);
+    assert_eq!(
+        std::sync::Arc::strong_count(&slot),
+        1,
+        "forget drops staged records"
+    );
+    for (n, epoch) in [(0, 3), (1, 4)] {
+        outbox.stage(&p(n), epoch, 1, held(1));
+        outbox.advance(&p(n), epoch, 2);
+    }
+    assert_eq!(outbox.staged(), 0, "stragglers are not staged");
+    assert_eq!(
+        std::sync::Arc::strong_count(&slot),
+        1,
+        "their slots are back"
+    );
+    assert!(
+        outbox.take(None).is_empty(),
+        "no transaction for a partition that left"
+    );
+    // Assigned here again (epoch 5): its records are taken as usual.
+    outbox.stage(&p(1), 5, 7, staged(7));
+    outbox.advance(&p(1), 5, 8);
+    let batch = outbox.take(None);
+    assert_eq!(offsets(&batch, 1), [7]);
+    assert_eq!(batch.parts[0].epoch, 5);
 }
 
 #[test]
