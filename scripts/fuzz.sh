@@ -30,7 +30,7 @@ tools="$(ensure_cargo_tool cargo-fuzz 0.13.2 "a minute")"
 export PATH="$tools:$PATH"
 
 # The instrumented build compiles the whole dependency tree again (15 to 21 minutes from nothing
-# on this 2-core machine under other work, 3.4 GB), so it is kept in the cache, like tansu: CI pays
+# on this 2-core machine under other work, 3.4 GB), so it is kept in the cache: CI pays
 # it once per machine and dependency set, and later runs rebuild only the worker and the targets
 # (about 5 minutes). A new toolchain or dependency set starts it afresh, since cargo never
 # removes what it stopped using. CLIPQC_FUZZ_TARGET_DIR names another folder, used as it is. (Not

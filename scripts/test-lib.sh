@@ -7,7 +7,8 @@ cd "$ROOT"
 MODEL="$ROOT/target/models/tiny"
 FIXTURES="$ROOT/target/fixtures"
 
-# The random tiny models, the reference fixtures, tansu, the tests' Python packages and the
+# The random tiny models, the reference fixtures, Apache Kafka's jars (scripts/kafka.sh), the
+# tests' Python packages and the
 # bench images; exports the variables the tests read. Prometheus and Alertmanager, which
 # tests/it/ops_stack.rs runs, come with scripts/check-monitoring.sh (test.sh) or
 # ensure_prometheus (the soak).
@@ -16,7 +17,7 @@ test_prepare() {
   # Segment Anything's tiny random model beside it (tests/it/model_fidelity/sam.rs finds it there).
   ensure_sam_model tiny "$MODEL/sam"
   ensure_fixtures
-  ensure_tansu
+  scripts/kafka.sh fetch >/dev/null
   # Test-only Python packages (moto's S3 server), once per requirements version.
   local test_reqs_stamp
   test_reqs_stamp="$VENV/.tests-$(sha256sum tests/requirements.txt | cut -c1-12)"
@@ -94,8 +95,8 @@ rust_passes() {
   local rc=0
   {
     cargo test --workspace --lib --bins --tests "$@" -- --nocapture --include-ignored \
-      --skip measure_ --skip e2e_tansu:: --skip ops_stack:: &&
-      cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ e2e_tansu:: &&
+      --skip measure_ --skip e2e_kafka:: --skip ops_stack:: &&
+      cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ e2e_kafka:: &&
       cargo test --workspace --test it "$@" -- --nocapture --include-ignored --skip measure_ ops_stack:: &&
       # Each criterion benchmark once, as a smoke test (`--bench '*'`: the bench targets only;
       # with `--benches` cargo would run the library's unit tests a second time).

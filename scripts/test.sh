@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh clone: Python environment, the random tiny model, the reference
-# fixtures, the tansu broker for the end-to-end tests, the deployment checks, then every Rust test. `.ci/run` calls exactly this.
+# fixtures, Apache Kafka for the end-to-end tests (scripts/kafka.sh), the deployment checks, then
+# every Rust test. `.ci/run` calls exactly this.
 set -euo pipefail
 
 source "$(dirname "$0")/test-lib.sh"

@@ -8,10 +8,12 @@
         Prints one JSON line per acknowledged record: {"partition", "offset", "requestId", "bad",
         "traceparent"}.
 
-    kafka_client.py consume --brokers B --topic T [--expect N] [--idle S]
+    kafka_client.py consume --brokers B --topic T [--expect N] [--idle S] [--to-end]
         Reads the topic from the beginning in a group of its own and prints one JSON line per
         record: its partition and offset, headers, and the verdict (JSON) when it is one. Stops
-        after N records with distinct source coordinates, or after S seconds without a record.
+        after N records with distinct source coordinates, or after S seconds without a record,
+        or with --to-end once every partition has reached its end (for a read_committed reader,
+        the default, its last stable offset).
 
     Both take --property K=V (repeatable): more librdkafka properties, e.g. security.protocol,
     sasl.* and ssl.ca.location for a broker that requires a login or TLS.
@@ -25,7 +27,7 @@ import sys
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 
 def properties(args: argparse.Namespace) -> dict:
@@ -80,16 +82,24 @@ def produce(args: argparse.Namespace) -> int:
 
 def consume(args: argparse.Namespace) -> int:
     consumer = Consumer({"bootstrap.servers": args.brokers, "group.id": f"e2e-reader-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False, **properties(args)})
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "enable.partition.eof": args.to_end, **properties(args)})
     consumer.subscribe([args.topic])
+    partitions = set(consumer.list_topics(args.topic, timeout=30).topics[args.topic].partitions) if args.to_end else set()
+    ended = set()
     sources = set()
     last = time.time()
     try:
         while (args.expect is None or len(sources) < args.expect) and time.time() - last < args.idle:
+            if args.to_end and ended >= partitions:
+                break
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
             if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    ended.add(msg.partition())
+                    continue
                 if msg.error().fatal():
                     raise KafkaException(msg.error())
                 continue
@@ -104,6 +114,10 @@ def consume(args: argparse.Namespace) -> int:
             print(json.dumps(record), flush=True)
     finally:
         consumer.close()
+    if args.to_end and not ended >= partitions:
+        print(f"consume --to-end: partitions {sorted(partitions - ended)} of {args.topic} not read to their end "
+              f"within {args.idle} s without a record", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -123,6 +137,7 @@ def main() -> int:
     co.add_argument("--topic", required=True)
     co.add_argument("--expect", type=int)
     co.add_argument("--idle", type=float, default=20.0)
+    co.add_argument("--to-end", action="store_true", help="stop once every partition is read to its end")
     for command in (pr, co):
         command.add_argument("--property", action="append", default=[], metavar="K=V")
     args = p.parse_args()

@@ -82,9 +82,9 @@ fn bench_names_a_missing_image() {
     refused(&out, None, &["/nonexistent/part.jpg"]);
 }
 
-/// Against a real broker process (tansu): the bench creates its topics there and measures.
+/// Against a real broker process (Apache Kafka): the bench creates its topics there and measures.
 #[test]
-#[ignore = "needs the tansu broker (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh, scripts/test.sh)"]
 fn bench_runs_against_a_given_broker() {
     let _serial = common::e2e::serial();
     let broker = common::e2e::Broker::start();

@@ -4,7 +4,7 @@
 //!
 //! Run one suite with `cargo test --test it pipeline_mock::`. Under a plain `cargo test`
 //! the tests that compare with Python's reference outputs or need programs beyond Rust (the
-//! tansu broker and the Python Kafka client, moto, Prometheus, the exported tiny SAM) are
+//! Apache Kafka broker and the Python Kafka client, moto, Prometheus, the exported tiny SAM) are
 //! ignored, each saying what it needs; scripts/test.sh prepares all of that and runs them
 //! too (`--include-ignored`). Measurements run by hand are named `measure_*`.
 //!

@@ -1,4 +1,4 @@
-//! Operations end to end, with real parts: a tansu broker, the worker binary, Prometheus and
+//! Operations end to end, with real parts: an Apache Kafka broker, the worker binary, Prometheus and
 //! Alertmanager from Debian's packages, and webhook receivers served by the test.
 //!
 //! One scenario, because each part takes seconds to start: requests flow (some with missing
@@ -29,7 +29,7 @@ fn repo() -> &'static Path {
 }
 
 #[test]
-#[ignore = "needs tansu, Prometheus and Alertmanager (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka, Prometheus and Alertmanager (scripts/test.sh)"]
 fn prometheus_scrapes_the_worker_and_alerts_reach_webhooks() {
     let e = E2e::start("ops", 3);
     let dir = e.dir.path();

@@ -1,6 +1,6 @@
 //! The pipeline against librdkafka's mock cluster with faults: a worker that is full, the
 //! broker refusing produce and commit requests, a model that breaks. (Workers joining and
-//! leaving a group are tested against a real broker, in tests/e2e_tansu.rs: the mock
+//! leaving a group are tested against a real broker, in tests/e2e_kafka.rs: the mock
 //! coordinator holds every rebalance for a whole session timeout and sometimes loops.) The fake model (with a delay) stands in for CLIP: these tests are
 //! about records and offsets, not about scores.
 

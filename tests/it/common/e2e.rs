@@ -1,4 +1,4 @@
-//! End-to-end harness: a real broker process (tansu 0.6.0), the worker binary as a process of
+//! End-to-end harness: a real broker process (Apache Kafka, `scripts/kafka.sh`), the worker binary as a process of
 //! its own (so it can be killed), an HTTP server with the part images, and an independent
 //! Kafka client (confluent-kafka from PyPI, tests/e2e/kafka_client.py).
 //!
@@ -30,7 +30,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A server process a test starts (tansu, moto, Prometheus, Alertmanager) listens within a
+/// A server process a test starts (moto, Prometheus, Alertmanager) listens within a
 /// second or two of its start on an idle machine; a minute is room for a loaded 2-core one.
 pub const LISTEN_WITHIN: Duration = Duration::from_secs(60);
 
@@ -47,7 +47,7 @@ pub const START_WITHIN: Duration = Duration::from_secs(120);
 pub const STOP_WITHIN: Duration = Duration::from_secs(60);
 
 /// How long the Python client reads on without a record before it stops: it joins a group of
-/// its own first (one join round on tansu: seconds), then takes records that are on the topic
+/// its own first (one join round: seconds), then takes records that are on the topic
 /// already or come from a running worker, the next within a second or two of the last. A
 /// minute without one is a stall, not a slow machine; a read that ends on a count (`expect`)
 /// stops as soon as it has it, so the bound costs nothing when all is well.
@@ -65,90 +65,8 @@ pub fn wait_for_port(port: u16, what: &str) {
     )
 }
 
-/// tansu: `CLIPQC_TANSU`, else `tansu` on PATH (scripts/env.sh installs and exports it).
-pub fn tansu_bin() -> PathBuf {
-    std::env::var_os("CLIPQC_TANSU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("tansu"))
-}
-
-/// A tansu broker with sqlite storage in a temporary folder; killed on drop.
-pub struct Broker {
-    child: Child,
-    /// Where clients connect (127.0.0.1).
-    pub port: u16,
-    /// librdkafka properties the test's own clients need: the security settings of a broker
-    /// that requires a login or TLS ([`Broker::start_in`]); none for a plain one.
-    pub client_properties: Vec<(String, String)>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-mod secured;
-
-impl Broker {
-    pub fn start() -> Self {
-        Self::start_with_storage("sqlite://tansu.db")
-    }
-
-    /// As [`Broker::start`] on another storage engine (`memory://tansu/`: tansu 0.6.0's sqlite
-    /// engine has panicked under heavy produce loads of large records).
-    pub fn start_with_storage(storage: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            // sqlite paths are relative to tansu's working directory.
-            .args(["--storage-engine", storage])
-            .current_dir(dir.path())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "start tansu ({}): {e}; scripts/test.sh installs it",
-                    tansu_bin().display()
-                )
-            });
-        wait_for_port(port, "tansu");
-        Self {
-            child,
-            port,
-            client_properties: Vec::new(),
-            _dir: Some(dir),
-        }
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// tansu 0.6.0 does not create topics on first use.
-    pub fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu_bin())
-            .args(["topic", "create", "--broker"])
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
-            .args(["--partitions", &partitions.to_string(), name])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "tansu topic create {name}");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod broker;
+pub use broker::*;
 
 /// Serves the files of `dir` over HTTP on 127.0.0.1, on a runtime of its own.
 pub struct ImageServer {
@@ -239,14 +157,31 @@ pub struct Start<'a> {
     name: &'a str,
     dir: &'a Path,
     static_member: bool,
+    /// Its `kafka.instance_id` when not its name.
+    instance: Option<&'a str>,
+    /// `kafka.group_protocol`.
+    protocol: &'a str,
     config: String,
     env: Vec<(&'a str, String)>,
 }
 
 impl<'a> Start<'a> {
-    /// A dynamic member of its group: a leaving member says so and tansu rebalances at once.
+    /// A dynamic member of its group: a leaving member says so and the broker rebalances at once.
     pub fn dynamic(mut self) -> Self {
         self.static_member = false;
+        self
+    }
+
+    /// A static member with instance id `id` (its config and log still named after it): a
+    /// second process standing in for one that is stopped, not dead (a zombie).
+    pub fn instance(mut self, id: &'a str) -> Self {
+        self.instance = Some(id);
+        self
+    }
+
+    /// `kafka.group_protocol` (`classic`, the default, or `consumer`: KIP-848).
+    pub fn group_protocol(mut self, protocol: &'a str) -> Self {
+        self.protocol = protocol;
         self
     }
 
@@ -266,14 +201,18 @@ impl<'a> Start<'a> {
     pub fn start(self) -> Worker {
         let name = self.name;
         // A static member's session must outlast its restart, or the broker drops it between
-        // the kill and the rejoin (KIP-345). The restart here is a process start plus tansu's
-        // 3 s pauses on a static member's join and on its sync: at 10 s, under load, the first
-        // heartbeat came 70 ms late, tansu dropped the member yet kept it as the group's leader,
-        // and the rejoined worker waited for that leader's assignment for ever (the crash
-        // test's STUCK). So static members keep librdkafka's default, 45 s, as the worker does;
-        // dynamic ones 10 s (a leaving member says so, and nothing waits for its session).
+        // the kill and the rejoin (KIP-345). The restart here is a process start, the model's
+        // load and a join: on tansu 0.6.0 (the broker of these tests before Apache Kafka),
+        // with its 3 s pauses on a static member's join and sync, a 10 s session ran out under
+        // load, and the rejoined worker waited for ever (the crash test's STUCK). So static
+        // members keep librdkafka's default, 45 s, as the worker does; dynamic ones 10 s (a
+        // leaving member says so, and nothing waits for its session). KIP-848's protocol takes
+        // the session from the broker (kafka.sh: 10 s) and refuses the client's setting.
         let (membership, session_ms) = if self.static_member {
-            (format!("instance_id = \"{name}\""), 45_000)
+            (
+                format!("instance_id = \"{}\"", self.instance.unwrap_or(name)),
+                45_000,
+            )
         } else {
             (String::new(), 10_000)
         };
@@ -289,8 +228,9 @@ verdict_topic = "{verdicts}"
 dlq_topic = "{dlq}"
 {membership}
 verdict_encoding = "json"
+group_protocol = "{protocol}"
 [kafka.properties]
-"session.timeout.ms" = "{session_ms}"
+{session}
 
 [model]
 dir = "{model}"
@@ -310,7 +250,12 @@ listen = "127.0.0.1:0"
 {extra}
 "#,
                 brokers = self.broker.brokers(),
-                session_ms = session_ms,
+                protocol = self.protocol,
+                session = if self.protocol == "classic" {
+                    format!("\"session.timeout.ms\" = \"{session_ms}\"")
+                } else {
+                    String::new()
+                },
                 group = self.topics.group,
                 requests = self.topics.requests,
                 verdicts = self.topics.verdicts,
@@ -355,6 +300,8 @@ impl Worker {
             name,
             dir,
             static_member: true,
+            instance: None,
+            protocol: "classic",
             config: String::new(),
             env: Vec::new(),
         }
@@ -643,7 +590,7 @@ pub struct E2e {
 }
 
 impl E2e {
-    /// A tansu broker with topics named after `name`, `partitions` of requests.
+    /// A broker with topics named after `name`, `partitions` of requests.
     pub fn start(name: &str, partitions: u32) -> Self {
         Self::start_on(Broker::start, name, partitions)
     }
@@ -729,17 +676,48 @@ impl ReadBack {
     }
 }
 
+/// A [`follow`]er: a receiver of the records the client reads; dropping it ends the client
+/// (a test that has what it wanted, or failed, leaves no reader behind to wait out its idle
+/// bound against a broker that is gone).
+pub struct Follower {
+    rx: mpsc::Receiver<ReadBack>,
+    child: std::sync::Arc<std::sync::Mutex<Child>>,
+}
+
+impl std::ops::Deref for Follower {
+    type Target = mpsc::Receiver<ReadBack>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// Follow `topic` in the background: records arrive on the channel as the client reads them;
 /// it stops after `expect` distinct sources or `idle` without a record.
-pub fn follow(
+pub fn follow(broker: &Broker, topic: &str, expect: usize, idle: Duration) -> Follower {
+    follow_with(broker, topic, expect, idle, &[])
+}
+
+/// As [`follow`], the client given more librdkafka `properties` (e.g.
+/// `isolation.level=read_uncommitted`; it reads committed records only by default).
+pub fn follow_with(
     broker: &Broker,
     topic: &str,
     expect: usize,
     idle: Duration,
-) -> mpsc::Receiver<ReadBack> {
+    properties: &[&str],
+) -> Follower {
     let mut child = client()
         .args(["consume", "--brokers", &broker.brokers(), "--topic", topic])
         .args(broker.client_args())
+        .args(properties.iter().flat_map(|p| ["--property", p]))
         .args(["--expect", &expect.to_string()])
         .args(["--idle", &idle.as_secs_f64().to_string()])
         .stdout(Stdio::piped())
@@ -747,7 +725,9 @@ pub fn follow(
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
     let (tx, rx) = mpsc::channel();
+    let reaper = child.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
@@ -755,10 +735,11 @@ pub fn follow(
                 break;
             }
         }
+        let mut child = reaper.lock().unwrap_or_else(|e| e.into_inner());
         let _ = child.kill();
         let _ = child.wait();
     });
-    rx
+    Follower { rx, child }
 }
 
 /// The next `n` records of a [`follow`]er; when it stops first (`idle` without a record),
@@ -790,6 +771,39 @@ pub fn bad(published: &[Published]) -> std::collections::HashSet<(i32, i64)> {
         .filter(|p| p.bad)
         .map(|p| (p.partition, p.offset))
         .collect()
+}
+
+/// Every record of `topic` up to its end as the client finds it when the read starts
+/// (`--to-end`: each partition's end of file; for a reader of committed records, the last
+/// stable offset), given `properties`; for a topic nothing writes to any more, so duplicates
+/// after the last distinct source are counted too. `IDLE` bounds a read that never ends.
+pub fn read_to_end(broker: &Broker, topic: &str, properties: &[&str]) -> Vec<ReadBack> {
+    let mut child = client()
+        .args([
+            "consume",
+            "--to-end",
+            "--brokers",
+            &broker.brokers(),
+            "--topic",
+            topic,
+        ])
+        .args(broker.client_args())
+        .args(properties.iter().flat_map(|p| ["--property", p]))
+        .args(["--idle", &IDLE.as_secs_f64().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let records = out
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(
+        child.wait().unwrap().success(),
+        "kafka_client.py consume --to-end {topic}"
+    );
+    records
 }
 
 /// Read `topic` to the end (until `expect` distinct sources or `idle` without a record).

@@ -1,5 +1,5 @@
-//! TLS for the security tests: a certificate authority and a broker certificate made here,
-//! and a TLS terminator in front of tansu, which cannot serve TLS itself in 0.6.0.
+//! TLS for the security tests: a certificate authority and a broker certificate made here
+//! (Apache Kafka serves it from a PEM key store).
 
 use std::path::{Path, PathBuf};
 
@@ -106,51 +106,4 @@ fn builder(
     b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
         .unwrap();
     b
-}
-
-/// TLS on a loopback port, each connection forwarded as plain bytes to 127.0.0.1:`upstream`,
-/// as a load balancer or a service-mesh sidecar terminates TLS in front of a broker. Lives
-/// as long as this value (its own runtime).
-pub struct Terminator {
-    pub port: u16,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Terminator {
-    pub fn start(cert_pem: &[u8], key_pem: &[u8], upstream: u16) -> Self {
-        let identity = native_tls::Identity::from_pkcs8(cert_pem, key_pem).unwrap();
-        let acceptor: tokio_native_tls::TlsAcceptor =
-            native_tls::TlsAcceptor::new(identity).unwrap().into();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        runtime.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    // A client that does not trust the certificate ends its handshake: that
-                    // connection is over, nothing else.
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(mut broker) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
-                });
-            }
-        });
-        Self {
-            port,
-            _runtime: runtime,
-        }
-    }
 }

@@ -79,7 +79,7 @@ fn list(config: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn feedback_becomes_exactly_one_exemplar_per_image_with_two_workers() {
     let e = E2e::start("fb", 2);
     e.broker.create_topic("clipqc.exemplars", 1);

@@ -67,7 +67,7 @@ struct Seen {
 }
 
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothing_lost() {
     const TOTAL: usize = 1000;
     let e = E2e::start("reload", 3);
@@ -107,8 +107,13 @@ fn profiles_change_under_a_steady_stream_with_one_switch_per_partition_and_nothi
                 tails()
             );
             let Ok(r) = verdicts.recv() else {
+                let mut by: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+                for v in seen.values().flatten() {
+                    *by.entry((v.worker.as_str(), v.version.as_str())).or_default() += 1;
+                }
                 panic!(
-                    "{what}: the reader stopped, no verdict for {IDLE:?} ({} read)\n{}",
+                    "{what}: the reader stopped, no verdict for {IDLE:?} ({} read; by worker and \
+                     version: {by:?})\n{}",
                     seen.len(),
                     tails()
                 );
@@ -277,7 +282,7 @@ fn add_exemplar(config: &Path, class: &str, image: &str) {
 /// with the new classes, so an exemplar of the new class that it skipped before now counts,
 /// and the exemplars of the classes that moved keep their class.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn a_class_added_while_running_takes_its_exemplars_and_the_others_keep_theirs() {
     let e = E2e::start("relearn", 1);
     e.broker.create_topic("clipqc.exemplars", 1);

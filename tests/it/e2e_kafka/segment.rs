@@ -34,7 +34,7 @@ fn number(v: &serde_json::Value) -> f64 {
 }
 
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn a_segmenting_profiles_defects_carry_their_masks_and_nothing_is_lost() {
     let e = E2e::start("segment", 2);
     let sam = super::common::tiny_sam();

@@ -1,20 +1,10 @@
-//! Kafka security against the real broker process: SCRAM logins required by tansu, TLS with a
-//! certificate authority made by the test, the password from a mounted file or from the
-//! environment, and the worker's error when the brokers refuse its login or it does not trust
-//! their certificate.
-//!
-//! What tansu 0.6.0 offers, found in its sources and shown by the last two tests (the README's
-//! "Kafka security" section says the same): `--authentication` takes SCRAM-SHA-256 and
-//! SCRAM-SHA-512 logins of users made with `tansu user create`; PLAIN is refused whatever the
-//! password. It serves no TLS: `--cert` and `--key` cannot be given together (its CLI puts
-//! them in one exclusive group), and its listener never uses the TLS acceptor it would build.
-//! TLS is tested through a terminator in front of it, as a load balancer or a service-mesh
-//! sidecar would terminate it: the worker's side (librdkafka's SASL_SSL, the CA, the broker's
-//! name checked against its certificate) is what the tests exercise.
+//! Kafka security against the real broker process, Apache Kafka (`scripts/kafka.sh start
+//! --sasl-scram --tls`): SCRAM logins, TLS with a certificate authority made by the test, the
+//! password from a mounted file or from the environment, and the worker's error when the
+//! brokers refuse its login or it does not trust their certificate.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::common::e2e::*;
@@ -26,7 +16,7 @@ mod tls;
 const WORKER: (&str, &str) = ("clipqc", "worker-pw-7f3a9c");
 const CAMERA: (&str, &str) = ("camera", "camera-pw-91c2e4");
 
-/// A tansu broker that requires SCRAM logins, with the test's users and topics.
+/// A broker that requires SCRAM logins, with the test's users and topics.
 struct Secured {
     broker: Broker,
     topics: Topics,
@@ -34,7 +24,6 @@ struct Secured {
     dir: tempfile::TempDir,
     /// The CA the broker's certificate is from, when there is TLS.
     authority: Option<tls::Authority>,
-    _terminator: Option<tls::Terminator>,
 }
 
 impl Secured {
@@ -43,37 +32,26 @@ impl Secured {
         Worker::named(&self.broker, &self.topics, name, self.dir.path())
     }
 
-    /// Users and topics are made on the broker without authentication (tansu 0.6.0 takes
-    /// `tansu user create` and `tansu topic create` only without it, and the CLI cannot log
-    /// in), then it is started again on the same database with `--authentication`; with
-    /// `tls`, behind a terminator with a certificate from a CA made here.
+    /// A broker whose clients' listener requires SCRAM logins (the worker's and the cameras'
+    /// users are made when its store is formatted), over TLS with a certificate from a CA made
+    /// here when `tls`; the topics are made through its internal listener.
     fn start(name: &str, tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let plain = free_port();
-        let topics = {
-            let setup = Broker::start_in(dir.path(), plain, plain, &[], Vec::new());
-            for ((user, password), mechanism) in [(WORKER, "scram512"), (CAMERA, "scram256")] {
-                let status = Command::new(tansu_bin())
-                    .args(["user", "create", "--broker"])
-                    .arg(format!("tcp://127.0.0.1:{plain}"))
-                    .args(["--mechanism", mechanism, user, password])
-                    .stdout(Stdio::null())
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "tansu user create {user}");
-            }
-            Topics::create(&setup, name, 2)
-        };
-        let port = free_port();
-        let (authority, terminator) = if tls {
+        let users = [WORKER, CAMERA].map(|(u, p)| format!("{u}:{p}"));
+        let mut args = vec!["--sasl-scram", "--user", &users[0], "--user", &users[1]];
+        let authority = tls.then(|| {
             let authority = tls::Authority::new(dir.path(), "clipqc test CA");
             let (cert, key) = authority.broker_certificate();
-            let terminator = tls::Terminator::start(&cert, &key, port);
-            (Some(authority), Some(terminator))
-        } else {
-            (None, None)
-        };
-        let advertised = terminator.as_ref().map_or(port, |t| t.port);
+            // Kafka's PEM key store: the PKCS#8 key and the certificate in one file, where
+            // kafka.sh looks for it.
+            let tls = dir.path().join("kafka/tls");
+            std::fs::create_dir_all(&tls).unwrap();
+            std::fs::write(tls.join("broker.pem"), [key, cert].concat()).unwrap();
+            authority
+        });
+        if tls {
+            args.push("--tls");
+        }
         let mut client = vec![
             ("security.protocol", protocol(tls)),
             ("sasl.mechanism", "SCRAM-SHA-256"),
@@ -87,13 +65,13 @@ impl Secured {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let broker = Broker::start_in(dir.path(), port, advertised, &["--authentication"], client);
+        let broker = Broker::start_in(&dir.path().join("kafka"), None, &args, client);
+        let topics = Topics::create(&broker, name, 2);
         Self {
             broker,
             topics,
             dir,
             authority,
-            _terminator: terminator,
         }
     }
 
@@ -142,7 +120,7 @@ fn protocol(tls: bool) -> &'static str {
 /// the bad ones their dead letter; the cameras' client logs in with SCRAM-SHA-256. The
 /// password is in none of the worker's log lines.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn scram_logins_over_tls_get_every_verdict_from_the_real_broker() {
     let _serial = serial();
     let s = Secured::start("secure", true);
@@ -192,7 +170,7 @@ fn scram_logins_over_tls_get_every_verdict_from_the_real_broker() {
 /// brokers refused its login and names the settings to check, not the password. Before, it
 /// failed after 10 s with "broker transport failure", which named neither.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn a_wrong_password_stops_the_worker_with_an_authentication_error() {
     let _serial = serial();
     let s = Secured::start("wrong-password", false);
@@ -208,7 +186,8 @@ fn a_wrong_password_stops_the_worker_with_an_authentication_error() {
         error.starts_with(&format!(
             "error: the Kafka brokers {} refused the worker's authentication: ",
             s.broker.brokers()
-        )) && error.contains("SASL SCRAM authentication failed")
+        )) && error.contains("SASL authentication error")
+            && error.contains("invalid credentials with SASL mechanism SCRAM-SHA-512")
             && error.contains("sasl.username \"clipqc\"")
             && error.contains("CLIPQC__KAFKA__PROPERTIES__SASL_PASSWORD"),
         "{error}"
@@ -221,7 +200,7 @@ fn a_wrong_password_stops_the_worker_with_an_authentication_error() {
 /// The worker trusts another CA than the broker's certificate is from: it stops with an
 /// error that says TLS failed and why, and names its `ssl.ca.location`.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn a_broker_certificate_the_worker_does_not_trust_stops_it_with_a_tls_error() {
     let _serial = serial();
     let s = Secured::start("untrusted", true);
@@ -250,11 +229,11 @@ fn a_broker_certificate_the_worker_does_not_trust_stops_it_with_a_tls_error() {
     eprintln!("untrusted certificate: {error}");
 }
 
-/// tansu 0.6.0 with `--authentication`: SCRAM-SHA-256 and SCRAM-SHA-512 logins pass, each
-/// with the credentials made for its mechanism; PLAIN, no login, and a wrong password do not.
+/// `kafka.sh start --sasl-scram`: each user logs in with SCRAM-SHA-256 and with SCRAM-SHA-512;
+/// PLAIN (not enabled), a wrong password and no login at all are refused.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
-fn tansu_0_6_0_takes_scram_logins_and_refuses_plain_ones() {
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
+fn the_brokers_take_scram_logins_of_either_mechanism_and_refuse_others() {
     let _serial = serial();
     let s = Secured::start("mechanisms", false);
     let brokers = s.broker.brokers();
@@ -276,85 +255,28 @@ fn tansu_0_6_0_takes_scram_logins_and_refuses_plain_ones() {
     };
     // A success ends the check at the first metadata answer (milliseconds on loopback; the
     // check asks again every 500 ms): 60 s is a bound on a broker that never answers. A
-    // refusal ends it at once when tansu answers with an authentication error; where it
-    // answers nothing at all (no login) there is no event to wait for, and the check runs to
-    // its bound: 5 s, ten times a connection and a SASL round trip on a loaded machine, in
-    // which a login that is let in would be (the successes take one round trip).
-    login(Some("SCRAM-SHA-512"), WORKER, 60).expect("SCRAM-SHA-512");
-    login(Some("SCRAM-SHA-256"), CAMERA, 60).expect("SCRAM-SHA-256");
+    // refusal ends it when the broker answers with an authentication error; where it answers
+    // nothing a client understands (no login on a SASL listener) the check runs to its bound:
+    // 5 s, ten times a connection and a SASL round trip on a loaded machine.
+    for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256"] {
+        for user in [WORKER, CAMERA] {
+            login(Some(mechanism), user, 60)
+                .unwrap_or_else(|e| panic!("{mechanism} as {}: {e}", user.0));
+        }
+    }
     let refused = [
         ("PLAIN, right password", login(Some("PLAIN"), WORKER, 5)),
         (
-            "SCRAM-SHA-256 for a SCRAM-SHA-512 user",
-            login(Some("SCRAM-SHA-256"), WORKER, 5),
-        ),
-        (
             "SCRAM-SHA-512, wrong password",
             login(Some("SCRAM-SHA-512"), (WORKER.0, "wrong"), 5),
+        ),
+        (
+            "SCRAM-SHA-256, unknown user",
+            login(Some("SCRAM-SHA-256"), ("nobody", "x"), 5),
         ),
         ("no login", login(None, WORKER, 5)),
     ];
     for (what, result) in refused {
         assert!(result.is_err(), "{what}: let in");
     }
-}
-
-/// tansu 0.6.0 serves no TLS: given `--cert` and `--key` it refuses to start, and with
-/// `--cert` alone it listens in plain TCP, so a TLS handshake with it fails.
-#[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
-fn tansu_0_6_0_serves_no_tls() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let authority = tls::Authority::new(dir.path(), "clipqc test CA");
-    let (cert, key) = authority.broker_certificate();
-    let (cert_file, key_file) = (dir.path().join("broker.pem"), dir.path().join("broker.key"));
-    std::fs::write(&cert_file, cert).unwrap();
-    std::fs::write(&key_file, key).unwrap();
-    let port = free_port();
-    let mut both = Command::new(tansu_bin())
-        .args(["broker", "--listener-url"])
-        .arg(format!("tcp://127.0.0.1:{port}"))
-        .arg("--cert")
-        .arg(&cert_file)
-        .arg("--key")
-        .arg(&key_file)
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // tansu's CLI refuses the pair of arguments while parsing them, before it starts anything
-    // (milliseconds); 60 s is a bound on a tansu that did start, which the assertion names.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while both.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = both.kill();
-    let out = both.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && stderr.contains("the argument '--cert <CERT>' cannot be used with '--key <KEY>'"),
-        "{stderr}"
-    );
-
-    let cert_only = tempfile::tempdir().unwrap();
-    let path = cert_file.to_str().unwrap();
-    let broker = Broker::start_in(cert_only.path(), port, port, &["--cert", path], Vec::new());
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
-    // A TLS server on loopback answers a ClientHello in milliseconds; tansu 0.6.0 never answers
-    // it at all, so the handshake ends with this timeout (10 s: room for a loaded machine, and
-    // not the 30 s this test used to spend on nothing).
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut connector = native_tls::TlsConnector::builder();
-    connector.add_root_certificate(
-        native_tls::Certificate::from_pem(&std::fs::read(&authority.pem).unwrap()).unwrap(),
-    );
-    let handshake = connector.build().unwrap().connect("localhost", tcp);
-    assert!(handshake.is_err(), "tansu answered a TLS handshake");
-    let plain = clipqc::config::KafkaSettings::default();
-    // The check ends at the first metadata answer; 60 s bounds a broker that never answers.
-    clipqc::brokers::check(&plain, &broker.brokers(), Duration::from_secs(60))
-        .expect("a plain client is served on the same port");
 }

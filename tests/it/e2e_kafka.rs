@@ -1,9 +1,10 @@
-//! End to end against a real broker process (tansu 0.6.0): the worker binary as a process,
+//! End to end against a real broker process, Apache Kafka (`scripts/kafka.sh`: one KRaft node,
+//! a process per test): the worker binary as a process,
 //! images from an HTTP server, requests published and verdicts read back by confluent-kafka
 //! (an independent client with its own librdkafka). Each test has its own topics and group.
 //!
-//! Crash tests use static membership: tansu 0.6.0 never expires a member that died without
-//! leaving, while a restarted static member takes its partitions back at once.
+//! Crash tests use static membership (KIP-345), as a StatefulSet would: a restarted static
+//! member takes its partitions back at once, without waiting for its session to end.
 
 use crate::common;
 
@@ -55,7 +56,7 @@ impl Tally {
 const COUNTED_WITHIN: Duration = Duration::from_secs(30);
 
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
     let e = E2e::start("flow", 3);
     let worker = e.worker("flow-1").start();
@@ -137,7 +138,7 @@ fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
     // Nothing failed: nothing may be repeated.
     assert_eq!(tally.duplicates(), 0, "duplicates in a fault-free run");
     eprintln!(
-        "tansu flow: 300 requests, {} verdicts ({} duplicates), {} dead letters",
+        "kafka flow: 300 requests, {} verdicts ({} duplicates), {} dead letters",
         tally.received,
         tally.duplicates(),
         dead.len()
@@ -150,13 +151,13 @@ fn requests_flow_through_a_real_broker_with_dead_letters_and_commits() {
 /// commit interval's worth at the measured rate, with a second of slack for the commit's own
 /// round trip on a loaded machine).
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn a_worker_killed_mid_batch_loses_nothing() {
     const TOTAL: usize = 2000;
     const MAX_IN_FLIGHT: usize = 32;
     // librdkafka's consumer-group log too: once under load (another CI run beside it) a
     // restarted member was assigned, revoked 3 s later and never assigned again; the kept log
-    // (slow_or_stuck) then says which join or sync tansu left unanswered.
+    // (slow_or_stuck) then says which join or sync the broker left unanswered.
     let env = [
         ("CLIPQC__PIPELINE__MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string()),
         ("CLIPQC__KAFKA__PROPERTIES__DEBUG", "cgrp".to_string()),
@@ -274,14 +275,30 @@ fn slow_or_stuck(e: &E2e, worker: &Worker) -> String {
 /// Two workers in one group share the partitions; the second leaves with SIGTERM and its
 /// partitions go back to the first with nothing lost.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn two_workers_share_the_partitions_and_hand_them_over() {
-    let e = E2e::start("pair", 4);
-    // Dynamic membership: a leaving member says so and tansu rebalances at once.
-    let a = e.worker("pair-a").dynamic().start();
+    hand_over("classic");
+}
+
+/// As [`two_workers_share_the_partitions_and_hand_them_over`], in the consumer group protocol
+/// of KIP-848 (`kafka.group_protocol = "consumer"`): the broker assigns the partitions through
+/// heartbeats, incrementally.
+#[test]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
+fn two_workers_hand_over_under_the_kip_848_protocol() {
+    hand_over("consumer");
+}
+
+/// Two dynamic members in `protocol`: B comes (its first verdict's time after its start is
+/// reported), takes partitions, leaves on SIGTERM mid-stream; nothing lost or repeated.
+fn hand_over(protocol: &str) {
+    let e = E2e::start(&format!("pair-{protocol}"), 4);
+    // Dynamic membership: a leaving member says so and the broker rebalances at once.
+    let a = e.worker("pair-a").dynamic().group_protocol(protocol).start();
     // 30 requests a second, as cameras would, until the second worker has come and gone (at most
-    // 4 minutes): work keeps coming while the group changes, however long tansu takes to
-    // rebalance. (A fixed 30-second stream once ended before tansu gave B its partitions.)
+    // 4 minutes): work keeps coming while the group changes, however long the broker takes to
+    // rebalance. (A fixed 30-second stream once ended before tansu, the broker of these tests
+    // before Apache Kafka, gave B its partitions.)
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut producer = Some(produce_until(
         &e.broker,
@@ -302,6 +319,8 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
     let mut b_name = String::new();
     let mut b_stopped = false;
     let mut by_b = 0;
+    let mut b_started = Instant::now();
+    let mut b_first = None;
     loop {
         // A tick, not a bound: the loop looks at the producer at least every second.
         match verdicts.recv_timeout(Duration::from_secs(1)) {
@@ -310,9 +329,11 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
                 let worker = r.header("clipqc-worker").unwrap_or_default();
                 if !b_name.is_empty() && worker.ends_with(&b_name) {
                     by_b += 1;
+                    b_first.get_or_insert(b_started.elapsed());
                 }
                 if b.is_none() && !b_stopped && tally.distinct.len() >= 50 {
-                    let w = e.worker("pair-b").dynamic().start();
+                    b_started = Instant::now();
+                    let w = e.worker("pair-b").dynamic().group_protocol(protocol).start();
                     b_name = format!("/{}", w.pid());
                     b = Some(w);
                 } else if !b_stopped && by_b >= 30 {
@@ -349,11 +370,13 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
         .filter(|p| !tally.distinct.contains(&(p.partition, p.offset)))
         .count();
     eprintln!(
-        "two workers: {} requests, {} lost, {} duplicates, verdicts by worker {:?}",
+        "two workers ({protocol} protocol): {} requests, {} lost, {} duplicates, verdicts by worker {:?}; \
+         B's first verdict {:.1} s after its process started",
         published.len(),
         lost,
         tally.duplicates(),
-        tally.by_worker
+        tally.by_worker,
+        b_first.unwrap_or_default().as_secs_f64()
     );
     assert!(
         b_stopped,
@@ -376,7 +399,7 @@ fn two_workers_share_the_partitions_and_hand_them_over() {
 /// regions (region_threshold 0 makes every finest window a region, so they merge into one box
 /// over the whole frame), class labels travel, nothing is lost and the offsets are committed.
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn a_tiled_profile_says_where_on_a_real_broker() {
     use common::profile::{self, GOOD, LABELLED_SCRATCH};
     let e = E2e::start("tiled", 2);
@@ -432,23 +455,26 @@ fn a_tiled_profile_says_where_on_a_real_broker() {
     assert_eq!(e.committed(2), ends(&published));
 }
 
-#[path = "e2e_tansu/exemplars.rs"]
+#[path = "e2e_kafka/exemplars.rs"]
 mod exemplars;
 
-#[path = "e2e_tansu/feedback.rs"]
+#[path = "e2e_kafka/feedback.rs"]
 mod feedback;
 
-#[path = "e2e_tansu/reload.rs"]
+#[path = "e2e_kafka/reload.rs"]
 mod reload;
 
-#[path = "e2e_tansu/security.rs"]
+#[path = "e2e_kafka/security.rs"]
 mod security;
 
-#[path = "e2e_tansu/hostile.rs"]
+#[path = "e2e_kafka/hostile.rs"]
 mod hostile;
 
-#[path = "e2e_tansu/exactly_once.rs"]
+#[path = "e2e_kafka/exactly_once.rs"]
 mod exactly_once;
 
-#[path = "e2e_tansu/segment.rs"]
+#[path = "e2e_kafka/segment.rs"]
 mod segment;
+
+#[path = "e2e_kafka/lag.rs"]
+mod lag;

@@ -27,7 +27,7 @@ fn has_exemplar(v: &ReadBack) -> bool {
 }
 
 #[test]
-#[ignore = "needs the tansu broker and the Python Kafka client (scripts/test.sh)"]
+#[ignore = "needs Apache Kafka (scripts/kafka.sh) and the Python Kafka client (scripts/test.sh)"]
 fn an_exemplar_added_through_the_cli_reaches_every_worker_without_a_restart() {
     let e = E2e::start("bank", 2);
     e.broker.create_topic("clipqc.exemplars", 1);
