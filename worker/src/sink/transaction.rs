@@ -455,3 +455,53 @@ fn classify(id: &str, e: KafkaError) -> TxnError {
         _ => TxnError::Failed(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker without transactions (tansu 0.6.0 answers InitProducerId but has no EndTxn;
+    /// others answer UNSUPPORTED_VERSION) stops the worker with an error that says so and
+    /// what to do; a plain failure does not.
+    #[test]
+    fn a_broker_without_transactions_is_fatal_and_says_what_to_do() {
+        for code in [
+            RDKafkaErrorCode::UnsupportedFeature,
+            RDKafkaErrorCode::UnsupportedVersion,
+        ] {
+            let e = classify("clipqc-g-w", KafkaError::Global(code));
+            assert!(matches!(e, TxnError::Unsupported(_)), "{e:?}");
+            assert!(e.is_fatal());
+            let text = e.to_string();
+            assert!(
+                text.contains("does not support transactions") && text.contains("at_least_once"),
+                "{text}"
+            );
+        }
+        let e = classify(
+            "clipqc-g-w",
+            KafkaError::Global(RDKafkaErrorCode::RequestTimedOut),
+        );
+        assert!(matches!(e, TxnError::Failed(_)) && !e.is_fatal(), "{e:?}");
+        // Only librdkafka's transactional errors can be resumed; others cannot.
+        assert!(!resumable(&KafkaError::Global(
+            RDKafkaErrorCode::OperationTimedOut
+        )));
+    }
+
+    /// A stall that ran out of repeats stops the worker, naming the step and the count.
+    #[test]
+    fn a_stalled_transaction_is_fatal_and_names_its_step() {
+        let e = TxnError::Stalled {
+            call: "commit_transaction",
+            times: MAX_RESUMES,
+            error: KafkaError::Global(RDKafkaErrorCode::OperationTimedOut),
+        };
+        assert!(e.is_fatal());
+        assert!(
+            e.to_string()
+                .starts_with("transaction stalled: commit_transaction timed out 10 times in a row"),
+            "{e}"
+        );
+    }
+}
