@@ -60,6 +60,7 @@ pub fn install() -> PrometheusHandle {
     }
     gauge!("clipqc_publish_stalled_records").set(0.0);
     gauge!("clipqc_transaction_stalled").set(0.0);
+    gauge!("clipqc_transaction_staged_records").set(0.0);
     // Queue gauges change only when records come and go; an idle worker holds none.
     for name in [
         "clipqc_records_in_flight",
@@ -254,6 +255,11 @@ fn describe() {
         "Records the broker refused for good (too large, unknown topic, not authorised), by topic."
     );
     describe_gauge!(
+        "clipqc_transaction_staged_records",
+        Unit::Count,
+        "Exactly-once: finished records whose verdicts wait for their transaction (each holds a record slot)."
+    );
+    describe_gauge!(
         "clipqc_transaction_stalled",
         "1 while an exactly-once transaction's commit or abort has timed out and is being repeated (the worker stops after 10 in a row)."
     );
@@ -340,6 +346,10 @@ pub fn record_panicked() {
 pub fn transaction(result: &'static str, took: Duration) {
     counter!("clipqc_transactions_total", "result" => result).increment(1);
     histogram!("clipqc_transaction_seconds").record(took.as_secs_f64());
+}
+
+pub fn transaction_staged(records: usize) {
+    gauge!("clipqc_transaction_staged_records").set(records as f64);
 }
 
 pub fn transaction_stalled(stalled: bool) {

@@ -172,7 +172,9 @@ impl Transactions {
 
     /// The input record at `offset` of `p` is finished; `staged`: what it publishes.
     pub fn stage(&self, p: &Partition, epoch: u64, offset: i64, staged: Staged) {
-        self.outbox().stage(p, epoch, offset, staged);
+        let mut outbox = self.outbox();
+        outbox.stage(p, epoch, offset, staged);
+        metrics::transaction_staged(outbox.staged());
     }
 
     /// Every offset of `p` below `position` is done.
@@ -187,6 +189,7 @@ impl Transactions {
         for p in partitions {
             outbox.forget(p, upto);
         }
+        metrics::transaction_staged(outbox.staged());
     }
 
     /// Records waiting for a transaction.
@@ -231,7 +234,10 @@ impl Transactions {
                 Ok(()) => {
                     metrics::transaction("committed", started.elapsed());
                     let answered = batch.answered();
-                    self.outbox().committed(&batch);
+                    let mut outbox = self.outbox();
+                    outbox.committed(&batch);
+                    metrics::transaction_staged(outbox.staged());
+                    drop(outbox);
                     self.committed.fetch_add(1, Ordering::Relaxed);
                     return Ok(answered);
                 }
