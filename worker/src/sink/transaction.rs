@@ -72,10 +72,12 @@ pub enum TxnError {
     Failed(KafkaError),
 }
 
-/// Timeouts in a row of a commit or an abort (each `kafka.transaction_call_timeout_ms`, 30 s
-/// by default) before the worker gives up on a stalled transaction: 5 minutes by default,
-/// longer than a broker's restart or a coordinator's move, short enough that a broker that
-/// never comes back ends in a restart.
+/// Timeouts in a row of a commit or an abort before the worker gives up on a stalled
+/// transaction. Each waits `kafka.transaction_call_timeout_ms` (30 s by default) or, for the
+/// requests librdkafka bounds by its own request timeout (AddOffsetsToTxn: measured on Apache
+/// Kafka 4.1.1), `socket.timeout.ms` (60 s): 5 to 10 minutes by default, longer than a broker's
+/// restart or a coordinator's move, short enough that a broker that never comes back ends in a
+/// restart.
 pub const MAX_RESUMES: u32 = 10;
 
 impl TxnError {
