@@ -160,14 +160,7 @@ fn exactly_once_through_sigkills_and_a_zombie_shows_each_answer_once() {
     assert_eq!(committed.len(), TOTAL);
     assert_eq!(
         e.committed(4),
-        {
-            let mut ends = HashMap::new();
-            for p in &published {
-                let end = ends.entry(p.partition).or_insert(0);
-                *end = (*end).max(p.offset + 1);
-            }
-            ends
-        },
+        super::ends(&published),
         "the input offsets committed with the last transactions"
     );
 
