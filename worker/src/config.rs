@@ -38,6 +38,16 @@ pub const DEFAULT_PROFILE: &str = "default";
 pub enum ConfigError {
     #[error("config {source_name}: file not found")]
     FileNotFound { source_name: String },
+    #[error("config {source_name}: cannot read it: {source}")]
+    Read {
+        source_name: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "config {source_name}: not a config file format this worker reads (name it .toml, \
+         .yaml, .yml or .json)"
+    )]
+    Format { source_name: String },
     /// Not TOML, YAML or JSON, an unknown key, a value of the wrong type.
     #[error("config {source_name}: {source}")]
     Parse {
@@ -166,17 +176,43 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let source_name =
-            file.map_or_else(|| "(environment)".to_string(), |p| p.display().to_string());
+        let text = match file {
+            None => None,
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::FileNotFound {
+                    source_name: path.display().to_string(),
+                })
+            }
+            Some(path) => Some((
+                path,
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    source_name: path.display().to_string(),
+                    source,
+                })?,
+            )),
+        };
+        Self::load_text_with_env(text.as_ref().map(|(p, t)| (*p, t.as_str())), env)
+    }
+
+    /// As [`Self::load_with_env`], with the file's contents given: `(path, text)` is parsed
+    /// as the file at `path` (its format from its extension) would be, and the file itself is
+    /// not read. The reloader parses exactly the bytes it hashed this way: a file read twice
+    /// during an in-place save could give two different configs.
+    pub fn load_text_with_env(
+        file: Option<(&Path, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let source_name = file.map_or_else(
+            || "(environment)".to_string(),
+            |(p, _)| p.display().to_string(),
+        );
         let named = || source_name.clone();
         let mut builder = config::Config::builder();
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::FileNotFound {
-                    source_name: named(),
-                });
-            }
-            builder = builder.add_source(config::File::from(path).required(true));
+        if let Some((path, text)) = file {
+            let format = file_format(path).ok_or_else(|| ConfigError::Format {
+                source_name: named(),
+            })?;
+            builder = builder.add_source(config::File::from_str(text, format));
         }
         let mut properties = BTreeMap::new();
         let env: config::Map<String, String> = env
@@ -249,17 +285,40 @@ impl Settings {
     /// The profiles and routes of the file at `path` as the profile reloader applies them (its
     /// [`crate::profiles::reload::Load`]): loaded and validated as at start, the environment
     /// included, with the built-in default profile.
-    pub fn reloadable(path: &Path) -> Result<crate::profiles::reload::Definitions, ConfigError> {
-        let settings = Self::load(Some(path))?;
+    /// `text` is the file's contents, as the reloader read (and hashed) them.
+    pub fn reloadable(
+        path: &Path,
+        text: &str,
+    ) -> Result<crate::profiles::reload::Definitions, ConfigError> {
+        let settings = Self::load_text_with_env(Some((path, text)), std::env::vars())?;
         let router = settings.router().map_err(|source| ConfigError::Route {
             source_name: path.display().to_string(),
             source,
         })?;
+        let file = Self::file_values(path, text)?;
         Ok(crate::profiles::reload::Definitions {
             profiles: settings.profiles(),
             routes: settings.routes,
             router,
+            file,
         })
+    }
+
+    /// The values written in the file (`text`, read from `path`), without the environment or
+    /// defaults, as JSON.
+    pub fn file_values(path: &Path, text: &str) -> Result<serde_json::Value, ConfigError> {
+        let named = || path.display().to_string();
+        let format = file_format(path).ok_or_else(|| ConfigError::Format {
+            source_name: named(),
+        })?;
+        config::Config::builder()
+            .add_source(config::File::from_str(text, format))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|source| ConfigError::Parse {
+                source_name: named(),
+                source,
+            })
     }
 
     /// The compiled `routes` table, checked against the profiles.
@@ -280,6 +339,16 @@ impl Settings {
         all.entry(DEFAULT_PROFILE.to_string())
             .or_insert_with(ProfileConfig::builtin_default);
         all
+    }
+}
+
+/// The format of a config file, from its extension (as the `config` crate tells it).
+pub fn file_format(path: &Path) -> Option<config::FileFormat> {
+    match path.extension()?.to_str()? {
+        "toml" => Some(config::FileFormat::Toml),
+        "json" => Some(config::FileFormat::Json),
+        "yaml" | "yml" => Some(config::FileFormat::Yaml),
+        _ => None,
     }
 }
 

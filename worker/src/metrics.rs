@@ -167,7 +167,8 @@ fn describe() {
     describe_counter!(
         "clipqc_profile_reload_failures_total",
         "Config file changes refused (the profiles in service kept), by reason: unreadable, \
-         invalid (does not load or validate), build (a changed profile could not be built)."
+         invalid (does not load or validate), build (a changed profile could not be built), emptied (no \
+         profile left in the file: a half-written save?)."
     );
     describe_gauge!(
         "clipqc_profile_info",
@@ -437,7 +438,7 @@ pub fn exemplar_catch_up(seconds: f64) {
 }
 
 /// Why a config change was refused (the `reason` label).
-pub const PROFILE_RELOAD_FAILURES: [&str; 3] = ["unreadable", "invalid", "build"];
+pub const PROFILE_RELOAD_FAILURES: [&str; 4] = ["unreadable", "invalid", "build", "emptied"];
 
 /// A config change applied while running, in `took`.
 pub fn profile_reloaded(took: Duration) {

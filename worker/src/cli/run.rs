@@ -107,6 +107,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
             fetch: &settings.fetch,
             preprocess: &settings.preprocess,
             profiles: settings.profiles(),
+            per_operator_hour: settings.exemplars.feedback_per_operator_hour,
         };
         let feedback = FeedbackDeps::new(
             feedback_settings,
@@ -164,7 +165,7 @@ fn watch_config(
     };
     let tokenizer = PromptTokenizer::load(&artifact.path(TOKENIZER), &artifact.manifest.text)?;
     let source = profiles::reload::Source {
-        load: Box::new(|path| Ok(Settings::reloadable(path)?)),
+        load: Box::new(|path, text| Ok(Settings::reloadable(path, text)?)),
         preprocess: settings.preprocess.clone(),
         routes: settings.routes.clone(),
     };

@@ -255,7 +255,8 @@ fn the_configuration_reference_is_current() {
 fn the_reloader_reads_profiles_and_routes_as_the_worker_loads_them() {
     let route = "\n[[routes]]\nline = \"l1\"\nprofile = \"brackets\"\n";
     let (_d, path) = write(&format!("{FILE}{route}"));
-    let d = Settings::reloadable(&path).unwrap();
+    let text = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let d = Settings::reloadable(&path, &text(&path)).unwrap();
     let s = Settings::load(Some(&path)).unwrap();
     assert_eq!(
         d.profiles.keys().collect::<Vec<_>>(),
@@ -265,14 +266,15 @@ fn the_reloader_reads_profiles_and_routes_as_the_worker_loads_them() {
     assert_eq!(d.routes, s.routes);
     assert_eq!(d.router.resolve("cam", "l1", "", None).0, Some("brackets"));
     let (_d, bad) = write(&FILE.replace("a photo of {} on", "a photo on"));
-    let err = Settings::reloadable(&bad).err().unwrap();
+    let err = Settings::reloadable(&bad, &text(&bad)).err().unwrap();
     assert!(matches!(err, ConfigError::Profile { .. }), "{err}");
     let expected = Settings::load(Some(&bad)).unwrap_err().to_string();
     assert_eq!(err.to_string(), expected);
     assert!(expected.contains("\"brackets\""), "{err}");
     // As the reloader is given it (`clipqc run`): the same error, boxed.
-    let load: crate::profiles::reload::Load = Box::new(|path| Ok(Settings::reloadable(path)?));
-    let err = load(&bad).err().unwrap();
+    let load: crate::profiles::reload::Load =
+        Box::new(|path, text| Ok(Settings::reloadable(path, text)?));
+    let err = load(&bad, &text(&bad)).err().unwrap();
     assert_eq!(err.to_string(), expected);
     assert!(
         matches!(
@@ -281,6 +283,25 @@ fn the_reloader_reads_profiles_and_routes_as_the_worker_loads_them() {
         ),
         "{err}"
     );
+}
+
+/// The reloader's loader parses the text it is given, in the format the path's extension
+/// names, and never reads the file itself (which may have changed since it was hashed).
+#[test]
+fn the_reloader_parses_the_text_given_not_the_file() {
+    let (_d, path) = write(FILE);
+    let given = FILE.replace("review_threshold = 0.6", "review_threshold = 0.7");
+    let d = Settings::reloadable(&path, &given).unwrap();
+    assert_eq!(d.profiles["brackets"].review_threshold, 0.7);
+    assert_eq!(d.file["profiles"]["brackets"]["review_threshold"], 0.7);
+    let json = std::path::Path::new("clipqc.json");
+    let d = Settings::reloadable(json, r#"{"batch": {"max_size": 3}}"#).unwrap();
+    assert_eq!(d.file["batch"]["max_size"], 3);
+    assert_eq!(d.profiles.keys().collect::<Vec<_>>(), ["default"]);
+    let err = Settings::reloadable(std::path::Path::new("clipqc.conf"), "")
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("clipqc.conf"), "{err}");
 }
 
 /// A route to a profile that does not exist is refused at load, naming the route.

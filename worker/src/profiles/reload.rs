@@ -2,7 +2,11 @@
 //!
 //! How it watches: it polls. Every `pipeline.config_reload_ms` (default 2000; 0: off) a
 //! thread of its own reads the file and compares the SHA-256 of its bytes with the last one
-//! it saw; only different bytes are parsed. Polling, rather than inotify (`notify`), because
+//! it saw; only different bytes are parsed, and exactly those bytes: the file is never read
+//! a second time for parsing, since an editor or `cp` saving in place can leave it different
+//! (or half written) between two reads. New bytes must also read the same a moment later
+//! ([`Reloader::settle`]: a quarter of the period, at most 250 ms) before they are parsed, so a
+//! save still being written is looked at again at the next poll rather than applied. Polling, rather than inotify (`notify`), because
 //! a Kubernetes ConfigMap changes by swapping a symlink in the mounted directory, which a
 //! watch on the file itself never sees, and because it works alike on every filesystem
 //! (overlay, NFS, a bind mount from a laptop) with no new dependency; reading a few kilobytes
@@ -16,7 +20,10 @@
 //! A file that cannot be read, does not load or validate, or whose changed profiles cannot be
 //! built (a prompt too long for the tokenizer, the model failing) is refused whole: one log
 //! line naming the problem per distinct problem, `clipqc_profile_reload_failures_total`, and
-//! the catalog in service untouched.
+//! the catalog in service untouched. So is a file that defines no profile at all while
+//! profiles of the file are in service (reason `emptied`): an empty or truncated TOML parses
+//! as a valid config with only the built-in profile, and applying it would send every line to
+//! that profile and clear the routes. To remove every profile on purpose, restart.
 //!
 //! Reading and validating the file is the caller's ([`Load`]: `clipqc run` gives the
 //! settings' own loader, so a change is checked exactly as at start): this module sees the
@@ -48,13 +55,18 @@ pub struct Definitions {
     pub profiles: BTreeMap<String, ProfileConfig>,
     pub routes: Vec<RouteConfig>,
     pub router: Router,
+    /// The file's own values (no environment, no defaults), as JSON: keys that take a
+    /// restart are compared on these.
+    pub file: Value,
 }
 
-/// Reads the config file at a path into [`Definitions`], or says why it does not load or
-/// validate (the refusal's message is its error's). Given by the caller, which knows the whole
-/// config (`clipqc run` hands over the settings' own loader, environment included), so that
-/// this module needs no more of the config than profiles and routes.
-pub type Load = Box<dyn Fn(&Path) -> Result<Definitions, LoadError> + Send>;
+/// Parses the config file's contents (the text read from the path given, in the format its
+/// name says) into [`Definitions`], or says why they do not load or validate (the refusal's
+/// message is its error's). It must not read the file again: the text is what was hashed.
+/// Given by the caller, which knows the whole config (`clipqc run` hands over the settings'
+/// own loader, environment included), so that this module needs no more of the config than
+/// profiles and routes.
+pub type Load = Box<dyn Fn(&Path, &str) -> Result<Definitions, LoadError> + Send>;
 
 /// Why [`Load`] refused the file: the loader's own error (the settings' `ConfigError` for
 /// `clipqc run`: `downcast_ref` it), which this module, below the config, cannot name.
@@ -111,6 +123,8 @@ pub struct Reloader {
     started_with: Value,
     /// The SHA-256 of the bytes last looked at.
     seen: Option<[u8; 32]>,
+    /// How long new bytes must stay the same before they are parsed.
+    settle: Duration,
     /// The last problem logged, so a file left broken is logged and counted once.
     last_problem: Option<String>,
     restart_pending: Vec<String>,
@@ -127,7 +141,10 @@ impl Reloader {
         model: ModelHandle,
         live: Live,
     ) -> Self {
-        let started_with = file_values(&path).unwrap_or(Value::Null);
+        let started_with = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| (source.load)(&path, &text).ok())
+            .map_or(Value::Null, |d| d.file);
         metrics::config_restart_pending(false);
         Self {
             path,
@@ -143,6 +160,7 @@ impl Reloader {
             // Not the file's hash at start: the first look parses it, so a change made while
             // the worker was loading is not missed.
             seen: None,
+            settle: Duration::ZERO,
             last_problem: None,
             restart_pending: Vec::new(),
         }
@@ -154,6 +172,13 @@ impl Reloader {
         self
     }
 
+    /// New bytes are parsed only if the file reads the same again after `settle` (the
+    /// [`Watcher`] sets a quarter of its period, at most 250 ms; zero: at once).
+    pub fn settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
     /// The keys in the file that differ from the start's and take a restart.
     pub fn restart_pending(&self) -> &[String] {
         &self.restart_pending
@@ -161,6 +186,17 @@ impl Reloader {
 
     /// Look at the file once and apply what changed. Blocking: parses, embeds prompts.
     pub fn check(&mut self) -> Checked {
+        let settle = self.settle;
+        self.check_settling(|| {
+            if !settle.is_zero() {
+                std::thread::sleep(settle)
+            }
+        })
+    }
+
+    /// [`Self::check`], with `settle` run between the read and the second read that new bytes
+    /// must match (the tests land a save there).
+    pub(crate) fn check_settling(&mut self, settle: impl FnOnce()) -> Checked {
         let checked = match std::fs::read(&self.path) {
             Err(e) => Checked::Refused {
                 reason: "unreadable",
@@ -171,8 +207,21 @@ impl Reloader {
                 if self.seen == Some(hash) {
                     return Checked::Unchanged;
                 }
+                settle();
+                if std::fs::read(&self.path).ok().as_deref() != Some(&bytes[..]) {
+                    // Still being written: not marked seen, so the next poll looks again.
+                    tracing::debug!(file = %self.path.display(),
+                        "config file changing while read: looking again at the next poll");
+                    return Checked::Unchanged;
+                }
                 self.seen = Some(hash);
-                self.apply()
+                match String::from_utf8(bytes) {
+                    Ok(text) => self.apply(&text),
+                    Err(e) => Checked::Refused {
+                        reason: "invalid",
+                        message: format!("{}: not UTF-8 text: {e}", self.path.display()),
+                    },
+                }
             }
         };
         self.report(&checked);
@@ -209,15 +258,34 @@ impl Reloader {
         }
     }
 
-    fn apply(&mut self) -> Checked {
+    fn apply(&mut self, text: &str) -> Checked {
         let started = Instant::now();
         let refused = |reason, message| Checked::Refused { reason, message };
-        let loaded = match (self.load)(&self.path) {
+        let loaded = match (self.load)(&self.path, text) {
             Ok(d) => d,
             Err(e) => return refused("invalid", e.to_string()),
         };
-        self.warn_restart_keys();
         let current = self.live.load_full();
+        let builtin = super::version(&ProfileConfig::builtin_default());
+        let in_service = current
+            .profiles
+            .values()
+            .filter(|p| p.version != builtin)
+            .count();
+        let defined = loaded
+            .profiles
+            .values()
+            .filter(|c| super::version(c) != builtin);
+        if in_service > 0 && defined.count() == 0 {
+            return refused(
+                "emptied",
+                format!(
+                    "the file defines no profile ({in_service} in service): an empty or \
+                     half-written save? To remove every profile, restart the worker"
+                ),
+            );
+        }
+        self.warn_restart_keys(&loaded.file);
         let builder = Builder {
             manifest: &self.manifest,
             tokenizer: &self.tokenizer,
@@ -258,6 +326,7 @@ impl Reloader {
             profiles: configs,
             routes,
             router,
+            file: _,
         } = loaded;
         self.live.store(Arc::new(Catalog { profiles, router }));
         applied.took = started.elapsed();
@@ -279,11 +348,8 @@ impl Reloader {
     }
 
     /// Warn (once per set of keys) when keys that take a restart differ from the start's.
-    fn warn_restart_keys(&mut self) {
-        let Ok(now) = file_values(&self.path) else {
-            return;
-        };
-        let keys = restart_keys(&self.started_with, &now);
+    fn warn_restart_keys(&mut self, now: &Value) {
+        let keys = restart_keys(&self.started_with, now);
         if keys == self.restart_pending {
             return;
         }
@@ -294,14 +360,6 @@ impl Reloader {
         metrics::config_restart_pending(!keys.is_empty());
         self.restart_pending = keys;
     }
-}
-
-/// The file's own values (no environment, no defaults), as JSON.
-fn file_values(path: &Path) -> Result<Value, config::ConfigError> {
-    config::Config::builder()
-        .add_source(config::File::from(path).required(true))
-        .build()?
-        .try_deserialize()
 }
 
 /// Keys outside `profiles` and `routes` whose values differ, as `section.key` (or `section`
@@ -347,7 +405,8 @@ pub struct Watcher {
 
 impl Watcher {
     /// Look at the file every `every` on a thread of its own (the embedding calls block).
-    pub fn spawn(mut reloader: Reloader, every: Duration) -> std::io::Result<Self> {
+    pub fn spawn(reloader: Reloader, every: Duration) -> std::io::Result<Self> {
+        let mut reloader = reloader.settle((every / 4).min(Duration::from_millis(250)));
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()

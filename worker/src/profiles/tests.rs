@@ -14,7 +14,7 @@ use crate::routing::RouteConfig;
 /// routes, each profile validated and the routes checked against them, as the worker's
 /// settings do; other sections are not this module's and are left unread. (`clipqc run`
 /// gives the settings' own loader, `Settings::reloadable`, which the config's tests check.)
-fn load(path: &Path) -> Result<Definitions, LoadError> {
+fn load(_path: &Path, text: &str) -> Result<Definitions, LoadError> {
     #[derive(serde::Deserialize)]
     struct File {
         #[serde(default)]
@@ -22,10 +22,11 @@ fn load(path: &Path) -> Result<Definitions, LoadError> {
         #[serde(default)]
         routes: Vec<RouteConfig>,
     }
-    let file: File = config::Config::builder()
-        .add_source(config::File::from(path).required(true))
+    let values: Value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize())?;
+    let file: File = serde_json::from_value(values.clone())?;
     let mut profiles = file.profiles;
     for (name, p) in &profiles {
         p.validate(name)?;
@@ -38,12 +39,12 @@ fn load(path: &Path) -> Result<Definitions, LoadError> {
         profiles,
         routes: file.routes,
         router,
+        file: values,
     })
 }
 
 fn profile(toml: &str) -> ProfileConfig {
-    let dir = tempfile::tempdir().unwrap();
-    let defined = load(&write_temp(&dir, toml)).unwrap();
+    let defined = load(Path::new("clipqc.toml"), toml).unwrap();
     defined.profiles["p"].clone()
 }
 
@@ -166,7 +167,7 @@ struct Running {
 }
 
 fn running(path: &Path) -> Running {
-    let defined = load(path).unwrap();
+    let defined = load(path, &std::fs::read_to_string(path).unwrap()).unwrap();
     let preprocess = crate::preprocess::PreprocessSettings::default();
     let (owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(8, 4)), 2).unwrap();
     let manifest = manifest();
@@ -389,4 +390,127 @@ fn a_bank_is_indexed_by_the_profile_classes_by_name() {
     let swapped = b.for_classes(&["good", "scratch"]);
     let classes: Vec<usize> = swapped.entries().iter().map(|e| e.class).collect();
     assert_eq!(classes, [1, 0]);
+}
+
+/// An in-place save seen half-way: an empty file (or one with only a comment yet) parses as a
+/// valid config with only the built-in profile, and is refused (reason `emptied`); a file cut
+/// after its routes or inside a table header does not load (`invalid`). The profiles and
+/// routes in service stay, and the whole file, once written, is applied.
+#[test]
+fn a_file_truncated_mid_write_is_refused_and_the_profiles_in_service_stay() {
+    let route = "\n[[routes]]\ncamera = \"cam-*\"\nprofile = \"p\"\n";
+    let whole = format!("{route}{TWO_CLASSES}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(&dir, &whole);
+    let mut w = running(&path);
+    let before = in_service(&w.live, "p");
+    let cut = &whole[..whole.find("[profiles.p]").unwrap() + "[profiles".len()];
+    for (text, expected) in [
+        ("", "emptied"),
+        ("# the line's profiles\n", "emptied"),
+        // The routes written, the profiles they name not yet.
+        (&whole[..route.len()], "invalid"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let checked = w.reloader.check();
+        let what = format!("{text:?}");
+        assert!(
+            matches!(&checked, Checked::Refused { reason, message }
+                if *reason == expected && (expected != "emptied" || message.contains("no profile"))),
+            "{what}: {checked:?}"
+        );
+        assert!(Arc::ptr_eq(&before, &in_service(&w.live, "p")), "{what}");
+        let catalog = w.live.load();
+        assert_eq!(catalog.router.resolve("cam-1", "", "", None).0, Some("p"));
+    }
+    // Cut inside a table header: not TOML at all.
+    std::fs::write(&path, cut).unwrap();
+    assert!(matches!(
+        w.reloader.check(),
+        Checked::Refused {
+            reason: "invalid",
+            ..
+        }
+    ));
+    assert!(Arc::ptr_eq(&before, &in_service(&w.live, "p")));
+    // The save finished, with a change: applied.
+    std::fs::write(&path, whole.replace("\"b\"", "\"b b\"")).unwrap();
+    assert!(matches!(w.reloader.check(), Checked::Applied(_)));
+    assert_ne!(in_service(&w.live, "p").version, before.version);
+}
+
+/// The bytes hashed are the bytes parsed: a loader that is handed the text never sees the
+/// file as it is a moment later. Here the file is emptied while the reloader parses what it
+/// read (as an editor saving in place would): the change read is applied, and the empty file
+/// seen at the next poll is refused.
+#[test]
+fn the_bytes_hashed_are_the_bytes_parsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(&dir, TWO_CLASSES);
+    let mut w = running(&path);
+    let changed = TWO_CLASSES.replace("\"b\"", "\"b b\"");
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let source = Source {
+        load: Box::new(move |path, text| {
+            // The first call is the reloader's start; at the next, the save's next step lands
+            // between the read and the parse.
+            if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+                std::fs::write(path, "").unwrap();
+            }
+            load(path, text)
+        }),
+        preprocess: crate::preprocess::PreprocessSettings::default(),
+        routes: Vec::new(),
+    };
+    std::fs::write(&path, &changed).unwrap();
+    let catalog = w.live.clone();
+    let (_owner, model) = ModelOwner::spawn(|| Ok(FakeBackend::new(8, 4)), 2).unwrap();
+    let mut racing = Reloader::new(
+        path.clone(),
+        source,
+        manifest(),
+        crate::model::tokenizer::tests::word_tokenizer(),
+        model,
+        catalog,
+    );
+    assert!(matches!(racing.check(), Checked::Applied(_)));
+    assert_eq!(
+        in_service(&w.live, "p").version,
+        version(&profile(&changed))
+    );
+    // The file is empty now: refused, the change applied above stays.
+    assert!(matches!(
+        w.reloader.check(),
+        Checked::Refused {
+            reason: "emptied",
+            ..
+        }
+    ));
+    assert_eq!(
+        in_service(&w.live, "p").version,
+        version(&profile(&changed))
+    );
+}
+
+/// A file still being written when read (its bytes differ a moment later) is not parsed:
+/// it is looked at again at the next poll, and applied once it stays the same.
+#[test]
+fn a_file_still_changing_is_looked_at_again_at_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(&dir, TWO_CLASSES);
+    let mut w = running(&path);
+    let before = in_service(&w.live, "p");
+    let changed = TWO_CLASSES.replace("\"b\"", "\"b b\"");
+    // The first half read, the rest written before the second read.
+    std::fs::write(&path, &changed[..changed.len() / 2]).unwrap();
+    let checked = w
+        .reloader
+        .check_settling(|| std::fs::write(&path, &changed).unwrap());
+    assert_eq!(checked, Checked::Unchanged);
+    assert!(Arc::ptr_eq(&before, &in_service(&w.live, "p")));
+    assert!(matches!(w.reloader.check(), Checked::Applied(_)));
+    assert_eq!(
+        in_service(&w.live, "p").version,
+        version(&profile(&changed))
+    );
 }
