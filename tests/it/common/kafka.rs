@@ -279,6 +279,17 @@ pub fn committed_total(brokers: &str, group: &str) -> i64 {
 /// group), payloads decoded with `decode`: what the broker holds, independent of any reader.
 /// Panics when the end is not reached within [`READ_TO_END`], saying how far it got.
 pub fn read_all<T>(brokers: &str, topic: &str, decode: impl Fn(&[u8]) -> T) -> Vec<(i32, i64, T)> {
+    read_all_records(brokers, topic)
+        .into_iter()
+        .map(|m| {
+            let decoded = decode(m.payload().unwrap_or_default());
+            (m.partition(), m.offset(), decoded)
+        })
+        .collect()
+}
+
+/// As [`read_all`], the records whole (key and headers too).
+pub fn read_all_records(brokers: &str, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::{Offset, TopicPartitionList};
     let c: BaseConsumer = ClientConfig::new()
@@ -325,11 +336,7 @@ pub fn read_all<T>(brokers: &str, topic: &str, decode: impl Fn(&[u8]) -> T) -> V
             out.len()
         );
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            out.push((
-                m.partition(),
-                m.offset(),
-                decode(m.payload().unwrap_or_default()),
-            ));
+            out.push(m.detach());
         }
     }
 }
@@ -346,4 +353,80 @@ pub fn ends(brokers: &str, topic: &str) -> std::collections::BTreeMap<i32, i64> 
             (p, high)
         })
         .collect()
+}
+
+/// The size of the key, and of the headers in all, of [`publish_megabyte_key_and_headers`]'s
+/// records: over the producer's default `message.max.bytes` (1,000,000) by themselves.
+pub const MEGABYTE: usize = 1 << 20;
+
+/// Two bad records (payloads that are not requests) whose dead letters are too large even
+/// without their payload: one with a 1 MiB key, one with 1 MiB of headers (16 of 64 KiB) and
+/// a small `x-keep` header. Sent by a producer allowed 4 MB records, as a camera's might be.
+pub async fn publish_megabyte_key_and_headers(brokers: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "4000000")
+        .create()
+        .unwrap();
+    let key = "k".repeat(MEGABYTE);
+    send(&producer, Some(&key), b"\x01not a request: big key", None).await;
+    let mut headers = OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "x-keep",
+        value: Some("yes"),
+    });
+    let value = vec![b'h'; MEGABYTE / 16];
+    for i in 0..16 {
+        headers = headers.insert(rdkafka::message::Header {
+            key: &format!("x-bulk-{i}"),
+            value: Some(&value),
+        });
+    }
+    send(
+        &producer,
+        None,
+        b"\x01not a request: big headers",
+        Some(headers),
+    )
+    .await;
+}
+
+/// The dead letters of [`publish_megabyte_key_and_headers`]'s records are on `clipqc.dlq`,
+/// trimmed and saying what was cut: the key to 1 KiB (`clipqc-key-truncated`: its size), the
+/// 16 bulky headers left out (`clipqc-headers-dropped`), the small one kept; no payload.
+pub fn assert_trimmed_dead_letters(brokers: &str) {
+    let dead = read_all_records(brokers, "clipqc.dlq");
+    let header = |m: &rdkafka::message::OwnedMessage, name: &str| -> Option<String> {
+        use rdkafka::message::Headers;
+        m.headers()?
+            .iter()
+            .find(|h| h.key == name)
+            .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+    };
+    let keyed: Vec<_> = dead
+        .iter()
+        .filter(|m| header(m, "clipqc-key-truncated").is_some())
+        .collect();
+    assert_eq!(keyed.len(), 1, "one dead letter with its key cut");
+    let m = keyed[0];
+    assert_eq!(
+        header(m, "clipqc-key-truncated").as_deref(),
+        Some(MEGABYTE.to_string().as_str())
+    );
+    assert_eq!(m.key().map(<[u8]>::len), Some(1024));
+    assert_eq!(m.payload().map_or(0, <[u8]>::len), 0);
+    assert!(header(m, "clipqc-payload-dropped").is_some());
+    let bulky: Vec<_> = dead
+        .iter()
+        .filter(|m| header(m, "clipqc-headers-dropped").is_some())
+        .collect();
+    assert_eq!(bulky.len(), 1, "one dead letter with headers left out");
+    let m = bulky[0];
+    assert_eq!(header(m, "clipqc-headers-dropped").as_deref(), Some("16"));
+    assert_eq!(header(m, "x-keep").as_deref(), Some("yes"));
+    assert!(header(m, "x-bulk-0").is_none());
+    assert_eq!(
+        header(m, "__connect.errors.class.name").as_deref(),
+        Some("INVALID_REQUEST")
+    );
+    assert_eq!(m.payload().map_or(0, <[u8]>::len), 0);
 }

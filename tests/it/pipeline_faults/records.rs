@@ -118,6 +118,44 @@ async fn extreme_timestamps_and_oversized_verdicts_are_answered_and_the_partitio
     );
 }
 
+/// One record used to crash-loop the group: a bad payload whose key, or headers, alone are
+/// over the producer's `message.max.bytes` (1 MiB each; 1,000,000 by default) makes a dead
+/// letter too large even without its payload; the refusal stopped the worker without
+/// committing, and every worker that took the partition after it. Now the dead letter goes
+/// trimmed (key cut, bulky headers left out, both said in headers), every record gets its
+/// verdict, and every partition is committed to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_key_or_headers_gets_a_trimmed_dead_letter_and_the_partition_moves_on() {
+    let (_mock, settings, brokers) = cluster("clipqc-megabyte");
+    publish_inline(&brokers, "good", 6).await;
+    publish_megabyte_key_and_headers(&brokers).await;
+    publish_inline(&brokers, "after", 6).await;
+    let (_, seen, state) = verdicts_of(
+        &settings,
+        &brokers,
+        slow_model(Duration::ZERO),
+        |_| {},
+        14,
+    )
+    .await;
+    assert_eq!(seen.by_source.len(), 14, "{state}");
+    let errors: Vec<&Verdict> = seen
+        .by_source
+        .values()
+        .filter(|v| v.outcome() == Outcome::Error)
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors
+        .iter()
+        .all(|v| v.error.as_ref().unwrap().code() == ErrorCode::InvalidRequest));
+    assert_trimmed_dead_letters(&brokers);
+    assert_eq!(
+        committed(&brokers, "clipqc-megabyte"),
+        ends(&brokers, "clipqc.requests"),
+        "every partition committed to its end"
+    );
+}
+
 /// A dead-letter topic the worker may not write to: every failing record would be stuck, so
 /// the worker stops by itself with an error naming the topic, without committing the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

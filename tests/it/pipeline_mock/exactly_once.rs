@@ -103,6 +103,30 @@ async fn exactly_once_mode_writes_each_verdict_once_in_transactions() {
 /// worker with the same `instance_id`, and so the same transactional id, has started). The
 /// mock cannot fence by itself (it hands every InitProducerId a new producer id), so the
 /// answer is injected.
+/// Exactly-once, the same megabyte key and headers: the record's small fallback used to keep
+/// them, the producer refused it too, and the worker stopped (`TxnError::Refused`), as would
+/// every worker after it. Now the fallback's dead letter is trimmed: every request gets its
+/// verdict in a transaction, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_a_megabyte_key_or_headers_does_not_stop_the_worker() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-eos-megabyte");
+    settings.kafka.delivery = Delivery::ExactlyOnce;
+    settings.kafka.instance_id = Some("eos-megabyte".into());
+    publish_inline(&brokers, "good", 6).await;
+    publish_megabyte_key_and_headers(&brokers).await;
+    publish_inline(&brokers, "after", 6).await;
+    let (artifact, _owner, model) = tiny();
+    let worker = Running::start(deps(&settings, &brokers, &artifact, &model));
+    let seen = verdicts(&worker, &brokers, 14).await;
+    let distinct: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!(distinct.len(), 14, "{}", worker.state());
+    assert_trimmed_dead_letters(&brokers);
+    worker
+        .stop()
+        .await
+        .expect("the worker was still running, and stops cleanly");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_worker_stops_with_an_error_naming_it() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 use super::ack::Delivered;
 use super::infer::{BatchItem, Embedded, Pixels};
 use super::probe::{Step, Tracked};
-use super::{publish, Profile, Shared};
+use super::publish::{self, PublishError};
+use super::{Profile, Shared};
 use crate::config::DEFAULT_PROFILE;
 use crate::metrics;
 use crate::preprocess::Region;
@@ -219,6 +220,8 @@ async fn publish_acknowledged(
     mut failure: Option<Failure>,
     trace: Vec<(String, Vec<u8>)>,
 ) -> bool {
+    // The record was refused for what it is, even small: answered as well as it can be.
+    let mut skipped = false;
     let published = match publish::verdict(shared, &verdict, trace.clone()).await {
         Ok(()) => Some(verdict),
         Err(e) if e.is_refusal() => {
@@ -233,6 +236,15 @@ async fn publish_acknowledged(
             failure = Some(refusal);
             match publish::verdict(shared, &small, trace).await {
                 Ok(()) => Some(small),
+                Err(PublishError::Send(e)) if e.refuses_only_the_record() => {
+                    // This record alone: skip it (loudly) rather than stop the partition.
+                    tracing::error!(topic = %source.topic, partition = source.partition,
+                        offset = source.offset, error = %e,
+                        "even the small ERROR verdict is refused: the record goes without a verdict");
+                    metrics::publish_refused(&shared.kafka.verdict_topic);
+                    skipped = true;
+                    None
+                }
                 Err(e) => {
                     if e.is_refusal() {
                         shared.fatal.declare(super::RunError::TopicRefuses {
@@ -253,11 +265,19 @@ async fn publish_acknowledged(
             shared.notifier.observe(&v);
             true
         }
-        None => false,
+        None => skipped,
     };
     if let Some(failure) = failure {
         match publish::dead_letter(shared, msg, source, &failure).await {
             Ok(()) => metrics::dead_letter(failure.stage.as_str()),
+            Err(e) if e.refuses_only_the_record() => {
+                // Even trimmed (a few kilobytes): this record alone. Its verdict is out and
+                // the original stays on the input topic: skip the dead letter, loudly.
+                tracing::error!(topic = %source.topic, partition = source.partition,
+                    offset = source.offset, error = %e,
+                    "the dead letter is refused even trimmed: the record goes without one");
+                metrics::publish_refused(&shared.kafka.dlq_topic);
+            }
             Err(e) => {
                 if matches!(e, SendError::Refused { .. }) {
                     shared.fatal.declare(super::RunError::TopicRefuses {

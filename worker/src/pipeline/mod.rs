@@ -17,8 +17,10 @@
 //! `max_in_flight_bytes` are held at once, and when the records are all taken the consumer's
 //! partitions are paused (polling goes on) until half are free; every record ends as exactly
 //! one verdict (ERROR for failures, with a dead letter too) before its offset can be stored;
-//! a bad record never stops the worker; a broken model, a batcher that died, a consumer with
-//! a fatal error, or a dead-letter topic that refuses records do (after draining: `run`
+//! a bad record never stops the worker (one the broker refuses for its size or contents is
+//! published trimmed, or, refused even then, skipped with an error log and
+//! `clipqc_publish_refused_total`); a broken model, a batcher that died, a consumer with
+//! a fatal error, or a topic that refuses every record (authorisation, no such topic) do (after draining: `run`
 //! returns the reason, and the process exits non-zero for its orchestrator to restart it);
 //! on shutdown no new record is taken, in-flight ones finish within `drain_timeout`, the
 //! producer is flushed and the stored positions committed synchronously. Each record takes
@@ -389,14 +391,7 @@ fn fatal_consumer_error(consumer: &Source, e: &rdkafka::error::KafkaError) -> Op
     ))
 }
 
-/// The text of a caught panic (`panic!` with a literal or a formatted message).
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
+pub use crate::verdict::panic_message;
 
 /// Commit what was stored, retrying briefly: a rebalance in progress (another worker joining
 /// or leaving) refuses commits for a moment, and every offset not committed now is processed

@@ -4,12 +4,15 @@
 //! the drain time is up (the input offset then stays uncommitted) or when the broker refuses
 //! the record for good. Verdicts are keyed by camera id and carry their source coordinates
 //! in headers; a dead letter is the original record, key, payload and headers unchanged,
-//! plus Kafka Connect style error headers, except that a payload too large for the
-//! dead-letter topic is left out (header `clipqc-payload-dropped`: its size; the original
-//! stays on the input topic at the coordinates the headers give).
+//! plus Kafka Connect style error headers, except when the dead-letter topic refuses it for
+//! its size: then it goes *trimmed*: without its payload (header `clipqc-payload-dropped`:
+//! its size), its key and headers cut ([`crate::sink::dead_letter`]). The original stays on
+//! the input topic at the coordinates the headers give. A trimmed dead letter is a few tens
+//! of kilobytes at most, so one record with a megabyte key or headers cannot be refused for
+//! good and stop its partition (or, worker after worker, the group).
 
 use prost::Message as _;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 
 use super::Shared;
 use crate::proto::v1::{SourceRecord, Verdict};
@@ -88,37 +91,19 @@ pub async fn verdict(
     Ok(shared.sink.send_owned(&record, &shared.abort).await?)
 }
 
-/// The dead letter of `msg`; without its payload when `with_payload` is false (header
-/// `clipqc-payload-dropped`: the payload's size).
+/// The dead letter of `msg`: whole, or trimmed when `whole` is false (see the module's doc:
+/// no payload, the key and headers cut to bounds that any topic accepts).
 pub fn dead_letter_record(
     shared: &Shared,
     msg: &OwnedMessage,
     source: &SourceRecord,
     failure: &Failure,
-    with_payload: bool,
+    whole: bool,
 ) -> OwnedRecord {
-    let mut headers = crate::sink::dead_letter_headers(msg, source, failure);
-    let payload = msg.payload().unwrap_or_default();
-    if !with_payload && !payload.is_empty() {
-        headers.push((
-            "clipqc-payload-dropped".into(),
-            payload.len().to_string().into_bytes(),
-        ));
-    }
-    OwnedRecord {
-        topic: shared.kafka.dlq_topic.clone(),
-        key: msg.key().map(<[u8]>::to_vec),
-        payload: if with_payload {
-            payload.to_vec()
-        } else {
-            Vec::new()
-        },
-        headers,
-    }
+    crate::sink::dead_letter::record(&shared.kafka.dlq_topic, msg, source, failure, whole)
 }
 
-/// Publish the dead letter, acknowledged; without its payload if the topic refuses it for
-/// its size.
+/// Publish the dead letter, acknowledged; trimmed if the topic refuses it for its size.
 pub async fn dead_letter(
     shared: &Shared,
     msg: &OwnedMessage,
@@ -127,8 +112,9 @@ pub async fn dead_letter(
 ) -> Result<(), SendError> {
     let record = dead_letter_record(shared, msg, source, failure, true);
     match shared.sink.send_owned(&record, &shared.abort).await {
-        Err(e) if e.too_large() && !record.payload.is_empty() => {
-            tracing::warn!(topic = %record.topic, bytes = record.payload.len(), "dead letter too large for its topic: sending it without the payload");
+        Err(e) if e.too_large() => {
+            tracing::warn!(topic = %record.topic, bytes = record.size(),
+                "dead letter too large for its topic: sending it trimmed (no payload, key and headers cut)");
             let record = dead_letter_record(shared, msg, source, failure, false);
             shared.sink.send_owned(&record, &shared.abort).await
         }

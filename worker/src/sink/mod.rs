@@ -15,6 +15,7 @@
 //! [`transaction`] instead: staged in an [`outbox`], then written with their input offsets in
 //! one transaction.
 
+pub mod dead_letter;
 pub mod outbox;
 pub mod transaction;
 
@@ -56,6 +57,22 @@ impl SendError {
     pub fn too_large(&self) -> bool {
         matches!(self, Self::Refused { error, .. } if error.rdkafka_error_code().is_some_and(is_size_error))
     }
+}
+
+impl SendError {
+    /// Refused for something in this record alone (its size, its contents): another record to
+    /// the same topic would go through, so the refusal must not stop the worker.
+    pub fn refuses_only_the_record(&self) -> bool {
+        matches!(self, Self::Refused { error, .. } if refuses_only_the_record(error))
+    }
+}
+
+/// `e` refuses one record for what it is (its size, its contents), not its topic or the
+/// client (authorisation, an unknown topic): another record would go through.
+pub fn refuses_only_the_record(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    e.rdkafka_error_code()
+        .is_some_and(|c| is_size_error(c) || matches!(c, InvalidRecord | InvalidMessage))
 }
 
 fn is_size_error(code: RDKafkaErrorCode) -> bool {

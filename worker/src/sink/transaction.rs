@@ -7,8 +7,10 @@
 //! Guarantees: what a transaction writes and commits comes from the [`Outbox`] (see its
 //! docs: exactly the verdicts of the offsets it commits). A failed transaction is aborted and
 //! its records wait for the next one; a record the broker refuses for good is replaced by its
-//! small fallback (an ERROR verdict and a payload-less dead letter) and the transaction
-//! retried, so one record cannot stall its partition; a topic that refuses even that, a
+//! small fallback (an ERROR verdict and a trimmed dead letter: no payload, key and headers
+//! cut) and the transaction retried, so one record cannot stall its partition; a fallback
+//! record refused for its size or contents even so is left out (logged, counted); a topic
+//! that refuses every record (authorisation, no such topic), a
 //! fenced producer or a broker without transactions is [`TxnError::is_fatal`]: the worker
 //! stops (a restart resumes from the last committed transaction). Zombies are fenced: the
 //! transactional id is fixed per worker instance, so a restarted worker's
@@ -248,6 +250,17 @@ impl Transactions {
                     metrics::transaction("aborted", started.elapsed());
                     for (part, record) in keys {
                         let (offset, staged) = &mut batch.parts[part].records[record];
+                        if staged.on_fallback && super::refuses_only_the_record(&error) {
+                            // Even the small records: this record alone (the fallback's dead
+                            // letter is trimmed to a few kilobytes, so only a broker limit
+                            // below that gets here). Leave that topic's record out, loudly,
+                            // rather than stop the worker on it.
+                            tracing::error!(topic, error = %error, offset = *offset,
+                                "record refused even in its small form: left out of the transaction");
+                            metrics::publish_refused(&topic);
+                            staged.fallback.retain(|r| r.topic != topic);
+                            continue;
+                        }
                         if staged.on_fallback {
                             return Err(TxnError::Refused { topic, error });
                         }
