@@ -116,25 +116,95 @@ fn reader(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<BaseConsumer> 
     Ok(cfg.create()?)
 }
 
-/// The topic's partitions and their ends now, or `None` when the topic does not exist.
-fn ends(c: &BaseConsumer, topic: &str) -> anyhow::Result<Option<Vec<(i32, i64)>>> {
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("metadata of the exemplar topic {topic:?}"))?;
-    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(None);
+/// A partition of the topic: its id and its low and high watermarks when the reading began.
+type Span = (i32, i64, i64);
+
+/// The topic's partitions and their watermarks now, or `None` when the topic does not exist.
+/// Only "unknown topic" means absent: an authorisation error is an error (a worker that may
+/// not read its bank must not serve without it, saying nothing), and anything else (a leader
+/// not elected yet, a broker restarting, a timeout) is asked again until `deadline`.
+fn spans(c: &BaseConsumer, topic: &str, deadline: Instant) -> anyhow::Result<Option<Vec<Span>>> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    let denied = |code: Code| {
+        matches!(
+            code,
+            Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::GroupAuthorizationFailed
+                | Code::SaslAuthenticationFailed
+                | Code::Authentication
+        )
     };
-    if t.error().is_some() || t.partitions().is_empty() {
-        return Ok(None);
+    loop {
+        let attempt = (|| -> Result<Option<Vec<Span>>, Code> {
+            let code = |e: rdkafka::error::KafkaError| e.rdkafka_error_code().unwrap_or(Code::Fail);
+            let md = c
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(code)?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                return Ok(None);
+            };
+            match t.error().map(Code::from) {
+                Some(Code::UnknownTopicOrPartition) => return Ok(None),
+                Some(e) => return Err(e),
+                None if t.partitions().is_empty() => return Err(Code::LeaderNotAvailable),
+                None => {}
+            }
+            t.partitions()
+                .iter()
+                .map(|p| {
+                    let (low, high) = c
+                        .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                        .map_err(code)?;
+                    Ok((p.id(), low, high))
+                })
+                .collect::<Result<_, _>>()
+                .map(Some)
+        })();
+        match attempt {
+            Ok(found) => return Ok(found),
+            Err(e) if denied(e) => anyhow::bail!(
+                "the exemplar topic {topic:?} may not be read ({e}): the worker needs Describe \
+                 and Read on it (Kafka ACLs); it does not start without its bank"
+            ),
+            Err(e) if Instant::now() >= deadline => {
+                anyhow::bail!("metadata of the exemplar topic {topic:?}: {e}")
+            }
+            Err(e) => {
+                tracing::info!(topic, error = %e, "exemplar topic not ready: asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
     }
-    t.partitions()
-        .iter()
-        .map(|p| {
-            let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-            Ok((p.id(), high))
+}
+
+/// The topic's `cleanup.policy`, through the admin API (`None` when it cannot be told: the
+/// broker may not allow DescribeConfigs).
+pub fn cleanup_policy(kafka: &KafkaSettings, brokers: &str, topic: &str) -> Option<String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let mut cfg = ClientConfig::new();
+    for (k, v) in &kafka.properties {
+        cfg.set(k, v);
+    }
+    let admin: AdminClient<_> = cfg.set("bootstrap.servers", brokers).create().ok()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    // Called at start, maybe on a runtime's thread: a thread and a small runtime of its own.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            let described = runtime
+                .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options))
+                .ok()?;
+            let resource = described.into_iter().next()?.ok()?;
+            resource.get("cleanup.policy")?.value.clone()
         })
-        .collect::<anyhow::Result<_>>()
-        .map(Some)
+        .join()
+        .ok()
+        .flatten()
+    })
 }
 
 /// Reads the topic from the beginning to the ends it has now, handing each record's key and
@@ -148,32 +218,56 @@ pub fn read_to_end(
 ) -> anyhow::Result<Option<BaseConsumer>> {
     let topic = &kafka.exemplar_topic;
     let c = reader(kafka, brokers)?;
-    let Some(ends) = ends(&c, topic)? else {
+    let started = Instant::now();
+    let Some(spans) = spans(&c, topic, started + timeout)? else {
         return Ok(None);
     };
     let mut tpl = TopicPartitionList::new();
-    for (p, _) in &ends {
+    for (p, _, _) in &spans {
+        // The beginning is the low watermark: records deleted (retention, DeleteRecords)
+        // are skipped.
         tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
-    let mut next: HashMap<i32, i64> = ends.iter().map(|(p, _)| (*p, 0)).collect();
-    let done = |next: &HashMap<i32, i64>| ends.iter().all(|(p, end)| next[p] >= *end);
-    let started = Instant::now();
-    while !done(&next) {
+    // Done by the consumer's position, not by the offsets of the records read: the position
+    // also moves past transaction markers and deleted records, which no record stands for.
+    let position = |c: &BaseConsumer| -> anyhow::Result<HashMap<i32, i64>> {
+        Ok(c.position()?
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect())
+    };
+    let done = |at: &HashMap<i32, i64>| {
+        spans
+            .iter()
+            .all(|(p, low, high)| high <= low || at.get(p).is_some_and(|o| o >= high))
+    };
+    loop {
+        let at = position(&c)?;
+        if done(&at) {
+            break;
+        }
         if started.elapsed() > timeout {
+            let read: i64 = spans
+                .iter()
+                .map(|(p, low, _)| at.get(p).map_or(0, |o| o - low))
+                .sum();
             anyhow::bail!(
                 "the exemplar topic {topic:?} was not read to its end within {} s \
-                 ({} of {} records)",
+                 ({read} of {} offsets; positions {at:?}, ends {:?})",
                 timeout.as_secs(),
-                next.values().sum::<i64>(),
-                ends.iter().map(|(_, e)| e).sum::<i64>()
+                spans.iter().map(|(_, l, h)| h - l).sum::<i64>(),
+                spans.iter().map(|(p, _, h)| (p, h)).collect::<Vec<_>>()
             );
         }
         let Some(msg) = c.poll(Duration::from_millis(200)) else {
             continue;
         };
         let msg = msg.with_context(|| format!("reading the exemplar topic {topic:?}"))?;
-        next.insert(msg.partition(), msg.offset() + 1);
         handle(&msg, &mut each);
     }
     Ok(Some(c))
@@ -245,6 +339,18 @@ pub fn catch_up(
         "exemplar bank read to the end of its topic"
     );
     metrics::exemplar_catch_up(started.elapsed().as_secs_f64());
+    if reader.is_some() {
+        let topic = &kafka.exemplar_topic;
+        match cleanup_policy(kafka, brokers, topic).as_deref() {
+            Some("compact") => {}
+            Some(policy) => tracing::warn!(topic, policy,
+                "the exemplar topic's cleanup.policy is not compact: retention will delete \
+                 exemplars still in use (and the bank shrinks at the next start); set \
+                 cleanup.policy=compact on it"),
+            None => tracing::info!(topic,
+                "could not read the exemplar topic's cleanup.policy (DescribeConfigs): make sure it is compact"),
+        }
+    }
     let (kafka, brokers, follower_shared) = (kafka.clone(), brokers.to_string(), shared.clone());
     let thread = std::thread::Builder::new()
         .name("clipqc-exemplars".into())
