@@ -421,6 +421,12 @@ mod line_memory;
 #[path = "pipeline_mock/exactly_once.rs"]
 mod exactly_once;
 
+#[path = "pipeline_mock/exemplar_topic.rs"]
+mod exemplar_topic;
+
+#[path = "pipeline_mock/feedback.rs"]
+mod feedback;
+
 #[path = "pipeline_mock/segment.rs"]
 mod segment;
 

@@ -5,7 +5,11 @@
 //!
 //! Guarantees: a record's offset is stored only after its exemplar (or its dead letter) was
 //! acknowledged, records of a partition in order (one at a time: feedback is people's pace),
-//! so a crash repeats work and never skips it; the exemplar's key is the profile and a hash of
+//! so a crash repeats work and never skips it; a record not done (its exemplar not
+//! acknowledged: the exemplar topic refusing for now, a broker away) is tried again, with a
+//! growing pause, before any later record is read, since storing a later record's offset
+//! would commit past it; a record that panics its handling, or whose exemplar the topic
+//! refuses for what it is (its size), is refused like any bad record; the exemplar's key is the profile and a hash of
 //! the image, so a record handled twice (a rebalance, two workers, a restart) still makes one
 //! exemplar; feedback naming an unknown profile or class, without an image, whose image cannot
 //! be fetched or decoded, is refused with a reason (log, `clipqc_feedback_total{result=
@@ -16,6 +20,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::panic::AssertUnwindSafe;
+
+use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -23,6 +31,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio_util::sync::CancellationToken;
 
 use super::follow::{self, SharedBank};
+use super::vetting::Vetting;
 use super::{id_of, FEEDBACK_SOURCE};
 use crate::fetch::{FetchSettings, Fetcher};
 use crate::kafka::KafkaSettings;
@@ -41,6 +50,8 @@ pub struct FeedbackSettings<'a> {
     pub preprocess: &'a PreprocessSettings,
     /// Every profile, the built-in default included.
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// `exemplars.feedback_per_operator_hour`.
+    pub per_operator_hour: usize,
 }
 
 /// What the feedback loop needs (built by `clipqc run`).
@@ -55,6 +66,11 @@ pub struct FeedbackDeps {
     pub bank: SharedBank,
     /// For the exemplars and the dead letters.
     pub sink: Sink,
+    /// Records tried again because they were not done (tests wait on it).
+    pub retried: Arc<std::sync::atomic::AtomicU64>,
+    /// Who answered how often; records are handled one at a time, so never contended.
+    vetting: std::sync::Mutex<Vetting>,
+    per_operator_hour: usize,
 }
 
 impl FeedbackDeps {
@@ -89,6 +105,9 @@ impl FeedbackDeps {
             dim: artifact.manifest.embedding_dim,
             bank,
             sink: Sink::new(settings.kafka, brokers)?,
+            retried: Arc::default(),
+            vetting: Default::default(),
+            per_operator_hour: settings.per_operator_hour,
         }))
     }
 }
@@ -131,41 +150,64 @@ pub async fn run(deps: FeedbackDeps, shutdown: CancellationToken) -> anyhow::Res
                 continue;
             }
         };
-        let outcome = handle(&deps, &msg, &shutdown).await;
         let source = format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset());
-        let stored = match outcome {
-            Ok(Outcome::Applied(key)) => {
-                tracing::info!(
-                    feedback = source,
-                    exemplar = key,
-                    "feedback became an exemplar"
-                );
-                metrics::feedback("applied");
-                true
+        // The same record until it is done: a later record's stored offset would commit past
+        // it.
+        let mut pause = Duration::from_millis(500);
+        let done = loop {
+            let outcome = AssertUnwindSafe(handle(&deps, &msg, &shutdown))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    let why = crate::verdict::panic_message(&*panic);
+                    Ok(Outcome::Refused(format!("handling it panicked: {why}")))
+                });
+            let done = match outcome {
+                Ok(Outcome::Applied(key)) => {
+                    tracing::info!(
+                        feedback = source,
+                        exemplar = key,
+                        "feedback became an exemplar"
+                    );
+                    metrics::feedback("applied");
+                    true
+                }
+                Ok(Outcome::Ignored(why)) => {
+                    tracing::info!(
+                        feedback = source,
+                        why,
+                        "feedback ignored by the profile's policy"
+                    );
+                    metrics::feedback("ignored");
+                    true
+                }
+                Ok(Outcome::Refused(reason)) => {
+                    tracing::warn!(feedback = source, reason, "feedback refused");
+                    metrics::feedback("refused");
+                    dead_letter(&deps, &msg, &reason, &shutdown).await
+                }
+                Err(e) => {
+                    tracing::warn!(feedback = source, error = %e, pause = ?pause,
+                        "feedback not done: trying the same record again");
+                    false
+                }
+            };
+            if done || shutdown.is_cancelled() {
+                break done;
             }
-            Ok(Outcome::Ignored(why)) => {
-                tracing::info!(
-                    feedback = source,
-                    why,
-                    "feedback ignored by the profile's policy"
-                );
-                metrics::feedback("ignored");
-                true
+            deps.retried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => break false,
             }
-            Ok(Outcome::Refused(reason)) => {
-                tracing::warn!(feedback = source, reason, "feedback refused");
-                metrics::feedback("refused");
-                dead_letter(&deps, &msg, &reason, &shutdown).await
-            }
-            // The exemplar was not acknowledged (shutting down): leave the offset.
-            Err(e) => {
-                tracing::warn!(feedback = source, error = %e, "feedback left for later");
-                false
-            }
+            pause = (pause * 2).min(Duration::from_secs(30));
         };
-        if stored {
-            consumer.store_offset_from_message(&msg)?;
+        if !done {
+            // Stopping: the offset stays, the record is read again after the restart.
+            break;
         }
+        consumer.store_offset_from_message(&msg)?;
     }
     // Commit what was stored before leaving the group.
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
@@ -183,6 +225,19 @@ async fn handle(
         Ok(fb) => fb,
         Err(e) => return Ok(Outcome::Refused(format!("not a clipqc.v1.Feedback: {e}"))),
     };
+    let vetted = deps
+        .vetting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .check(
+            &fb,
+            (msg.partition(), msg.offset()),
+            SystemTime::now(),
+            deps.per_operator_hour,
+        );
+    if let Err(why) = vetted {
+        return Ok(Outcome::Refused(why));
+    }
     let Some((profile, pre)) = deps.profiles.get(&fb.profile) else {
         return Ok(Outcome::Refused(format!(
             "unknown profile {:?}",
@@ -242,7 +297,16 @@ async fn handle(
             .or_else(|| Some(crate::timestamps::timestamp(SystemTime::now()))),
     };
     let key = format!("{}/{}", x.profile, x.id);
-    publish(deps, &key, Some(&x), shutdown).await?;
+    if let Err(e) = publish(deps, &key, Some(&x), shutdown).await {
+        if let Some(refused) = e.downcast_ref::<crate::sink::SendError>() {
+            if refused.refuses_only_the_record() {
+                return Ok(Outcome::Refused(format!(
+                    "its exemplar {key:?} is refused by the exemplar topic: {refused}"
+                )));
+            }
+        }
+        return Err(e);
+    }
     trim(deps, profile, &fb.profile, &x, shutdown).await?;
     Ok(Outcome::Applied(key))
 }
@@ -352,7 +416,7 @@ async fn publish(
     deps.sink
         .send(&record, shutdown)
         .await
-        .map_err(|e| anyhow::anyhow!("publishing exemplar {key:?}: {e}"))
+        .with_context(|| format!("publishing exemplar {key:?}"))
 }
 
 async fn dead_letter(
@@ -366,13 +430,23 @@ async fn dead_letter(
         crate::verdict::Stage::Feedback,
         reason,
     );
-    let record = Record {
-        topic: &deps.kafka.dlq_topic,
-        key: msg.key(),
-        payload: msg.payload().unwrap_or_default(),
-        headers: crate::sink::dead_letter_headers(msg, &msg_source(msg), &failure),
+    let source = msg_source(msg);
+    let whole =
+        crate::sink::dead_letter::record(&deps.kafka.dlq_topic, msg, &source, &failure, true);
+    let sent = match deps.sink.send_owned(&whole, shutdown).await {
+        Err(e) if e.too_large() => {
+            let trimmed = crate::sink::dead_letter::record(
+                &deps.kafka.dlq_topic,
+                msg,
+                &source,
+                &failure,
+                false,
+            );
+            deps.sink.send_owned(&trimmed, shutdown).await
+        }
+        other => other,
     };
-    match deps.sink.send(&record, shutdown).await {
+    match sent {
         Ok(()) => {
             metrics::dead_letter(crate::verdict::Stage::Feedback.as_str());
             true

@@ -13,6 +13,7 @@
 
 pub mod feedback;
 pub mod follow;
+pub mod vetting;
 
 use std::collections::HashMap;
 
@@ -74,12 +75,17 @@ impl ExemplarError {
 pub struct ExemplarSettings {
     /// The most exemplars one profile's bank holds; more are refused (log and metric).
     pub max_per_profile: usize,
+    /// The most feedback answers one operator may give in an hour, per worker of the
+    /// feedback group; more are refused (dead-lettered). 0: no limit.
+    pub feedback_per_operator_hour: usize,
 }
 
 impl Default for ExemplarSettings {
     fn default() -> Self {
         Self {
             max_per_profile: 1000,
+            // One answer every 6 s for an hour: more than a person at a line gives.
+            feedback_per_operator_hour: 600,
         }
     }
 }
