@@ -12,7 +12,11 @@
 //! against the stated size and again while reading) and a fetch, `file://` included, never
 //! takes longer than `timeout_ms`; transient failures (connection errors, timeouts, 5xx, 429)
 //! are retried with exponential backoff, permanent ones (4xx, forbidden, too large) are not;
-//! every error names the URI, without its credentials or query string.
+//! every error names the URI, without its credentials or query string. A body is reserved
+//! before it is held ([`Room`]): the stated size (Content-Length, the object's or file's size)
+//! before any byte is read, and, when none was stated, more as it arrives (doubling, from
+//! 1 MiB, never past `max_bytes`), so what bodies hold while they stream is in the worker's
+//! byte budget.
 
 mod guard;
 mod object;
@@ -31,6 +35,23 @@ use tokio::sync::Semaphore;
 use crate::proto::v1::ErrorCode;
 use crate::request::Image;
 pub use settings::FetchSettings;
+
+/// Room for a body in the caller's memory budget: [`Fetcher::fetch_into`] asks for the
+/// whole body's size (in bytes, at most `max_bytes`) before it holds that much, and may ask
+/// again for more; each call returns once the room is there.
+pub trait Room: Sync {
+    fn make_room(&self, body_bytes: u64) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// No budget to keep (the CLI, the feedback loop: one image at a time).
+pub struct Unbudgeted;
+
+impl Room for Unbudgeted {
+    async fn make_room(&self, _: u64) {}
+}
+
+/// The first room asked for a body of unknown size.
+const FIRST_ROOM: u64 = 1 << 20;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
@@ -149,6 +170,12 @@ impl Fetcher {
 
     /// The bytes of a request's image, inline or fetched.
     pub async fn fetch(&self, image: &Image) -> Result<Bytes, FetchError> {
+        self.fetch_into(image, &Unbudgeted).await
+    }
+
+    /// [`Self::fetch`], asking `room` for a fetched body's size before holding it (an inline
+    /// image is already held: its request's payload).
+    pub async fn fetch_into(&self, image: &Image, room: &impl Room) -> Result<Bytes, FetchError> {
         match image {
             Image::InlineData(data) => {
                 if data.len() as u64 > self.settings.max_bytes {
@@ -165,12 +192,12 @@ impl Fetcher {
                     .acquire()
                     .await
                     .expect("the semaphore is never closed. This is a bug.");
-                self.fetch_uri(uri).await
+                self.fetch_uri(uri, room).await
             }
         }
     }
 
-    async fn fetch_uri(&self, uri: &str) -> Result<Bytes, FetchError> {
+    async fn fetch_uri(&self, uri: &str, room: &impl Room) -> Result<Bytes, FetchError> {
         // Errors name the URI without its credentials or query string.
         let shown = guard::redact(uri);
         let forbidden = |reason: String| FetchError::Forbidden {
@@ -186,7 +213,7 @@ impl Fetcher {
             )));
         }
         match scheme {
-            "file" => self.read_file(&shown, &url).await,
+            "file" => self.read_file(&shown, &url, room).await,
             s if object::SCHEMES.contains(&s) => {
                 // For object stores the "host" is the bucket (or account); the store's own
                 // endpoint is configuration, not the request's to choose.
@@ -195,7 +222,7 @@ impl Fetcher {
                     return Err(forbidden(reason));
                 }
                 self.objects
-                    .get(&shown, &url, self.settings.max_bytes)
+                    .get(&shown, &url, self.settings.max_bytes, room)
                     .await
             }
             "http" | "https" => {
@@ -207,7 +234,7 @@ impl Fetcher {
                     .with_max_delay(Duration::from_secs(2))
                     .with_max_times(self.settings.retries as usize)
                     .with_jitter();
-                (|| self.get_once(&shown, url.clone()))
+                (|| self.get_once(&shown, url.clone(), room))
                     .retry(backoff)
                     .when(FetchError::is_transient)
                     .await
@@ -219,7 +246,12 @@ impl Fetcher {
     }
 
     /// One GET; `uri` is the redacted form, for errors.
-    async fn get_once(&self, uri: &str, url: reqwest::Url) -> Result<Bytes, FetchError> {
+    async fn get_once(
+        &self,
+        uri: &str,
+        url: reqwest::Url,
+        room: &impl Room,
+    ) -> Result<Bytes, FetchError> {
         let failed = |message: String, transient: bool| FetchError::Failed {
             uri: uri.to_string(),
             message,
@@ -252,14 +284,20 @@ impl Fetcher {
                 limit,
             });
         }
-        read_limited(uri, limit, response.bytes_stream(), |e| {
+        let stated = response.content_length();
+        read_limited(uri, limit, stated, room, response.bytes_stream(), |e| {
             failed(describe(e), true)
         })
         .await
     }
 
     /// A `file://` image; `uri` is the redacted form, for errors.
-    async fn read_file(&self, uri: &str, url: &reqwest::Url) -> Result<Bytes, FetchError> {
+    async fn read_file(
+        &self,
+        uri: &str,
+        url: &reqwest::Url,
+        room: &impl Room,
+    ) -> Result<Bytes, FetchError> {
         let forbidden = |reason: String| FetchError::Forbidden {
             uri: uri.to_string(),
             reason,
@@ -280,7 +318,7 @@ impl Fetcher {
             return Err(forbidden("outside fetch.file_roots".into()));
         }
         let timeout = Duration::from_millis(self.settings.timeout_ms);
-        tokio::time::timeout(timeout, self.read_under_roots(uri, &path))
+        tokio::time::timeout(timeout, self.read_under_roots(uri, &path, room))
             .await
             .unwrap_or_else(|_| {
                 Err(FetchError::Failed {
@@ -294,7 +332,12 @@ impl Fetcher {
             })
     }
 
-    async fn read_under_roots(&self, uri: &str, path: &Path) -> Result<Bytes, FetchError> {
+    async fn read_under_roots(
+        &self,
+        uri: &str,
+        path: &Path,
+        room: &impl Room,
+    ) -> Result<Bytes, FetchError> {
         let forbidden = |reason: String| FetchError::Forbidden {
             uri: uri.to_string(),
             reason,
@@ -335,7 +378,9 @@ impl Fetcher {
             return Err(forbidden(format!("not a regular file: {kind}")));
         }
         // The stated size is not trusted (it is 0 for /proc files and can change): at most
-        // one byte over the limit is read.
+        // one byte over the limit is read, and the room is made for what was read (the
+        // file's own size is the first guess).
+        room.make_room(meta.len().min(limit)).await;
         let mut body = Vec::with_capacity(meta.len().min(limit) as usize);
         file.take(limit.saturating_add(1))
             .read_to_end(&mut body)
@@ -346,6 +391,9 @@ impl Fetcher {
                 uri: uri.to_string(),
                 limit,
             });
+        }
+        if body.len() as u64 > meta.len() {
+            room.make_room(body.len() as u64).await;
         }
         Ok(Bytes::from(body))
     }
@@ -393,21 +441,32 @@ fn lexical(path: &Path) -> PathBuf {
 }
 
 /// Collect a body stream, refusing it as soon as it grows past `limit` bytes (a server's or
-/// store's stated size is checked before; this holds when it lied or did not say).
+/// store's stated size is checked before; this holds when it lied or did not say). Room is
+/// made for the `stated` size before the first byte, and for more, doubling, whenever the
+/// body would outgrow it: the bytes held never exceed the room made.
 async fn read_limited<E>(
     uri: &str,
     limit: u64,
+    stated: Option<u64>,
+    room: &impl Room,
     mut stream: impl futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
     failed: impl Fn(E) -> FetchError,
 ) -> Result<Bytes, FetchError> {
+    let mut made = stated.unwrap_or(FIRST_ROOM).min(limit);
+    room.make_room(made).await;
     let mut body = BytesMut::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(&failed)?;
-        if body.len() as u64 + chunk.len() as u64 > limit {
+        let needed = body.len() as u64 + chunk.len() as u64;
+        if needed > limit {
             return Err(FetchError::TooLarge {
                 uri: uri.to_string(),
                 limit,
             });
+        }
+        if needed > made {
+            made = needed.max(made.saturating_mul(2)).min(limit);
+            room.make_room(made).await;
         }
         body.extend_from_slice(&chunk);
     }

@@ -98,6 +98,7 @@ impl ObjectStores {
         uri: &str,
         url: &reqwest::Url,
         limit: u64,
+        room: &impl super::Room,
     ) -> Result<Bytes, FetchError> {
         let failed = |e: object_store::Error| FetchError::Failed {
             uri: uri.to_string(),
@@ -117,6 +118,7 @@ impl ObjectStores {
                 limit,
             });
         }
-        super::read_limited(uri, limit, result.into_stream(), failed).await
+        let stated = Some(result.meta.size);
+        super::read_limited(uri, limit, stated, room, result.into_stream(), failed).await
     }
 }

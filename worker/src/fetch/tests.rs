@@ -476,3 +476,4 @@ async fn errors_do_not_show_credentials_or_query_strings() {
 
 mod addresses;
 mod file;
+mod room;

@@ -116,6 +116,41 @@ impl<'a> Reserved<'a> {
     }
 }
 
+/// A record's reservation while its image body streams in: the fetch stage asks for room
+/// ([`crate::fetch::Room`]) before it holds the body, and the reservation grows to the
+/// record's payload plus the body (without hold-and-wait, as [`Reserved::grow_to`]).
+pub struct BodyRoom<'a> {
+    base: usize,
+    reserved: tokio::sync::Mutex<Option<Reserved<'a>>>,
+}
+
+impl<'a> BodyRoom<'a> {
+    /// `reserved` holds `base` bytes (the payload) now.
+    pub fn new(reserved: Reserved<'a>, base: usize) -> Self {
+        Self {
+            base,
+            reserved: tokio::sync::Mutex::new(Some(reserved)),
+        }
+    }
+
+    pub fn into_reserved(self) -> Reserved<'a> {
+        self.reserved
+            .into_inner()
+            .expect("a room is only taken out while growing. This is a bug.")
+    }
+}
+
+impl crate::fetch::Room for BodyRoom<'_> {
+    async fn make_room(&self, body_bytes: u64) {
+        let mut slot = self.reserved.lock().await;
+        let reserved = slot
+            .take()
+            .expect("a room is only taken out while growing. This is a bug.");
+        let bytes = self.base.saturating_add(body_bytes as usize);
+        *slot = Some(reserved.grow_to(bytes).await);
+    }
+}
+
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
         let held = self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;

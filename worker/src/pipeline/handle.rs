@@ -390,7 +390,11 @@ async fn decide<'a>(
         .expect("validated requests have an image. This is a bug.");
     let t = Instant::now();
     tracked.step(Step::Fetch);
-    let bytes = shared.fetcher.fetch(&image).await.map_err(|e| {
+    // The body is reserved before it is held, as it streams in.
+    let room = super::budget::BodyRoom::new(reserved, payload.len());
+    let fetched = shared.fetcher.fetch_into(&image, &room).await;
+    let reserved = room.into_reserved();
+    let bytes = fetched.map_err(|e| {
         metrics::fetch_error(e.kind());
         Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e))
     })?;
