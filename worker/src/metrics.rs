@@ -407,12 +407,13 @@ pub fn batch(size: usize, max_size: usize) {
 
 /// Why the bank refused an exemplar record: the `reason` label of
 /// `clipqc_exemplars_skipped_total` (what `exemplars::ExemplarError::reason` gives).
-pub const EXEMPLAR_SKIP_REASONS: [&str; 5] = [
+pub const EXEMPLAR_SKIP_REASONS: [&str; 6] = [
     "unknown_profile",
     "unknown_class",
     "other_model",
     "malformed",
     "full",
+    "over_bytes",
 ];
 
 /// An exemplar record the bank refused (`reason`: one of [`EXEMPLAR_SKIP_REASONS`]).

@@ -91,12 +91,32 @@ pub fn parse(
     Ok(request)
 }
 
+/// The longest id (request, camera, line, profile) a request may carry: ids become keys of
+/// the worker's memory (line memory, rate windows), metric labels and verdict records, so a
+/// megabyte id would hold a megabyte in each.
+pub const MAX_ID_BYTES: usize = 256;
+
 /// What of an invalid request a verdict may echo: everything but timestamps outside the
-/// range a verdict can carry.
+/// range a verdict can carry, and ids cut to [`MAX_ID_BYTES`] (ending in `…`).
 pub fn echoable(mut r: InspectionRequest) -> InspectionRequest {
     for t in [&mut r.captured_at, &mut r.deadline] {
         if t.as_ref().is_some_and(|t| check_timestamp("", t).is_err()) {
             *t = None;
+        }
+    }
+    for id in [
+        &mut r.request_id,
+        &mut r.camera_id,
+        &mut r.line_id,
+        &mut r.profile,
+    ] {
+        if id.len() > MAX_ID_BYTES {
+            let mut cut = MAX_ID_BYTES - '…'.len_utf8();
+            while !id.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            id.truncate(cut);
+            id.push('…');
         }
     }
     r
@@ -106,6 +126,19 @@ pub fn validate(r: &InspectionRequest) -> Result<(), RequestError> {
     let invalid = |m: &str| Err(RequestError::Invalid(m.to_string()));
     if r.request_id.trim().is_empty() {
         return invalid("request_id is empty");
+    }
+    for (name, id) in [
+        ("request_id", &r.request_id),
+        ("camera_id", &r.camera_id),
+        ("line_id", &r.line_id),
+        ("profile", &r.profile),
+    ] {
+        if id.len() > MAX_ID_BYTES {
+            return Err(RequestError::Invalid(format!(
+                "{name} is {} bytes long (at most {MAX_ID_BYTES})",
+                id.len()
+            )));
+        }
     }
     match &r.image {
         None => return invalid("no image: set uri or inline_data"),
@@ -278,5 +311,35 @@ mod tests {
             nanos: 0,
         });
         assert!(decode(&r.encode_to_vec(), None, Encoding::Protobuf).is_ok());
+    }
+
+    /// Ids over 256 bytes are refused, naming the field; the verdict echoes them cut (on a
+    /// character boundary), so it stays small enough to publish.
+    #[test]
+    fn ids_over_the_limit_are_refused_and_echoed_cut() {
+        for field in ["request_id", "camera_id", "line_id", "profile"] {
+            let mut r = sample();
+            let long = "é".repeat(MAX_ID_BYTES);
+            match field {
+                "request_id" => r.request_id = long,
+                "camera_id" => r.camera_id = long,
+                "line_id" => r.line_id = long,
+                _ => r.profile = long,
+            }
+            let err = validate(&r).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("512 bytes"), "{err}");
+            let echoed = echoable(r);
+            for id in [
+                &echoed.request_id,
+                &echoed.camera_id,
+                &echoed.line_id,
+                &echoed.profile,
+            ] {
+                assert!(id.len() <= MAX_ID_BYTES, "{field}: {} bytes", id.len());
+            }
+        }
+        let mut r = sample();
+        r.camera_id = "c".repeat(MAX_ID_BYTES);
+        assert!(validate(&r).is_ok(), "at the limit");
     }
 }

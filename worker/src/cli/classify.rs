@@ -171,8 +171,7 @@ pub(crate) fn offline_bank(
         std::time::Duration::from_secs(120),
         |key, x| {
             let (hash, dim) = (artifact.model_hash(), artifact.manifest.embedding_dim);
-            let max = settings.exemplars.max_per_profile;
-            if let Err(e) = bank.apply(key, x, &profiles, &hash, dim, max) {
+            if let Err(e) = bank.apply(key, x, &profiles, &hash, dim, &settings.exemplars) {
                 tracing::warn!(error = %e, "exemplar skipped");
             }
         },

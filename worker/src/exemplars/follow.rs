@@ -291,8 +291,14 @@ fn handle(
 }
 
 fn apply(bank: &mut Bank, ctx: &BankContext, key: &str, record: Option<Exemplar>) {
-    let max = ctx.settings.max_per_profile;
-    if let Err(e) = bank.apply(key, record, &ctx.profiles, &ctx.model_hash, ctx.dim, max) {
+    if let Err(e) = bank.apply(
+        key,
+        record,
+        &ctx.profiles,
+        &ctx.model_hash,
+        ctx.dim,
+        &ctx.settings,
+    ) {
         tracing::warn!(error = %e, "exemplar skipped");
         metrics::exemplar_skipped(e.reason());
     }

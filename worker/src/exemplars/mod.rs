@@ -50,12 +50,21 @@ pub enum ExemplarError {
         profile: String,
         max: usize,
     },
+    #[error(
+        "exemplar {key:?}: profile {profile:?} would hold more than {max_bytes} bytes of \
+         embeddings (exemplars.max_bytes_per_profile): remove some first"
+    )]
+    OverBytes {
+        key: String,
+        profile: String,
+        max_bytes: u64,
+    },
 }
 
 impl ExemplarError {
     /// Every [`Self::reason`]: the metrics' vocabulary of the `reason` label (they own it),
     /// which a test checks the variants map onto.
-    pub const REASONS: [&'static str; 5] = crate::metrics::EXEMPLAR_SKIP_REASONS;
+    pub const REASONS: [&'static str; 6] = crate::metrics::EXEMPLAR_SKIP_REASONS;
 
     /// The metric label of a skipped record.
     pub fn reason(&self) -> &'static str {
@@ -65,6 +74,7 @@ impl ExemplarError {
             Self::OtherModel { .. } => "other_model",
             Self::Malformed { .. } => "malformed",
             Self::Full { .. } => "full",
+            Self::OverBytes { .. } => "over_bytes",
         }
     }
 }
@@ -75,6 +85,10 @@ impl ExemplarError {
 pub struct ExemplarSettings {
     /// The most exemplars one profile's bank holds; more are refused (log and metric).
     pub max_per_profile: usize,
+    /// The most bytes of embeddings one profile's bank holds (an exemplar carries its
+    /// windows' embeddings too); more are refused (log and metric). Each worker holds the
+    /// whole bank.
+    pub max_bytes_per_profile: u64,
     /// The most feedback answers one operator may give in an hour, per worker of the
     /// feedback group; more are refused (dead-lettered). 0: no limit.
     pub feedback_per_operator_hour: usize,
@@ -84,11 +98,16 @@ impl Default for ExemplarSettings {
     fn default() -> Self {
         Self {
             max_per_profile: 1000,
+            // 1,000 exemplars of 25 views of 768 floats take 77 MB.
+            max_bytes_per_profile: 256 << 20,
             // One answer every 6 s for an hour: more than a person at a line gives.
             feedback_per_operator_hour: 600,
         }
     }
 }
+
+/// The most windows one exemplar may carry (a profile's windows at every scale are far fewer).
+pub const MAX_WINDOWS: usize = 4096;
 
 /// How an exemplar made from operator feedback names its source.
 pub const FEEDBACK_SOURCE: &str = "feedback:";
@@ -120,7 +139,8 @@ impl Bank {
 
     /// Applies one record of the exemplar topic: `Some` adds or replaces the entry under
     /// `key` (`profile/id`), `None` (a tombstone) removes it. `profiles` are the worker's,
-    /// `model_hash` and `dim` its model's.
+    /// `model_hash` and `dim` its model's; `limits` bound a profile's bank in exemplars and
+    /// bytes, and an exemplar's windows to [`MAX_WINDOWS`].
     pub fn apply(
         &mut self,
         key: &str,
@@ -128,8 +148,9 @@ impl Bank {
         profiles: &HashMap<String, ProfileConfig>,
         model_hash: &str,
         dim: usize,
-        max: usize,
+        limits: &ExemplarSettings,
     ) -> Result<(), ExemplarError> {
+        let max = limits.max_per_profile;
         let Some(x) = record else {
             // A tombstone names its exemplar by key alone.
             if let Some((profile, id)) = key.split_once('/') {
@@ -178,6 +199,12 @@ impl Bank {
                 x.dim
             )));
         }
+        if x.window_embeddings.len() / dim.max(1) > MAX_WINDOWS {
+            return Err(malformed(format!(
+                "{} windows (at most {MAX_WINDOWS})",
+                x.window_embeddings.len() / dim.max(1)
+            )));
+        }
         if x.window_embeddings.len() % dim != 0 {
             return Err(malformed(format!(
                 "{} window floats are not a whole number of {dim}-float embeddings",
@@ -200,6 +227,18 @@ impl Bank {
             from_feedback: x.source.starts_with(FEEDBACK_SOURCE),
         };
         let bank = self.profiles.entry(x.profile.clone()).or_default();
+        let replaced = bank
+            .entries()
+            .iter()
+            .find(|e| e.id == entry.id)
+            .map_or(0, |e| e.bytes());
+        if (bank.bytes() - replaced + entry.bytes()) as u64 > limits.max_bytes_per_profile {
+            return Err(ExemplarError::OverBytes {
+                key: key.into(),
+                profile: x.profile,
+                max_bytes: limits.max_bytes_per_profile,
+            });
+        }
         bank.index_by(profile.classes.iter().map(|c| c.name.as_str()));
         if !bank.insert(entry, max) {
             return Err(ExemplarError::Full {

@@ -27,7 +27,11 @@ fn exemplar(id: &str, class: &str, embedding: Vec<f32>) -> Exemplar {
 }
 
 fn apply(bank: &mut Bank, key: &str, x: Option<Exemplar>) -> Result<(), ExemplarError> {
-    bank.apply(key, x, &profiles(), "m1", 3, 2)
+    let limits = ExemplarSettings {
+        max_per_profile: 2,
+        ..Default::default()
+    };
+    bank.apply(key, x, &profiles(), "m1", 3, &limits)
 }
 
 #[test]
@@ -81,9 +85,14 @@ fn every_reason_is_in_the_metrics_vocabulary() {
             message: String::new(),
         },
         ExemplarError::Full {
+            key: key.clone(),
+            profile: profile.clone(),
+            max: 1,
+        },
+        ExemplarError::OverBytes {
             key,
             profile,
-            max: 1,
+            max_bytes: 1,
         },
     ];
     let reasons: Vec<&str> = errors.iter().map(ExemplarError::reason).collect();
@@ -165,4 +174,52 @@ fn affinity_is_the_nearest_exemplar_per_class() {
     assert!((w.per_class[0] - 1.0).abs() < 1e-6, "{w:?}");
     assert_eq!(w.nearest, Some((1, 1.0)));
     assert_eq!(id_of(b"abc").len(), 16);
+}
+
+/// A bank is bounded in bytes as well as in entries: exemplars carrying many windows are
+/// refused once the profile's embeddings would pass `max_bytes_per_profile` (a replacement
+/// counts its new size, not both), one with over `MAX_WINDOWS` windows is malformed; and a
+/// snapshot of the bank shares the entries instead of copying their embeddings.
+#[test]
+fn the_bank_is_bounded_in_bytes_and_its_snapshots_share_the_embeddings() {
+    let limits = ExemplarSettings {
+        max_per_profile: 1000,
+        max_bytes_per_profile: 100_000,
+        ..Default::default()
+    };
+    let windowed = |id: &str, windows: usize| Exemplar {
+        window_embeddings: vec![1.0; 3 * windows],
+        ..exemplar(id, "good", vec![1.0, 0.0, 0.0])
+    };
+    let mut bank = Bank::default();
+    let apply = |bank: &mut Bank, x: Exemplar| {
+        let key = format!("brackets/{}", x.id);
+        bank.apply(&key, Some(x), &profiles(), "m1", 3, &limits)
+    };
+    // (1 + 4000) × 3 floats × 4 bytes + 200 = 48 KiB each: two fit, a third does not.
+    apply(&mut bank, windowed("a", 4000)).unwrap();
+    apply(&mut bank, windowed("b", 4000)).unwrap();
+    let err = apply(&mut bank, windowed("c", 4000)).unwrap_err();
+    assert_eq!(err.reason(), "over_bytes");
+    assert!(
+        err.to_string().contains("exemplars.max_bytes_per_profile"),
+        "{err}"
+    );
+    // Replacing one with a smaller one fits (its old size is given back).
+    apply(&mut bank, windowed("b", 10)).unwrap();
+    apply(&mut bank, windowed("c", 4000)).unwrap();
+    assert_eq!(bank.profile("brackets").unwrap().len(), 3);
+    assert!(bank.profile("brackets").unwrap().bytes() <= 100_000);
+    let err = apply(&mut bank, windowed("d", MAX_WINDOWS + 1)).unwrap_err();
+    assert_eq!(err.reason(), "malformed");
+    // A snapshot (what the follower publishes at each change) points at the same entries.
+    let snapshot = bank.clone();
+    let (held, shared) = (
+        bank.profile("brackets").unwrap().entries(),
+        snapshot.profile("brackets").unwrap().entries(),
+    );
+    assert!(held
+        .iter()
+        .zip(shared)
+        .all(|(a, b)| std::sync::Arc::ptr_eq(a, b)));
 }

@@ -510,12 +510,34 @@ async fn decide<'a>(
             MemoryKey::Camera => &request.camera_id,
         };
         let now = Instant::now();
-        let lines = &shared.line_memory;
-        if let Some(score) = lines.score(name, key, &embeddings, memory, now) {
+        // Scoring compares every view with every remembered part's views (tens of
+        // milliseconds for a full memory): on the blocking pool, not the async workers.
+        let score = tokio::task::spawn_blocking({
+            let lines = shared.line_memory.clone();
+            let (name, key, embeddings, memory) = (
+                name.to_string(),
+                key.clone(),
+                embeddings.clone(),
+                memory.clone(),
+            );
+            move || lines.score(&name, &key, &embeddings, &memory, now)
+        })
+        .await
+        .map_err(|e| {
+            let why = super::panic_message(e.into_panic().as_ref());
+            failed(
+                ErrorCode::Internal,
+                Stage::Internal,
+                format!("line memory: {why}"),
+            )
+        })?;
+        if let Some(score) = score {
             decision = profile.scorer.with_line_memory(decision, score);
         }
         if decision.outcome != Outcome::Defect {
-            lines.remember(name, key, &embeddings, memory, now);
+            shared
+                .line_memory
+                .remember(name, key, &embeddings, memory, now);
         }
     }
     if super::segment::wanted(&profile.scorer.profile, &decision) {

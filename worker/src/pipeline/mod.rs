@@ -138,7 +138,8 @@ struct Shared {
     profiles: crate::profiles::Live,
     exemplars: crate::exemplars::follow::SharedBank,
     /// Profiles with `line_memory`: the recent parts of each line (or camera).
-    line_memory: crate::score::line_memory::LineMemory,
+    /// Shared with the blocking pool, where the scoring runs.
+    line_memory: Arc<crate::score::line_memory::LineMemory>,
     model_info: ModelInfo,
     fetcher: Fetcher,
     sink: Sink,

@@ -371,8 +371,15 @@ fn a_bank_is_indexed_by_the_profile_classes_by_name() {
             model_hash: "m".into(),
             ..Default::default()
         };
-        bank.apply(&format!("p/{id}"), Some(x), &profiles, "m", 2, 10)
-            .unwrap();
+        bank.apply(
+            &format!("p/{id}"),
+            Some(x),
+            &profiles,
+            "m",
+            2,
+            &Default::default(),
+        )
+        .unwrap();
     }
     let b = bank.profile("p").unwrap();
     assert!(matches!(

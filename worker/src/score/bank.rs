@@ -23,10 +23,18 @@ pub struct Entry {
     pub from_feedback: bool,
 }
 
-/// One profile's exemplars.
+impl Entry {
+    /// Bytes it holds, near enough.
+    pub fn bytes(&self) -> usize {
+        (1 + self.windows.len()) * self.whole.len() * 4 + self.id.len() + 200
+    }
+}
+
+/// One profile's exemplars. Entries are shared: a snapshot of the bank (taken at every
+/// change, for the records to score against) copies pointers, not embeddings.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileBank {
-    entries: Vec<Entry>,
+    entries: Vec<std::sync::Arc<Entry>>,
     /// The class names [`Entry::class`] indexes: the profile's when its entries were applied.
     classes: Vec<String>,
 }
@@ -54,7 +62,7 @@ impl ProfileBank {
         &self.entries[i]
     }
 
-    pub fn entries(&self) -> &[Entry] {
+    pub fn entries(&self) -> &[std::sync::Arc<Entry>] {
         &self.entries
     }
 
@@ -78,7 +86,10 @@ impl ProfileBank {
             .filter_map(|e| {
                 let name = self.classes.get(e.class)?;
                 let class = classes.iter().position(|c| c == name)?;
-                Some(Entry { class, ..e.clone() })
+                Some(std::sync::Arc::new(Entry {
+                    class,
+                    ..Entry::clone(e)
+                }))
             })
             .collect();
         std::borrow::Cow::Owned(ProfileBank {
@@ -135,6 +146,7 @@ impl ProfileBank {
     #[must_use]
     pub fn insert(&mut self, entry: Entry, max: usize) -> bool {
         let full = self.entries.len() >= max;
+        let entry = std::sync::Arc::new(entry);
         match self.entries.iter_mut().find(|e| e.id == entry.id) {
             Some(old) => *old = entry,
             None if full => return false,
@@ -150,10 +162,7 @@ impl ProfileBank {
 
     /// Bytes the bank's embeddings hold.
     pub fn bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| (1 + e.windows.len()) * e.whole.len() * 4 + e.id.len() + 200)
-            .sum()
+        self.entries.iter().map(|e| e.bytes()).sum()
     }
 }
 

@@ -12,9 +12,13 @@
 //!
 //! Guarantees: per key (profile and line, or camera) at most `size` parts younger than
 //! `max_age_s` are kept, oldest out, and at most [`MAX_KEYS`] keys (the least recently used
-//! go); so memory is at most `MAX_KEYS × size × views × dim × 4` bytes (64 parts of 25
-//! views of 512 floats: 3.2 MiB per line). No score until `min_parts` other parts are in
-//! memory. Pure data and a mutex: no Kafka, no tokio.
+//! go), and at most [`MAX_BYTES`] of views in all (the least recently used lines go first,
+//! then the oldest parts of the line remembering); a part of 64 parts of 25 views of 512
+//! floats takes 3.2 MiB per line, so 80 such lines fit. Keys are the requests' ids, which
+//! validation caps at 256 bytes. No score until `min_parts` other parts are in memory. The
+//! lock is held to look up and copy pointers, never while scoring: parts are shared
+//! (`Arc`), and a score is computed on the caller's thread (the pipeline's blocking pool)
+//! from a snapshot. Pure data and a mutex: no Kafka, no tokio.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -24,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 /// The most lines (or cameras) remembered at once, per worker.
 pub const MAX_KEYS: usize = 1024;
+/// The most bytes of remembered views, per worker.
+pub const MAX_BYTES: usize = 256 << 20;
 
 /// A profile's `line_memory`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -107,27 +113,35 @@ struct Part {
     views: Vec<Vec<f32>>,
 }
 
+impl Part {
+    fn bytes(&self) -> usize {
+        self.views.iter().map(|v| v.len() * 4 + 24).sum::<usize>() + 64
+    }
+}
+
 #[derive(Default)]
 struct Ring {
-    parts: VecDeque<Part>,
+    parts: VecDeque<std::sync::Arc<Part>>,
     used: u64,
 }
 
 impl Ring {
-    fn forget_old(&mut self, cfg: &LineMemoryConfig, now: Instant) {
+    /// Forgets parts older than `max_age_s`; returns the bytes given back.
+    fn forget_old(&mut self, cfg: &LineMemoryConfig, now: Instant) -> usize {
         let age = Duration::from_secs(cfg.max_age_s);
+        let mut freed = 0;
         while self
             .parts
             .front()
             .is_some_and(|p| now.saturating_duration_since(p.at) > age)
         {
-            self.parts.pop_front();
+            freed += self.parts.pop_front().map_or(0, |p| p.bytes());
         }
+        freed
     }
 
-    fn score(&self, views: &[Vec<f32>], cfg: &LineMemoryConfig) -> Option<f32> {
-        let parts: Vec<&[Vec<f32>]> = self.parts.iter().map(|p| p.views.as_slice()).collect();
-        score_against(views, &parts, cfg)
+    fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.bytes()).sum()
     }
 }
 
@@ -163,10 +177,23 @@ pub fn score_against(
 }
 
 /// Every line's memory, for one worker.
-#[derive(Default)]
 pub struct LineMemory {
-    rings: Mutex<HashMap<(String, String), Ring>>,
+    rings: Mutex<Rings>,
     clock: std::sync::atomic::AtomicU64,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct Rings {
+    by_key: HashMap<(String, String), Ring>,
+    /// Bytes of the parts in `by_key`.
+    bytes: usize,
+}
+
+impl Default for LineMemory {
+    fn default() -> Self {
+        Self::with_max_bytes(MAX_BYTES)
+    }
 }
 
 impl LineMemory {
@@ -182,10 +209,32 @@ impl LineMemory {
         now: Instant,
     ) -> Option<f32> {
         let units: Vec<Vec<f32>> = views.iter().map(|v| super::normalized(v)).collect();
-        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-        let ring = rings.get_mut(&(profile.to_string(), key.to_string()))?;
-        ring.forget_old(cfg, now);
-        ring.score(&units, cfg)
+        let parts: Vec<std::sync::Arc<Part>> = {
+            let mut guard = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+            let rings = &mut *guard;
+            let ring = rings
+                .by_key
+                .get_mut(&(profile.to_string(), key.to_string()))?;
+            rings.bytes -= ring.forget_old(cfg, now);
+            ring.parts.iter().cloned().collect()
+        };
+        // Scored without the lock: other records' lines (and this one's) go on meanwhile.
+        let parts: Vec<&[Vec<f32>]> = parts.iter().map(|p| p.views.as_slice()).collect();
+        score_against(&units, &parts, cfg)
+    }
+
+    /// A memory of at most `max_bytes` of views (instead of [`MAX_BYTES`]).
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
+        Self {
+            rings: Mutex::default(),
+            clock: Default::default(),
+            max_bytes,
+        }
+    }
+
+    /// Bytes of views remembered.
+    pub fn bytes(&self) -> usize {
+        self.rings.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }
 
     /// Remembers a part judged not DEFECT.
@@ -201,33 +250,55 @@ impl LineMemory {
         let tick = self
             .clock
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
-        let id = (profile.to_string(), key.to_string());
-        if !rings.contains_key(&id) && rings.len() >= MAX_KEYS {
-            // The line not heard from for longest goes.
-            if let Some(old) = rings
-                .iter()
-                .min_by_key(|(_, r)| r.used)
-                .map(|(k, _)| k.clone())
-            {
-                rings.remove(&old);
-            }
-        }
-        let ring = rings.entry(id).or_default();
-        ring.used = tick;
-        ring.forget_old(cfg, now);
-        ring.parts.push_back(Part {
+        let part = std::sync::Arc::new(Part {
             at: now,
             views: units,
         });
-        while ring.parts.len() > cfg.size.max(1) {
-            ring.parts.pop_front();
+        let mut guard = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        let rings = &mut *guard;
+        let id = (profile.to_string(), key.to_string());
+        let least_used = |by_key: &HashMap<(String, String), Ring>, id: &(String, String)| {
+            by_key
+                .iter()
+                .filter(|(k, _)| *k != id)
+                .min_by_key(|(_, r)| r.used)
+                .map(|(k, _)| k.clone())
+        };
+        if !rings.by_key.contains_key(&id) && rings.by_key.len() >= MAX_KEYS {
+            // The line not heard from for longest goes.
+            if let Some(old) = least_used(&rings.by_key, &id) {
+                rings.bytes -= rings.by_key.remove(&old).map_or(0, |r| r.bytes());
+            }
         }
+        // Over the byte bound: the lines not heard from for longest go first.
+        while rings.bytes + part.bytes() > self.max_bytes {
+            let Some(old) = least_used(&rings.by_key, &id) else {
+                break;
+            };
+            rings.bytes -= rings.by_key.remove(&old).map_or(0, |r| r.bytes());
+        }
+        rings.bytes += part.bytes();
+        let ring = rings.by_key.entry(id).or_default();
+        ring.used = tick;
+        let mut freed = ring.forget_old(cfg, now);
+        ring.parts.push_back(part);
+        while ring.parts.len() > cfg.size.max(1) {
+            freed += ring.parts.pop_front().map_or(0, |p| p.bytes());
+        }
+        // Still over (this line alone): its oldest parts go, never the one just added.
+        while rings.bytes - freed > self.max_bytes && ring.parts.len() > 1 {
+            freed += ring.parts.pop_front().map_or(0, |p| p.bytes());
+        }
+        rings.bytes -= freed;
     }
 
     /// Lines (or cameras) remembered.
     pub fn keys(&self) -> usize {
-        self.rings.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.rings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key
+            .len()
     }
 }
 
@@ -311,7 +382,7 @@ mod tests {
             m.remember("p", "l", &[vec![1.0, i as f32]], &c, t0);
         }
         let len = |m: &LineMemory| {
-            m.rings.lock().unwrap()[&("p".to_string(), "l".to_string())]
+            m.rings.lock().unwrap().by_key[&("p".to_string(), "l".to_string())]
                 .parts
                 .len()
         };
@@ -342,5 +413,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("line_memory.top_fraction"));
+    }
+
+    /// However many lines write, and whatever their parts weigh, the views remembered stay
+    /// under the byte bound: the lines not heard from for longest go first, then the oldest
+    /// parts of the line remembering; the bytes counted are the bytes held.
+    #[test]
+    fn the_memory_stays_under_its_byte_bound() {
+        let view = vec![1.0f32; 256];
+        let part_bytes = Part {
+            at: Instant::now(),
+            views: vec![view.clone(); 4],
+        }
+        .bytes();
+        let m = LineMemory::with_max_bytes(10 * part_bytes);
+        let mut c = cfg(1);
+        c.size = 8;
+        let now = Instant::now();
+        for line in 0..50 {
+            for _ in 0..3 {
+                m.remember(
+                    "p",
+                    &format!("line-{line}"),
+                    &vec![view.clone(); 4],
+                    &c,
+                    now,
+                );
+                assert!(m.bytes() <= 10 * part_bytes, "{} bytes", m.bytes());
+            }
+        }
+        let held: usize = {
+            let rings = m.rings.lock().unwrap();
+            rings.by_key.values().map(Ring::bytes).sum()
+        };
+        assert_eq!(held, m.bytes());
+        // The last lines written are the ones kept, the newest whole.
+        assert!(m.keys() <= 4, "{} lines", m.keys());
+        assert!(m.score("p", "line-49", std::slice::from_ref(&view), &c, now).is_some());
+        assert!(m.score("p", "line-0", std::slice::from_ref(&view), &c, now).is_none());
+        // One line alone over the bound keeps its newest parts.
+        let small = LineMemory::with_max_bytes(2 * part_bytes);
+        for _ in 0..5 {
+            small.remember("p", "l", &vec![view.clone(); 4], &c, now);
+        }
+        assert_eq!(small.bytes(), 2 * part_bytes);
     }
 }

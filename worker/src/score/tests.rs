@@ -282,8 +282,15 @@ fn bank_with(entries: &[(&str, &str, Vec<f32>)]) -> crate::exemplars::ProfileBan
             model_hash: "m".into(),
             ..Default::default()
         };
-        bank.apply(&format!("t/{id}"), Some(x), &profiles, "m", e.len(), 100)
-            .unwrap();
+        bank.apply(
+            &format!("t/{id}"),
+            Some(x),
+            &profiles,
+            "m",
+            e.len(),
+            &Default::default(),
+        )
+        .unwrap();
     }
     bank.profile("t").cloned().unwrap_or_default()
 }
