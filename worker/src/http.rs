@@ -52,6 +52,37 @@ pub struct Readiness {
     pub progress: Progress,
     /// The pipeline's state as text (set by the pipeline when it runs).
     pub state: StateDump,
+    /// Parts that can break while the worker runs (the segmentation thread).
+    pub checks: Checks,
+}
+
+/// Checks of parts that can break while the worker runs: each says why its part is broken at
+/// a time, if it is. A broken part fails `/healthz` (the orchestrator restarts the worker)
+/// and shows in `/readyz`.
+#[derive(Default)]
+pub struct Checks(std::sync::Mutex<Vec<Check>>);
+
+type Check = Box<dyn Fn(Instant) -> Option<String> + Send + Sync>;
+
+impl Checks {
+    pub fn add(&self, check: impl Fn(Instant) -> Option<String> + Send + Sync + 'static) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(check));
+    }
+
+    /// Why parts are broken at `now`.
+    pub fn broken(&self, now: Instant) -> Vec<String> {
+        let checks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        checks.iter().filter_map(|c| c(now)).collect()
+    }
+}
+
+impl std::fmt::Debug for Checks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Checks")
+    }
 }
 
 /// Renders the pipeline's state for `/debug/pipeline` and a stalled `/healthz`.
@@ -196,6 +227,13 @@ pub fn router(metrics: PrometheusHandle, readiness: Arc<Readiness>) -> Router {
 }
 
 async fn healthy(State(s): State<AppState>) -> (StatusCode, String) {
+    let broken = s.readiness.checks.broken(Instant::now());
+    if !broken.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("broken: {}\n", broken.join("; ")),
+        );
+    }
     match s.readiness.progress.stalled(Instant::now()) {
         None => (StatusCode::OK, "ok\n".into()),
         Some(why) => {
@@ -224,7 +262,13 @@ async fn render_metrics(State(s): State<AppState>) -> String {
 }
 
 async fn ready(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let why = s.readiness.not_ready();
+    let mut why: Vec<String> = s
+        .readiness
+        .not_ready()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    why.extend(s.readiness.checks.broken(Instant::now()));
     let status = if why.is_empty() {
         StatusCode::OK
     } else {

@@ -327,7 +327,24 @@ pub fn verdict(outcome: &str, class: &str, profile: &str, line: &str) {
 }
 
 /// Why a verdict of a segmenting profile went out without masks (label values).
-pub const SEGMENT_SKIP_REASONS: [&str; 5] = ["queue_full", "failed", "input", "model", "stopped"];
+pub const SEGMENT_SKIP_REASONS: [&str; 6] = [
+    "queue_full",
+    "failed",
+    "input",
+    "model",
+    "stopped",
+    "timed_out",
+];
+
+/// Whether the segmentation thread serves (1) or stopped after panicking (0).
+pub fn segment_thread_up(up: bool) {
+    gauge!("clipqc_segment_thread_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// A segmentation call that panicked (its frame went without masks).
+pub fn segment_panicked() {
+    counter!("clipqc_segment_panics_total").increment(1);
+}
 
 /// A verdict went out without masks, for `reason` (one of [`SEGMENT_SKIP_REASONS`]).
 pub fn segment_skipped(reason: &'static str) {

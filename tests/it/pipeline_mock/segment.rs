@@ -105,10 +105,7 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
     };
     // One frame at SAM, one waiting: the rest find the queue full.
     let (sam_owner, handle) = SegmentOwner::spawn(move || Ok(fake), 1).unwrap();
-    deps.segmenting = Some(pipeline::Segmenting {
-        handle,
-        preprocessor: sam_pre.clone(),
-    });
+    deps.segmenting = Some(pipeline::Segmenting::new(handle, sam_pre.clone()));
     let worker = Running::start(deps);
 
     // 150 × 100 stored, 100 × 150 upright; the region of interest is in upright pixels.
@@ -188,6 +185,61 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
         assert_eq!(input.frame, (100, 150));
         assert_eq!(input.boxes, vec![sam_pre.map_box(roi_box, (100, 150))]);
     }
+    worker.stop().await.unwrap();
+    drop(model);
+    owner.join();
+    sam_owner.join();
+}
+
+/// A SAM call that never returns (the fake holds every frame): verdicts wait for their masks
+/// at most `call_timeout`, then go out without (`SEGMENT_TIMEOUT`), and the worker's
+/// readiness names the hang once the call has run twice that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sam_call_holds_no_verdict_and_shows_in_readiness() {
+    let (_mock, mut settings, brokers) = cluster("clipqc-segment-hung");
+    let profile: clipqc::score::ProfileConfig = serde_json::from_value(serde_json::json!({
+        "segment": true,
+        "classes": [{"name": "dent", "prompts": ["a dent"], "defect": true}]
+    }))
+    .unwrap();
+    settings.profiles.insert("default".into(), profile);
+    let artifact = Artifact::open(common::tiny_model()).unwrap();
+    let (owner, model) = tiny_clip(&artifact);
+    let mut deps = deps(&settings, &brokers, &artifact, &model);
+    let sam_pre = SamPreprocessor::new(&SamImageSettings {
+        size: 128,
+        resize: SamResize::LongestEdge,
+        interpolation: Interpolation::Bilinear,
+        pad: SamPad::BottomRight,
+        rescale_factor: 1.0 / 255.0,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    });
+    let gate = Gate::new();
+    let fake = GatedSegmenter {
+        gate: gate.clone(),
+        seen: Arc::default(),
+    };
+    let (sam_owner, handle) = SegmentOwner::spawn(move || Ok(fake), 4).unwrap();
+    let health = handle.health();
+    let mut segmenting = pipeline::Segmenting::new(handle, sam_pre);
+    segmenting.call_timeout = std::time::Duration::from_secs(1);
+    deps.segmenting = Some(segmenting);
+    let worker = Running::start(deps);
+    let verdicts = reader(&brokers, "clipqc.verdicts");
+    publish_inline(&brokers, "hung", 3).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(next_verdict(&worker, &verdicts).await.segmentation);
+    }
+    assert!(
+        codes.iter().all(|c| c == "SEGMENT_TIMEOUT"),
+        "every verdict out without masks, past the bound: {codes:?}"
+    );
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let problem = health.problem(later, std::time::Duration::from_secs(2));
+    assert!(problem.is_some_and(|p| p.contains("hangs")));
+    gate.open();
     worker.stop().await.unwrap();
     drop(model);
     owner.join();

@@ -38,6 +38,11 @@ pub struct ModelSettings {
     /// counted in `clipqc_segment_skipped_total`), so segmentation never slows classification.
     #[serde(default = "default_sam_queue")]
     pub sam_queue: usize,
+    /// How long a verdict waits for its masks: past it, it goes out without
+    /// (`segmentation = "SEGMENT_TIMEOUT"`). A SAM call running twice as long makes `/healthz`
+    /// fail (the orchestrator restarts the worker: SAM hangs).
+    #[serde(default = "default_sam_timeout_ms")]
+    pub sam_timeout_ms: u64,
     #[serde(default)]
     pub device: DeviceSpec,
 }
@@ -46,12 +51,17 @@ fn default_sam_queue() -> usize {
     4
 }
 
+fn default_sam_timeout_ms() -> u64 {
+    30_000
+}
+
 impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             dir: None,
             sam_dir: None,
             sam_queue: default_sam_queue(),
+            sam_timeout_ms: default_sam_timeout_ms(),
             device: DeviceSpec::default(),
         }
     }

@@ -93,7 +93,11 @@ pub fn deps(
             &settings.notify.webhooks,
             &super::worker_id(&settings.kafka),
         )?,
-        segmenting: segmenting(settings)?,
+        segmenting: segmenting(settings)?.inspect(|s| {
+            // A SAM call running twice as long as a verdict waits for it hangs.
+            let (health, limit) = (s.handle.health(), 2 * s.call_timeout);
+            readiness.checks.add(move |now| health.problem(now, limit));
+        }),
         probe: Default::default(),
         transactions: match settings.kafka.delivery {
             Delivery::AtLeastOnce => None,
@@ -133,6 +137,7 @@ pub fn segmenting(settings: &Settings) -> anyhow::Result<Option<super::Segmentin
     Ok(Some(super::Segmenting {
         handle,
         preprocessor,
+        call_timeout: Duration::from_millis(settings.model.sam_timeout_ms.max(1)),
     }))
 }
 

@@ -26,6 +26,20 @@ use crate::segment::{SamBox, SamPreprocessor, SegmentError, SegmentHandle};
 pub struct Segmenting {
     pub handle: SegmentHandle,
     pub preprocessor: SamPreprocessor,
+    /// How long a verdict waits for its masks (`model.sam_timeout_ms`): past it, it goes out
+    /// without (`SEGMENT_TIMEOUT`), so a hung SAM call holds no record for ever.
+    pub call_timeout: std::time::Duration,
+}
+
+impl Segmenting {
+    /// With the default bound on a call (30 s).
+    pub fn new(handle: SegmentHandle, preprocessor: SamPreprocessor) -> Self {
+        Self {
+            handle,
+            preprocessor,
+            call_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 /// What the stage needs to know of one record.
@@ -145,7 +159,12 @@ async fn segment(
     .await
     .map_err(|e| SegmentError::Inference(format!("{input}: preparing the frame failed: {e}")))??;
     let reply = s.handle.try_submit(prepared)?;
-    let segments = reply.await.map_err(|_| SegmentError::Stopped)??;
+    let segments = tokio::time::timeout(s.call_timeout, reply)
+        .await
+        .map_err(|_| SegmentError::TimedOut {
+            seconds: s.call_timeout.as_secs(),
+        })?
+        .map_err(|_| SegmentError::Stopped)??;
     Ok(segments
         .iter()
         .enumerate()

@@ -449,8 +449,12 @@ mod tests {
         assert_eq!(held, m.bytes());
         // The last lines written are the ones kept, the newest whole.
         assert!(m.keys() <= 4, "{} lines", m.keys());
-        assert!(m.score("p", "line-49", std::slice::from_ref(&view), &c, now).is_some());
-        assert!(m.score("p", "line-0", std::slice::from_ref(&view), &c, now).is_none());
+        assert!(m
+            .score("p", "line-49", std::slice::from_ref(&view), &c, now)
+            .is_some());
+        assert!(m
+            .score("p", "line-0", std::slice::from_ref(&view), &c, now)
+            .is_none());
         // One line alone over the bound keeps its newest parts.
         let small = LineMemory::with_max_bytes(2 * part_bytes);
         for _ in 0..5 {

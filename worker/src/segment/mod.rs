@@ -64,6 +64,8 @@ pub enum SegmentError {
     QueueFull { capacity: usize },
     #[error("the segmentation thread has stopped")]
     Stopped,
+    #[error("no masks within {seconds} s (model.sam_timeout_ms): SAM is busy or hangs")]
+    TimedOut { seconds: u64 },
 }
 
 impl SegmentError {
@@ -76,6 +78,7 @@ impl SegmentError {
             Self::Inference(_) => "failed",
             Self::QueueFull { .. } => "queue_full",
             Self::Stopped => "stopped",
+            Self::TimedOut { .. } => "timed_out",
         }
     }
 
@@ -87,6 +90,7 @@ impl SegmentError {
             Self::Inference(_) => "SEGMENT_FAILED",
             Self::QueueFull { .. } => "SEGMENT_QUEUE_FULL",
             Self::Stopped => "SEGMENT_STOPPED",
+            Self::TimedOut { .. } => "SEGMENT_TIMEOUT",
         }
     }
 }

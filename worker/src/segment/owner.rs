@@ -7,10 +7,17 @@
 //! once, so a caller on the classification path can send its verdict without a mask instead of
 //! slowing down; the thread stops when every handle is dropped, after the frames already
 //! queued; a segmenter that fails to load is reported by [`SegmentOwner::spawn`] and no handle
-//! is ever returned for it.
+//! is ever returned for it. A call that panics (a tch error unwrapped deep in a backend) fails
+//! that frame alone ([`SegmentError::Inference`], `clipqc_segment_panics_total`) and the
+//! thread goes on; after [`MAX_PANICS`] panics in a row it stops, and says so: its
+//! [`SegmentHealth`] (which `/healthz` and `/readyz` read) reports it stopped, as it reports a
+//! call running past its bound (a hung call), so the orchestrator restarts the worker instead
+//! of every later verdict going out without masks unnoticed.
 
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -32,6 +39,46 @@ pub struct SegmentHandle {
     jobs: mpsc::SyncSender<Job>,
     capacity: usize,
     description: Arc<str>,
+    health: Arc<SegmentHealth>,
+}
+
+/// Panics in a row after which the segmentation thread stops (a segmenter that panics on
+/// every frame is broken, not unlucky).
+pub const MAX_PANICS: u64 = 3;
+
+/// What the segmentation thread is doing, for the health endpoints.
+#[derive(Debug, Default)]
+pub struct SegmentHealth {
+    /// When the call running now started.
+    busy_since: Mutex<Option<Instant>>,
+    /// The thread stopped after [`MAX_PANICS`] panics in a row.
+    stopped: AtomicBool,
+    panics_in_a_row: AtomicU64,
+}
+
+impl SegmentHealth {
+    /// Why segmentation is broken at `now`, if it is: the thread stopped, or a call has run
+    /// longer than `limit`.
+    pub fn problem(&self, now: Instant, limit: Duration) -> Option<String> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Some(format!(
+                "the segmentation thread stopped after {MAX_PANICS} panics in a row"
+            ));
+        }
+        let since = (*self.busy_since.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let busy = now.saturating_duration_since(since);
+        (busy > limit).then(|| {
+            format!(
+                "a segmentation call has run for {} s (bound {} s): SAM hangs",
+                busy.as_secs(),
+                limit.as_secs()
+            )
+        })
+    }
+
+    fn busy(&self, since: Option<Instant>) {
+        *self.busy_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
 }
 
 /// The segmentation thread, joined once every [`SegmentHandle`] is dropped.
@@ -47,21 +94,51 @@ impl SegmentOwner {
     {
         let capacity = queue.max(1);
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(capacity);
+        let health = Arc::new(SegmentHealth::default());
+        let watched = health.clone();
         let serve = move |mut segmenter: S| {
-            // Ends when every handle is gone and the queue is drained.
+            crate::metrics::segment_thread_up(true);
+            // Ends when every handle is gone and the queue is drained, or the segmenter
+            // panics on frame after frame.
             for job in jobs_rx {
                 // The caller gave up waiting (its verdict went out without a mask): the
                 // frame is skipped rather than segmented for nobody.
                 if job.reply.is_closed() {
                     continue;
                 }
-                let _ = job.reply.send(segmenter.segment(&job.input));
+                watched.busy(Some(Instant::now()));
+                let result =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| segmenter.segment(&job.input)));
+                watched.busy(None);
+                let answer = match result {
+                    Ok(answer) => {
+                        watched.panics_in_a_row.store(0, Ordering::Relaxed);
+                        answer
+                    }
+                    Err(panic) => {
+                        let why = crate::verdict::panic_message(panic.as_ref());
+                        crate::metrics::segment_panicked();
+                        let n = watched.panics_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::error!(panic = %why, in_a_row = n, "the segmenter panicked");
+                        Err(SegmentError::Inference(format!(
+                            "the segmenter panicked: {why}"
+                        )))
+                    }
+                };
+                let _ = job.reply.send(answer);
+                if watched.panics_in_a_row.load(Ordering::Relaxed) >= MAX_PANICS {
+                    tracing::error!("the segmentation thread stops: {MAX_PANICS} panics in a row");
+                    watched.stopped.store(true, Ordering::Relaxed);
+                    crate::metrics::segment_thread_up(false);
+                    return;
+                }
             }
         };
         let handle = |description: String| SegmentHandle {
             jobs: jobs_tx,
             capacity,
             description: description.into(),
+            health,
         };
         Self::start(
             "clipqc-segment",
@@ -88,6 +165,11 @@ impl SegmentHandle {
     /// How many frames may wait for the thread.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The thread's health (busy since, stopped).
+    pub fn health(&self) -> Arc<SegmentHealth> {
+        self.health.clone()
     }
 
     /// Queue a frame without waiting: the receiver of its answer (`.await` it, or
@@ -234,5 +316,95 @@ mod tests {
         .err()
         .expect("the load failed");
         assert!(err.to_string().contains("no weights"));
+    }
+
+    /// Panics on frames whose first box starts at x = 13, else answers as [`Fake`]; holds
+    /// frames whose first box starts at x = 99 until `gate` is opened.
+    struct Moody {
+        fake: Fake,
+        gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Segmenter for Moody {
+        fn describe(&self) -> String {
+            "moody".into()
+        }
+
+        fn segment(&mut self, input: &SamInput) -> Result<Vec<Segment>, SegmentError> {
+            match input.boxes[0][0] {
+                13.0 => panic!("tch: CUDA error: an illegal memory access"),
+                99.0 => {
+                    let (open, cv) = &*self.gate;
+                    let mut open = open.lock().unwrap();
+                    while !*open {
+                        open = cv.wait(open).unwrap();
+                    }
+                    self.fake.segment(input)
+                }
+                _ => self.fake.segment(input),
+            }
+        }
+    }
+
+    fn moody() -> (Moody, Arc<(Mutex<bool>, std::sync::Condvar)>) {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let m = Moody {
+            fake: fake(0),
+            gate: gate.clone(),
+        };
+        (m, gate)
+    }
+
+    /// A panicking call fails its frame alone and the thread goes on; after `MAX_PANICS` in a
+    /// row it stops, and its health says so (and later frames are refused as stopped).
+    #[test]
+    fn a_panic_fails_its_frame_and_panics_in_a_row_stop_the_thread_loudly() {
+        let (m, _gate) = moody();
+        let (owner, handle) = SegmentOwner::spawn(move || Ok(m), 4).unwrap();
+        let health = handle.health();
+        let err = handle.segment_blocking(input(13.0)).unwrap_err();
+        assert!(
+            err.to_string().contains("panicked") && err.to_string().contains("CUDA"),
+            "{err}"
+        );
+        assert_eq!(handle.segment_blocking(input(1.0)).unwrap()[0].iou, 1.0);
+        assert_eq!(
+            health.problem(Instant::now(), Duration::from_secs(60)),
+            None
+        );
+        for _ in 0..MAX_PANICS {
+            assert!(handle.segment_blocking(input(13.0)).is_err());
+        }
+        owner.join();
+        let problem = health.problem(Instant::now(), Duration::from_secs(60));
+        assert!(problem.is_some_and(|p| p.contains("stopped")));
+        assert!(matches!(
+            handle.try_submit(input(1.0)),
+            Err(SegmentError::Stopped)
+        ));
+    }
+
+    /// A call running past the bound shows as a hang, and stops showing once it returns.
+    #[test]
+    fn a_call_running_past_its_bound_shows_as_hung() {
+        let (m, gate) = moody();
+        let (owner, handle) = SegmentOwner::spawn(move || Ok(m), 4).unwrap();
+        let health = handle.health();
+        let held = handle.try_submit(input(99.0)).unwrap();
+        // Wait until the thread has taken the frame (it is busy from then on).
+        while health.busy_since.lock().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let bound = Duration::from_secs(30);
+        assert_eq!(health.problem(Instant::now(), bound), None);
+        let later = Instant::now() + Duration::from_secs(31);
+        let problem = health.problem(later, bound).unwrap();
+        assert!(problem.contains("hangs"), "{problem}");
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        assert!(held.blocking_recv().unwrap().is_ok());
+        assert_eq!(health.problem(later, bound), None, "not busy any more");
+        drop(handle);
+        owner.join();
     }
 }
