@@ -43,6 +43,11 @@ pub struct ModelSettings {
     /// fail (the orchestrator restarts the worker: SAM hangs).
     #[serde(default = "default_sam_timeout_ms")]
     pub sam_timeout_ms: u64,
+    /// What frames being segmented may hold in memory (the full-size decode, SAM's input, the
+    /// masks), apart from `pipeline.max_in_flight_bytes`: a burst of large DEFECT frames waits
+    /// here, not in front of the classification of the next parts.
+    #[serde(default = "default_sam_max_in_flight_bytes")]
+    pub sam_max_in_flight_bytes: u64,
     #[serde(default)]
     pub device: DeviceSpec,
 }
@@ -55,6 +60,10 @@ fn default_sam_timeout_ms() -> u64 {
     30_000
 }
 
+fn default_sam_max_in_flight_bytes() -> u64 {
+    512 << 20
+}
+
 impl Default for ModelSettings {
     fn default() -> Self {
         Self {
@@ -62,6 +71,7 @@ impl Default for ModelSettings {
             sam_dir: None,
             sam_queue: default_sam_queue(),
             sam_timeout_ms: default_sam_timeout_ms(),
+            sam_max_in_flight_bytes: default_sam_max_in_flight_bytes(),
             device: DeviceSpec::default(),
         }
     }

@@ -83,6 +83,28 @@ impl ByteBudget {
 }
 
 impl<'a> Reserved<'a> {
+    /// Give back all but `bytes` of this reservation (what the record no longer holds).
+    pub fn shrink_to(mut self, bytes: usize) -> Reserved<'a> {
+        let keep = self.budget.kib(bytes);
+        let have = (self.bytes / 1024) as u32;
+        if keep >= have {
+            return self;
+        }
+        let freed = u64::from(have - keep) * 1024;
+        if let Some(p) = &mut self.permit {
+            // Split off what is given back and drop it: those permits return to the budget.
+            if keep == 0 {
+                self.permit = None;
+            } else {
+                drop(p.split((have - keep) as usize));
+            }
+        }
+        let held = self.budget.held.fetch_sub(freed, Ordering::Relaxed) - freed;
+        metrics::in_flight_bytes(held);
+        self.bytes -= freed;
+        self
+    }
+
     /// Grow this reservation to `bytes` in all, without hold-and-wait: when the extra does
     /// not fit at once, everything held is given back before waiting for the whole amount.
     /// (A record that waits while holding part of the budget can deadlock the worker: a few

@@ -138,6 +138,9 @@ pub fn segmenting(settings: &Settings) -> anyhow::Result<Option<super::Segmentin
         handle,
         preprocessor,
         call_timeout: Duration::from_millis(settings.model.sam_timeout_ms.max(1)),
+        budget: Arc::new(super::budget::ByteBudget::new(
+            settings.model.sam_max_in_flight_bytes,
+        )),
     }))
 }
 

@@ -6,14 +6,18 @@
 //! handed to the SAM thread with [`SegmentHandle::try_submit`], and when its queue is full
 //! the verdict goes out at once without masks (`segmentation = "SEGMENT_QUEUE_FULL"`, counted
 //! in `clipqc_segment_skipped_total`); any failure of this stage (the frame, SAM, its thread)
-//! leaves the verdict as scored, with the reason, never an ERROR; the bytes it holds (the
-//! decoded frame, SAM's input, the masks) are reserved from the worker's budget first.
+//! leaves the verdict as scored, with the reason, never an ERROR. The place in SAM's queue is
+//! taken before anything else (a frame that would find the queue full costs no decode and no
+//! budget), and what segmenting holds (the decoded frame, SAM's input, the masks) is reserved
+//! from SAM's own byte budget (`model.sam_max_in_flight_bytes`), while the record keeps of
+//! the classification budget only its payload and image: records waiting for SAM never hold
+//! back the classification of others.
 
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::budget::Reserved;
+use super::budget::{ByteBudget, Reserved};
 use crate::metrics;
 use crate::preprocess::Region;
 use crate::score::masks::{with_outline, Outline};
@@ -29,15 +33,18 @@ pub struct Segmenting {
     /// How long a verdict waits for its masks (`model.sam_timeout_ms`): past it, it goes out
     /// without (`SEGMENT_TIMEOUT`), so a hung SAM call holds no record for ever.
     pub call_timeout: std::time::Duration,
+    /// What frames being segmented may hold, apart from the classification's budget.
+    pub budget: std::sync::Arc<ByteBudget>,
 }
 
 impl Segmenting {
-    /// With the default bound on a call (30 s).
+    /// With the default bound on a call (30 s) and budget (512 MiB).
     pub fn new(handle: SegmentHandle, preprocessor: SamPreprocessor) -> Self {
         Self {
             handle,
             preprocessor,
             call_timeout: std::time::Duration::from_secs(30),
+            budget: std::sync::Arc::new(ByteBudget::new(512 << 20)),
         }
     }
 }
@@ -129,6 +136,11 @@ async fn segment(
     frame: &Frame<'_>,
     (reserved, held): (Reserved<'_>, u64),
 ) -> Result<Vec<(u32, crate::segment::MaskSummary)>, SegmentError> {
+    // The queue first: a frame turned away costs nothing more.
+    let slot = s.handle.try_slot()?;
+    // The classification's decode is done: of its budget the record keeps its payload and
+    // image only, while it waits for SAM.
+    let _kept = reserved.shrink_to(usize::try_from(held).unwrap_or(usize::MAX));
     let input = &frame.input;
     let bad_frame = |e: crate::preprocess::PreprocessError| SegmentError::Input {
         input: input.clone(),
@@ -144,8 +156,9 @@ async fn segment(
     // The frame's decode, SAM's input (and its resize), one mask's float upscale at a time,
     // and every mask kept until encoded.
     let need = plan.peak_bytes + square * 3 * 4 * 2 + pixels * 6 + boxes.len() as u64 * pixels;
-    let _reserved = reserved
-        .grow_to(usize::try_from(held + need).unwrap_or(usize::MAX))
+    let _reserved = s
+        .budget
+        .reserve(usize::try_from(need).unwrap_or(usize::MAX))
         .await;
     let (sam, pre) = (s.preprocessor.clone(), frame.preprocessor.clone());
     let (name, bytes) = (input.clone(), frame.bytes.clone());
@@ -158,7 +171,7 @@ async fn segment(
     })
     .await
     .map_err(|e| SegmentError::Inference(format!("{input}: preparing the frame failed: {e}")))??;
-    let reply = s.handle.try_submit(prepared)?;
+    let reply = s.handle.submit(slot, prepared)?;
     let segments = tokio::time::timeout(s.call_timeout, reply)
         .await
         .map_err(|_| SegmentError::TimedOut {
@@ -174,6 +187,8 @@ async fn segment(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::score::{DefectRegion, Localization};
 
@@ -236,5 +251,123 @@ mod tests {
         let p = prompts(&d, None, (640, 480));
         assert_eq!(p.len(), MAX_BOXES);
         assert_eq!(p[0].x0, 0.0, "the worst region first");
+    }
+
+    /// Holds every frame at `gate`, then answers a one-pixel mask per box.
+    struct Held(crate::model::fake::Gate);
+
+    impl crate::segment::Segmenter for Held {
+        fn describe(&self) -> String {
+            "held".into()
+        }
+
+        fn segment(
+            &mut self,
+            input: &crate::segment::SamInput,
+        ) -> Result<Vec<crate::segment::Segment>, SegmentError> {
+            self.0.pass(1);
+            let (w, h) = input.frame;
+            let mut bits = vec![false; (w * h) as usize];
+            bits[0] = true;
+            let mask = crate::segment::Mask::new(w, h, bits)?;
+            Ok(input
+                .boxes
+                .iter()
+                .map(|_| crate::segment::Segment {
+                    mask: mask.clone(),
+                    iou: 0.5,
+                })
+                .collect())
+        }
+    }
+
+    /// A record waiting for SAM keeps of the classification budget only its payload and image,
+    /// what segmenting holds comes from SAM's own budget, and a frame that finds SAM's queue
+    /// full is turned away before it is decoded or reserves anything. (Before, the record's
+    /// classification reservation grew by everything segmenting holds and was kept through
+    /// SAM's inference: a burst of large DEFECT frames held back every other record.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_at_sam_holds_its_image_only_of_the_classification_budget() {
+        use crate::model::artifact::{ImageSettings, Interpolation};
+        use crate::segment::artifact::{SamImageSettings, SamPad, SamResize};
+        let gate = crate::model::fake::Gate::new();
+        let held = Held(gate.clone());
+        let (owner, handle) = crate::segment::SegmentOwner::spawn(move || Ok(held), 1).unwrap();
+        let sam_pre = SamPreprocessor::new(&SamImageSettings {
+            size: 128,
+            resize: SamResize::LongestEdge,
+            interpolation: Interpolation::Bilinear,
+            pad: SamPad::BottomRight,
+            rescale_factor: 1.0 / 255.0,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        });
+        let s = Segmenting::new(handle, sam_pre);
+        let pre = crate::preprocess::Preprocessor::new(
+            &ImageSettings::clip(),
+            crate::preprocess::DecodeLimits::default(),
+            None,
+        );
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(320, 240, image::Rgb([90, 90, 90]))
+            .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+            .unwrap();
+        let jpeg = Bytes::from(jpeg.into_inner());
+        let profile = crate::score::profile::ProfileConfig {
+            segment: true,
+            ..crate::score::profile::ProfileConfig::builtin_default()
+        };
+        let classification = ByteBudget::new(64 << 20);
+        let frame = || Frame {
+            input: "request r".into(),
+            bytes: jpeg.clone(),
+            preprocessor: &pre,
+            region: None,
+            mm_per_pixel: None,
+        };
+        // Each record held its payload and image (64 KiB) and its decode's peak (8 MiB).
+        let (image, peak) = (64u64 << 10, 8u64 << 20);
+        let record = || async {
+            let r = classification.reserve((image + peak) as usize).await;
+            outline(Some(&s), &profile, decision(vec![]), frame(), (r, image)).await
+        };
+        // The first record goes to SAM and is held there; then the second takes the queue's
+        // one place and reserves for SAM; then a third comes.
+        let first = record();
+        let then = async {
+            let at_sam = gate.clone();
+            tokio::task::spawn_blocking(move || {
+                at_sam.wait_for_a_batch(0, Duration::from_secs(60))
+            })
+            .await
+            .unwrap();
+            let one = s.budget.held();
+            assert!(one > 0, "the decode for SAM comes from its own budget");
+            assert_eq!(
+                classification.held(),
+                image,
+                "the first holds only its image"
+            );
+            let second = record();
+            let check = async {
+                while s.budget.held() < 2 * one {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert_eq!(classification.held(), 2 * image, "only their images");
+                // A third finds the queue full at once, without touching SAM's budget.
+                let third = record().await;
+                assert_eq!(third.outline.unwrap().status, "SEGMENT_QUEUE_FULL");
+                assert_eq!(s.budget.held(), 2 * one);
+                gate.open();
+            };
+            tokio::join!(second, check).0
+        };
+        let (a, b) = tokio::join!(first, then);
+        for d in [a, b] {
+            assert_eq!(d.outline.unwrap().status, "OK");
+        }
+        assert_eq!((classification.held(), s.budget.held()), (0, 0));
+        drop(s);
+        owner.join();
     }
 }

@@ -31,6 +31,21 @@ pub type SegmentReply = oneshot::Receiver<Result<Vec<Segment>, SegmentError>>;
 struct Job {
     input: SamInput,
     reply: oneshot::Sender<Result<Vec<Segment>, SegmentError>>,
+    /// The frame's place in the queue, given back when the thread takes it.
+    slot: Slot,
+}
+
+/// A place in the segmentation queue, taken before a frame is decoded for SAM
+/// ([`SegmentHandle::try_slot`]): a frame that would find the queue full is turned away
+/// before it costs a decode or a byte of budget. Given back when dropped.
+pub struct Slot {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A cheap, cloneable way to submit frames to the segmentation thread.
@@ -40,6 +55,8 @@ pub struct SegmentHandle {
     capacity: usize,
     description: Arc<str>,
     health: Arc<SegmentHealth>,
+    /// Frames holding a place in the queue (taken, not yet taken off by the thread).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Panics in a row after which the segmentation thread stops (a segmenter that panics on
@@ -103,12 +120,15 @@ impl SegmentOwner {
             for job in jobs_rx {
                 // The caller gave up waiting (its verdict went out without a mask): the
                 // frame is skipped rather than segmented for nobody.
-                if job.reply.is_closed() {
+                let Job { input, reply, slot } = job;
+                // Off the queue: its place is free for the next frame.
+                drop(slot);
+                if reply.is_closed() {
                     continue;
                 }
                 watched.busy(Some(Instant::now()));
                 let result =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| segmenter.segment(&job.input)));
+                    std::panic::catch_unwind(AssertUnwindSafe(|| segmenter.segment(&input)));
                 watched.busy(None);
                 let answer = match result {
                     Ok(answer) => {
@@ -125,7 +145,7 @@ impl SegmentOwner {
                         )))
                     }
                 };
-                let _ = job.reply.send(answer);
+                let _ = reply.send(answer);
                 if watched.panics_in_a_row.load(Ordering::Relaxed) >= MAX_PANICS {
                     tracing::error!("the segmentation thread stops: {MAX_PANICS} panics in a row");
                     watched.stopped.store(true, Ordering::Relaxed);
@@ -139,6 +159,7 @@ impl SegmentOwner {
             capacity,
             description: description.into(),
             health,
+            pending: Arc::default(),
         };
         Self::start(
             "clipqc-segment",
@@ -172,11 +193,31 @@ impl SegmentHandle {
         self.health.clone()
     }
 
+    /// A place in the queue, or [`SegmentError::QueueFull`] at once when `capacity` frames
+    /// already wait.
+    pub fn try_slot(&self) -> Result<Slot, SegmentError> {
+        let taken = self.pending.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot {
+            pending: self.pending.clone(),
+        };
+        if taken >= self.capacity {
+            return Err(SegmentError::QueueFull {
+                capacity: self.capacity,
+            });
+        }
+        Ok(slot)
+    }
+
     /// Queue a frame without waiting: the receiver of its answer (`.await` it, or
     /// `blocking_recv` off the async runtime), or [`SegmentError::QueueFull`] at once.
     pub fn try_submit(&self, input: SamInput) -> Result<SegmentReply, SegmentError> {
+        self.submit(self.try_slot()?, input)
+    }
+
+    /// Queue a frame in the place `slot` holds for it.
+    pub fn submit(&self, slot: Slot, input: SamInput) -> Result<SegmentReply, SegmentError> {
         let (reply, rx) = oneshot::channel();
-        match self.jobs.try_send(Job { input, reply }) {
+        match self.jobs.try_send(Job { input, reply, slot }) {
             Ok(()) => Ok(rx),
             Err(mpsc::TrySendError::Full(_)) => Err(SegmentError::QueueFull {
                 capacity: self.capacity,
@@ -189,8 +230,13 @@ impl SegmentHandle {
     /// and tests). Not for use on an async runtime's workers.
     pub fn segment_blocking(&self, input: SamInput) -> Result<Vec<Segment>, SegmentError> {
         let (reply, rx) = oneshot::channel();
+        // Waits for room in the channel; its place is counted like any other frame's.
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot {
+            pending: self.pending.clone(),
+        };
         self.jobs
-            .send(Job { input, reply })
+            .send(Job { input, reply, slot })
             .map_err(|_| SegmentError::Stopped)?;
         rx.blocking_recv().map_err(|_| SegmentError::Stopped)?
     }
