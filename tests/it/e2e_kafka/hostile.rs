@@ -4,7 +4,12 @@
 //! regions, forbidden and redirecting URLs, slow and never-ending bodies, FIFOs) mixed with
 //! good ones, through one worker process. Every request must get exactly one answer that its
 //! case allows (and a dead letter when it is an ERROR), the worker must live through it all
-//! in bounded memory and commit every input, and no fetch may reach a trap.
+//! in bounded memory and commit every input, and no fetch may reach a trap. Beside the
+//! requests (issue "reliability III"): bad payloads with a 1 MB key or 1 MB of headers (their
+//! dead letters go trimmed), feedback records at their extremes and with fields missing on the
+//! worker's feedback topic (each refused and dead-lettered, the feedback group committed past
+//! them), and a half-written save of the worker's config file while it runs (refused: the
+//! profile in service stays, every verdict names its version).
 //!
 //! The address policy under test: the image server is 127.0.0.1 (allowed by
 //! `fetch.allowed_hosts` and `fetch.allowed_networks = ["127.0.0.1/32"]`). Traps listen on
@@ -16,6 +21,8 @@
 mod cases;
 #[path = "hostile/check.rs"]
 mod check;
+#[path = "hostile/feedback.rs"]
+mod feedback;
 #[path = "hostile/fields.rs"]
 mod fields;
 #[path = "hostile/images.rs"]
@@ -225,7 +232,14 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
             BUDGET_BYTES.to_string(),
         ),
     ];
-    let worker = e.worker("hostile-1").env(&settings).start();
+    // A configured profile (the built-in default's place), so that a save that drops it can
+    // be seen to be refused; and the worker's own feedback topic.
+    let profile = common::profile::toml("default", &[], &[common::profile::SCRATCH, common::profile::GOOD]);
+    let feedback_topic = format!("{}.feedback", e.topics.group);
+    e.broker.create_topic(&feedback_topic, 1);
+    let mut settings = settings.to_vec();
+    settings.push(("CLIPQC__KAFKA__FEEDBACK_TOPIC", feedback_topic.clone()));
+    let worker = e.worker("hostile-1").config(&profile).env(&settings).start();
     let pid = worker.pid();
     worker.wait_ready();
     let ready_rss_kib = status_kib(pid, "VmRSS:").unwrap_or(0);
@@ -234,7 +248,28 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
     let campaign = Instant::now();
     let brokers = e.broker.brokers();
     let landed = kafka::publish(&brokers, &e.topics.requests, PARTITIONS, &cases);
+    let answers = feedback::cases(&jpeg);
+    feedback::publish(&brokers, &feedback_topic, &answers);
     let published_s = campaign.elapsed().as_secs_f64();
+    // While the records are worked on: the config file saved in place, seen half written (cut
+    // before its profiles: a valid config with only the built-in profile), then whole again.
+    let config = e.dir.path().join("hostile-1.toml");
+    let whole = std::fs::read_to_string(&config).unwrap();
+    let cut = whole.find("[profiles").expect("the config has its profile");
+    std::fs::write(&config, &whole[..cut]).unwrap();
+    let emptied = || {
+        common::metric(
+            &worker.metrics(),
+            "clipqc_profile_reload_failures_total",
+            &[("reason", "emptied")],
+        )
+    };
+    let seen_by = Instant::now() + Duration::from_secs(60);
+    while emptied() < 1.0 && Instant::now() < seen_by {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let half_save_refused = emptied();
+    std::fs::write(&config, &whole).unwrap();
     // The slowest cases end at the fetch timeout (5 s above) or decode a bomb whole, alone
     // (seconds): a minute without any verdict is a stall. The verdicts a slow reader misses
     // are read again below, once everything is committed.
@@ -279,7 +314,30 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
     // acknowledged).
     let verdicts = kafka::read(&brokers, &e.topics.verdicts, PARTITIONS, cases.len(), idle);
     let due = kafka::error_sources(&verdicts);
-    let dead = kafka::read(&brokers, &e.topics.dlq, 1, due, idle);
+    let dead = kafka::read(&brokers, &e.topics.dlq, 1, due + answers.len(), idle);
+    // The feedback's dead letters name the feedback topic; the requests' theirs.
+    let (dead_feedback, dead): (Vec<_>, Vec<_>) = dead
+        .into_iter()
+        .partition(|d| d.header("__connect.errors.stage") == Some("feedback"));
+    let mut feedback_offsets: Vec<i64> = dead_feedback
+        .iter()
+        .filter(|d| d.header("__connect.errors.topic") == Some(feedback_topic.as_str()))
+        .filter_map(|d| d.source().map(|(_, o)| o))
+        .collect();
+    feedback_offsets.sort();
+    let feedback_committed = common::committed_positions(
+        &brokers,
+        &format!("{}.feedback", e.topics.group),
+        &feedback_topic,
+        1,
+    );
+    let metrics_text = worker.metrics();
+    let reloads = common::metric(&metrics_text, "clipqc_profile_reloads_total", &[]);
+    let versions: std::collections::BTreeSet<String> = verdicts
+        .iter()
+        .filter_map(|v| serde_json::from_slice::<serde_json::Value>(&v.payload).ok())
+        .filter_map(|j| j["profileVersion"].as_str().map(str::to_string))
+        .collect();
     let report = check::check(&cases, &landed, &verdicts, &dead);
     if !report.violations.is_empty() {
         // The whole log, for the post-mortem (the tail below is rarely enough).
@@ -300,7 +358,9 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
          verdicts, {} ERROR verdicts, {} dead letters ({} duplicates); published in {published_s:.0} s, \
          answered in {answered_s:.0} s; worker RSS {} MiB when ready, peak sampled {} MiB, \
          VmHWM {} MiB (cap {RSS_CAP_MIB} MiB); trap connections {}; committed {committed:?}, \
-         ends {ends:?}; panics {panics}; {:.0} s in all",
+         ends {ends:?}; panics {panics}; feedback: {} records, {} dead letters, committed \
+         {feedback_committed:?}; half-written config save refused {half_save_refused} time(s), \
+         {reloads} reloads applied, profile versions {versions:?}; {:.0} s in all",
         cases.len(),
         cases.len() - hostile,
         report.answered,
@@ -313,6 +373,8 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
         peak_rss_kib >> 10,
         hwm_kib >> 10,
         hits.len(),
+        answers.len(),
+        dead_feedback.len(),
         started.elapsed().as_secs_f64()
     );
 
@@ -346,5 +408,23 @@ fn hostile_inputs_get_answers_without_restarts_memory_growth_or_forbidden_fetche
         committed, ends,
         "committed positions vs the partitions' ends"
     );
+    let every_answer: Vec<i64> = (0..answers.len() as i64).collect();
+    assert_eq!(
+        feedback_offsets, every_answer,
+        "one dead letter per feedback record ({:?})",
+        answers.iter().map(|a| a.what).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        feedback_committed.get(&0).copied(),
+        Some(answers.len() as i64),
+        "the feedback group committed past every record"
+    );
+    assert!(
+        half_save_refused >= 1.0,
+        "the half-written save was not refused\n{}",
+        worker.log_tail()
+    );
+    assert_eq!(reloads, 0.0, "neither the half-written nor the restored file changed anything");
+    assert_eq!(versions.len(), 1, "one profile version throughout: {versions:?}");
     assert!(worker.terminate(), "clean exit on SIGTERM");
 }

@@ -16,7 +16,8 @@
 //! before it is held ([`Room`]): the stated size (Content-Length, the object's or file's size)
 //! before any byte is read, and, when none was stated, more as it arrives (doubling, from
 //! 1 MiB, never past `max_bytes`), so what bodies hold while they stream is in the worker's
-//! byte budget.
+//! byte budget. The time limit (`timeout_ms`, per attempt) does not count those waits: a
+//! worker short of memory is not a slow server ([`within`]).
 
 mod guard;
 mod object;
@@ -52,6 +53,73 @@ impl Room for Unbudgeted {
 
 /// The first room asked for a body of unknown size.
 const FIRST_ROOM: u64 = 1 << 20;
+
+/// A [`Room`] that keeps the time spent waiting in it, for [`within`].
+struct Paused<'r, R> {
+    room: &'r R,
+    /// Waits finished, and the one going on.
+    waited: std::sync::Mutex<(Duration, Option<std::time::Instant>)>,
+}
+
+impl<'r, R: Room> Paused<'r, R> {
+    fn new(room: &'r R) -> Self {
+        Self {
+            room,
+            waited: Default::default(),
+        }
+    }
+
+    /// Time spent waiting for room up to `now`.
+    fn waited(&self, now: std::time::Instant) -> Duration {
+        let w = self.waited.lock().unwrap_or_else(|e| e.into_inner());
+        w.0 + w
+            .1
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+}
+
+impl<R: Room> Room for Paused<'_, R> {
+    async fn make_room(&self, body_bytes: u64) {
+        let started = std::time::Instant::now();
+        self.waited.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(started);
+        // Counted done whether the wait ends or is dropped.
+        struct Done<'a>(&'a std::sync::Mutex<(Duration, Option<std::time::Instant>)>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(since) = w.1.take() {
+                    w.0 += since.elapsed();
+                }
+            }
+        }
+        let _done = Done(&self.waited);
+        self.room.make_room(body_bytes).await;
+    }
+}
+
+/// `fut`'s output, or `None` when it took longer than `limit`, not counting its waits for
+/// room in `room` (the worker's memory, not the source's slowness).
+async fn within<T, R: Room>(
+    limit: Duration,
+    room: &Paused<'_, R>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let started = tokio::time::Instant::now();
+    tokio::pin!(fut);
+    loop {
+        let deadline = started + limit + room.waited(std::time::Instant::now());
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = tokio::time::sleep_until(deadline) => {
+                // A wait for room that went on meanwhile moves the deadline.
+                let now = tokio::time::Instant::now();
+                if now >= started + limit + room.waited(std::time::Instant::now()) {
+                    return None;
+                }
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
@@ -118,7 +186,7 @@ impl Fetcher {
         let policy = Arc::new(guard::Policy::new(&settings));
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-            .timeout(Duration::from_millis(settings.timeout_ms))
+            // No total timeout here: `within` bounds each attempt, less its waits for room.
             .dns_resolver(guard::GuardedResolver {
                 policy: policy.clone(),
             })
@@ -234,10 +302,23 @@ impl Fetcher {
                     .with_max_delay(Duration::from_secs(2))
                     .with_max_times(self.settings.retries as usize)
                     .with_jitter();
-                (|| self.get_once(&shown, url.clone(), room))
-                    .retry(backoff)
-                    .when(FetchError::is_transient)
-                    .await
+                let timeout = Duration::from_millis(self.settings.timeout_ms);
+                let attempt = || async {
+                    let room = Paused::new(room);
+                    within(timeout, &room, self.get_once(&shown, url.clone(), &room))
+                        .await
+                        .unwrap_or_else(|| {
+                            Err(FetchError::Failed {
+                                uri: shown.clone(),
+                                message: format!(
+                                    "no whole answer within {} ms (fetch.timeout_ms)",
+                                    self.settings.timeout_ms
+                                ),
+                                transient: true,
+                            })
+                        })
+                };
+                attempt.retry(backoff).when(FetchError::is_transient).await
             }
             other => Err(forbidden(format!(
                 "scheme {other:?} is not supported by this build"
@@ -318,9 +399,10 @@ impl Fetcher {
             return Err(forbidden("outside fetch.file_roots".into()));
         }
         let timeout = Duration::from_millis(self.settings.timeout_ms);
-        tokio::time::timeout(timeout, self.read_under_roots(uri, &path, room))
+        let room = Paused::new(room);
+        within(timeout, &room, self.read_under_roots(uri, &path, &room))
             .await
-            .unwrap_or_else(|_| {
+            .unwrap_or_else(|| {
                 Err(FetchError::Failed {
                     uri: uri.to_string(),
                     message: format!(

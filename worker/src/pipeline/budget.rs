@@ -141,35 +141,45 @@ impl<'a> Reserved<'a> {
 /// A record's reservation while its image body streams in: the fetch stage asks for room
 /// ([`crate::fetch::Room`]) before it holds the body, and the reservation grows to the
 /// record's payload plus the body (without hold-and-wait, as [`Reserved::grow_to`]).
+///
+/// Cancellation: a fetch can be dropped while it waits for room (its time limit, a retry).
+/// Growing gives the reservation back before waiting, so a dropped wait leaves none held;
+/// [`BodyRoom::into_reserved`] then reserves the payload's share again.
 pub struct BodyRoom<'a> {
+    budget: &'a ByteBudget,
     base: usize,
     reserved: tokio::sync::Mutex<Option<Reserved<'a>>>,
 }
 
 impl<'a> BodyRoom<'a> {
-    /// `reserved` holds `base` bytes (the payload) now.
-    pub fn new(reserved: Reserved<'a>, base: usize) -> Self {
+    /// `reserved` holds `base` bytes (the payload) of `budget` now.
+    pub fn new(budget: &'a ByteBudget, reserved: Reserved<'a>, base: usize) -> Self {
         Self {
+            budget,
             base,
             reserved: tokio::sync::Mutex::new(Some(reserved)),
         }
     }
 
-    pub fn into_reserved(self) -> Reserved<'a> {
-        self.reserved
-            .into_inner()
-            .expect("a room is only taken out while growing. This is a bug.")
+    /// The reservation as grown; the payload's share again if a wait for room was dropped.
+    pub async fn into_reserved(self) -> Reserved<'a> {
+        match self.reserved.into_inner() {
+            Some(r) => r,
+            None => self.budget.reserve(self.base).await,
+        }
     }
 }
 
 impl crate::fetch::Room for BodyRoom<'_> {
     async fn make_room(&self, body_bytes: u64) {
         let mut slot = self.reserved.lock().await;
-        let reserved = slot
-            .take()
-            .expect("a room is only taken out while growing. This is a bug.");
         let bytes = self.base.saturating_add(body_bytes as usize);
-        *slot = Some(reserved.grow_to(bytes).await);
+        // Taken out for the wait: if this future is dropped meanwhile, the slot stays empty
+        // (and nothing is held: `grow_to` gives back before it waits).
+        *slot = Some(match slot.take() {
+            Some(reserved) => reserved.grow_to(bytes).await,
+            None => self.budget.reserve(bytes).await,
+        });
     }
 }
 
@@ -233,5 +243,44 @@ mod tests {
             (r.bytes, budget.held.load(Ordering::Relaxed)),
             (3 * 1024, 3 * 1024)
         );
+    }
+
+    /// A fetch dropped while it waits for room (its time limit) leaves the room empty, not
+    /// broken: the record gets its payload's share back, and the budget counts what is held.
+    /// (It panicked the record once: the hostile campaign's file:// reads past their time.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wait_for_room_dropped_midway_leaves_the_record_its_payload_share() {
+        use crate::fetch::Room;
+        let budget = ByteBudget::new(10 * 1024);
+        let other = budget.reserve(8 * 1024).await;
+        let room = BodyRoom::new(&budget, budget.reserve(1024).await, 1024);
+        // 1 + 6 KiB does not fit beside the other 8: the wait is cut short.
+        let waited =
+            tokio::time::timeout(Duration::from_millis(50), room.make_room(6 * 1024)).await;
+        assert!(waited.is_err(), "over budget: must wait");
+        assert_eq!(budget.held(), 8 * 1024, "nothing held by the dropped wait");
+        drop(other);
+        let r = room.into_reserved().await;
+        assert_eq!((r.bytes, budget.held()), (1024, 1024));
+        drop(r);
+        // Grown when it fits.
+        let room = BodyRoom::new(&budget, budget.reserve(1024).await, 1024);
+        room.make_room(4 * 1024).await;
+        assert_eq!(room.into_reserved().await.bytes, 5 * 1024);
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// Shrinking gives back what the record no longer holds, at once.
+    #[tokio::test]
+    async fn a_reservation_shrinks_to_what_is_still_held() {
+        let budget = ByteBudget::new(10 * 1024);
+        let r = budget.reserve(8 * 1024).await.shrink_to(2 * 1024);
+        assert_eq!((r.bytes, budget.held()), (2 * 1024, 2 * 1024));
+        let other = budget.reserve(8 * 1024).await;
+        assert_eq!(budget.held(), 10 * 1024);
+        drop((r, other));
+        assert_eq!(budget.held(), 0);
+        let r = budget.reserve(4 * 1024).await.shrink_to(0);
+        assert_eq!((r.bytes, budget.held()), (0, 0));
     }
 }

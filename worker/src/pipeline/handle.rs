@@ -391,9 +391,9 @@ async fn decide<'a>(
     let t = Instant::now();
     tracked.step(Step::Fetch);
     // The body is reserved before it is held, as it streams in.
-    let room = super::budget::BodyRoom::new(reserved, payload.len());
+    let room = super::budget::BodyRoom::new(&shared.budget, reserved, payload.len());
     let fetched = shared.fetcher.fetch_into(&image, &room).await;
-    let reserved = room.into_reserved();
+    let reserved = room.into_reserved().await;
     let bytes = fetched.map_err(|e| {
         metrics::fetch_error(e.kind());
         Stop::Failed(Some(Box::new(request.clone())), Failure::from(&e))

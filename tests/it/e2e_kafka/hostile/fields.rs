@@ -336,4 +336,20 @@ pub fn headers(image: &Image, out: &mut Vec<Case>) {
     let mut c = proto("empty-header", Expect::PASS);
     c.headers.push(("x-empty".into(), Vec::new()));
     add(c, vec![]);
+    // Bad payloads whose key, or headers, alone are over the worker producer's
+    // message.max.bytes (1,000,000) and under the broker's (1,048,588): their dead letters are
+    // too large even without the payload, and once crash-looped the group. They go trimmed.
+    let not_a_request = b"\x01not a request".to_vec();
+    let mut c = Case::raw(
+        k,
+        "1 MB key",
+        not_a_request.clone(),
+        None,
+        Expect::error(&[INVALID]),
+    );
+    c.key = Some(vec![b'k'; 1_000_100]);
+    add(c, vec![]);
+    let bulky: Vec<(&str, Vec<u8>)> = (0..16).map(|_| ("x-bulk", vec![b'h'; 62_600])).collect();
+    let c = Case::raw(k, "1 MB of headers", not_a_request, None, Expect::error(&[INVALID]));
+    add(c, bulky);
 }

@@ -25,6 +25,9 @@ pub fn publish(brokers: &str, topic: &str, partitions: i32, cases: &[Case]) -> V
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // The 1 MB key and headers cases: over the worker's own producer limit, under
+            // the broker's.
+            .set("message.max.bytes", "1048000")
             .create()
             .unwrap();
         let sends = cases.iter().enumerate().map(|(i, c)| {

@@ -1,6 +1,7 @@
 //! A fetched body is reserved before it is held: the stated size first, more as it streams.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::body::Body;
 
@@ -123,4 +124,54 @@ async fn a_fetch_waits_for_room_before_reading_on() {
     room.open.notify_one();
     let body = fetch.await.unwrap().unwrap();
     assert_eq!(body.len() as u64, 3 * MIB);
+}
+
+/// Waiting for room does not count against the fetch's time limit: the worker short of
+/// memory is not a slow server. (A good file:// read behind a decompression bomb holding the
+/// whole budget failed with a timeout, and a dropped wait panicked its record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_room_does_not_count_against_the_time_limit() {
+    let base = serve_bodies().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::write(root.join("part.jpg"), vec![1u8; 2 * MIB as usize]).unwrap();
+    let f = Arc::new(
+        Fetcher::new(FetchSettings {
+            max_bytes: 8 * MIB,
+            timeout_ms: 3_000,
+            retries: 0,
+            file_roots: vec![root.clone()],
+            ..settings()
+        })
+        .unwrap(),
+    );
+    let file = uri(reqwest::Url::from_file_path(root.join("part.jpg"))
+        .unwrap()
+        .to_string());
+    for (what, image) in [("http", uri(format!("{base}/streamed"))), ("file", file)] {
+        let room = Arc::new(Recorded {
+            gate_above: Some(MIB / 2),
+            ..Default::default()
+        });
+        let fetch = tokio::spawn({
+            let (f, room, image) = (f.clone(), room.clone(), image.clone());
+            async move { f.fetch_into(&image, &*room).await }
+        });
+        room.waiting.notified().await;
+        // Held past the 3 s limit.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        room.open.notify_one();
+        // The http body asks again (2 MiB, then 4): let those through too.
+        let more = async {
+            loop {
+                room.waiting.notified().await;
+                room.open.notify_one();
+            }
+        };
+        let body = tokio::select! {
+            body = fetch => body.unwrap(),
+            _ = more => unreachable!(),
+        };
+        assert!(body.is_ok(), "{what}: {:?}", body.err());
+    }
 }
