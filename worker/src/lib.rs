@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod offsets;
+pub mod panics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod profiles;

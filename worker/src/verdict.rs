@@ -331,15 +331,6 @@ pub fn dlq_headers(source: &SourceRecord, failure: &Failure) -> Vec<(&'static st
     ]
 }
 
-/// The text of a caught panic (`panic!` with a literal or a formatted message).
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,7 +159,7 @@ pub async fn run(deps: FeedbackDeps, shutdown: CancellationToken) -> anyhow::Res
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| {
-                    let why = crate::verdict::panic_message(&*panic);
+                    let why = crate::panics::panic_message(&*panic);
                     Ok(Outcome::Refused(format!("handling it panicked: {why}")))
                 });
             let done = match outcome {

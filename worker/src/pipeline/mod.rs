@@ -392,7 +392,7 @@ fn fatal_consumer_error(consumer: &Source, e: &rdkafka::error::KafkaError) -> Op
     ))
 }
 
-pub use crate::verdict::panic_message;
+pub use crate::panics::panic_message;
 
 /// Commit what was stored, retrying briefly: a rebalance in progress (another worker joining
 /// or leaving) refuses commits for a moment, and every offset not committed now is processed

@@ -136,7 +136,7 @@ impl SegmentOwner {
                         answer
                     }
                     Err(panic) => {
-                        let why = crate::verdict::panic_message(panic.as_ref());
+                        let why = crate::panics::panic_message(panic.as_ref());
                         crate::metrics::segment_panicked();
                         let n = watched.panics_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
                         tracing::error!(panic = %why, in_a_row = n, "the segmenter panicked");
