@@ -524,7 +524,11 @@ async fn decide<'a>(
         })
         .await
         .map_err(|e| {
-            let why = super::panic_message(e.into_panic().as_ref());
+            let why = if e.is_panic() {
+                super::panic_message(e.into_panic().as_ref())
+            } else {
+                "cancelled: the runtime is stopping".to_string()
+            };
             failed(
                 ErrorCode::Internal,
                 Stage::Internal,
