@@ -430,22 +430,11 @@ async fn dead_letter(
         crate::verdict::Stage::Feedback,
         reason,
     );
-    let source = msg_source(msg);
-    let whole =
-        crate::sink::dead_letter::record(&deps.kafka.dlq_topic, msg, &source, &failure, true);
-    let sent = match deps.sink.send_owned(&whole, shutdown).await {
-        Err(e) if e.too_large() => {
-            let trimmed = crate::sink::dead_letter::record(
-                &deps.kafka.dlq_topic,
-                msg,
-                &source,
-                &failure,
-                false,
-            );
-            deps.sink.send_owned(&trimmed, shutdown).await
-        }
-        other => other,
-    };
+    let (topic, source) = (&deps.kafka.dlq_topic, msg_source(msg));
+    let sent = deps
+        .sink
+        .send_dead_letter(topic, msg, &source, &failure, shutdown)
+        .await;
     match sent {
         Ok(()) => {
             metrics::dead_letter(crate::verdict::Stage::Feedback.as_str());

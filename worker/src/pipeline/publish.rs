@@ -110,14 +110,8 @@ pub async fn dead_letter(
     source: &SourceRecord,
     failure: &Failure,
 ) -> Result<(), SendError> {
-    let record = dead_letter_record(shared, msg, source, failure, true);
-    match shared.sink.send_owned(&record, &shared.abort).await {
-        Err(e) if e.too_large() => {
-            tracing::warn!(topic = %record.topic, bytes = record.size(),
-                "dead letter too large for its topic: sending it trimmed (no payload, key and headers cut)");
-            let record = dead_letter_record(shared, msg, source, failure, false);
-            shared.sink.send_owned(&record, &shared.abort).await
-        }
-        other => other,
-    }
+    let topic = &shared.kafka.dlq_topic;
+    (shared.sink)
+        .send_dead_letter(topic, msg, source, failure, &shared.abort)
+        .await
 }

@@ -8,6 +8,7 @@
 //! whatever the record held, so no topic with a sane limit refuses it for its size.
 
 use rdkafka::message::{Headers, Message};
+use tokio_util::sync::CancellationToken;
 
 use super::outbox::OwnedRecord;
 use crate::proto::v1::SourceRecord;
@@ -81,6 +82,31 @@ pub fn record(
         key,
         payload: Vec::new(),
         headers,
+    }
+}
+
+impl super::Sink {
+    /// Publish `msg`'s dead letter on `topic`, acknowledged: whole, or trimmed if the topic
+    /// refuses it for its size (the request pipeline and the feedback loop both send theirs
+    /// this way).
+    pub async fn send_dead_letter(
+        &self,
+        topic: &str,
+        msg: &(impl Message + Sync),
+        source: &SourceRecord,
+        failure: &Failure,
+        abort: &CancellationToken,
+    ) -> Result<(), super::SendError> {
+        let whole = record(topic, msg, source, failure, true);
+        match self.send_owned(&whole, abort).await {
+            Err(e) if e.too_large() => {
+                tracing::warn!(topic, bytes = whole.size(),
+                    "dead letter too large for its topic: sending it trimmed (no payload, key and headers cut)");
+                let trimmed = record(topic, msg, source, failure, false);
+                self.send_owned(&trimmed, abort).await
+            }
+            other => other,
+        }
     }
 }
 
