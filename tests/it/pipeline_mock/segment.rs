@@ -50,6 +50,19 @@ impl Segmenter for GatedSegmenter {
     }
 }
 
+/// The tiny SAM's input settings (no SAM runs here: the fake stands in for it).
+fn tiny_sam_input() -> SamPreprocessor {
+    SamPreprocessor::new(&SamImageSettings {
+        size: 128,
+        resize: SamResize::LongestEdge,
+        interpolation: Interpolation::Bilinear,
+        pad: SamPad::BottomRight,
+        rescale_factor: 1.0 / 255.0,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    })
+}
+
 /// `jpeg` with an EXIF block saying "rotate 90° clockwise to view" (orientation 6).
 fn with_exif_rotation(jpeg: &[u8]) -> Vec<u8> {
     let mut app1 = vec![0xFF, 0xE1, 0, 34];
@@ -88,16 +101,7 @@ async fn defects_get_masks_and_a_full_segmentation_queue_does_not_hold_verdicts_
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let (owner, model) = tiny_clip(&artifact);
     let mut deps = deps(&settings, &brokers, &artifact, &model);
-    // The tiny SAM's input settings (no SAM runs here: the fake stands in for it).
-    let sam_pre = SamPreprocessor::new(&SamImageSettings {
-        size: 128,
-        resize: SamResize::LongestEdge,
-        interpolation: Interpolation::Bilinear,
-        pad: SamPad::BottomRight,
-        rescale_factor: 1.0 / 255.0,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-    });
+    let sam_pre = tiny_sam_input();
     let (gate, seen) = (Gate::new(), Arc::new(Mutex::new(Vec::new())));
     let fake = GatedSegmenter {
         gate: gate.clone(),
@@ -206,15 +210,7 @@ async fn a_hung_sam_call_holds_no_verdict_and_shows_in_readiness() {
     let artifact = Artifact::open(common::tiny_model()).unwrap();
     let (owner, model) = tiny_clip(&artifact);
     let mut deps = deps(&settings, &brokers, &artifact, &model);
-    let sam_pre = SamPreprocessor::new(&SamImageSettings {
-        size: 128,
-        resize: SamResize::LongestEdge,
-        interpolation: Interpolation::Bilinear,
-        pad: SamPad::BottomRight,
-        rescale_factor: 1.0 / 255.0,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-    });
+    let sam_pre = tiny_sam_input();
     let gate = Gate::new();
     let fake = GatedSegmenter {
         gate: gate.clone(),

@@ -288,20 +288,14 @@ mod tests {
     /// SAM's inference: a burst of large DEFECT frames held back every other record.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_at_sam_holds_its_image_only_of_the_classification_budget() {
-        use crate::model::artifact::{ImageSettings, Interpolation};
-        use crate::segment::artifact::{SamImageSettings, SamPad, SamResize};
+        use crate::model::artifact::ImageSettings;
         let gate = crate::model::fake::Gate::new();
         let held = Held(gate.clone());
         let (owner, handle) = crate::segment::SegmentOwner::spawn(move || Ok(held), 1).unwrap();
-        let sam_pre = SamPreprocessor::new(&SamImageSettings {
-            size: 128,
-            resize: SamResize::LongestEdge,
-            interpolation: Interpolation::Bilinear,
-            pad: SamPad::BottomRight,
-            rescale_factor: 1.0 / 255.0,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        });
+        // The fake SAM export's input settings (the fake answers whatever they are).
+        let sam_pre = SamPreprocessor::new(
+            &crate::segment::artifact::tests::manifest(Default::default()).image,
+        );
         let s = Segmenting::new(handle, sam_pre);
         let pre = crate::preprocess::Preprocessor::new(
             &ImageSettings::clip(),
