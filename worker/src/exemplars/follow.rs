@@ -136,32 +136,7 @@ fn spans(c: &BaseConsumer, topic: &str, deadline: Instant) -> anyhow::Result<Opt
         )
     };
     loop {
-        let attempt = (|| -> Result<Option<Vec<Span>>, Code> {
-            let code = |e: rdkafka::error::KafkaError| e.rdkafka_error_code().unwrap_or(Code::Fail);
-            let md = c
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .map_err(code)?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-                return Ok(None);
-            };
-            match t.error().map(Code::from) {
-                Some(Code::UnknownTopicOrPartition) => return Ok(None),
-                Some(e) => return Err(e),
-                None if t.partitions().is_empty() => return Err(Code::LeaderNotAvailable),
-                None => {}
-            }
-            t.partitions()
-                .iter()
-                .map(|p| {
-                    let (low, high) = c
-                        .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                        .map_err(code)?;
-                    Ok((p.id(), low, high))
-                })
-                .collect::<Result<_, _>>()
-                .map(Some)
-        })();
-        match attempt {
+        match look(c, topic) {
             Ok(found) => return Ok(found),
             Err(e) if denied(e) => anyhow::bail!(
                 "the exemplar topic {topic:?} may not be read ({e}): the worker needs Describe \
@@ -176,6 +151,38 @@ fn spans(c: &BaseConsumer, topic: &str, deadline: Instant) -> anyhow::Result<Opt
             }
         }
     }
+}
+
+/// One look at the topic's metadata and watermarks: `None` when it does not exist, the
+/// error's code when it cannot be told.
+fn look(
+    c: &BaseConsumer,
+    topic: &str,
+) -> Result<Option<Vec<Span>>, rdkafka::error::RDKafkaErrorCode> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    let code = |e: rdkafka::error::KafkaError| e.rdkafka_error_code().unwrap_or(Code::Fail);
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(code)?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match t.error().map(Code::from) {
+        Some(Code::UnknownTopicOrPartition) => return Ok(None),
+        Some(e) => return Err(e),
+        None if t.partitions().is_empty() => return Err(Code::LeaderNotAvailable),
+        None => {}
+    }
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = c
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .map_err(code)?;
+            Ok((p.id(), low, high))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// The topic's `cleanup.policy`, through the admin API (`None` when it cannot be told: the
