@@ -1,5 +1,7 @@
-//! Line memory through the pipeline: a line's parts are scored against its earlier parts;
-//! the same part again scores as normal, a different one higher; nothing before `min_parts`.
+//! Line memory through the pipeline: a line's parts are scored against its earlier parts and
+//! the score calibrated against the line's own (leave-one-out) scores: the same part again
+//! scores as the line's usual parts (the median, 0.5), a different one as odder than all of
+//! them (1); nothing before `min_parts`.
 
 use clipqc::model::Artifact;
 use clipqc::proto::v1::{InspectionRequest, Verdict};
@@ -54,15 +56,12 @@ async fn a_part_unlike_its_lines_recent_parts_stands_out() {
         "fewer than min_parts remembered"
     );
     let same = scores[3].expect("scored against three earlier parts");
-    assert!(same < 1e-4, "the same part again: {same}");
+    assert_eq!(same, 0.5, "the same part again: as usual as the line's parts");
     let other = ask("other", "part_640x480.png")
         .await
         .line_memory_score
         .unwrap();
-    assert!(
-        other > same + 1e-3,
-        "a different part stands out: {other} vs {same}"
-    );
+    assert_eq!(other, 1.0, "a different part stands out from every part remembered");
     worker.stop().await.unwrap();
     drop(model);
     owner.join();

@@ -520,7 +520,7 @@ async fn decide<'a>(
                 embeddings.clone(),
                 memory.clone(),
             );
-            move || lines.score(&name, &key, &embeddings, &memory, now)
+            move || lines.assess(&name, &key, &embeddings, &memory, now)
         })
         .await
         .map_err(|e| {
@@ -535,13 +535,16 @@ async fn decide<'a>(
                 format!("line memory: {why}"),
             )
         })?;
-        if let Some(score) = score {
-            decision = profile.scorer.with_line_memory(decision, score);
+        let mut cosines = Default::default();
+        if let Some(a) = score {
+            // The percentile, not the raw score: see score::line_memory's calibration.
+            decision = profile.scorer.with_line_memory(decision, a.percentile);
+            cosines = a.cosines;
         }
         if decision.outcome != Outcome::Defect {
             shared
                 .line_memory
-                .remember(name, key, &embeddings, memory, now);
+                .remember_with(name, key, &embeddings, memory, now, &cosines);
         }
     }
     if super::segment::wanted(&profile.scorer.profile, &decision) {

@@ -7,14 +7,25 @@
 //! the memory, `s_m(v)` is the largest cosine between `v` and any view of `m`; the view's
 //! similarity is the mean of the highest `top_fraction` of those (MuSc's robust mean: a few
 //! defective parts in the memory do not make a defect look normal), and its score
-//! `1 − similarity`, clamped to [0, 1]; the part's `line_memory_score` is its worst view's.
-//! Parts judged DEFECT never enter the memory.
+//! `1 − similarity`, clamped to [0, 1]; the part's raw score is its worst view's. Parts judged
+//! DEFECT never enter the memory.
+//!
+//! Calibration: raw scores depend on the product, the camera and the model (a line of shiny
+//! brackets scores 0.01–0.05, a textured casting 0.1–0.2), so no one `weight` could mean the
+//! same on every line. The verdict's `line_memory_score` is therefore the raw score's
+//! *percentile* among the line's own leave-one-out scores: each remembered part's raw score
+//! against the other remembered parts (`(#lower + ½ #equal) / n`, in [0, 1]). A part as odd as
+//! the line's usual parts scores about 0.5, one odder than all of them 1; `weight` blends that.
+//! The leave-one-out scores reuse the cosines computed when each part was scored (each pair of
+//! parts is compared once, both ways), so they cost `n²` per line to keep, not `n²` dot
+//! products per part.
 //!
 //! Guarantees: per key (profile and line, or camera) at most `size` parts younger than
 //! `max_age_s` are kept, oldest out, and at most [`MAX_KEYS`] keys (the least recently used
 //! go), and at most [`MAX_BYTES`] of views in all (the least recently used lines go first,
 //! then the oldest parts of the line remembering); a part of 64 parts of 25 views of 512
-//! floats takes 3.2 MiB per line, so 80 such lines fit. Keys are the requests' ids, which
+//! floats takes 3.2 MiB per line (plus 0.4 MiB of pairwise cosines for the calibration), so 70
+//! such lines fit. Keys are the requests' ids, which
 //! validation caps at 256 bytes. No score until `min_parts` other parts are in memory. The
 //! lock is held to look up and copy pointers, never while scoring: parts are shared
 //! (`Arc`), and a score is computed on the caller's thread (the pipeline's blocking pool)
@@ -108,21 +119,57 @@ impl LineMemoryConfig {
 }
 
 struct Part {
+    /// Unique in its memory: the pairwise cosines are keyed by it.
+    id: u64,
     at: Instant,
     /// Unit vectors.
     views: Vec<Vec<f32>>,
+    /// Its views and, at most, its pairwise cosines with a full ring's other parts (both ways).
+    bytes: usize,
 }
 
 impl Part {
-    fn bytes(&self) -> usize {
-        self.views.iter().map(|v| v.len() * 4 + 24).sum::<usize>() + 64
+    fn new(id: u64, at: Instant, views: Vec<Vec<f32>>, size: usize) -> Self {
+        let bytes = views.iter().map(|v| v.len() * 4 + 24).sum::<usize>()
+            + 64
+            + 2 * size * (views.len() * 4 + 64);
+        Self {
+            id,
+            at,
+            views,
+            bytes,
+        }
     }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// The new part's cosines with the remembered parts it was scored against (by part id): per
+/// new view, its best cosine with that part's views; per that part's view, its best with
+/// the new part's views. [`LineMemory::assess`] computes them and [`LineMemory::remember_with`]
+/// keeps them for the calibration.
+#[derive(Debug, Clone, Default)]
+pub struct Cosines(Vec<(u64, Vec<f32>, Vec<f32>)>);
+
+/// A part's line-memory score: raw and calibrated (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    pub raw: f32,
+    /// The raw score's percentile among the line's leave-one-out scores, in [0, 1].
+    pub percentile: f32,
+    pub cosines: Cosines,
 }
 
 #[derive(Default)]
 struct Ring {
     parts: VecDeque<std::sync::Arc<Part>>,
     used: u64,
+    /// `(p, m)` → per view of part `p`, its best cosine with part `m`'s views.
+    sims: HashMap<(u64, u64), Vec<f32>>,
+    /// Each remembered part's leave-one-out score, kept current with `parts`.
+    loo: Vec<f32>,
 }
 
 impl Ring {
@@ -135,9 +182,49 @@ impl Ring {
             .front()
             .is_some_and(|p| now.saturating_duration_since(p.at) > age)
         {
-            freed += self.parts.pop_front().map_or(0, |p| p.bytes());
+            freed += self.pop_oldest();
         }
         freed
+    }
+
+    /// Forgets the oldest part and its cosines; returns the bytes given back.
+    fn pop_oldest(&mut self) -> usize {
+        let Some(p) = self.parts.pop_front() else {
+            return 0;
+        };
+        self.sims.retain(|&(a, b), _| a != p.id && b != p.id);
+        p.bytes()
+    }
+
+    /// Recomputes every part's leave-one-out score from the kept cosines.
+    fn refresh_loo(&mut self, cfg: &LineMemoryConfig) {
+        let ids: Vec<u64> = self.parts.iter().map(|p| p.id).collect();
+        let mut per_part = Vec::with_capacity(ids.len());
+        self.loo = self
+            .parts
+            .iter()
+            .map(|p| {
+                let others: Vec<&Vec<f32>> = ids
+                    .iter()
+                    .filter(|&&m| m != p.id)
+                    .filter_map(|&m| self.sims.get(&(p.id, m)))
+                    .collect();
+                if others.is_empty() {
+                    return 0.0;
+                }
+                let top = ((cfg.top_fraction * others.len() as f32).ceil() as usize)
+                    .clamp(1, others.len());
+                (0..p.views.len())
+                    .map(|v| {
+                        per_part.clear();
+                        per_part.extend(others.iter().map(|s| s[v]));
+                        per_part.sort_by(|a, b| b.total_cmp(a));
+                        let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
+                        (1.0 - similarity).clamp(0.0, 1.0)
+                    })
+                    .fold(0f32, f32::max)
+            })
+            .collect();
     }
 
     fn bytes(&self) -> usize {
@@ -176,6 +263,31 @@ pub fn score_against(
     Some(worst)
 }
 
+/// `raw`'s percentile among `loo`: `(#lower + ½ #equal) / n`; 0.5 when `loo` is empty.
+pub fn percentile(raw: f32, loo: &[f32]) -> f32 {
+    if loo.is_empty() {
+        return 0.5;
+    }
+    let lower = loo.iter().filter(|&&l| l < raw).count() as f32;
+    let equal = loo.iter().filter(|&&l| l == raw).count() as f32;
+    (lower + equal / 2.0) / loo.len() as f32
+}
+
+/// The best cosines both ways between unit views `a` and `b`: per view of `a` its best with
+/// `b`'s, and per view of `b` its best with `a`'s.
+fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> (Vec<f32>, Vec<f32>) {
+    let mut a_best = vec![f32::NEG_INFINITY; a.len()];
+    let mut b_best = vec![f32::NEG_INFINITY; b.len()];
+    for (i, x) in a.iter().enumerate() {
+        for (j, y) in b.iter().enumerate() {
+            let c = dot(x, y);
+            a_best[i] = a_best[i].max(c);
+            b_best[j] = b_best[j].max(c);
+        }
+    }
+    (a_best, b_best)
+}
+
 /// Every line's memory, for one worker.
 pub struct LineMemory {
     rings: Mutex<Rings>,
@@ -197,8 +309,8 @@ impl Default for LineMemory {
 }
 
 impl LineMemory {
-    /// The part's score against the remembered parts of `(profile, key)` (its own views are
-    /// not yet there), or `None` while fewer than `min_parts` are remembered. `views` are
+    /// The part's raw score against the remembered parts of `(profile, key)` (its own views
+    /// are not yet there), or `None` while fewer than `min_parts` are remembered. `views` are
     /// the part's embeddings (not necessarily unit).
     pub fn score(
         &self,
@@ -208,19 +320,61 @@ impl LineMemory {
         cfg: &LineMemoryConfig,
         now: Instant,
     ) -> Option<f32> {
+        self.assess(profile, key, views, cfg, now).map(|a| a.raw)
+    }
+
+    /// [`Self::score`], calibrated (the module docs), with the cosines computed on the way
+    /// for [`Self::remember_with`].
+    pub fn assess(
+        &self,
+        profile: &str,
+        key: &str,
+        views: &[Vec<f32>],
+        cfg: &LineMemoryConfig,
+        now: Instant,
+    ) -> Option<Assessment> {
         let units: Vec<Vec<f32>> = views.iter().map(|v| super::normalized(v)).collect();
-        let parts: Vec<std::sync::Arc<Part>> = {
+        let (parts, loo): (Vec<std::sync::Arc<Part>>, Vec<f32>) = {
             let mut guard = self.rings.lock().unwrap_or_else(|e| e.into_inner());
             let rings = &mut *guard;
             let ring = rings
                 .by_key
                 .get_mut(&(profile.to_string(), key.to_string()))?;
-            rings.bytes -= ring.forget_old(cfg, now);
-            ring.parts.iter().cloned().collect()
+            let freed = ring.forget_old(cfg, now);
+            if freed > 0 {
+                ring.refresh_loo(cfg);
+            }
+            rings.bytes -= freed;
+            (ring.parts.iter().cloned().collect(), ring.loo.clone())
         };
         // Scored without the lock: other records' lines (and this one's) go on meanwhile.
-        let parts: Vec<&[Vec<f32>]> = parts.iter().map(|p| p.views.as_slice()).collect();
-        score_against(&units, &parts, cfg)
+        let n = parts.len();
+        if n < cfg.min_parts.max(1) || units.is_empty() {
+            return None;
+        }
+        let pairs: Vec<(u64, Vec<f32>, Vec<f32>)> = parts
+            .iter()
+            .map(|p| {
+                let (new, old) = cosines(&units, &p.views);
+                (p.id, new, old)
+            })
+            .collect();
+        let top = ((cfg.top_fraction * n as f32).ceil() as usize).clamp(1, n);
+        let mut per_part = Vec::with_capacity(n);
+        let raw = (0..units.len())
+            .map(|v| {
+                per_part.clear();
+                per_part.extend(pairs.iter().map(|(_, new, _)| new[v]));
+                per_part.sort_by(|a, b| b.total_cmp(a));
+                let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
+                (1.0 - similarity).clamp(0.0, 1.0)
+            })
+            .fold(0f32, f32::max);
+        Some(Assessment {
+            raw,
+            percentile: percentile(raw, &loo),
+            cosines: Cosines(pairs),
+        })
     }
 
     /// A memory of at most `max_bytes` of views (instead of [`MAX_BYTES`]).
@@ -246,14 +400,26 @@ impl LineMemory {
         cfg: &LineMemoryConfig,
         now: Instant,
     ) {
+        self.remember_with(profile, key, views, cfg, now, &Cosines::default());
+    }
+
+    /// [`Self::remember`] with the cosines [`Self::assess`] computed for this part: those with
+    /// parts still remembered are kept as they are, those with parts remembered since are
+    /// computed here (under the lock: a few parts at most).
+    pub fn remember_with(
+        &self,
+        profile: &str,
+        key: &str,
+        views: &[Vec<f32>],
+        cfg: &LineMemoryConfig,
+        now: Instant,
+        known: &Cosines,
+    ) {
         let units = views.iter().map(|v| super::normalized(v)).collect();
         let tick = self
             .clock
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let part = std::sync::Arc::new(Part {
-            at: now,
-            views: units,
-        });
+        let part = std::sync::Arc::new(Part::new(tick, now, units, cfg.size.max(1)));
         let mut guard = self.rings.lock().unwrap_or_else(|e| e.into_inner());
         let rings = &mut *guard;
         let id = (profile.to_string(), key.to_string());
@@ -281,14 +447,23 @@ impl LineMemory {
         let ring = rings.by_key.entry(id).or_default();
         ring.used = tick;
         let mut freed = ring.forget_old(cfg, now);
-        ring.parts.push_back(part);
-        while ring.parts.len() > cfg.size.max(1) {
-            freed += ring.parts.pop_front().map_or(0, |p| p.bytes());
+        while ring.parts.len() + 1 > cfg.size.max(1) {
+            freed += ring.pop_oldest();
         }
+        for m in &ring.parts {
+            let (new, old) = match known.0.iter().find(|(id, _, _)| *id == m.id) {
+                Some((_, new, old)) => (new.clone(), old.clone()),
+                None => cosines(&part.views, &m.views),
+            };
+            ring.sims.insert((part.id, m.id), new);
+            ring.sims.insert((m.id, part.id), old);
+        }
+        ring.parts.push_back(part);
         // Still over (this line alone): its oldest parts go, never the one just added.
         while rings.bytes - freed > self.max_bytes && ring.parts.len() > 1 {
-            freed += ring.parts.pop_front().map_or(0, |p| p.bytes());
+            freed += ring.pop_oldest();
         }
+        ring.refresh_loo(cfg);
         rings.bytes -= freed;
     }
 
@@ -421,11 +596,7 @@ mod tests {
     #[test]
     fn the_memory_stays_under_its_byte_bound() {
         let view = vec![1.0f32; 256];
-        let part_bytes = Part {
-            at: Instant::now(),
-            views: vec![view.clone(); 4],
-        }
-        .bytes();
+        let part_bytes = Part::new(0, Instant::now(), vec![view.clone(); 4], 8).bytes();
         let m = LineMemory::with_max_bytes(10 * part_bytes);
         let mut c = cfg(1);
         c.size = 8;
@@ -461,5 +632,99 @@ mod tests {
             small.remember("p", "l", &vec![view.clone(); 4], &c, now);
         }
         assert_eq!(small.bytes(), 2 * part_bytes);
+    }
+}
+
+#[cfg(test)]
+mod calibration_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vector() -> impl Strategy<Value = Vec<f32>> {
+        proptest::collection::vec(-1.0f32..1.0, 8)
+            .prop_filter("not zero", |v| v.iter().map(|x| x * x).sum::<f32>() > 0.01)
+    }
+
+    proptest! {
+        /// The kept leave-one-out scores are each remembered part's raw score against the
+        /// others, computed from scratch ([`score_against`]), whichever way the cosines came
+        /// (from `assess`, or computed in `remember`), and through evictions by size.
+        #[test]
+        fn kept_leave_one_out_scores_are_each_parts_score_against_the_others(
+            parts in proptest::collection::vec(proptest::collection::vec(vector(), 1..4), 3..12),
+            via_assess in proptest::collection::vec(any::<bool>(), 12),
+        ) {
+            let m = LineMemory::default();
+            let cfg = LineMemoryConfig { size: 6, min_parts: 1, top_fraction: 0.5, ..Default::default() };
+            let now = Instant::now();
+            for (p, assess) in parts.iter().zip(&via_assess) {
+                let known = if *assess {
+                    m.assess("p", "l", p, &cfg, now).map(|a| a.cosines).unwrap_or_default()
+                } else {
+                    Cosines::default()
+                };
+                m.remember_with("p", "l", p, &cfg, now, &known);
+            }
+            let rings = m.rings.lock().unwrap();
+            let ring = &rings.by_key[&("p".to_string(), "l".to_string())];
+            let kept: Vec<Vec<Vec<f32>>> = ring.parts.iter().map(|p| p.views.clone()).collect();
+            prop_assert_eq!(kept.len(), parts.len().min(6));
+            let all_but = |i: usize| -> Vec<&[Vec<f32>]> {
+                kept.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, v)| v.as_slice()).collect()
+            };
+            let one = LineMemoryConfig { min_parts: 1, ..cfg.clone() };
+            for (i, loo) in ring.loo.iter().enumerate() {
+                let direct = score_against(&kept[i], &all_but(i), &one).unwrap();
+                prop_assert!((loo - direct).abs() < 1e-5, "part {}: {} vs {}", i, loo, direct);
+            }
+            prop_assert!(ring.sims.len() == kept.len() * (kept.len() - 1), "{} cosines kept", ring.sims.len());
+        }
+    }
+
+    #[test]
+    fn the_calibrated_score_is_the_percentile_among_the_lines_own_scores() {
+        assert_eq!(percentile(0.3, &[0.1, 0.2, 0.4, 0.5]), 0.5);
+        assert_eq!(percentile(0.2, &[0.1, 0.2, 0.4, 0.5]), 0.375);
+        assert_eq!(percentile(0.9, &[0.1, 0.2]), 1.0);
+        assert_eq!(percentile(0.0, &[0.1, 0.2]), 0.0);
+        assert_eq!(percentile(0.3, &[]), 0.5);
+        // Two lines whose raw scores differ tenfold: a part as odd as its line's usual parts
+        // gets the same calibrated score on both, an odder one more.
+        let cfg = LineMemoryConfig {
+            size: 16,
+            min_parts: 4,
+            top_fraction: 1.0,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let m = LineMemory::default();
+        let line = |key: &str, spread: f32| {
+            for i in 0..12 {
+                let a = spread * (i as f32 - 5.5) / 5.5;
+                m.remember("p", key, &[vec![1.0, a, 0.0]], &cfg, now);
+            }
+        };
+        line("shiny", 0.05);
+        line("textured", 0.5);
+        let usual = |spread: f32| vec![vec![1.0, spread * 0.5 / 5.5, 0.0]];
+        let shiny = m.assess("p", "shiny", &usual(0.05), &cfg, now).unwrap();
+        let textured = m.assess("p", "textured", &usual(0.5), &cfg, now).unwrap();
+        assert!(
+            textured.raw > 5.0 * shiny.raw,
+            "{} vs {}",
+            textured.raw,
+            shiny.raw
+        );
+        assert!(
+            (shiny.percentile - textured.percentile).abs() < 0.1,
+            "{} vs {}",
+            shiny.percentile,
+            textured.percentile
+        );
+        assert!(shiny.percentile < 0.5);
+        let odd = m
+            .assess("p", "shiny", &[vec![1.0, 0.0, 0.3]], &cfg, now)
+            .unwrap();
+        assert_eq!(odd.percentile, 1.0, "raw {}", odd.raw);
     }
 }

@@ -7,7 +7,8 @@
 //! (`top_fraction`, `min_parts`; the defaults when the profile has none) and the same code the
 //! worker's memory uses ([`crate::score::line_memory::score_against`]). The worker remembers only
 //! the line's last `size` parts that were not DEFECT; here every other image counts, so the
-//! figure is the method's on this set, not a replay of a line.
+//! figure is the method's on this set, not a replay of a line. The score is calibrated as the
+//! worker's is: its percentile among the other images' scores.
 //!
 //! `metrics.json` gains `line_memory_auroc` and `line_memory_average_precision` (the score
 //! alone), and `line_memory_weights`: the image AUROC of `(1 − w) × anomaly_score + w ×
@@ -17,7 +18,7 @@
 use serde::Serialize;
 
 use super::metrics::{self, Curve};
-use crate::score::line_memory::{score_against, LineMemoryConfig};
+use crate::score::line_memory::{percentile, score_against, LineMemoryConfig};
 
 /// The blend's AUROC at one weight.
 #[derive(Debug, Serialize)]
@@ -35,9 +36,30 @@ pub struct LineMemoryMetrics {
     pub line_memory_best_weight: Option<f64>,
 }
 
-/// Each image's score against the others (`None` where it has no views, or too few others).
-/// `views[i]`: image i's unit view embeddings, `None` when it was not scored.
+/// Each image's calibrated score against the others (`None` where it has no views, or too
+/// few others): its raw score against the rest of the set, as a percentile of the other
+/// images' raw scores (each against the rest too), as the worker calibrates a part against its
+/// line's leave-one-out scores ([`crate::score::line_memory`]). `views[i]`: image i's unit view
+/// embeddings, `None` when it was not scored.
 pub fn scores(views: &[Option<Vec<Vec<f32>>>], cfg: &LineMemoryConfig) -> Vec<Option<f32>> {
+    let raw = raw_scores(views, cfg);
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let r = (*r)?;
+            let others: Vec<f32> = raw
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .filter_map(|(_, o)| *o)
+                .collect();
+            Some(percentile(r, &others))
+        })
+        .collect()
+}
+
+/// Each image's raw score against the others.
+fn raw_scores(views: &[Option<Vec<Vec<f32>>>], cfg: &LineMemoryConfig) -> Vec<Option<f32>> {
     (0..views.len())
         .map(|i| {
             let own = views[i].as_ref()?;
