@@ -32,6 +32,9 @@ mod sklearn;
 #[path = "eval_cli/masks.rs"]
 mod masks;
 
+#[path = "eval_cli/search.rs"]
+mod search;
+
 // ---------------------------------------------------------------- the binary on a dataset
 
 /// A grey part on a darker background; `defect` draws dark scratches across it.

@@ -5,7 +5,8 @@
 //! probabilities vs transformers' CLIPModel under both views; and a tiled profile's window
 //! geometry, window pixels and embeddings, aggregated scores, heatmap and fused map vs the same
 //! windows cut and resized with PIL and scored by CLIPModel; the fused map alone vs anomalib's
-//! WinCLIP aggregation of the same scores.
+//! WinCLIP aggregation of the same scores; WinCLIP+'s few-shot scores and maps vs anomalib's
+//! (model_fidelity/winclip_plus.rs).
 //! The references were computed by tests/reference/make_fixtures.py. Segment Anything's
 //! masks against transformers' SAM: model_fidelity/sam.rs.
 
@@ -14,6 +15,8 @@ use crate::common;
 mod device;
 #[path = "model_fidelity/sam.rs"]
 mod sam;
+#[path = "model_fidelity/winclip_plus.rs"]
+mod winclip_plus;
 
 use clipqc::config::PreprocessSettings;
 use clipqc::model::artifact::TOKENIZER;
@@ -23,7 +26,7 @@ use clipqc::preprocess::{pad_dims, DecodeLimits, Preprocessor, View, Window};
 use clipqc::score::{AnomalyMap, ProfileConfig, Scorer};
 use common::{cosine, fixtures, max_abs_diff, read_f32, tiny_model};
 
-fn index() -> serde_json::Value {
+pub(crate) fn index() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("fixtures.json")).unwrap())
         .unwrap()
 }
@@ -290,7 +293,7 @@ fn class_probabilities_match_clip_model() {
     }
 }
 
-fn f32s(v: &serde_json::Value) -> Vec<f32> {
+pub(crate) fn f32s(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
         .iter()
@@ -298,7 +301,7 @@ fn f32s(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
+pub(crate) fn u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()

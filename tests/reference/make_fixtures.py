@@ -32,6 +32,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -181,28 +182,27 @@ def window_view(proc, rgb: Image.Image, window: tuple[int, int, int, int], size:
     return normalized_chw(proc, crop)
 
 
-def load_harmonic_aggregation(root: Path):
-    """anomalib's own `harmonic_aggregation` (src/anomalib/models/image/winclip/utils.py),
-    loaded by path from the wheel pinned in tests/reference/anomalib.txt: the module imports
-    only torch, while the anomalib package would import Lightning and the rest."""
+def load_winclip_utils(root: Path):
+    """anomalib's own WinCLIP utilities (src/anomalib/models/image/winclip/utils.py:
+    `harmonic_aggregation`, `visual_association_score`), loaded by path from the wheel pinned
+    in tests/reference/anomalib.txt: the module imports only torch, while the anomalib package
+    would import Lightning and the rest."""
     path = root / "anomalib" / "models" / "image" / "winclip" / "utils.py"
     spec = importlib.util.spec_from_file_location("anomalib_winclip_utils", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.harmonic_aggregation
+    return module
 
 
-def winclip_fused_map(harmonic_aggregation, windows: list, window_scores: list, whole: float) -> dict:
-    """The fused multi-scale map as anomalib's WinCLIP makes it, on the worker's windows: the
-    frame cut at every window edge into cells (anomalib's patch grid); per scale, anomalib's
-    `harmonic_aggregation` of the window scores, each window's mask the cells it covers (a
-    window covering fewer cells than the longest repeats its first: anomalib's masks are
-    one tensor, and coverage is `any`); across scales with the whole-image score, the line of
-    `WinClipModel._compute_zero_shot_scores`: `(len(scales) + 1) / (1 / stack).sum(dim=0)`."""
+def per_scale_maps(harmonic_aggregation, windows: list, window_scores: list):
+    """The frame cut at every window edge into cells (anomalib's patch grid) and, per scale,
+    anomalib's `harmonic_aggregation` of that scale's window scores, each window's mask the
+    cells it covers (a window covering fewer cells than the longest repeats its first:
+    anomalib's masks are one tensor, and coverage is `any`)."""
     xs = sorted({e for (x, _, side, _) in windows for e in (x, x + side)})
     ys = sorted({e for (_, y, side, _) in windows for e in (y, y + side)})
     cols, rows = len(xs) - 1, len(ys) - 1
-    maps = [torch.tensor([whole], dtype=torch.float32).view(-1, 1, 1).repeat(1, rows, cols)]
+    maps = []
     for scale in sorted({w[3] for w in windows}):
         of = [(w, s) for w, s in zip(windows, window_scores) if w[3] == scale]
         cells = []
@@ -213,8 +213,57 @@ def winclip_fused_map(harmonic_aggregation, windows: list, window_scores: list, 
         masks = torch.tensor([c + [c[0]] * (longest - len(c)) for c in cells]).T
         scores = torch.tensor([[s for _, s in of]], dtype=torch.float32)
         maps.append(harmonic_aggregation(scores, (rows, cols), masks))
+    return xs, ys, maps
+
+
+def winclip_fused_map(harmonic_aggregation, windows: list, window_scores: list, whole: float) -> dict:
+    """The fused multi-scale map as anomalib's WinCLIP makes it, on the worker's windows
+    ([`per_scale_maps`]); across scales with the whole-image score, the line of
+    `WinClipModel._compute_zero_shot_scores`: `(len(scales) + 1) / (1 / stack).sum(dim=0)`."""
+    xs, ys, maps = per_scale_maps(harmonic_aggregation, windows, window_scores)
+    whole_map = torch.tensor([whole], dtype=torch.float32).view(-1, 1, 1).repeat(1, len(ys) - 1, len(xs) - 1)
+    maps = [whole_map] + maps
     fused = len(maps) / (1 / torch.stack(maps)).sum(dim=0)
     return {"x_edges": xs, "y_edges": ys, "scores": fused.flatten().tolist()}
+
+
+def winclip_plus_reference(utils, ref: Path, tiled: list, scales: list, dim: int) -> dict:
+    """WinCLIP+ (few-shot) on the first tiled image with the others as its normal references,
+    all with transformers' window embeddings: per window, anomalib's `visual_association_score`
+    against every reference window of its scale; the few-shot map as
+    `WinClipModel._compute_few_shot_scores` makes it (per scale `harmonic_aggregation`, then
+    the mean over scales; without its patch-level term, which needs the ViT's patch tokens);
+    the map `(zero_shot + few_shot) / 2` and the image score `(whole + few_shot.amax()) / 2`,
+    as `WinClipModel.forward` with `k_shot`."""
+    def embeddings(e):
+        return torch.from_numpy(np.fromfile(ref / f"{e['stem']}.windows_embedding.f32", dtype="<f4").reshape(-1, dim))
+
+    test, references = tiled[0], tiled[1:4]
+    windows = test["tiles"]["windows"]
+    own = embeddings(test)
+    vas = [0.0] * len(windows)
+    for scale in sorted({w[3] for w in windows}):
+        idx = [i for i, w in enumerate(windows) if w[3] == scale]
+        refs = torch.cat([embeddings(r)[[i for i, w in enumerate(r["tiles"]["windows"]) if w[3] == scale]]
+                          for r in references])
+        scores = utils.visual_association_score(own[idx].unsqueeze(0), refs.unsqueeze(0))[0]
+        for i, v in zip(idx, scores.tolist()):
+            vas[i] = v
+    xs, ys, maps = per_scale_maps(utils.harmonic_aggregation, windows, vas)
+    few_shot = torch.stack(maps).mean(dim=0)
+    whole = test["tiles"]["whole_score"]
+    zero_shot = torch.tensor(winclip_fused_map(utils.harmonic_aggregation, windows, test["tiles"]["window_scores"],
+                                               whole)["scores"], dtype=torch.float32).view(few_shot.shape)
+    fused = (zero_shot + few_shot) / 2
+    return {
+        "test": test["stem"],
+        "references": [r["stem"] for r in references],
+        "scales": scales,
+        "window_vas": vas,
+        "few_shot_map": {"x_edges": xs, "y_edges": ys, "scores": few_shot.flatten().tolist()},
+        "anomaly_map": {"x_edges": xs, "y_edges": ys, "scores": fused.flatten().tolist()},
+        "image_score": (whole + few_shot.amax().item()) / 2,
+    }
 
 
 def tiled_reference(proc, model, text, img: Image.Image, px_pad: torch.Tensor, stem: str, size: int,
@@ -280,7 +329,8 @@ def main() -> int:
     torch.set_grad_enabled(False)
     out: Path = args.out
     (out / "ref").mkdir(parents=True, exist_ok=True)
-    harmonic_aggregation = load_harmonic_aggregation(args.anomalib)
+    winclip_utils = load_winclip_utils(args.anomalib)
+    harmonic_aggregation = winclip_utils.harmonic_aggregation
 
     import ftfy
     import open_clip
@@ -348,6 +398,10 @@ def main() -> int:
             entry["tiles"] = tiled_reference(pil_proc, model, text, img, px_pad, stem, manifest["image"]["size"],
                                              profile_tiled, out / "ref", harmonic_aggregation)
         index["images"].append(entry)
+    tiled = [e for e in index["images"] if "tiles" in e]
+    if len(tiled) >= 2:
+        index["winclip_plus"] = winclip_plus_reference(winclip_utils, out / "ref", tiled, TILES["scales"],
+                                                       manifest["embedding_dim"])
     if args.sam:
         from sam_reference import write_sam_reference
 

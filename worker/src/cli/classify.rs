@@ -226,15 +226,23 @@ pub(crate) fn classify_files(
     })
 }
 
-/// [`classify_files`], each decision with its views' embeddings (the whole frame first, then
-/// the windows): what `clipqc eval --line-memory` scores the images against each other with.
+/// An image's views as the model saw them: their embeddings (the whole frame first, then the
+/// windows) and the windows' geometry.
+pub(crate) struct Viewed {
+    pub embeddings: Vec<Vec<f32>>,
+    pub windows: Vec<crate::preprocess::Window>,
+    pub origin: (u32, u32),
+}
+
+/// [`classify_files`], each decision with its views: what `clipqc eval --line-memory` scores
+/// the images against each other with, and `--search` scores again for each setting.
 pub(crate) fn classify_files_with_views(
     model: &ModelHandle,
     pre: &Preprocessor,
     scorer: &Scorer,
     bank: Option<&ProfileBank>,
     paths: &[PathBuf],
-    mut each: impl FnMut(&Path, Result<(Decision, Vec<Vec<f32>>), ImageError>) -> anyhow::Result<()>,
+    mut each: impl FnMut(&Path, Result<(Decision, Viewed), ImageError>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     for chunk in paths.chunks(BATCH) {
         let mut rows: Vec<Result<Views, ImageError>> = Vec::with_capacity(chunk.len());
@@ -251,7 +259,12 @@ pub(crate) fn classify_files_with_views(
             let decision = row.map(|views| {
                 let own: Vec<Vec<f32>> = next.by_ref().take(1 + views.windows.len()).collect();
                 let d = scorer.decide_views_with(&own, &views.windows, views.origin, bank);
-                (d, own)
+                let viewed = Viewed {
+                    embeddings: own,
+                    windows: views.windows,
+                    origin: views.origin,
+                };
+                (d, viewed)
             });
             each(path, decision)?;
         }

@@ -161,6 +161,7 @@ fn add(args: AddArgs) -> anyhow::Result<bool> {
                 class: args.class.clone(),
                 embedding: rows[0].clone(),
                 window_embeddings: rows[1..].concat(),
+                window_scales: pre.window_scales(&views.windows),
                 dim: dim as u32,
                 model_hash: artifact.model_hash(),
                 source: name.clone(),

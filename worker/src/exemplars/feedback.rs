@@ -274,7 +274,7 @@ async fn handle(
     let input = format!("feedback for request {:?}", fb.request_id);
     let (pre, model, raw) = (pre.clone(), deps.model.clone(), bytes.clone());
     let embedded = tokio::task::spawn_blocking(move || embed(&pre, &model, &input, &raw)).await?;
-    let rows = match embedded {
+    let (rows, window_scales) = match embedded {
         Ok(r) => r,
         Err(e) => return Ok(Outcome::Refused(e.to_string())),
     };
@@ -285,6 +285,7 @@ async fn handle(
         class: fb.true_class.clone(),
         embedding: rows[0].clone(),
         window_embeddings: rows[1..].concat(),
+        window_scales,
         dim: deps.dim as u32,
         model_hash: deps.model_hash.clone(),
         source: format!(
@@ -346,9 +347,10 @@ fn embed(
     model: &ModelHandle,
     input: &str,
     bytes: &[u8],
-) -> Result<Vec<Vec<f32>>, EmbedError> {
+) -> Result<(Vec<Vec<f32>>, Vec<f32>), EmbedError> {
     let views = pre.views(input, bytes, None)?;
-    Ok(model.embed_all_blocking(pre.size(), &views.tensors, 16)?)
+    let rows = model.embed_all_blocking(pre.size(), &views.tensors, 16)?;
+    Ok((rows, pre.window_scales(&views.windows)))
 }
 
 /// Keeps the class's feedback exemplars at the policy's cap (counting the one just added,

@@ -211,6 +211,16 @@ impl Bank {
                 x.window_embeddings.len()
             )));
         }
+        let windows = x.window_embeddings.len() / dim.max(1);
+        if !x.window_scales.is_empty() && x.window_scales.len() != windows {
+            return Err(malformed(format!(
+                "{} window scales for {windows} windows",
+                x.window_scales.len()
+            )));
+        }
+        if x.window_scales.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {
+            return Err(malformed("a window scale is not within (0, 1]".into()));
+        }
         if x.embedding
             .iter()
             .chain(&x.window_embeddings)
@@ -223,6 +233,7 @@ impl Bank {
             class,
             whole: normalized(&x.embedding),
             windows: x.window_embeddings.chunks(dim).map(normalized).collect(),
+            window_scales: x.window_scales.clone(),
             added_at: x.added_at.map_or(0, |t| t.seconds),
             from_feedback: x.source.starts_with(FEEDBACK_SOURCE),
         };

@@ -27,8 +27,17 @@ fn exemplar(id: &str, class: &str, embedding: Vec<f32>) -> Exemplar {
 }
 
 fn apply(bank: &mut Bank, key: &str, x: Option<Exemplar>) -> Result<(), ExemplarError> {
+    apply_up_to(bank, key, x, 2)
+}
+
+fn apply_up_to(
+    bank: &mut Bank,
+    key: &str,
+    x: Option<Exemplar>,
+    max_per_profile: usize,
+) -> Result<(), ExemplarError> {
     let limits = ExemplarSettings {
-        max_per_profile: 2,
+        max_per_profile,
         ..Default::default()
     };
     bank.apply(key, x, &profiles(), "m1", 3, &limits)
@@ -151,29 +160,89 @@ fn refusals_name_the_exemplar_and_the_reason() {
     );
 }
 
+/// Tip-Adapter's cache term, `Σ exp(−β (1 − A))` per class, computed by hand, over each
+/// class's `k` nearest exemplars (`k` the smallest count of a class with exemplars).
 #[test]
-fn affinity_is_the_nearest_exemplar_per_class() {
+fn affinity_is_tip_adapters_cache_term_over_each_class_k_nearest() {
     let mut bank = Bank::default();
-    apply(
+    let s = std::f32::consts::FRAC_1_SQRT_2;
+    for (id, v) in [
+        ("g1", vec![1.0, 0.0, 0.0]),
+        ("g2", vec![s, s, 0.0]),
+        ("g3", vec![0.0, 0.0, 1.0]),
+    ] {
+        apply_up_to(
+            &mut bank,
+            &format!("brackets/{id}"),
+            Some(exemplar(id, "good", v)),
+            10,
+        )
+        .unwrap();
+    }
+    apply_up_to(
         &mut bank,
-        "brackets/g",
-        Some(exemplar("g", "good", vec![1.0, 0.0, 0.0])),
+        "brackets/s",
+        Some(exemplar("s", "surface_scratch", vec![0.0, 1.0, 0.0])),
+        10,
     )
     .unwrap();
+    let b = bank.profile("brackets").unwrap();
+    let beta = 5.5f32;
+    let a = b.affinity(&[1.0, 0.0, 0.0], 2, beta);
+    // k = 1 (scratch has one): good's nearest is g1 (cosine 1), scratch's cosine is 0.
+    assert!((a.per_class[1] - 1.0).abs() < 1e-6, "{a:?}");
+    assert!((a.per_class[0] - (-beta).exp()).abs() < 1e-6);
+    assert_eq!(a.nearest, Some((0, 1.0)));
+    // A second scratch makes k = 2: good sums g1 and g2 (cosine 1/√2).
+    apply_up_to(
+        &mut bank,
+        "brackets/s2",
+        Some(exemplar("s2", "surface_scratch", vec![s, 0.0, s])),
+        10,
+    )
+    .unwrap();
+    let b = bank.profile("brackets").unwrap();
+    let a = b.affinity(&[1.0, 0.0, 0.0], 2, beta);
+    let e = |cos: f32| (-beta * (1.0 - cos)).exp();
+    assert!((a.per_class[1] - (e(1.0) + e(s))).abs() < 1e-5, "{a:?}");
+    assert!((a.per_class[0] - (e(0.0) + e(s))).abs() < 1e-5, "{a:?}");
+    assert_eq!(id_of(b"abc").len(), 16);
+}
+
+/// WinCLIP+'s visual association score: the least `(1 − cos) / 2` to a normal reference's
+/// window of the same scale; defect exemplars' windows never count, nor other scales'.
+#[test]
+fn association_is_the_least_distance_to_normal_windows_of_the_scale() {
+    let mut bank = Bank::default();
+    let mut good = exemplar("g", "good", vec![1.0, 0.0, 0.0]);
+    good.window_embeddings = vec![0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+    good.window_scales = vec![0.5, 0.25];
+    apply(&mut bank, "brackets/g", Some(good)).unwrap();
     let mut scratch = exemplar("s", "surface_scratch", vec![0.0, 1.0, 0.0]);
-    scratch.window_embeddings = vec![0.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+    scratch.window_embeddings = vec![0.0, 0.0, 1.0];
+    scratch.window_scales = vec![0.5];
     apply(&mut bank, "brackets/s", Some(scratch)).unwrap();
     let b = bank.profile("brackets").unwrap();
-    let a = b.affinity(&[1.0, 0.0, 0.0], false, 2, 5.5);
-    // good: cosine 1 → exp(0) = 1; scratch: cosine 0 → exp(−5.5).
-    assert!((a.per_class[1] - 1.0).abs() < 1e-6);
-    assert!((a.per_class[0] - (-5.5f32).exp()).abs() < 1e-6);
-    assert_eq!(a.nearest, Some((0, 1.0)));
-    // A window is compared with the exemplars' windows (the good one has none: its whole).
-    let w = b.affinity(&[0.0, 0.0, 1.0], true, 2, 5.5);
-    assert!((w.per_class[0] - 1.0).abs() < 1e-6, "{w:?}");
-    assert_eq!(w.nearest, Some((1, 1.0)));
-    assert_eq!(id_of(b"abc").len(), 16);
+    let acceptable = [false, true];
+    // At scale 0.5 the good window is y: a z window is at cosine 0 → 0.5 (the scratch's z
+    // window, a defect's, does not count).
+    assert_eq!(b.association(&[0.0, 0.0, 1.0], 0.5, &acceptable), Some(0.5));
+    assert_eq!(b.association(&[0.0, 1.0, 0.0], 0.5, &acceptable), Some(0.0));
+    // At scale 0.25 the good window is z.
+    assert_eq!(
+        b.association(&[0.0, 0.0, 1.0], 0.25, &acceptable),
+        Some(0.0)
+    );
+    assert_eq!(b.association(&[0.0, 0.0, 1.0], 1.0, &acceptable), None);
+    // Mismatched scales are refused, naming the exemplar.
+    let mut bad = exemplar("b", "good", vec![1.0, 0.0, 0.0]);
+    bad.window_embeddings = vec![0.0, 1.0, 0.0];
+    bad.window_scales = vec![0.5, 0.25];
+    let err = apply(&mut bank, "brackets/b", Some(bad)).unwrap_err();
+    assert!(
+        err.to_string().contains("2 window scales for 1 windows"),
+        "{err}"
+    );
 }
 
 /// A bank is bounded in bytes as well as in entries: exemplars carrying many windows are

@@ -285,6 +285,16 @@ impl Preprocessor {
         }
     }
 
+    /// Each window's scale as a fraction of the frame's shorter side (the profile's
+    /// `tiles.scales` entry it was cut at), what an exemplar records beside its windows.
+    pub fn window_scales(&self, windows: &[Window]) -> Vec<f32> {
+        let scales = self.tiles.as_ref().map(|t| t.config.scales.as_slice());
+        windows
+            .iter()
+            .map(|w| scales.and_then(|s| s.get(w.scale)).copied().unwrap_or(1.0) as f32)
+            .collect()
+    }
+
     /// Bytes → the whole-frame view and, for a tiled profile, every window (in
     /// [`TileConfig::layout`] order), with their geometry. Holds no more than [`Self::plan`]
     /// says.

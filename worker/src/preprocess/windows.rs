@@ -86,7 +86,8 @@ pub struct TileConfig {
     /// probability over every view; the anomaly score is the largest defect mass of any
     /// view), `mean_max` (the mean of the whole-frame view's and the worst window's) or
     /// `winclip` (WinCLIP's image score as anomalib computes it: the whole-frame view's
-    /// zero-shot; with normal exemplars, half that and half the fused map's maximum).
+    /// zero-shot; with normal exemplars' windows (WinCLIP+), half that and half the few-shot
+    /// map's maximum).
     /// `clipqc eval` says which scores best on your images.
     #[serde(default)]
     pub aggregate: Aggregate,

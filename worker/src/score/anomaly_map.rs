@@ -16,6 +16,11 @@
 //! windows, and what makes a clean-looking whole frame cool every cell. Windows of every scale
 //! cover the whole frame (see `preprocess::windows`), so every cell is covered at every scale.
 //!
+//! With normal references (WinCLIP+, [`AnomalyMap::few_shot`]): the same cells, per scale the
+//! harmonic mean of the windows' visual association scores, then the arithmetic mean over
+//! scales; the map is the cell-wise mean of the zero-shot map and that
+//! ([`AnomalyMap::mean_with`]), as anomalib's `forward` with `k_shot`.
+//!
 //! Guarantees: pure and deterministic; a cell's value depends only on the whole-frame score
 //! and the scores of the windows that contain it (`locality`: a change inside the frame moves
 //! no cell outside the windows that see it, but through the whole-frame term); O(windows ×
@@ -42,64 +47,55 @@ impl AnomalyMap {
     /// The map of a frame's windows (`scores[i]` the anomaly score of `windows[i]`) and its
     /// whole-frame view's score `whole`, in the windows' coordinates. `None` without windows.
     pub fn fuse(windows: &[Window], scores: &[f32], whole: f32) -> Option<Self> {
-        assert_eq!(
-            windows.len(),
-            scores.len(),
-            "one score per window. This is a bug."
-        );
-        if windows.is_empty() {
-            return None;
-        }
-        let edges = |start: fn(&Window) -> u32| {
-            let mut e: Vec<u32> = windows
-                .iter()
-                .flat_map(|w| [start(w), start(w) + w.side])
-                .collect();
-            e.sort_unstable();
-            e.dedup();
-            e
-        };
-        let x_edges = edges(|w| w.x);
-        let y_edges = edges(|w| w.y);
-        let (cols, rows) = (x_edges.len() - 1, y_edges.len() - 1);
-        let index = |edges: &[u32], v: u32| {
-            edges
-                .binary_search(&v)
-                .expect("every window edge is an edge. This is a bug.")
-        };
-        let mut scales: Vec<usize> = windows.iter().map(|w| w.scale).collect();
-        scales.sort_unstable();
-        scales.dedup();
+        let (x_edges, y_edges, per_scale) = per_scale(windows, scores)?;
         // f64 throughout: 1/0 = ∞ and n/∞ = 0 carry a zero score through both harmonic means,
         // as float32 does in anomalib's tensors.
-        let mut inverse = vec![1.0 / f64::from(whole); cols * rows];
-        let mut sum = vec![0f64; cols * rows];
-        let mut count = vec![0u32; cols * rows];
-        for &scale in &scales {
-            sum.iter_mut().for_each(|s| *s = 0.0);
-            count.iter_mut().for_each(|n| *n = 0);
-            for (w, &s) in windows.iter().zip(scores).filter(|(w, _)| w.scale == scale) {
-                let (c0, c1) = (index(&x_edges, w.x), index(&x_edges, w.x + w.side));
-                let (r0, r1) = (index(&y_edges, w.y), index(&y_edges, w.y + w.side));
-                for r in r0..r1 {
-                    for c in c0..c1 {
-                        sum[r * cols + c] += 1.0 / f64::from(s);
-                        count[r * cols + c] += 1;
-                    }
-                }
-            }
-            for ((inv, &s), &n) in inverse.iter_mut().zip(&sum).zip(&count) {
-                let per_scale = if n == 0 { 0.0 } else { f64::from(n) / s };
-                *inv += 1.0 / per_scale;
+        let mut inverse = vec![1.0 / f64::from(whole); per_scale[0].len()];
+        for map in &per_scale {
+            for (inv, v) in inverse.iter_mut().zip(map) {
+                *inv += 1.0 / v;
             }
         }
-        let views = (scales.len() + 1) as f64;
+        let views = (per_scale.len() + 1) as f64;
         let scores = inverse.iter().map(|inv| (views / inv) as f32).collect();
         Some(Self {
             x_edges,
             y_edges,
             scores,
         })
+    }
+
+    /// WinCLIP+'s few-shot map (anomalib's `_compute_few_shot_scores`): per scale, the harmonic
+    /// aggregation of the windows' visual association scores `scores` (as [`Self::fuse`]),
+    /// then the arithmetic mean over the scales. anomalib adds a patch-level term, the ViT's
+    /// patch tokens against the references'; the worker embeds windows, not patch tokens, so
+    /// the mean is over the window scales alone. `None` without windows.
+    pub fn few_shot(windows: &[Window], scores: &[f32]) -> Option<Self> {
+        let (x_edges, y_edges, per_scale) = per_scale(windows, scores)?;
+        let n = per_scale.len() as f64;
+        let mut sum = vec![0f64; per_scale[0].len()];
+        for map in &per_scale {
+            sum.iter_mut().zip(map).for_each(|(s, v)| *s += v);
+        }
+        Some(Self {
+            x_edges,
+            y_edges,
+            scores: sum.iter().map(|s| (s / n) as f32).collect(),
+        })
+    }
+
+    /// The cell-wise mean of two maps of the same windows (anomalib's few-shot WinCLIP:
+    /// `(multi_scale_scores + few_shot_scores) / 2`).
+    pub fn mean_with(mut self, other: &AnomalyMap) -> Self {
+        assert!(
+            self.x_edges == other.x_edges && self.y_edges == other.y_edges,
+            "maps of the same windows. This is a bug."
+        );
+        self.scores
+            .iter_mut()
+            .zip(&other.scores)
+            .for_each(|(a, b)| *a = (*a + b) / 2.0);
+        self
     }
 
     pub fn cols(&self) -> usize {
@@ -237,6 +233,65 @@ impl AnomalyMap {
         }
         out
     }
+}
+
+/// The cells' edges of `windows` and, per scale that made windows (in increasing scale index
+/// order), each cell's harmonic mean of the `scores` of that scale's windows covering it (0 if
+/// one is 0 or none covers it, as anomalib's `harmonic_aggregation`). `None` without windows.
+#[allow(clippy::type_complexity)]
+fn per_scale(windows: &[Window], scores: &[f32]) -> Option<(Vec<u32>, Vec<u32>, Vec<Vec<f64>>)> {
+    assert_eq!(
+        windows.len(),
+        scores.len(),
+        "one score per window. This is a bug."
+    );
+    if windows.is_empty() {
+        return None;
+    }
+    let edges = |start: fn(&Window) -> u32| {
+        let mut e: Vec<u32> = windows
+            .iter()
+            .flat_map(|w| [start(w), start(w) + w.side])
+            .collect();
+        e.sort_unstable();
+        e.dedup();
+        e
+    };
+    let x_edges = edges(|w| w.x);
+    let y_edges = edges(|w| w.y);
+    let (cols, rows) = (x_edges.len() - 1, y_edges.len() - 1);
+    let index = |edges: &[u32], v: u32| {
+        edges
+            .binary_search(&v)
+            .expect("every window edge is an edge. This is a bug.")
+    };
+    let mut scales: Vec<usize> = windows.iter().map(|w| w.scale).collect();
+    scales.sort_unstable();
+    scales.dedup();
+    let mut maps = Vec::with_capacity(scales.len());
+    let mut sum = vec![0f64; cols * rows];
+    let mut count = vec![0u32; cols * rows];
+    for &scale in &scales {
+        sum.iter_mut().for_each(|s| *s = 0.0);
+        count.iter_mut().for_each(|n| *n = 0);
+        for (w, &s) in windows.iter().zip(scores).filter(|(w, _)| w.scale == scale) {
+            let (c0, c1) = (index(&x_edges, w.x), index(&x_edges, w.x + w.side));
+            let (r0, r1) = (index(&y_edges, w.y), index(&y_edges, w.y + w.side));
+            for r in r0..r1 {
+                for c in c0..c1 {
+                    sum[r * cols + c] += 1.0 / f64::from(s);
+                    count[r * cols + c] += 1;
+                }
+            }
+        }
+        maps.push(
+            sum.iter()
+                .zip(&count)
+                .map(|(&s, &n)| if n == 0 { 0.0 } else { f64::from(n) / s })
+                .collect(),
+        );
+    }
+    Some((x_edges, y_edges, maps))
 }
 
 #[cfg(test)]

@@ -16,6 +16,10 @@ pub struct Entry {
     pub class: usize,
     pub whole: Vec<f32>,
     pub windows: Vec<Vec<f32>>,
+    /// Each window's scale (its side over the frame's shorter side, as `tiles.scales` says
+    /// it), in the order of `windows`; empty for exemplars recorded before scales were (their
+    /// windows are then compared at every scale).
+    pub window_scales: Vec<f32>,
     /// When it was added (seconds since the epoch; 0 when unknown).
     pub added_at: i64,
     /// Whether operator feedback made it (its source starts with `exemplars::FEEDBACK_SOURCE`):
@@ -26,7 +30,10 @@ pub struct Entry {
 impl Entry {
     /// Bytes it holds, near enough.
     pub fn bytes(&self) -> usize {
-        (1 + self.windows.len()) * self.whole.len() * 4 + self.id.len() + 200
+        (1 + self.windows.len()) * self.whole.len() * 4
+            + self.window_scales.len() * 4
+            + self.id.len()
+            + 200
     }
 }
 
@@ -39,15 +46,19 @@ pub struct ProfileBank {
     classes: Vec<String>,
 }
 
-/// The class affinities of one view and its nearest exemplar.
+/// The class affinities of one whole-frame view and its nearest exemplar.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Affinity {
-    /// Per class: `exp(−β (1 − s))` with `s` the class's nearest exemplar's cosine, 0 for a
-    /// class without exemplars.
+    /// Per class: Tip-Adapter's cache term `Σ exp(−β (1 − sᵢ))` over the class's `k` nearest
+    /// exemplars (`sᵢ` their cosines, `k` the smallest count of any class with exemplars:
+    /// see [`ProfileBank::affinity`]), 0 for a class without exemplars.
     pub per_class: Vec<f32>,
     /// The nearest exemplar (index into the bank) and its cosine.
     pub nearest: Option<(usize, f32)>,
 }
+
+/// Two window scales are one when they differ by less than this (they are written as f32).
+const SAME_SCALE: f32 = 1e-4;
 
 impl ProfileBank {
     pub fn is_empty(&self) -> bool {
@@ -98,38 +109,76 @@ impl ProfileBank {
         })
     }
 
-    /// Affinities of a view whose unit embedding is `unit`, over `classes` classes. A window
-    /// is compared with the exemplars' windows (their whole views when they have none), a
-    /// whole-frame view with their whole views.
-    pub fn affinity(&self, unit: &[f32], window: bool, classes: usize, beta: f32) -> Affinity {
-        let mut best = vec![f32::NEG_INFINITY; classes];
+    /// Tip-Adapter's cache affinities (Zhang et al., ECCV 2022; `gaopengcuhk/Tip-Adapter`,
+    /// `exp(−β (1 − A)) @ one_hot`) of a whole-frame view whose unit embedding is `unit`, over
+    /// `classes` classes, against the exemplars' whole-frame views.
+    ///
+    /// Tip-Adapter sums over every cached sample, with as many shots per class. A line's bank
+    /// is not balanced (hundreds of good parts, a few of each defect), and a sum over all
+    /// entries would give the largest class the most weight whatever the image shows. So each
+    /// class sums its `k` nearest entries, `k` the smallest count of any class that has
+    /// entries: with balanced classes that is Tip-Adapter's sum exactly, and otherwise it is
+    /// the sum over a balanced cache of each class's nearest `k`.
+    pub fn affinity(&self, unit: &[f32], classes: usize, beta: f32) -> Affinity {
+        let mut by_class: Vec<Vec<f32>> = vec![Vec::new(); classes];
         let mut nearest: Option<(usize, f32)> = None;
         for (i, e) in self.entries.iter().enumerate() {
-            let refs: &[Vec<f32>] = if window && !e.windows.is_empty() {
-                &e.windows
-            } else {
-                std::slice::from_ref(&e.whole)
-            };
-            let s = refs
-                .iter()
-                .map(|r| dot(unit, r))
-                .fold(f32::NEG_INFINITY, f32::max);
-            best[e.class] = best[e.class].max(s);
+            let s = dot(unit, &e.whole);
+            if let Some(c) = by_class.get_mut(e.class) {
+                c.push(s);
+            }
             if nearest.is_none_or(|(_, n)| s > n) {
                 nearest = Some((i, s));
             }
         }
-        let per_class = best
+        let k = by_class
+            .iter()
+            .map(Vec::len)
+            .filter(|&n| n > 0)
+            .min()
+            .unwrap_or(0);
+        let per_class = by_class
             .into_iter()
-            .map(|s| {
-                if s.is_finite() {
-                    (-beta * (1.0 - s)).exp()
-                } else {
-                    0.0
-                }
+            .map(|mut s| {
+                s.sort_by(|a, b| b.total_cmp(a));
+                s.iter().take(k).map(|s| (-beta * (1.0 - s)).exp()).sum()
             })
             .collect();
         Affinity { per_class, nearest }
+    }
+
+    /// WinCLIP+'s visual association score of a window (Jeong et al., CVPR 2023, eq. 4;
+    /// anomalib's `visual_association_score`): the least cosine distance `(1 − cos) / 2`
+    /// between its unit embedding `unit` and the windows of the same `scale` of the normal
+    /// references, the exemplars of the classes `acceptable` marks. `None` when no such
+    /// window exists. Defect exemplars never count here: they count at whole-frame level,
+    /// in [`Self::affinity`]. Windows of an exemplar recorded without scales count at every
+    /// scale.
+    pub fn association(&self, unit: &[f32], scale: f32, acceptable: &[bool]) -> Option<f32> {
+        let mut best: Option<f32> = None;
+        for e in &self.entries {
+            if !acceptable.get(e.class).copied().unwrap_or(false) {
+                continue;
+            }
+            for (i, w) in e.windows.iter().enumerate() {
+                if e.window_scales
+                    .get(i)
+                    .is_some_and(|&s| (s - scale).abs() >= SAME_SCALE)
+                {
+                    continue;
+                }
+                let d = (1.0 - dot(unit, w)) / 2.0;
+                best = Some(best.map_or(d, |b| b.min(d)));
+            }
+        }
+        best
+    }
+
+    /// Whether any normal reference has windows (so [`Self::association`] can answer).
+    pub fn has_references(&self, acceptable: &[bool]) -> bool {
+        self.entries
+            .iter()
+            .any(|e| !e.windows.is_empty() && acceptable.get(e.class).copied().unwrap_or(false))
     }
 
     /// Index the entries inserted from now on by `classes` (a profile's class names, in its

@@ -75,10 +75,9 @@ impl AggregateScores {
 pub(super) fn aggregate_scores(
     profile: &ProfileConfig,
     views: &[ViewScore],
-    map: Option<&AnomalyMap>,
-    references: bool,
+    few_shot_max: Option<f32>,
 ) -> AggregateScores {
-    let score = |how| aggregate(profile, how, views, map, references).1;
+    let score = |how| aggregate(profile, how, views, few_shot_max).1;
     AggregateScores {
         max: score(Aggregate::Max),
         mean_max: score(Aggregate::MeanMax),
@@ -116,14 +115,14 @@ pub struct Heatmap {
 }
 
 /// The image's class probabilities, anomaly score and acceptable mass from its views'
-/// (`views[0]` the whole frame) and, for `winclip`, their fused `map` and whether the
-/// profile has normal `references`.
+/// (`views[0]` the whole frame) and, for `winclip`, the maximum of WinCLIP+'s few-shot map
+/// when the profile has normal references (anomalib: `(image_scores +
+/// few_shot_scores.amax()) / 2`).
 pub(super) fn aggregate(
     profile: &ProfileConfig,
     how: Aggregate,
     views: &[ViewScore],
-    map: Option<&AnomalyMap>,
-    references: bool,
+    few_shot_max: Option<f32>,
 ) -> (Vec<f32>, f32, f32) {
     let whole = &views[0];
     let worst = views[1..]
@@ -132,7 +131,6 @@ pub(super) fn aggregate(
     let Some(worst) = worst else {
         return (whole.probabilities.clone(), whole.anomaly, whole.acceptable);
     };
-    let map_max = map.map_or(worst.anomaly, AnomalyMap::max);
     let class_max =
         |c: usize, from: &[ViewScore]| from.iter().map(|v| v.probabilities[c]).fold(0f32, f32::max);
     let mean_max = |c: usize| (whole.probabilities[c] + class_max(c, &views[1..])) / 2.0;
@@ -142,7 +140,7 @@ pub(super) fn aggregate(
             probabilities[c] = match how {
                 Aggregate::Max => class_max(c, views),
                 Aggregate::MeanMax => mean_max(c),
-                Aggregate::Winclip if references => mean_max(c),
+                Aggregate::Winclip if few_shot_max.is_some() => mean_max(c),
                 Aggregate::Winclip => whole.probabilities[c],
             };
         }
@@ -154,11 +152,13 @@ pub(super) fn aggregate(
             (whole.anomaly + worst.anomaly) / 2.0,
             (whole.acceptable + worst.acceptable) / 2.0,
         ),
-        Aggregate::Winclip if references => (
-            (whole.anomaly + map_max) / 2.0,
-            (whole.acceptable + 1.0 - map_max) / 2.0,
-        ),
-        Aggregate::Winclip => (whole.anomaly, whole.acceptable),
+        Aggregate::Winclip => match few_shot_max {
+            Some(f) => (
+                (whole.anomaly + f) / 2.0,
+                (whole.acceptable + 1.0 - f) / 2.0,
+            ),
+            None => (whole.anomaly, whole.acceptable),
+        },
     };
     (probabilities, anomaly, accept)
 }

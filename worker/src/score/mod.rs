@@ -297,11 +297,13 @@ impl Scorer {
         self.view_with(embedding, None, false)
     }
 
-    /// [`Self::view`] with the profile's exemplar bank: each class's logit gains
-    /// `alpha × exp(−beta × (1 − s))`, `s` the cosine of the class's nearest exemplar (a
-    /// Tip-Adapter-style cache with the nearest entry per class; `exemplars.alpha` and
-    /// `exemplars.beta` of the profile). An empty bank changes nothing, bit for bit. A
-    /// `window` view is compared with the exemplars' windows.
+    /// [`Self::view`] with the profile's exemplar bank. A whole-frame view's class logits gain
+    /// Tip-Adapter's cache term, `alpha × Σ exp(−beta × (1 − sᵢ))` over the class's nearest
+    /// exemplars ([`ProfileBank::affinity`]; `exemplars.alpha` and `exemplars.beta` of the
+    /// profile), on the model's logit scale (CLIP's ×100) as Tip-Adapter adds it. A `window`
+    /// view is scored on its text alone here: WinCLIP+ compares windows with the normal
+    /// references' windows ([`Self::decide_views_with`]). An empty bank changes nothing, bit
+    /// for bit.
     pub fn view_with(
         &self,
         embedding: &[f32],
@@ -311,9 +313,9 @@ impl Scorer {
         let unit = normalized(embedding);
         let mut logits = self.logits(&unit);
         let mut nearest = None;
-        if let Some(bank) = bank.filter(|b| !b.is_empty()) {
+        if let Some(bank) = bank.filter(|b| !b.is_empty() && !window) {
             let w = &self.profile.exemplars;
-            let a = bank.affinity(&unit, window, logits.len(), w.beta);
+            let a = bank.affinity(&unit, logits.len(), w.beta);
             for (l, a) in logits.iter_mut().zip(&a.per_class) {
                 *l += w.alpha * a;
             }
@@ -335,6 +337,35 @@ impl Scorer {
             acceptable,
             nearest,
         }
+    }
+
+    /// Each window's visual association score against the normal references (the bank's
+    /// exemplars of acceptable classes) of its scale; `None` when the bank holds no normal
+    /// reference windows, or none of some window's scale (WinCLIP+ needs every window's).
+    pub fn associations(
+        &self,
+        bank: &ProfileBank,
+        embeddings: &[Vec<f32>],
+        windows: &[Window],
+    ) -> Option<Vec<f32>> {
+        let acceptable: Vec<bool> = self.profile.classes.iter().map(|c| !c.defect).collect();
+        if windows.is_empty() || !bank.has_references(&acceptable) {
+            return None;
+        }
+        let scales: Vec<f64> = self
+            .profile
+            .tiles
+            .as_ref()
+            .map(|t| t.scales.clone())
+            .unwrap_or_default();
+        embeddings
+            .iter()
+            .zip(windows)
+            .map(|(e, w)| {
+                let scale = scales.get(w.scale).copied().unwrap_or(1.0) as f32;
+                bank.association(&normalized(e), scale, &acceptable)
+            })
+            .collect()
     }
 
     pub fn decide(&self, image_embedding: &[f32]) -> Decision {
@@ -364,6 +395,25 @@ impl Scorer {
         origin: (u32, u32),
         bank: Option<&ProfileBank>,
     ) -> Decision {
+        let associations = match (bank, &self.profile.tiles) {
+            (Some(b), Some(_)) => self.associations(b, &embeddings[1..], windows),
+            _ => None,
+        };
+        self.decide_views_associated(embeddings, windows, origin, bank, associations)
+    }
+
+    /// [`Self::decide_views_with`] with the windows' visual association scores computed
+    /// already ([`Self::associations`]: they depend on the bank's normal references alone,
+    /// not on `exemplars.alpha` and `beta`, so `clipqc eval --search` computes them once per
+    /// image for its whole grid).
+    pub fn decide_views_associated(
+        &self,
+        embeddings: &[Vec<f32>],
+        windows: &[Window],
+        origin: (u32, u32),
+        bank: Option<&ProfileBank>,
+        associations: Option<Vec<f32>>,
+    ) -> Decision {
         let nearest = |v: &ViewScore| {
             let bank = bank?;
             v.nearest.map(|(i, similarity)| NearestExemplar {
@@ -384,29 +434,34 @@ impl Scorer {
             d.nearest = found;
             return d;
         };
-        let views: Vec<ViewScore> = embeddings
+        let mut views: Vec<ViewScore> = embeddings
             .iter()
             .enumerate()
             .map(|(i, e)| self.view_with(e, bank, i > 0))
             .collect();
         let found = nearest(&views[0]);
-        let window_scores: Vec<f32> = views[1..].iter().map(|v| v.anomaly).collect();
-        let map = AnomalyMap::fuse(windows, &window_scores, views[0].anomaly);
-        // Normal references: WinCLIP's few-shot image score takes the map's max in.
-        let references = bank.is_some_and(|b| {
-            b.entries()
-                .iter()
-                .any(|e| self.profile.classes.get(e.class).is_some_and(|c| !c.defect))
+        let text: Vec<f32> = views[1..].iter().map(|v| v.anomaly).collect();
+        let zero_shot = AnomalyMap::fuse(windows, &text, views[0].anomaly);
+        // WinCLIP+: each window against the normal references' windows of its scale.
+        let few_shot = associations.map(|vas| {
+            for (v, a) in views[1..].iter_mut().zip(&vas) {
+                // A window's own score is the mean of its text and vision scores, as
+                // the fused map's cells are of the two maps.
+                v.anomaly = (v.anomaly + a) / 2.0;
+                v.acceptable = (v.acceptable + 1.0 - a) / 2.0;
+            }
+            AnomalyMap::few_shot(windows, &vas)
         });
-        let (probabilities, anomaly, acceptable) = localize::aggregate(
-            &self.profile,
-            tiles.aggregate,
-            &views,
-            map.as_ref(),
-            references,
-        );
-        let aggregates =
-            localize::aggregate_scores(&self.profile, &views, map.as_ref(), references);
+        let (map, few_shot_max) = match (zero_shot, few_shot.flatten()) {
+            (Some(z), Some(f)) => {
+                let max = f.max();
+                (Some(z.mean_with(&f)), Some(max))
+            }
+            (z, _) => (z, None),
+        };
+        let (probabilities, anomaly, acceptable) =
+            localize::aggregate(&self.profile, tiles.aggregate, &views, few_shot_max);
+        let aggregates = localize::aggregate_scores(&self.profile, &views, few_shot_max);
         let mut decision = decide_masses(&self.profile, probabilities, anomaly, acceptable);
         let mut localization = localize::localize(
             &self.profile,

@@ -125,12 +125,15 @@ pub enum Learn {
     Off,
 }
 
-/// A profile's `exemplars`: each class's logit gains `alpha × exp(−beta × (1 − s))`, `s` the
-/// cosine of the class's nearest exemplar (Tip-Adapter's affinity; its defaults).
+/// A profile's `exemplars`: the whole-frame view's class logits gain Tip-Adapter's cache term
+/// `alpha × Σ exp(−beta × (1 − sᵢ))` over the class's `k` nearest exemplars (`k` the smallest
+/// count of any class with exemplars; Tip-Adapter's defaults). `clipqc eval --search` finds
+/// both on a labelled set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExemplarWeights {
-    /// The exemplars' weight against the text prompts, in logit units (0: off).
+    /// The exemplars' weight against the text prompts, in logit units (CLIP's logits are 100 ×
+    /// cosine; 0: off).
     #[schemars(extend("default" = 1.0))]
     pub alpha: f32,
     /// How sharply similarity counts: at 5.5 a cosine of 0.9 gives 0.58, 0.7 gives 0.19.

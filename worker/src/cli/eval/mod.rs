@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod pixels;
 mod plot;
 mod report;
+mod search;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -76,6 +77,11 @@ pub struct EvalArgs {
     /// line_memory.weight's blend in metrics.json.
     #[arg(long)]
     pub line_memory: bool,
+    /// Grid-search the profile's exemplars.alpha and exemplars.beta on these images, as
+    /// Tip-Adapter's search_hp does (needs exemplars in the bank): `search` in metrics.json,
+    /// the best into `suggested`. In-sample: check it on other images.
+    #[arg(long, conflicts_with = "zero_shot")]
+    pub search: bool,
     /// One sub-folder per label (the image-folder layout).
     pub dataset: PathBuf,
 }
@@ -192,12 +198,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         super::classify::load_scorer(&settings, &artifact, &args.profile, profile, args.device)?;
     let started = Instant::now();
     let paths: Vec<PathBuf> = data.images.iter().map(|(p, _)| p.clone()).collect();
-    let mut progress = Progress::new(paths.len());
+    let mut progress = Progress::new(paths.len(), "images");
     let mut records = Vec::with_capacity(paths.len());
     let mut folders = data.images.iter().map(|(_, f)| *f);
     let bank = super::classify::offline_bank(&settings, &artifact, &args.profile, args.zero_shot)?;
+    if args.search && bank.as_ref().is_none_or(|b| b.is_empty()) {
+        return Err(search::SearchError::NoExemplars(args.profile.clone()).into());
+    }
     // --line-memory: every scored image's unit view embeddings, kept for the mutual scoring.
     let mut kept_views: Vec<Option<Vec<Vec<f32>>>> = Vec::new();
+    // --search: every scored image's views, scored again for each setting.
+    let mut samples: Vec<search::Sample> = Vec::new();
     super::classify::classify_files_with_views(
         &model,
         &pre,
@@ -213,12 +224,21 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
                 Err(e) => (Err(e), None),
             };
             if args.line_memory {
-                kept_views
-                    .push(views.map(|v| v.iter().map(|e| crate::score::normalized(e)).collect()));
+                kept_views.push(views.as_ref().map(|v| {
+                    v.embeddings
+                        .iter()
+                        .map(|e| crate::score::normalized(e))
+                        .collect()
+                }));
+            }
+            let folder = folders.next().expect("one folder per image");
+            if let (true, Some(views), Some(bank)) = (args.search, views, bank.as_ref()) {
+                let defective = data.folders[folder].defective;
+                samples.push(search::Sample::new(&scorer, bank, views, defective));
             }
             records.push(Record {
                 path: path.to_path_buf(),
-                folder: folders.next().expect("one folder per image"),
+                folder,
                 result,
                 line_memory_score: None,
             });
@@ -263,6 +283,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         masks: masks.as_ref(),
     };
     let mut metrics = report::Metrics::compute(&input);
+    if let (true, Some(bank)) = (args.search, bank.as_ref()) {
+        let grid = search::betas().len() * search::alphas().len();
+        let mut progress = Progress::new(grid, "settings");
+        let found = search::search(&scorer, bank, &samples, || progress.tick())?;
+        progress.finish();
+        metrics.suggested.toml += &search::toml(&args.profile, &found);
+        metrics.suggested.exemplars = Some(report::SuggestedExemplars {
+            alpha: found.best.alpha,
+            beta: found.best.beta,
+        });
+        metrics.search = Some(found);
+    }
     if args.line_memory {
         let samples: Vec<(f32, f32, bool)> = records
             .iter()
@@ -303,6 +335,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
 /// 10 s, because a redrawn bar in a log file is one line per redraw.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    what: &'static str,
     total: usize,
     done: usize,
     started: Instant,
@@ -312,13 +345,13 @@ struct Progress {
 impl Progress {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn new(total: usize) -> Self {
+    fn new(total: usize, what: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} images  {per_sec}  eta {eta}",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{bar:40}} {{pos}}/{{len}} {what}  {{per_sec}}  eta {{eta}}"
+                ))
                 .expect("a valid template"),
             );
             bar
@@ -326,6 +359,7 @@ impl Progress {
         let now = Instant::now();
         Self {
             bar,
+            what,
             total,
             done: 0,
             started: now,
@@ -348,10 +382,12 @@ impl Progress {
     fn line(&self) {
         let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         eprintln!(
-            "eval: {}/{} images ({:.0} %), {rate:.1} images/s",
+            "eval: {}/{} {} ({:.0} %), {rate:.1} {}/s",
             self.done,
             self.total,
-            100.0 * self.done as f64 / self.total.max(1) as f64
+            self.what,
+            100.0 * self.done as f64 / self.total.max(1) as f64,
+            self.what
         );
     }
 

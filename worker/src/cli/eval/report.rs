@@ -36,6 +36,8 @@ const DEFINITIONS: &[(&str, &str)] = &[
     ("region_hit_rate", "--masks: defective images with a mask where some reported region box holds a mask pixel, over those images"),
     ("region_precision", "--masks: reported region boxes (all measured images) holding a mask pixel, over all reported boxes"),
     ("pixel_images", "--masks: images the pixel metrics used: scored normal images, and defective ones with a mask (masks_missing counts those without)"),
+    ("suggested.exemplars", "--search: the exemplars.alpha and exemplars.beta of the best setting in search.grid (highest AUROC, then F1-max, then the smaller alpha), in-sample"),
+    ("search", "--search: Tip-Adapter's search_hp on these images: each (alpha, beta) of the grid (beta 0.5 x 1.55^k, alpha 0.25 x 2^k) with the image AUROC and F1-max of its anomaly scores; current: the profile's own setting; exemplars: the bank's size"),
     ("suggested.class_thresholds", "per defect class with a folder: the F1-max threshold of that class's probability, its folder's images against the normal images, rounded down to 0.001"),
 ];
 
@@ -127,8 +129,17 @@ pub struct ConfusionJson {
 pub struct Suggested {
     pub review_threshold: Option<f64>,
     pub class_thresholds: BTreeMap<String, f64>,
+    /// `--search`: the best `exemplars.alpha` and `beta` on these images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exemplars: Option<SuggestedExemplars>,
     /// The lines to paste into the profile.
     pub toml: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SuggestedExemplars {
+    pub alpha: f32,
+    pub beta: f32,
 }
 
 #[derive(Debug, Serialize)]
@@ -173,6 +184,9 @@ pub struct Metrics {
     /// `--masks`: the pixel metrics.
     #[serde(flatten)]
     pub pixel: Option<super::pixels::PixelMetrics>,
+    /// `--search`: Tip-Adapter's grid search of `exemplars.alpha` and `beta`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<super::search::Search>,
     /// Metric name → why it is `null`.
     pub undefined: BTreeMap<&'static str, String>,
     /// The image files that could not be scored, with the reason.
@@ -390,6 +404,7 @@ impl Metrics {
             toml: suggestion_toml(input, review_threshold, opp, &class_thresholds),
             review_threshold,
             class_thresholds,
+            exemplars: None,
         };
         let errors = outcomes["ERROR"];
         let (aggregates, best_aggregate) = match aggregates(data, &scored) {
@@ -424,6 +439,7 @@ impl Metrics {
             aggregates,
             best_aggregate,
             pixel: None,
+            search: None,
             line_memory: None,
             undefined,
             error_images: records
@@ -580,6 +596,21 @@ pub fn summary(out: &mut impl Write, m: &Metrics) -> std::io::Result<()> {
             "line memory: AUROC {} alone; best line_memory.weight {}",
             f(l.line_memory_auroc),
             f(l.line_memory_best_weight)
+        )?;
+    }
+    if let Some(s) = &m.search {
+        writeln!(
+            out,
+            "search ({} exemplars, {} settings): best alpha {} beta {}: AUROC {} F1-max {}; the profile's alpha {} beta {}: AUROC {} (in-sample)",
+            s.exemplars,
+            s.grid.len(),
+            s.best.alpha,
+            s.best.beta,
+            f(s.best.auroc),
+            f(s.best.f1_max),
+            s.current.alpha,
+            s.current.beta,
+            f(s.current.auroc)
         )?;
     }
     if let Some(p) = &m.pixel {
