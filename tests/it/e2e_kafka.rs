@@ -458,6 +458,9 @@ fn a_tiled_profile_says_where_on_a_real_broker() {
 #[path = "e2e_kafka/exemplars.rs"]
 mod exemplars;
 
+#[path = "e2e_kafka/adapter.rs"]
+mod adapter;
+
 #[path = "e2e_kafka/exemplar_topic.rs"]
 mod exemplar_topic;
 

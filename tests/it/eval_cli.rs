@@ -35,6 +35,9 @@ mod masks;
 #[path = "eval_cli/search.rs"]
 mod search;
 
+#[path = "eval_cli/adapt.rs"]
+mod adapt;
+
 // ---------------------------------------------------------------- the binary on a dataset
 
 /// A grey part on a darker background; `defect` draws dark scratches across it.
@@ -62,7 +65,7 @@ fn part(seed: u32, defect: bool) -> RgbImage {
 
 /// good/ (normal, with a corrupt file), surface_scratch/ (a class of the default profile),
 /// dent/ (defective, no class): 12 readable images and one that is not.
-fn make_dataset(root: &Path) {
+pub(crate) fn make_dataset(root: &Path) {
     for (folder, n, defect) in [
         ("good", 5, false),
         ("surface_scratch", 4, true),

@@ -33,6 +33,10 @@ pub struct KafkaSettings {
     /// The few-shot exemplar bank: a compacted topic (key `profile/id`) every worker reads
     /// from the beginning before taking requests, then follows.
     pub exemplar_topic: String,
+    /// Tip-Adapter-F adapters (`clipqc adapt --publish`): a compacted topic (key = the
+    /// profile) the workers read with the exemplar topic and follow, swapping an adapter in
+    /// whole.
+    pub adapter_topic: String,
     /// Operators' answers about parts (`clipqc.v1.Feedback`), turned into exemplars by the
     /// workers (their group `<group_id>.feedback` shares the topic's partitions).
     pub feedback_topic: String,
@@ -146,6 +150,7 @@ impl Default for KafkaSettings {
             verdict_topic: "clipqc.verdicts".into(),
             dlq_topic: "clipqc.dlq".into(),
             exemplar_topic: "clipqc.exemplars".into(),
+            adapter_topic: "clipqc.adapters".into(),
             feedback_topic: "clipqc.feedback".into(),
             instance_id: None,
             default_encoding: Encoding::Protobuf,

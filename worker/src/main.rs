@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench::run(args),
         Command::Exemplar(args) => cli::exemplar::run(args),
         Command::Eval(args) => cli::eval::run(args),
+        Command::Adapt(args) => cli::adapt::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

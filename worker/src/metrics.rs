@@ -82,6 +82,9 @@ pub fn install() -> PrometheusHandle {
     for reason in EXEMPLAR_SKIP_REASONS {
         counter!("clipqc_exemplars_skipped_total", "reason" => reason).absolute(0);
     }
+    for reason in ADAPTER_SKIP_REASONS {
+        counter!("clipqc_adapters_skipped_total", "reason" => reason).absolute(0);
+    }
     for reason in DEVICE_FALLBACK_REASONS {
         counter!("clipqc_device_preprocess_fallbacks_total", "reason" => reason).absolute(0);
     }
@@ -436,6 +439,19 @@ pub const EXEMPLAR_SKIP_REASONS: [&str; 6] = [
 /// An exemplar record the bank refused (`reason`: one of [`EXEMPLAR_SKIP_REASONS`]).
 pub fn exemplar_skipped(reason: &'static str) {
     counter!("clipqc_exemplars_skipped_total", "reason" => reason).increment(1);
+}
+
+/// Why an adapter record is skipped (`clipqc_adapters_skipped_total{reason}`).
+pub const ADAPTER_SKIP_REASONS: [&str; 4] = [
+    "unknown_profile",
+    "other_model",
+    "other_classes",
+    "malformed",
+];
+
+/// An adapter record the bank refused (`reason`: one of [`ADAPTER_SKIP_REASONS`]).
+pub fn adapter_skipped(reason: &'static str) {
+    counter!("clipqc_adapters_skipped_total", "reason" => reason).increment(1);
 }
 
 /// A feedback record handled: `applied` (it became an exemplar), `ignored` (the profile's

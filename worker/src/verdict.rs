@@ -169,6 +169,7 @@ pub fn decided(
         .collect();
     v.views = 1;
     v.line_memory_score = decision.line_memory_score;
+    v.adapter_version = decision.adapter_version.clone();
     v.nearest_exemplar = decision.nearest.as_ref().map(|n| NearestExemplar {
         id: n.id.clone(),
         class: classes[n.class].name.clone(),

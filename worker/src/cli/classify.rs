@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::config::{Settings, DEFAULT_PROFILE};
+use crate::exemplars::follow::Record;
 use crate::exemplars::ProfileBank;
 use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner, PromptTokenizer};
 use crate::preprocess::{PreprocessError, Preprocessor, Views};
@@ -152,8 +153,9 @@ pub(crate) fn load_scorer(
     Ok((owner, model, scorer, pre))
 }
 
-/// The profile's exemplar bank as the workers have it: read from `kafka.exemplar_topic` to
-/// its end when `kafka.brokers` is set (and `zero_shot` is not), else none.
+/// The profile's exemplar bank as the workers have it: read from `kafka.exemplar_topic` (and
+/// its adapter from `kafka.adapter_topic`) to their end when `kafka.brokers` is set (and
+/// `zero_shot` is not), else none.
 pub(crate) fn offline_bank(
     settings: &Settings,
     artifact: &Artifact,
@@ -165,14 +167,21 @@ pub(crate) fn offline_bank(
     };
     let profiles = settings.profiles().into_iter().collect();
     let mut bank = crate::exemplars::Bank::default();
-    crate::exemplars::follow::read_to_end(
+    let (hash, dim) = (artifact.model_hash(), artifact.manifest.embedding_dim);
+    crate::exemplars::follow::read_bank_to_end(
         &settings.kafka,
         brokers,
         std::time::Duration::from_secs(120),
-        |key, x| {
-            let (hash, dim) = (artifact.model_hash(), artifact.manifest.embedding_dim);
-            if let Err(e) = bank.apply(key, x, &profiles, &hash, dim, &settings.exemplars) {
-                tracing::warn!(error = %e, "exemplar skipped");
+        |key, record| match record {
+            Record::Exemplar(x) => {
+                if let Err(e) = bank.apply(key, x, &profiles, &hash, dim, &settings.exemplars) {
+                    tracing::warn!(error = %e, "exemplar skipped");
+                }
+            }
+            Record::Adapter(x) => {
+                if let Err(e) = bank.apply_adapter(key, x, &profiles, &hash, dim) {
+                    tracing::warn!(error = %e, "adapter skipped");
+                }
             }
         },
     )?;
@@ -180,6 +189,10 @@ pub(crate) fn offline_bank(
     tracing::info!(
         profile,
         exemplars = found.as_ref().map_or(0, ProfileBank::len),
+        adapter = found
+            .as_ref()
+            .and_then(|b| b.adapter())
+            .map(|a| a.version.clone()),
         "scoring with the profile's exemplar bank"
     );
     Ok(found)

@@ -1,5 +1,6 @@
 //! Command-line entry points. `main.rs` only parses and dispatches to these.
 
+pub mod adapt;
 pub mod bench;
 pub mod classify;
 pub mod eval;
@@ -50,6 +51,10 @@ pub enum Command {
     /// Measure a profile on labelled images (one sub-folder per label): AUROC, AP, F1-max,
     /// the operating point for a recall, thresholds to paste; plots and an HTML report.
     Eval(eval::EvalArgs),
+    /// Periodic fine-tuning with a gate: train a Tip-Adapter-F adapter on a profile's
+    /// exemplars, measure it against the current profile on held-out images, publish it
+    /// only when it is not worse.
+    Adapt(adapt::AdaptArgs),
 }
 
 /// Options shared by the commands that load a config file.

@@ -154,6 +154,7 @@ pub(crate) mod tests {
             acceptable: 0.1,
             line_memory_score: None,
             outline: None,
+            adapter_version: None,
         }
     }
 

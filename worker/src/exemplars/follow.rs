@@ -1,5 +1,7 @@
-//! The exemplar topic on Kafka: every worker reads it from the beginning before it takes a
-//! request, then follows it; the CLI publishes exemplars and tombstones to it.
+//! The exemplar topic and the adapter topic on Kafka: every worker reads both from the
+//! beginning before it takes a request, then follows them (one reader, one bank: an adapter
+//! is swapped in with the snapshot it belongs to); the CLI publishes exemplars, adapters and
+//! tombstones to them.
 //!
 //! Guarantees: [`catch_up`] returns only once every partition has been read up to the end it
 //! had when the reading started (so a worker's first verdict already sees every exemplar
@@ -31,7 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{Bank, ExemplarSettings};
 use crate::kafka::KafkaSettings;
 use crate::metrics;
-use crate::proto::v1::Exemplar;
+use crate::proto::v1::{Adapter as AdapterRecord, Exemplar};
 use crate::score::ProfileConfig;
 
 /// The bank every record is scored against: a snapshot swapped whole.
@@ -123,7 +125,7 @@ type Span = (i32, i64, i64);
 /// Only "unknown topic" means absent: an authorisation error is an error (a worker that may
 /// not read its bank must not serve without it, saying nothing), and anything else (a leader
 /// not elected yet, a broker restarting, a timeout) is asked again until `deadline`.
-fn spans(c: &BaseConsumer, topic: &str, deadline: Instant) -> anyhow::Result<Option<Vec<Span>>> {
+fn spans_of(c: &BaseConsumer, topic: &str, deadline: Instant) -> anyhow::Result<Option<Vec<Span>>> {
     use rdkafka::error::RDKafkaErrorCode as Code;
     let denied = |code: Code| {
         matches!(
@@ -139,14 +141,14 @@ fn spans(c: &BaseConsumer, topic: &str, deadline: Instant) -> anyhow::Result<Opt
         match look(c, topic) {
             Ok(found) => return Ok(found),
             Err(e) if denied(e) => anyhow::bail!(
-                "the exemplar topic {topic:?} may not be read ({e}): the worker needs Describe \
+                "the topic {topic:?} may not be read ({e}): the worker needs Describe \
                  and Read on it (Kafka ACLs); it does not start without its bank"
             ),
             Err(e) if Instant::now() >= deadline => {
-                anyhow::bail!("metadata of the exemplar topic {topic:?}: {e}")
+                anyhow::bail!("metadata of the topic {topic:?}: {e}")
             }
             Err(e) => {
-                tracing::info!(topic, error = %e, "exemplar topic not ready: asking again");
+                tracing::info!(topic, error = %e, "bank topic not ready: asking again");
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
@@ -214,23 +216,65 @@ pub fn cleanup_policy(kafka: &KafkaSettings, brokers: &str, topic: &str) -> Opti
     })
 }
 
-/// Reads the topic from the beginning to the ends it has now, handing each record's key and
-/// exemplar (`None`: a tombstone) to `each`, and returns the reader positioned after them
-/// (`None` when the topic does not exist).
+/// One record of the bank's topics: an exemplar (or a tombstone) from `kafka.exemplar_topic`,
+/// an adapter (or a tombstone) from `kafka.adapter_topic`.
+pub enum Record {
+    Exemplar(Option<Exemplar>),
+    Adapter(Option<AdapterRecord>),
+}
+
+/// Reads the exemplar topic from the beginning to the ends it has now, handing each record's
+/// key and exemplar (`None`: a tombstone) to `each`, and returns the reader positioned after
+/// them (`None` when the topic does not exist).
 pub fn read_to_end(
     kafka: &KafkaSettings,
     brokers: &str,
     timeout: Duration,
     mut each: impl FnMut(&str, Option<Exemplar>),
 ) -> anyhow::Result<Option<BaseConsumer>> {
-    let topic = &kafka.exemplar_topic;
+    let topics = [kafka.exemplar_topic.as_str()];
+    let (reader, _) = read_topics_to_end(kafka, brokers, &topics, timeout, |key, record| {
+        if let Record::Exemplar(x) = record {
+            each(key, x)
+        }
+    })?;
+    Ok(reader)
+}
+
+/// [`read_to_end`] of both of the bank's topics, the exemplar topic and the adapter topic:
+/// the reader (`None` when neither exists) and whether one of them was missing.
+pub fn read_bank_to_end(
+    kafka: &KafkaSettings,
+    brokers: &str,
+    timeout: Duration,
+    each: impl FnMut(&str, Record),
+) -> anyhow::Result<(Option<BaseConsumer>, bool)> {
+    let topics = [kafka.exemplar_topic.as_str(), kafka.adapter_topic.as_str()];
+    read_topics_to_end(kafka, brokers, &topics, timeout, each)
+}
+
+fn read_topics_to_end(
+    kafka: &KafkaSettings,
+    brokers: &str,
+    topics: &[&str],
+    timeout: Duration,
+    mut each: impl FnMut(&str, Record),
+) -> anyhow::Result<(Option<BaseConsumer>, bool)> {
     let c = reader(kafka, brokers)?;
     let started = Instant::now();
-    let Some(spans) = spans(&c, topic, started + timeout)? else {
-        return Ok(None);
-    };
+    let mut spans: Vec<(String, Span)> = Vec::new();
+    let mut missing = false;
+    for topic in topics {
+        match spans_of(&c, topic, started + timeout)? {
+            Some(found) => spans.extend(found.into_iter().map(|s| (topic.to_string(), s))),
+            None => missing = true,
+        }
+    }
+    if spans.is_empty() {
+        return Ok((None, missing));
+    }
     let mut tpl = TopicPartitionList::new();
-    for (p, _, _) in &spans {
+    for (topic, (p, _, _)) in &spans {
         // The beginning is the low watermark: records deleted (retention, DeleteRecords)
         // are skipped.
         tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
@@ -238,20 +282,20 @@ pub fn read_to_end(
     c.assign(&tpl)?;
     // Done by the consumer's position, not by the offsets of the records read: the position
     // also moves past transaction markers and deleted records, which no record stands for.
-    let position = |c: &BaseConsumer| -> anyhow::Result<HashMap<i32, i64>> {
+    let position = |c: &BaseConsumer| -> anyhow::Result<HashMap<(String, i32), i64>> {
         Ok(c.position()?
             .elements()
             .iter()
             .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
+                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
                 _ => None,
             })
             .collect())
     };
-    let done = |at: &HashMap<i32, i64>| {
-        spans
-            .iter()
-            .all(|(p, low, high)| high <= low || at.get(p).is_some_and(|o| o >= high))
+    let done = |at: &HashMap<(String, i32), i64>| {
+        spans.iter().all(|(t, (p, low, high))| {
+            high <= low || at.get(&(t.clone(), *p)).is_some_and(|o| o >= high)
+        })
     };
     loop {
         let at = position(&c)?;
@@ -261,34 +305,48 @@ pub fn read_to_end(
         if started.elapsed() > timeout {
             let read: i64 = spans
                 .iter()
-                .map(|(p, low, _)| at.get(p).map_or(0, |o| o - low))
+                .map(|(t, (p, low, _))| at.get(&(t.clone(), *p)).map_or(0, |o| o - low))
                 .sum();
             anyhow::bail!(
-                "the exemplar topic {topic:?} was not read to its end within {} s \
+                "the topics {topics:?} were not read to their end within {} s \
                  ({read} of {} offsets; positions {at:?}, ends {:?})",
                 timeout.as_secs(),
-                spans.iter().map(|(_, l, h)| h - l).sum::<i64>(),
-                spans.iter().map(|(p, _, h)| (p, h)).collect::<Vec<_>>()
+                spans.iter().map(|(_, (_, l, h))| h - l).sum::<i64>(),
+                spans
+                    .iter()
+                    .map(|(t, (p, _, h))| (t, p, h))
+                    .collect::<Vec<_>>()
             );
         }
         let Some(msg) = c.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let msg = msg.with_context(|| format!("reading the exemplar topic {topic:?}"))?;
-        handle(&msg, &mut each);
+        let msg = msg.with_context(|| format!("reading the topics {topics:?}"))?;
+        handle(kafka, &msg, &mut each);
     }
-    Ok(Some(c))
+    Ok((Some(c), missing))
 }
 
 fn handle(
+    kafka: &KafkaSettings,
     msg: &rdkafka::message::BorrowedMessage<'_>,
-    each: &mut impl FnMut(&str, Option<Exemplar>),
+    each: &mut impl FnMut(&str, Record),
 ) {
     let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+    if msg.topic() == kafka.adapter_topic {
+        match msg.payload().map(AdapterRecord::decode).transpose() {
+            Ok(x) => each(&key, Record::Adapter(x)),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "skipping an adapter record that is not a clipqc.v1.Adapter");
+                metrics::adapter_skipped("malformed");
+            }
+        }
+        return;
+    }
     match msg.payload() {
-        None => each(&key, None),
+        None => each(&key, Record::Exemplar(None)),
         Some(bytes) => match Exemplar::decode(bytes) {
-            Ok(x) => each(&key, Some(x)),
+            Ok(x) => each(&key, Record::Exemplar(Some(x))),
             Err(e) => {
                 tracing::warn!(key, error = %e, "skipping an exemplar record that is not a clipqc.v1.Exemplar");
                 metrics::exemplar_skipped("malformed");
@@ -297,17 +355,31 @@ fn handle(
     }
 }
 
-fn apply(bank: &mut Bank, ctx: &BankContext, key: &str, record: Option<Exemplar>) {
-    if let Err(e) = bank.apply(
-        key,
-        record,
-        &ctx.profiles,
-        &ctx.model_hash,
-        ctx.dim,
-        &ctx.settings,
-    ) {
-        tracing::warn!(error = %e, "exemplar skipped");
-        metrics::exemplar_skipped(e.reason());
+fn apply(bank: &mut Bank, ctx: &BankContext, key: &str, record: Record) {
+    match record {
+        Record::Exemplar(x) => {
+            if let Err(e) = bank.apply(
+                key,
+                x,
+                &ctx.profiles,
+                &ctx.model_hash,
+                ctx.dim,
+                &ctx.settings,
+            ) {
+                tracing::warn!(error = %e, "exemplar skipped");
+                metrics::exemplar_skipped(e.reason());
+            }
+        }
+        Record::Adapter(x) => {
+            let version = x.as_ref().map(|a| a.version.clone());
+            match bank.apply_adapter(key, x, &ctx.profiles, &ctx.model_hash, ctx.dim) {
+                Ok(()) => tracing::info!(profile = key, version, "adapter applied"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "adapter skipped");
+                    metrics::adapter_skipped(e.reason());
+                }
+            }
+        }
     }
 }
 
@@ -331,7 +403,7 @@ pub fn catch_up(
     let started = Instant::now();
     let mut bank = Bank::default();
     let mut records = 0usize;
-    let reader = read_to_end(kafka, brokers, timeout, |key, record| {
+    let (reader, missing) = read_bank_to_end(kafka, brokers, timeout, |key, record| {
         records += 1;
         apply(&mut bank, &ctx, key, record);
     })?;
@@ -372,6 +444,7 @@ pub fn catch_up(
                 kafka,
                 brokers,
                 reader,
+                missing,
                 bank,
                 ctx,
                 follower_shared,
@@ -388,6 +461,7 @@ fn follow(
     kafka: KafkaSettings,
     brokers: String,
     mut reader: Option<BaseConsumer>,
+    mut missing: bool,
     mut bank: Bank,
     mut ctx: BankContext,
     shared: SharedBank,
@@ -401,9 +475,15 @@ fn follow(
     while !stop.load(Ordering::Relaxed) {
         let due = pending.take_if(|(_, at)| at.elapsed() > Duration::from_secs(30));
         if let Some(profiles) = changes.try_iter().last().or(due.map(|(p, _)| p)) {
-            if let Err((profiles, e)) =
-                reindex(&kafka, &brokers, &mut reader, &mut bank, &mut ctx, profiles)
-            {
+            if let Err((profiles, e)) = reindex(
+                &kafka,
+                &brokers,
+                (&mut reader, &mut missing),
+                &mut bank,
+                &mut ctx,
+                profiles,
+                false,
+            ) {
                 tracing::warn!(error = %e, "re-reading the exemplar topic for changed profiles (again in 30 s)");
                 pending = Some((profiles, Instant::now()));
             } else {
@@ -411,21 +491,28 @@ fn follow(
                 dirty = false;
             }
         }
-        let Some(c) = &reader else {
-            // The topic did not exist: look again now and then (it may be created later).
-            std::thread::sleep(Duration::from_millis(200));
-            if looked.elapsed() > Duration::from_secs(30) {
-                looked = Instant::now();
-                match read_to_end(&kafka, &brokers, Duration::from_secs(120), |k, r| {
-                    apply(&mut bank, &ctx, k, r)
-                }) {
-                    Ok(found) => {
-                        dirty |= found.is_some();
-                        reader = found;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "looking for the exemplar topic"),
-                }
+        if missing && looked.elapsed() > Duration::from_secs(30) && exist(&kafka, &brokers) {
+            // A topic did not exist: looked for again now and then (it may be created later);
+            // now that it does, both are read again into a new bank, swapped in whole.
+            let profiles = ctx.profiles.clone();
+            match reindex(
+                &kafka,
+                &brokers,
+                (&mut reader, &mut missing),
+                &mut bank,
+                &mut ctx,
+                profiles,
+                true,
+            ) {
+                Ok(()) => dirty = true,
+                Err((_, e)) => tracing::warn!(error = %e, "looking for the bank's topics"),
             }
+        }
+        if missing && looked.elapsed() > Duration::from_secs(30) {
+            looked = Instant::now();
+        }
+        let Some(c) = &reader else {
+            std::thread::sleep(Duration::from_millis(200));
             if dirty {
                 publish(&shared, &bank, &ctx);
                 dirty = false;
@@ -434,7 +521,7 @@ fn follow(
         };
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
-                handle(&msg, &mut |k, r| apply(&mut bank, &ctx, k, r));
+                handle(&kafka, &msg, &mut |k, r| apply(&mut bank, &ctx, k, r));
                 dirty = true;
             }
             Some(Err(e)) => tracing::warn!(error = %e, "reading the exemplar topic"),
@@ -452,14 +539,30 @@ fn follow(
 /// went), the topic is read from the beginning with them into a new bank, as a worker started
 /// now would read it (exemplars of a class just added are taken, those of a class removed
 /// left out); otherwise the context takes them as they are. On failure nothing changed.
+/// Whether both of the bank's topics exist now (one look at their metadata).
+fn exist(kafka: &KafkaSettings, brokers: &str) -> bool {
+    let Ok(c) = reader(kafka, brokers) else {
+        return false;
+    };
+    [&kafka.exemplar_topic, &kafka.adapter_topic]
+        .iter()
+        .all(|t| matches!(look(&c, t), Ok(Some(_))))
+}
+
+/// The profiles in service changed: when some profile's classes differ (or profiles came or
+/// went), or `always` (a topic missing at the last reading may exist now), the topics are read
+/// from the beginning with them into a new bank, as a worker started now would read them
+/// (exemplars of a class just added are taken, those of a class removed left out); otherwise
+/// the context takes them as they are. On failure nothing changed.
 #[allow(clippy::type_complexity)]
 fn reindex(
     kafka: &KafkaSettings,
     brokers: &str,
-    reader: &mut Option<BaseConsumer>,
+    (reader, missing): (&mut Option<BaseConsumer>, &mut bool),
     bank: &mut Bank,
     ctx: &mut BankContext,
     profiles: HashMap<String, ProfileConfig>,
+    always: bool,
 ) -> Result<(), (HashMap<String, ProfileConfig>, anyhow::Error)> {
     let classes = |p: &ProfileConfig| p.classes.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
     let same = ctx.profiles.len() == profiles.len()
@@ -467,7 +570,7 @@ fn reindex(
             .profiles
             .iter()
             .all(|(n, p)| profiles.get(n).is_some_and(|q| classes(p) == classes(q)));
-    if same {
+    if same && !always {
         ctx.profiles = profiles;
         return Ok(());
     }
@@ -478,17 +581,17 @@ fn reindex(
     };
     let mut fresh = Bank::default();
     let mut records = 0usize;
-    match read_to_end(kafka, brokers, Duration::from_secs(120), |k, r| {
+    match read_bank_to_end(kafka, brokers, Duration::from_secs(120), |k, r| {
         records += 1;
         apply(&mut fresh, &fresh_ctx, k, r);
     }) {
-        Ok(found) => {
+        Ok((found, still_missing)) => {
             tracing::info!(
                 records,
                 seconds = started.elapsed().as_secs_f64(),
-                "exemplar bank read again for the changed profiles' classes"
+                "exemplar bank read again (changed profiles' classes, or a topic created)"
             );
-            (*reader, *bank, *ctx) = (found, fresh, fresh_ctx);
+            (*reader, *missing, *bank, *ctx) = (found, still_missing, fresh, fresh_ctx);
             Ok(())
         }
         Err(e) => Err((fresh_ctx.profiles, e)),

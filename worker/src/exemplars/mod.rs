@@ -11,6 +11,7 @@
 //! whole-frame exemplar of ViT-B/32 is about 2.2 KiB, one with 24 windows about 51 KiB) plus
 //! about 200 bytes of id and bookkeeping. Pure data: no Kafka, no tokio.
 
+pub mod adapters;
 pub mod feedback;
 pub mod follow;
 pub mod vetting;

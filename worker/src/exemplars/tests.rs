@@ -292,3 +292,130 @@ fn the_bank_is_bounded_in_bytes_and_its_snapshots_share_the_embeddings() {
         .zip(shared)
         .all(|(a, b)| std::sync::Arc::ptr_eq(a, b)));
 }
+
+mod adapters {
+    use super::*;
+    use crate::exemplars::adapters::AdapterError;
+    use crate::proto::v1::Adapter as AdapterRecord;
+
+    fn record() -> AdapterRecord {
+        AdapterRecord {
+            profile: "brackets".into(),
+            version: "v1".into(),
+            model_hash: "m1".into(),
+            classes: profiles()["brackets"]
+                .classes
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+            dim: 3,
+            keys: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            key_classes: vec![1, 0],
+            alpha: 2.0,
+            beta: 5.5,
+            ..Default::default()
+        }
+    }
+
+    fn apply_adapter(bank: &mut Bank, x: Option<AdapterRecord>) -> Result<(), AdapterError> {
+        bank.apply_adapter("brackets", x, &profiles(), "m1", 3)
+    }
+
+    /// An adapter is used only by a worker serving its model and a profile with its class
+    /// list; any other is refused with its reason and the profile keeps what it had.
+    #[test]
+    fn adapters_of_another_model_or_class_list_are_skipped_and_the_old_one_kept() {
+        let mut bank = Bank::default();
+        apply_adapter(&mut bank, Some(record())).unwrap();
+        let version = |b: &Bank| {
+            b.profile("brackets")
+                .and_then(|p| p.adapter())
+                .map(|a| a.version.clone())
+        };
+        assert_eq!(version(&bank).as_deref(), Some("v1"));
+        // The cache term uses its keys and its own alpha: a view along x is nearest key 0 (good).
+        let p = bank.profile("brackets").unwrap();
+        let a = p.cache_logits(&[1.0, 0.0, 0.0], 2, 1.0, 5.5);
+        assert!((a.per_class[1] - 2.0).abs() < 1e-6, "{a:?}");
+        assert!(
+            (a.per_class[0] - 2.0 * (-5.5f32).exp()).abs() < 1e-6,
+            "{a:?}"
+        );
+
+        let refused = |x: AdapterRecord| {
+            let mut b = bank.clone();
+            let err = apply_adapter(
+                &mut b,
+                Some(AdapterRecord {
+                    version: "v2".into(),
+                    ..x
+                }),
+            )
+            .unwrap_err();
+            assert_eq!(
+                version(&b).as_deref(),
+                Some("v1"),
+                "{err}: the old adapter stays"
+            );
+            err
+        };
+        let e = refused(AdapterRecord {
+            model_hash: "m2".into(),
+            ..record()
+        });
+        assert_eq!(e.reason(), "other_model");
+        assert!(e.to_string().contains("m2"), "{e}");
+        let e = refused(AdapterRecord {
+            classes: vec!["good".into(), "surface_scratch".into()],
+            ..record()
+        });
+        assert_eq!(e.reason(), "other_classes");
+        let e = refused(AdapterRecord {
+            keys: vec![1.0; 5],
+            ..record()
+        });
+        assert_eq!(e.reason(), "malformed");
+        let e = refused(AdapterRecord {
+            key_classes: vec![1, 7],
+            ..record()
+        });
+        assert_eq!(e.reason(), "malformed");
+        let e = refused(AdapterRecord {
+            alpha: f32::NAN,
+            ..record()
+        });
+        assert_eq!(e.reason(), "malformed");
+        let e = refused(AdapterRecord {
+            profile: "other".into(),
+            ..record()
+        });
+        assert_eq!(e.reason(), "malformed", "its key is not its profile");
+        let mut b = bank.clone();
+        let e = b
+            .apply_adapter(
+                "other",
+                Some(AdapterRecord {
+                    profile: "other".into(),
+                    ..record()
+                }),
+                &profiles(),
+                "m1",
+                3,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "unknown_profile");
+        for r in [
+            "unknown_profile",
+            "other_model",
+            "other_classes",
+            "malformed",
+        ] {
+            assert!(crate::metrics::ADAPTER_SKIP_REASONS.contains(&r));
+        }
+
+        // A tombstone removes it; the bank is then zero-shot again.
+        apply_adapter(&mut bank, None).unwrap();
+        assert_eq!(version(&bank), None);
+        assert!(bank.profile("brackets").is_none());
+    }
+}

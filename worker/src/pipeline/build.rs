@@ -194,6 +194,7 @@ impl Embedded {
         topics.push(kafka.verdict_topic.clone());
         topics.push(kafka.dlq_topic.clone());
         topics.push(kafka.exemplar_topic.clone());
+        topics.push(kafka.adapter_topic.clone());
         if !kafka.feedback_topic.is_empty() {
             topics.push(kafka.feedback_topic.clone());
         }

@@ -44,6 +44,66 @@ pub struct ProfileBank {
     entries: Vec<std::sync::Arc<Entry>>,
     /// The class names [`Entry::class`] indexes: the profile's when its entries were applied.
     classes: Vec<String>,
+    /// A Tip-Adapter-F adapter trained on the exemplars (`clipqc adapt`): when set, the whole
+    /// frame's cache term uses its trained keys instead of the exemplars' embeddings.
+    adapter: Option<std::sync::Arc<Adapter>>,
+}
+
+/// A Tip-Adapter-F adapter (`clipqc adapt`): the cache's keys after training, each with its
+/// class, and the `alpha` and `beta` it was trained with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    pub version: String,
+    /// The profile's class names it was trained on, in order: a profile whose classes differ
+    /// never uses it.
+    pub classes: Vec<String>,
+    /// The trained keys (not unit vectors: training moves them freely, as Tip-Adapter-F's
+    /// linear layer's weights).
+    pub keys: Vec<Vec<f32>>,
+    /// Index into `classes` of each key.
+    pub key_classes: Vec<usize>,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Adapter {
+    /// The cache term per class for a unit whole-frame embedding: `alpha × Σ exp(−beta × (1 −
+    /// unit·key))` over each class's `k` nearest keys, as [`ProfileBank::affinity`].
+    pub fn cache_logits(&self, unit: &[f32], classes: usize) -> Vec<f32> {
+        let mut by_class: Vec<Vec<f32>> = vec![Vec::new(); classes];
+        for (key, &c) in self.keys.iter().zip(&self.key_classes) {
+            if let Some(v) = by_class.get_mut(c) {
+                v.push(dot(unit, key));
+            }
+        }
+        cache_term(by_class, self.beta)
+            .into_iter()
+            .map(|t| self.alpha * t)
+            .collect()
+    }
+
+    /// Bytes it holds, near enough.
+    pub fn bytes(&self) -> usize {
+        self.keys.iter().map(|k| k.len() * 4 + 32).sum::<usize>() + 200
+    }
+}
+
+/// Tip-Adapter's cache term per class from each class's cosines: the sum of `exp(−β (1 − s))`
+/// over its `k` largest, `k` the smallest count of any class that has some.
+fn cache_term(mut by_class: Vec<Vec<f32>>, beta: f32) -> Vec<f32> {
+    let k = by_class
+        .iter()
+        .map(Vec::len)
+        .filter(|&n| n > 0)
+        .min()
+        .unwrap_or(0);
+    by_class
+        .iter_mut()
+        .map(|s| {
+            s.sort_by(|a, b| b.total_cmp(a));
+            s.iter().take(k).map(|s| (-beta * (1.0 - s)).exp()).sum()
+        })
+        .collect()
 }
 
 /// The class affinities of one whole-frame view and its nearest exemplar.
@@ -61,8 +121,30 @@ pub struct Affinity {
 const SAME_SCALE: f32 = 1e-4;
 
 impl ProfileBank {
+    /// No exemplars and no adapter: scoring is zero-shot.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.adapter.is_none()
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_deref()
+    }
+
+    /// Sets (or, with `None`, removes) the profile's adapter.
+    pub fn set_adapter(&mut self, adapter: Option<std::sync::Arc<Adapter>>) {
+        self.adapter = adapter;
+    }
+
+    /// The whole frame's cache logits (already times `alpha`) and its nearest exemplar: the
+    /// adapter's trained keys with its own `alpha` and `beta` when the bank has one, else
+    /// [`Self::affinity`] over the exemplars with the profile's.
+    pub fn cache_logits(&self, unit: &[f32], classes: usize, alpha: f32, beta: f32) -> Affinity {
+        let mut a = self.affinity(unit, classes, beta);
+        match &self.adapter {
+            Some(adapter) => a.per_class = adapter.cache_logits(unit, classes),
+            None => a.per_class.iter_mut().for_each(|t| *t *= alpha),
+        }
+        a
     }
 
     pub fn len(&self) -> usize {
@@ -103,9 +185,16 @@ impl ProfileBank {
                 }))
             })
             .collect();
+        let adapter = self.adapter.clone().filter(|a| {
+            a.classes
+                .iter()
+                .map(String::as_str)
+                .eq(classes.iter().copied())
+        });
         std::borrow::Cow::Owned(ProfileBank {
             entries,
             classes: classes.iter().map(|c| c.to_string()).collect(),
+            adapter,
         })
     }
 
@@ -131,19 +220,7 @@ impl ProfileBank {
                 nearest = Some((i, s));
             }
         }
-        let k = by_class
-            .iter()
-            .map(Vec::len)
-            .filter(|&n| n > 0)
-            .min()
-            .unwrap_or(0);
-        let per_class = by_class
-            .into_iter()
-            .map(|mut s| {
-                s.sort_by(|a, b| b.total_cmp(a));
-                s.iter().take(k).map(|s| (-beta * (1.0 - s)).exp()).sum()
-            })
-            .collect();
+        let per_class = cache_term(by_class, beta);
         Affinity { per_class, nearest }
     }
 
@@ -211,7 +288,8 @@ impl ProfileBank {
 
     /// Bytes the bank's embeddings hold.
     pub fn bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.bytes()).sum()
+        self.entries.iter().map(|e| e.bytes()).sum::<usize>()
+            + self.adapter.as_ref().map_or(0, |a| a.bytes())
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Decision {
     pub line_memory_score: Option<f32>,
     /// Profiles with `segment = true`, DEFECT and REVIEW: the defect's outline ([`masks`]).
     pub outline: Option<masks::Outline>,
+    /// The Tip-Adapter-F adapter the whole frame was scored with (`clipqc adapt`), if any.
+    pub adapter_version: Option<String>,
 }
 
 /// Tokenize every prompt of a profile: this is where over-long prompts are caught, at
@@ -242,6 +244,7 @@ impl Scorer {
             );
             d.localization = decision.localization;
             d.nearest = decision.nearest;
+            d.adapter_version = decision.adapter_version;
             d
         } else {
             decision
@@ -274,6 +277,12 @@ impl Scorer {
     /// Probabilities per class for one image embedding.
     pub fn probabilities(&self, image_embedding: &[f32]) -> Vec<f32> {
         self.activate(&self.logits(&normalized(image_embedding)))
+    }
+
+    /// The zero-shot class logits of a unit embedding: `logit_scale × cosine + bias` per
+    /// class (what Tip-Adapter calls CLIP's logits; `clipqc adapt` trains against them).
+    pub fn text_logits(&self, unit: &[f32]) -> Vec<f32> {
+        self.logits(unit)
     }
 
     fn logits(&self, unit: &[f32]) -> Vec<f32> {
@@ -315,9 +324,9 @@ impl Scorer {
         let mut nearest = None;
         if let Some(bank) = bank.filter(|b| !b.is_empty() && !window) {
             let w = &self.profile.exemplars;
-            let a = bank.affinity(&unit, logits.len(), w.beta);
+            let a = bank.cache_logits(&unit, logits.len(), w.alpha, w.beta);
             for (l, a) in logits.iter_mut().zip(&a.per_class) {
-                *l += w.alpha * a;
+                *l += a;
             }
             nearest = a.nearest;
         }
@@ -432,6 +441,7 @@ impl Scorer {
             let found = nearest(&v);
             let mut d = decide_masses(&self.profile, v.probabilities, v.anomaly, v.acceptable);
             d.nearest = found;
+            d.adapter_version = adapter_version(bank);
             return d;
         };
         let mut views: Vec<ViewScore> = embeddings
@@ -475,8 +485,14 @@ impl Scorer {
         localization.aggregates = aggregates;
         decision.localization = Some(localization);
         decision.nearest = found;
+        decision.adapter_version = adapter_version(bank);
         decision
     }
+}
+
+/// The version of the adapter a bank scores the whole frame with.
+fn adapter_version(bank: Option<&ProfileBank>) -> Option<String> {
+    bank.and_then(|b| b.adapter()).map(|a| a.version.clone())
 }
 
 /// The outcome rules of this module's header, on softmax probabilities.
@@ -567,6 +583,7 @@ fn decide_masses(
         acceptable,
         line_memory_score: None,
         outline: None,
+        adapter_version: None,
     }
 }
 

@@ -13,13 +13,13 @@
 //!
 //! The metric definitions are in [`metrics`]; what goes into each file in [`report`].
 
-mod dataset;
+pub(crate) mod dataset;
 mod files;
 mod html;
 mod line_memory;
 pub mod metrics;
 pub mod pixels;
-mod plot;
+pub(crate) mod plot;
 mod report;
 mod search;
 
@@ -333,8 +333,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
 
 /// An indicatif bar on a terminal; elsewhere (CI logs, pipes) a plain line on stderr every
 /// 10 s, because a redrawn bar in a log file is one line per redraw.
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// The command the plain lines name (`eval`, `adapt`).
+    command: &'static str,
     what: &'static str,
     total: usize,
     done: usize,
@@ -345,7 +347,12 @@ struct Progress {
 impl Progress {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn new(total: usize, what: &'static str) -> Self {
+    pub(crate) fn new(total: usize, what: &'static str) -> Self {
+        Self::named("eval", total, what)
+    }
+
+    /// A bar counting `total` `what`s of `command`.
+    pub(crate) fn named(command: &'static str, total: usize, what: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
@@ -359,6 +366,7 @@ impl Progress {
         let now = Instant::now();
         Self {
             bar,
+            command,
             what,
             total,
             done: 0,
@@ -367,7 +375,7 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self) {
+    pub(crate) fn tick(&mut self) {
         self.done += 1;
         match &self.bar {
             Some(bar) => bar.inc(1),
@@ -382,7 +390,8 @@ impl Progress {
     fn line(&self) {
         let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         eprintln!(
-            "eval: {}/{} {} ({:.0} %), {rate:.1} {}/s",
+            "{}: {}/{} {} ({:.0} %), {rate:.1} {}/s",
+            self.command,
             self.done,
             self.total,
             self.what,
@@ -391,7 +400,7 @@ impl Progress {
         );
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         match &self.bar {
             Some(bar) => bar.finish_and_clear(),
             None => self.line(),

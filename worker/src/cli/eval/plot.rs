@@ -24,6 +24,12 @@ const CURVE: RGBColor = RGBColor(31, 90, 180);
 pub const MARK: RGBColor = RGBColor(210, 40, 40);
 pub const SECOND_MARK: RGBColor = RGBColor(240, 150, 0);
 
+/// The plots' font family, registered with the embedded font.
+pub fn family() -> &'static str {
+    register_font();
+    FAMILY
+}
+
 fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

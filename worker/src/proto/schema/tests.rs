@@ -120,6 +120,7 @@ fn a_verdict_as_the_worker_writes_it_matches_its_schema() {
         }),
         profile_version: "5d41402abc4b".into(),
         line_memory_score: Some(0.12),
+        adapter_version: Some("0123456789abcdef".into()),
         masks: vec![DefectMask {
             rle: Some(MaskRle {
                 size: vec![1080, 1920],
