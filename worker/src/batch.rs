@@ -2,8 +2,13 @@
 //!
 //! Guarantee: a batch closes when it holds `max_size` items or when `max_delay` has passed
 //! since its **first** item, whichever comes first: a lone request waits at most
-//! `max_delay`, and under load the model gets full batches. The queue in front is a bounded
-//! channel, so a slow model pushes back on the producers instead of growing memory.
+//! `max_delay`, and under load the model gets full batches. It closes **at once** when
+//! nothing more is queued and the model has no batch to work on ([`next_batch_when`]'s
+//! `idle`): waiting then could only add latency, because nothing would run meanwhile; while
+//! the model works, requests gather into the next batch, so batches grow with the load
+//! (continuous batching, as text-embeddings-inference forms its batches). The queue in front
+//! is a bounded channel, so a slow model pushes back on the producers instead of growing
+//! memory.
 
 use std::time::Duration;
 
@@ -38,11 +43,31 @@ impl BatchConfig {
 
 /// Wait for the next batch. `None` once the channel is closed and drained.
 pub async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, cfg: &BatchConfig) -> Option<Vec<T>> {
+    next_batch_when(rx, cfg, || false).await
+}
+
+/// [`next_batch`], closing at once when the queue holds nothing more and `idle()` says the
+/// model has nothing to do.
+pub async fn next_batch_when<T>(
+    rx: &mut mpsc::Receiver<T>,
+    cfg: &BatchConfig,
+    idle: impl Fn() -> bool,
+) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let deadline = Instant::now() + cfg.max_delay();
     let mut batch = Vec::with_capacity(cfg.max_size.max(1));
     batch.push(first);
     while batch.len() < cfg.max_size {
+        // What is queued already joins without waiting.
+        match rx.try_recv() {
+            Ok(item) => {
+                batch.push(item);
+                continue;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if idle() => break,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
         match timeout_at(deadline, rx.recv()).await {
             Ok(Some(item)) => batch.push(item),
             // Closed (drain what we have) or the first item's delay is up.
@@ -101,6 +126,28 @@ mod tests {
             None,
             "closed and drained"
         );
+    }
+
+    /// With the model idle a batch closes as soon as the queue is empty (taking what was
+    /// queued), however long `max_delay`; with the model busy it waits for `max_delay`.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_model_gets_the_batch_at_once() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 0..3 {
+            tx.send(i).await.unwrap();
+        }
+        let start = Instant::now();
+        let got = next_batch_when(&mut rx, &cfg(8, 1000), || true).await;
+        assert_eq!(got.unwrap(), [0, 1, 2]);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "no wait with the model idle"
+        );
+        tx.send(3).await.unwrap();
+        let got = next_batch_when(&mut rx, &cfg(8, 1000), || false).await;
+        assert_eq!(got.unwrap(), [3]);
+        assert_eq!(start.elapsed(), Duration::from_secs(1), "busy: max_delay");
     }
 
     #[tokio::test(start_paused = true)]

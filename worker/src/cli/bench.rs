@@ -183,7 +183,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<bool> {
             b.clone()
         }
         None => {
-            let mock = crate::pipeline::build::Embedded::start(&settings.kafka, partitions as i32)?;
+            let mock =
+                crate::pipeline::build::Embedded::start(&mut settings.kafka, partitions as i32)?;
             let servers = mock.brokers.clone();
             embedded = Some(mock);
             servers

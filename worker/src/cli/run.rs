@@ -37,7 +37,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
-    let (settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
+    let (mut settings, artifact) = super::settings_and_artifact(&args.config, args.model.clone())?;
     let metrics_handle = metrics::install();
     let readiness = Arc::new(Readiness::default());
     let loading = Instant::now();
@@ -58,7 +58,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let brokers = match &settings.kafka.brokers {
         Some(b) => b.clone(),
         None => {
-            let mock = build::Embedded::start(&settings.kafka, args.embedded_partitions)?;
+            let mock = build::Embedded::start(&mut settings.kafka, args.embedded_partitions)?;
             eprintln!(
                 "clipqc: no kafka.brokers configured: embedded broker for trying out at {} \
                  (topics: {}); not for production: it keeps only the newest 5 MiB of each \

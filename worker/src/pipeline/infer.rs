@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{next_batch, BatchConfig};
+use crate::batch::{next_batch_when, BatchConfig};
 use crate::metrics;
 use crate::model::{ImageBatch, ModelError, ModelHandle};
 
@@ -73,7 +73,14 @@ pub async fn batch_loop(
     fatal: Arc<Fatal>,
 ) {
     let failures = Arc::new(AtomicU32::new(0));
-    while let Some(items) = next_batch(&mut rx, &cfg).await {
+    // Batches submitted and not yet answered: none means the model has nothing to do, and a
+    // batch closes without waiting for more (see `batch`).
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let idle = {
+        let running = running.clone();
+        move || running.load(Ordering::Acquire) == 0
+    };
+    while let Some(items) = next_batch_when(&mut rx, &cfg, &idle).await {
         metrics::batch(items.len(), cfg.max_size);
         let mut pixels = Vec::with_capacity(items.len());
         let mut replies = Vec::with_capacity(items.len());
@@ -90,11 +97,13 @@ pub async fn batch_loop(
         }
         // Waits only while the model thread's bounded queue is full: that is the back-pressure.
         let job = prepare(size, &pixels);
+        let in_model = Running::start(&running);
         let submitted = submit(&model, job).await;
         let (failures, fatal, model) = (failures.clone(), fatal.clone(), model.clone());
         let started = std::time::Instant::now();
         tokio::spawn(async move {
             let first = answer(submitted, pixels.len()).await;
+            drop(in_model);
             let answers = match first {
                 Ok(embeddings) => {
                     metrics::stage("inference", started.elapsed().as_secs_f64());
@@ -109,6 +118,23 @@ pub async fn batch_loop(
             };
             settle(answers, replies, &failures, max_failures, &fatal);
         });
+    }
+}
+
+/// One batch counted as in the model from its submission to its answer (or its task's end,
+/// however that comes).
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Running {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
