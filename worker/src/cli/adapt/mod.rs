@@ -184,7 +184,9 @@ pub fn run(args: AdaptArgs) -> anyhow::Result<bool> {
     let features: Vec<Vec<f32>> = entries.iter().map(|e| e.whole.clone()).collect();
     let labels: Vec<usize> = entries.iter().map(|e| e.class).collect();
     let text_logits: Vec<Vec<f32>> = features.iter().map(|f| scorer.text_logits(f)).collect();
-    // One thread: libtorch's CPU kernels are deterministic at a fixed thread count.
+    // One thread while training: libtorch's CPU kernels are deterministic at a fixed thread
+    // count. The setting is the process's, so the held-out images get the threads back.
+    let threads = tch::get_num_threads();
     tch::set_num_threads(1);
     let started = Instant::now();
     let mut bar = Progress::named("adapt", args.epochs, "epochs");
@@ -203,6 +205,7 @@ pub fn run(args: AdaptArgs) -> anyhow::Result<bool> {
         |_| bar.tick(),
     );
     bar.finish();
+    tch::set_num_threads(threads);
     let train_seconds = started.elapsed().as_secs_f64();
     let mut adapter = Adapter {
         version: String::new(),
