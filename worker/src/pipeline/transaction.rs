@@ -25,6 +25,8 @@ async fn commit(txn: &Arc<Transactions>, consumer: &Arc<Source>) -> Result<usize
     let mut task =
         tokio::task::spawn_blocking(move || committer.commit(None, || consumer.group_metadata()));
     let mut flagged = false;
+    let started = std::time::Instant::now();
+    let mut said = 0u32;
     let joined = loop {
         tokio::select! {
             joined = &mut task => break joined,
@@ -33,6 +35,13 @@ async fn commit(txn: &Arc<Transactions>, consumer: &Arc<Source>) -> Result<usize
                     tracing::warn!(bound = ?txn.call_timeout(), "a transaction has waited for the broker longer than a step's bound: stalled");
                     txn.stalled(true);
                     flagged = true;
+                }
+                // Said again every 30 s or so while it lasts, so a call that never returns
+                // shows in the log as one, not as silence.
+                let secs = started.elapsed().as_secs();
+                if secs / 30 > u64::from(said) {
+                    said += 1;
+                    tracing::warn!(waited_s = secs, "a transaction is still waiting for the broker");
                 }
             }
         }

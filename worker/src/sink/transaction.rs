@@ -234,8 +234,20 @@ impl Transactions {
                 )));
             };
             let started = std::time::Instant::now();
+            if attempt > 1 {
+                // Rare (an abort came first), and the path a stranded transaction was last
+                // seen on: say when each try starts and ends.
+                tracing::info!(
+                    attempt,
+                    partitions = batch.parts.len(),
+                    "transaction tried again"
+                );
+            }
             match self.attempt(&batch, &group) {
                 Ok(()) => {
+                    if attempt > 1 {
+                        tracing::info!(attempt, "transaction committed after a retry");
+                    }
                     metrics::transaction("committed", started.elapsed());
                     let answered = batch.answered();
                     let mut outbox = self.outbox();
