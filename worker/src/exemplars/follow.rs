@@ -491,25 +491,25 @@ fn follow(
                 dirty = false;
             }
         }
-        if missing && looked.elapsed() > Duration::from_secs(30) && exist(&kafka, &brokers) {
-            // A topic did not exist: looked for again now and then (it may be created later);
-            // now that it does, both are read again into a new bank, swapped in whole.
-            let profiles = ctx.profiles.clone();
-            match reindex(
-                &kafka,
-                &brokers,
-                (&mut reader, &mut missing),
-                &mut bank,
-                &mut ctx,
-                profiles,
-                true,
-            ) {
-                Ok(()) => dirty = true,
-                Err((_, e)) => tracing::warn!(error = %e, "looking for the bank's topics"),
-            }
-        }
+        // A topic did not exist: looked for again every 30 s (it may be created later); once
+        // it does, both are read again into a new bank, swapped in whole.
         if missing && looked.elapsed() > Duration::from_secs(30) {
             looked = Instant::now();
+            if exist(&kafka, &brokers) {
+                let profiles = ctx.profiles.clone();
+                match reindex(
+                    &kafka,
+                    &brokers,
+                    (&mut reader, &mut missing),
+                    &mut bank,
+                    &mut ctx,
+                    profiles,
+                    true,
+                ) {
+                    Ok(()) => dirty = true,
+                    Err((_, e)) => tracing::warn!(error = %e, "looking for the bank's topics"),
+                }
+            }
         }
         let Some(c) = &reader else {
             std::thread::sleep(Duration::from_millis(200));
