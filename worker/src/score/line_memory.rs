@@ -199,7 +199,6 @@ impl Ring {
     /// Recomputes every part's leave-one-out score from the kept cosines.
     fn refresh_loo(&mut self, cfg: &LineMemoryConfig) {
         let ids: Vec<u64> = self.parts.iter().map(|p| p.id).collect();
-        let mut per_part = Vec::with_capacity(ids.len());
         self.loo = self
             .parts
             .iter()
@@ -212,17 +211,9 @@ impl Ring {
                 if others.is_empty() {
                     return 0.0;
                 }
-                let top = ((cfg.top_fraction * others.len() as f32).ceil() as usize)
-                    .clamp(1, others.len());
-                (0..p.views.len())
-                    .map(|v| {
-                        per_part.clear();
-                        per_part.extend(others.iter().map(|s| s[v]));
-                        per_part.sort_by(|a, b| b.total_cmp(a));
-                        let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
-                        (1.0 - similarity).clamp(0.0, 1.0)
-                    })
-                    .fold(0f32, f32::max)
+                worst_view(p.views.len(), others.len(), cfg.top_fraction, |v, m| {
+                    others[m][v]
+                })
             })
             .collect();
     }
@@ -244,23 +235,35 @@ pub fn score_against(
     if n < cfg.min_parts.max(1) || views.is_empty() {
         return None;
     }
-    let top = ((cfg.top_fraction * n as f32).ceil() as usize).clamp(1, n);
-    let mut per_part = Vec::with_capacity(n);
-    let worst = views
-        .iter()
+    Some(worst_view(views.len(), n, cfg.top_fraction, |v, m| {
+        parts[m]
+            .iter()
+            .map(|r| dot(&views[v], r))
+            .fold(f32::NEG_INFINITY, f32::max)
+    }))
+}
+
+/// The module's score from `best(view, part)`, each of `views` views' best cosine with each of
+/// `parts` parts: per view `1 −` the mean of its `top_fraction` highest, clamped to [0, 1];
+/// the worst view's. One definition for a new part ([`score_against`], [`LineMemory::assess`])
+/// and for the remembered parts' leave-one-out scores.
+fn worst_view(
+    views: usize,
+    parts: usize,
+    top_fraction: f32,
+    best: impl Fn(usize, usize) -> f32,
+) -> f32 {
+    let top = ((top_fraction * parts as f32).ceil() as usize).clamp(1, parts);
+    let mut per_part = Vec::with_capacity(parts);
+    (0..views)
         .map(|v| {
             per_part.clear();
-            per_part.extend(parts.iter().map(|m| {
-                m.iter()
-                    .map(|r| dot(v, r))
-                    .fold(f32::NEG_INFINITY, f32::max)
-            }));
+            per_part.extend((0..parts).map(|m| best(v, m)));
             per_part.sort_by(|a, b| b.total_cmp(a));
             let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
             (1.0 - similarity).clamp(0.0, 1.0)
         })
-        .fold(0f32, f32::max);
-    Some(worst)
+        .fold(0f32, f32::max)
 }
 
 /// `raw`'s percentile among `loo`: `(#lower + ½ #equal) / n`; 0.5 when `loo` is empty.
@@ -359,17 +362,7 @@ impl LineMemory {
                 (p.id, new, old)
             })
             .collect();
-        let top = ((cfg.top_fraction * n as f32).ceil() as usize).clamp(1, n);
-        let mut per_part = Vec::with_capacity(n);
-        let raw = (0..units.len())
-            .map(|v| {
-                per_part.clear();
-                per_part.extend(pairs.iter().map(|(_, new, _)| new[v]));
-                per_part.sort_by(|a, b| b.total_cmp(a));
-                let similarity = per_part[..top].iter().sum::<f32>() / top as f32;
-                (1.0 - similarity).clamp(0.0, 1.0)
-            })
-            .fold(0f32, f32::max);
+        let raw = worst_view(units.len(), n, cfg.top_fraction, |v, m| pairs[m].1[v]);
         Some(Assessment {
             raw,
             percentile: percentile(raw, &loo),
@@ -482,249 +475,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn cfg(min_parts: usize) -> LineMemoryConfig {
-        LineMemoryConfig {
-            min_parts,
-            ..Default::default()
-        }
-    }
-
-    fn vector() -> impl Strategy<Value = Vec<f32>> {
-        proptest::collection::vec(-1.0f32..1.0, 16)
-            .prop_filter("not zero", |v| v.iter().map(|x| x * x).sum::<f32>() > 0.01)
-    }
-
-    proptest! {
-        /// Whatever the embeddings (any weights): a part repeated many times scores as
-        /// normal against itself, and a different part among them scores higher.
-        #[test]
-        fn a_repeated_part_is_normal_and_a_different_one_scores_higher(
-            part in proptest::collection::vec(vector(), 1..4),
-            other in proptest::collection::vec(vector(), 1..4),
-        ) {
-            let m = LineMemory::default();
-            let c = cfg(4);
-            let now = Instant::now();
-            for _ in 0..10 {
-                m.remember("p", "line-1", &part, &c, now);
-            }
-            let same = m.score("p", "line-1", &part, &c, now).unwrap();
-            prop_assert!(same < 1e-5, "{}", same);
-            let odd = m.score("p", "line-1", &other, &c, now).unwrap();
-            let differs = other.iter().any(|o| {
-                let o = crate::score::normalized(o);
-                part.iter().all(|p| dot(&o, &crate::score::normalized(p)) < 0.999)
-            });
-            if differs {
-                prop_assert!(odd > same, "{} vs {}", odd, same);
-            }
-            // One odd part in the memory does not make the repeated part look suspect.
-            m.remember("p", "line-1", &other, &c, now);
-            let still = m.score("p", "line-1", &part, &c, now).unwrap();
-            prop_assert!(still < 1e-5, "{}", still);
-        }
-    }
-
-    #[test]
-    fn no_score_until_enough_parts_and_lines_are_apart() {
-        let m = LineMemory::default();
-        let c = cfg(3);
-        let now = Instant::now();
-        let v = vec![vec![1.0, 0.0]];
-        assert_eq!(m.score("p", "l1", &v, &c, now), None);
-        for _ in 0..2 {
-            m.remember("p", "l1", &v, &c, now);
-        }
-        assert_eq!(m.score("p", "l1", &v, &c, now), None, "two of three");
-        m.remember("p", "l1", &v, &c, now);
-        assert_eq!(m.score("p", "l1", &v, &c, now), Some(0.0));
-        assert_eq!(m.score("p", "l2", &v, &c, now), None, "another line");
-        assert_eq!(m.score("q", "l1", &v, &c, now), None, "another profile");
-    }
-
-    #[test]
-    fn the_memory_is_bounded_by_size_age_and_keys() {
-        let m = LineMemory::default();
-        let mut c = cfg(1);
-        c.size = 4;
-        c.max_age_s = 60;
-        let t0 = Instant::now();
-        for i in 0..10 {
-            m.remember("p", "l", &[vec![1.0, i as f32]], &c, t0);
-        }
-        let len = |m: &LineMemory| {
-            m.rings.lock().unwrap().by_key[&("p".to_string(), "l".to_string())]
-                .parts
-                .len()
-        };
-        assert_eq!(len(&m), 4);
-        // A minute and a bit later the old parts are forgotten on the next look.
-        let later = t0 + Duration::from_secs(61);
-        m.remember("p", "l", &[vec![1.0, 0.0]], &c, later);
-        assert_eq!(len(&m), 1);
-        for k in 0..MAX_KEYS + 5 {
-            m.remember("p", &format!("line-{k}"), &[vec![1.0]], &c, t0);
-        }
-        assert_eq!(m.keys(), MAX_KEYS);
-    }
-
-    #[test]
-    fn bad_settings_name_the_key() {
-        let mut c = cfg(100);
-        let err = c.validate().unwrap_err();
-        assert!(
-            matches!(err, LineMemoryError::MinParts { min_parts: 100, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("line_memory.min_parts"));
-        c = cfg(8);
-        c.top_fraction = 0.0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("line_memory.top_fraction"));
-    }
-
-    /// However many lines write, and whatever their parts weigh, the views remembered stay
-    /// under the byte bound: the lines not heard from for longest go first, then the oldest
-    /// parts of the line remembering; the bytes counted are the bytes held.
-    #[test]
-    fn the_memory_stays_under_its_byte_bound() {
-        let view = vec![1.0f32; 256];
-        let part_bytes = Part::new(0, Instant::now(), vec![view.clone(); 4], 8).bytes();
-        let m = LineMemory::with_max_bytes(10 * part_bytes);
-        let mut c = cfg(1);
-        c.size = 8;
-        let now = Instant::now();
-        for line in 0..50 {
-            for _ in 0..3 {
-                m.remember(
-                    "p",
-                    &format!("line-{line}"),
-                    &vec![view.clone(); 4],
-                    &c,
-                    now,
-                );
-                assert!(m.bytes() <= 10 * part_bytes, "{} bytes", m.bytes());
-            }
-        }
-        let held: usize = {
-            let rings = m.rings.lock().unwrap();
-            rings.by_key.values().map(Ring::bytes).sum()
-        };
-        assert_eq!(held, m.bytes());
-        // The last lines written are the ones kept, the newest whole.
-        assert!(m.keys() <= 4, "{} lines", m.keys());
-        assert!(m
-            .score("p", "line-49", std::slice::from_ref(&view), &c, now)
-            .is_some());
-        assert!(m
-            .score("p", "line-0", std::slice::from_ref(&view), &c, now)
-            .is_none());
-        // One line alone over the bound keeps its newest parts.
-        let small = LineMemory::with_max_bytes(2 * part_bytes);
-        for _ in 0..5 {
-            small.remember("p", "l", &vec![view.clone(); 4], &c, now);
-        }
-        assert_eq!(small.bytes(), 2 * part_bytes);
-    }
-}
+#[path = "line_memory_tests.rs"]
+mod tests;
 
 #[cfg(test)]
-mod calibration_tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn vector() -> impl Strategy<Value = Vec<f32>> {
-        proptest::collection::vec(-1.0f32..1.0, 8)
-            .prop_filter("not zero", |v| v.iter().map(|x| x * x).sum::<f32>() > 0.01)
-    }
-
-    proptest! {
-        /// The kept leave-one-out scores are each remembered part's raw score against the
-        /// others, computed from scratch ([`score_against`]), whichever way the cosines came
-        /// (from `assess`, or computed in `remember`), and through evictions by size.
-        #[test]
-        fn kept_leave_one_out_scores_are_each_parts_score_against_the_others(
-            parts in proptest::collection::vec(proptest::collection::vec(vector(), 1..4), 3..12),
-            via_assess in proptest::collection::vec(any::<bool>(), 12),
-        ) {
-            let m = LineMemory::default();
-            let cfg = LineMemoryConfig { size: 6, min_parts: 1, top_fraction: 0.5, ..Default::default() };
-            let now = Instant::now();
-            for (p, assess) in parts.iter().zip(&via_assess) {
-                let known = if *assess {
-                    m.assess("p", "l", p, &cfg, now).map(|a| a.cosines).unwrap_or_default()
-                } else {
-                    Cosines::default()
-                };
-                m.remember_with("p", "l", p, &cfg, now, &known);
-            }
-            let rings = m.rings.lock().unwrap();
-            let ring = &rings.by_key[&("p".to_string(), "l".to_string())];
-            let kept: Vec<Vec<Vec<f32>>> = ring.parts.iter().map(|p| p.views.clone()).collect();
-            prop_assert_eq!(kept.len(), parts.len().min(6));
-            let all_but = |i: usize| -> Vec<&[Vec<f32>]> {
-                kept.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, v)| v.as_slice()).collect()
-            };
-            let one = LineMemoryConfig { min_parts: 1, ..cfg.clone() };
-            for (i, loo) in ring.loo.iter().enumerate() {
-                let direct = score_against(&kept[i], &all_but(i), &one).unwrap();
-                prop_assert!((loo - direct).abs() < 1e-5, "part {}: {} vs {}", i, loo, direct);
-            }
-            prop_assert!(ring.sims.len() == kept.len() * (kept.len() - 1), "{} cosines kept", ring.sims.len());
-        }
-    }
-
-    #[test]
-    fn the_calibrated_score_is_the_percentile_among_the_lines_own_scores() {
-        assert_eq!(percentile(0.3, &[0.1, 0.2, 0.4, 0.5]), 0.5);
-        assert_eq!(percentile(0.2, &[0.1, 0.2, 0.4, 0.5]), 0.375);
-        assert_eq!(percentile(0.9, &[0.1, 0.2]), 1.0);
-        assert_eq!(percentile(0.0, &[0.1, 0.2]), 0.0);
-        assert_eq!(percentile(0.3, &[]), 0.5);
-        // Two lines whose raw scores differ tenfold: a part as odd as its line's usual parts
-        // gets the same calibrated score on both, an odder one more.
-        let cfg = LineMemoryConfig {
-            size: 16,
-            min_parts: 4,
-            top_fraction: 1.0,
-            ..Default::default()
-        };
-        let now = Instant::now();
-        let m = LineMemory::default();
-        let line = |key: &str, spread: f32| {
-            for i in 0..12 {
-                let a = spread * (i as f32 - 5.5) / 5.5;
-                m.remember("p", key, &[vec![1.0, a, 0.0]], &cfg, now);
-            }
-        };
-        line("shiny", 0.05);
-        line("textured", 0.5);
-        let usual = |spread: f32| vec![vec![1.0, spread * 0.5 / 5.5, 0.0]];
-        let shiny = m.assess("p", "shiny", &usual(0.05), &cfg, now).unwrap();
-        let textured = m.assess("p", "textured", &usual(0.5), &cfg, now).unwrap();
-        assert!(
-            textured.raw > 5.0 * shiny.raw,
-            "{} vs {}",
-            textured.raw,
-            shiny.raw
-        );
-        assert!(
-            (shiny.percentile - textured.percentile).abs() < 0.1,
-            "{} vs {}",
-            shiny.percentile,
-            textured.percentile
-        );
-        assert!(shiny.percentile < 0.5);
-        let odd = m
-            .assess("p", "shiny", &[vec![1.0, 0.0, 0.3]], &cfg, now)
-            .unwrap();
-        assert_eq!(odd.percentile, 1.0, "raw {}", odd.raw);
-    }
-}
+#[path = "line_memory_calibration_tests.rs"]
+mod calibration_tests;
