@@ -301,6 +301,25 @@ pub(crate) fn f32s(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
+/// The windows of an image's tiled reference (`fixtures.json`'s `tiles`: `[x, y, side, scale]`
+/// each).
+pub(crate) fn windows_of(tiles: &serde_json::Value) -> Vec<Window> {
+    tiles["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let w = u32s(w);
+            Window {
+                x: w[0],
+                y: w[1],
+                side: w[2],
+                scale: w[3] as usize,
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -510,20 +529,7 @@ fn the_fused_map_is_anomalibs_winclip_aggregation_of_the_same_scores() {
             continue;
         };
         let stem = img["stem"].as_str().unwrap();
-        let windows: Vec<Window> = reference["windows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| {
-                let w = u32s(w);
-                Window {
-                    x: w[0],
-                    y: w[1],
-                    side: w[2],
-                    scale: w[3] as usize,
-                }
-            })
-            .collect();
+        let windows = windows_of(reference);
         let scores = f32s(&reference["window_scores"]);
         let whole = reference["whole_score"].as_f64().unwrap() as f32;
         let ours = AnomalyMap::fuse(&windows, &scores, whole).expect("windows make a map");

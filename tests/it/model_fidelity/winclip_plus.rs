@@ -5,28 +5,10 @@
 //! and `harmonic_aggregation` with `WinClipModel`'s few-shot lines (make_fixtures.py's
 //! `winclip_plus_reference`).
 
-use super::{f32s, index, u32s};
+use super::{f32s, index, u32s, windows_of};
 use crate::common::{fixtures, max_abs_diff, read_f32};
-use clipqc::preprocess::Window;
 use clipqc::score::bank::{Entry, ProfileBank};
 use clipqc::score::{normalized, AnomalyMap};
-
-fn windows_of(img: &serde_json::Value) -> Vec<Window> {
-    img["tiles"]["windows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| {
-            let w = u32s(w);
-            Window {
-                x: w[0],
-                y: w[1],
-                side: w[2],
-                scale: w[3] as usize,
-            }
-        })
-        .collect()
-}
 
 /// Each window's visual association score, the few-shot map, the fused map and the image
 /// score: within 1e-5 of anomalib's.
@@ -41,7 +23,7 @@ fn winclip_plus_window_scores_and_maps_are_anomalibs() {
     let embeddings = |img: &serde_json::Value| -> Vec<Vec<f32>> {
         let stem = img["stem"].as_str().unwrap();
         let flat = read_f32(&fixtures().join(format!("ref/{stem}.windows_embedding.f32")));
-        let n = windows_of(img).len();
+        let n = windows_of(&img["tiles"]).len();
         flat.chunks(flat.len() / n).map(normalized).collect()
     };
     let mut bank = ProfileBank::default();
@@ -53,7 +35,7 @@ fn winclip_plus_window_scores_and_maps_are_anomalibs() {
             id: stem.as_str().unwrap().into(),
             class: 1,
             whole: windows[0].clone(),
-            window_scales: windows_of(img)
+            window_scales: windows_of(&img["tiles"])
                 .iter()
                 .map(|w| scales[w.scale])
                 .collect(),
@@ -64,7 +46,7 @@ fn winclip_plus_window_scores_and_maps_are_anomalibs() {
         assert!(bank.insert(entry, 16));
     }
     let test = by_stem(reference["test"].as_str().unwrap());
-    let windows = windows_of(test);
+    let windows = windows_of(&test["tiles"]);
     let ours: Vec<f32> = embeddings(test)
         .iter()
         .zip(&windows)
