@@ -139,12 +139,18 @@ impl ProfileBank {
     /// adapter's trained keys with its own `alpha` and `beta` when the bank has one, else
     /// [`Self::affinity`] over the exemplars with the profile's.
     pub fn cache_logits(&self, unit: &[f32], classes: usize, alpha: f32, beta: f32) -> Affinity {
-        let mut a = self.affinity(unit, classes, beta);
         match &self.adapter {
-            Some(adapter) => a.per_class = adapter.cache_logits(unit, classes),
-            None => a.per_class.iter_mut().for_each(|t| *t *= alpha),
+            // The exemplars give the nearest one only; the adapter's keys the cache term.
+            Some(adapter) => Affinity {
+                per_class: adapter.cache_logits(unit, classes),
+                nearest: self.cosines(unit, classes).1,
+            },
+            None => {
+                let mut a = self.affinity(unit, classes, beta);
+                a.per_class.iter_mut().for_each(|t| *t *= alpha);
+                a
+            }
         }
-        a
     }
 
     pub fn len(&self) -> usize {
@@ -209,6 +215,15 @@ impl ProfileBank {
     /// entries: with balanced classes that is Tip-Adapter's sum exactly, and otherwise it is
     /// the sum over a balanced cache of each class's nearest `k`.
     pub fn affinity(&self, unit: &[f32], classes: usize, beta: f32) -> Affinity {
+        let (by_class, nearest) = self.cosines(unit, classes);
+        let per_class = cache_term(by_class, beta);
+        Affinity { per_class, nearest }
+    }
+
+    /// A unit whole-frame embedding's cosine with every exemplar's whole view, by class, and
+    /// the nearest exemplar (index, cosine).
+    #[allow(clippy::type_complexity)]
+    fn cosines(&self, unit: &[f32], classes: usize) -> (Vec<Vec<f32>>, Option<(usize, f32)>) {
         let mut by_class: Vec<Vec<f32>> = vec![Vec::new(); classes];
         let mut nearest: Option<(usize, f32)> = None;
         for (i, e) in self.entries.iter().enumerate() {
@@ -220,8 +235,7 @@ impl ProfileBank {
                 nearest = Some((i, s));
             }
         }
-        let per_class = cache_term(by_class, beta);
-        Affinity { per_class, nearest }
+        (by_class, nearest)
     }
 
     /// WinCLIP+'s visual association score of a window (Jeong et al., CVPR 2023, eq. 4;
