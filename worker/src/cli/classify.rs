@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::config::{Settings, DEFAULT_PROFILE};
-use crate::exemplars::follow::Record;
 use crate::exemplars::ProfileBank;
 use crate::model::{Artifact, DeviceSpec, ModelHandle, ModelOwner, PromptTokenizer};
 use crate::preprocess::{PreprocessError, Preprocessor, Views};
@@ -167,23 +166,17 @@ pub(crate) fn offline_bank(
     };
     let profiles = settings.profiles().into_iter().collect();
     let mut bank = crate::exemplars::Bank::default();
-    let (hash, dim) = (artifact.model_hash(), artifact.manifest.embedding_dim);
+    let ctx = crate::exemplars::follow::BankContext {
+        profiles,
+        model_hash: artifact.model_hash(),
+        dim: artifact.manifest.embedding_dim,
+        settings: settings.exemplars,
+    };
     crate::exemplars::follow::read_bank_to_end(
         &settings.kafka,
         brokers,
         std::time::Duration::from_secs(120),
-        |key, record| match record {
-            Record::Exemplar(x) => {
-                if let Err(e) = bank.apply(key, x, &profiles, &hash, dim, &settings.exemplars) {
-                    tracing::warn!(error = %e, "exemplar skipped");
-                }
-            }
-            Record::Adapter(x) => {
-                if let Err(e) = bank.apply_adapter(key, x, &profiles, &hash, dim) {
-                    tracing::warn!(error = %e, "adapter skipped");
-                }
-            }
-        },
+        |key, record| crate::exemplars::follow::apply(&mut bank, &ctx, key, record),
     )?;
     let found = bank.profile(profile).cloned();
     tracing::info!(

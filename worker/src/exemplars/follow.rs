@@ -355,7 +355,9 @@ fn handle(
     }
 }
 
-fn apply(bank: &mut Bank, ctx: &BankContext, key: &str, record: Record) {
+/// Applies one record of the bank's topics to `bank`; one it refuses is logged with its
+/// reason and counted.
+pub fn apply(bank: &mut Bank, ctx: &BankContext, key: &str, record: Record) {
     match record {
         Record::Exemplar(x) => {
             if let Err(e) = bank.apply(
